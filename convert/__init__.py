@@ -1,0 +1,1 @@
+"""taxonedge.convert"""

@@ -1,0 +1,380 @@
+"""Model bundles, format v1: the one reader and writer for both the host and the device.
+
+A bundle is one uncompressed tar file:
+
+    manifest.json          what the model is and how to feed and read it (`Manifest`)
+    model.tflite           the CPU model (full int8 unless the manifest says otherwise)
+    model_edgetpu.tflite   optional, the same model compiled by edgetpu_compiler
+    golden.npz             optional, self-test inputs and the exact outputs the CPU interpreter gave
+    manifest.sig           optional, Ed25519 signature over the exact bytes of manifest.json
+    SHA256SUMS             sha256 of manifest.json and manifest.sig, so damage to them is caught unsigned
+
+The manifest lists the sha256 and size of every other file (except the signature, which covers the
+manifest). Reading verifies all of it, and that the tar framing is exactly what the writer produces (so
+one flipped byte anywhere is caught), and rejects anything unexpected with a message naming the file and
+what was expected. Writing goes to a temporary name, is fsynced, then renamed: never a half-written bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .preprocess import InputSpec
+from .signing import Ed25519PrivateKey, Ed25519PublicKey, key_id, sign, verify
+from .taxonomy import Taxonomy, TaxonomyError
+
+FORMAT = "taxonedge-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+CHECKSUMS = "SHA256SUMS"
+MODEL = "model.tflite"
+MODEL_EDGETPU = "model_edgetpu.tflite"
+GOLDEN = "golden.npz"
+KNOWN_FILES = (MODEL, MODEL_EDGETPU, GOLDEN)
+COMPATIBLE = "taxonedge-classifier-v1"
+MAX_BUNDLE_BYTES = 256 * 1024 * 1024
+
+
+class BundleError(ValueError):
+    """A bundle that must not be used. The message names the file and what was expected."""
+
+
+class OutputSpec(BaseModel):
+    """Which output tensor holds what. v1 models have one output: leaf probabilities in `leaf_order`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Signature-runner output name (`get_output_details()` order is not the Keras order, names are stable).
+    name: str = "output_0"
+    kind: Literal["leaf_probabilities"] = "leaf_probabilities"
+    dtype: Literal["uint8", "int8", "float32"] = "uint8"
+    scale: float = 1.0 / 256.0
+    zero_point: int = 0
+    num_classes: int = Field(ge=1)
+    leaf_order: list[str]
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sha256: str
+    size: int = Field(ge=0)
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    version: str
+    created_at: str
+    backbone: str = "unknown"
+    description: str = ""
+
+
+class Quantization(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # int8: full integer (Edge TPU capable); float16 / dynamic: CPU only; float32: not quantized.
+    mode: Literal["int8", "float16", "dynamic", "float32"] = "int8"
+    qat: bool = False
+    calibration_images: int = 0
+
+
+class Manifest(BaseModel):
+    """manifest.json. Unknown keys are rejected: a new field means a new format version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["taxonedge-bundle"] = FORMAT
+    format_version: int = FORMAT_VERSION
+    compatible: str = COMPATIBLE
+    min_daemon_version: str = "0.1.0"
+    model: ModelInfo
+    taxonomy: dict[str, Any]
+    taxonomy_hash: str
+    input: InputSpec
+    output: OutputSpec
+    quantization: Quantization = Quantization()
+    # Per-depth back-off thresholds on calibrated probabilities: {"depth_1": 0.9, "depth_2": ..., ...}.
+    thresholds: dict[str, float] = {}
+    # Softmax temperature fitted on validation data; already folded into the model's logits.
+    temperature: float = 1.0
+    metrics: dict[str, Any] = {}
+    edgetpu: dict[str, Any] = {}
+    golden: dict[str, Any] = {}
+    signing_key_id: str | None = None
+    files: dict[str, FileEntry]
+
+    @field_validator("format_version")
+    @classmethod
+    def _supported_version(cls, v: int) -> int:
+        if v != FORMAT_VERSION:
+            raise ValueError(f"format_version {v} is not supported (this reader reads {FORMAT_VERSION})")
+        return v
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds_in_range(cls, v: dict[str, float]) -> dict[str, float]:
+        for key, value in v.items():
+            if not key.startswith("depth_") or not 0.0 <= value <= 1.0:
+                raise ValueError(f"threshold {key}={value}: keys are depth_N, values in [0, 1]")
+        return v
+
+
+class Bundle:
+    """A verified bundle held in memory. Build with `read_bundle`."""
+
+    def __init__(self, manifest: Manifest, manifest_bytes: bytes, files: dict[str, bytes],
+                 signature: bytes | None, sha256: str, path: Path | None, signature_status: str):
+        self.manifest = manifest
+        self.manifest_bytes = manifest_bytes
+        self.files = files
+        self.signature = signature
+        self.sha256 = sha256
+        self.path = path
+        # "valid", "unsigned" or "not checked" (signed, but no public key was given)
+        self.signature_status = signature_status
+        self.taxonomy = Taxonomy.from_dict(manifest.taxonomy)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.model.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.model.version
+
+    @property
+    def has_edgetpu_model(self) -> bool:
+        return MODEL_EDGETPU in self.files
+
+    def model_bytes(self, edgetpu: bool = False) -> bytes:
+        return self.files[MODEL_EDGETPU if edgetpu else MODEL]
+
+    def golden(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(inputs NxHxWx3, outputs NxC) of the self-test set, or None when the bundle has none."""
+        if GOLDEN not in self.files:
+            return None
+        with np.load(io.BytesIO(self.files[GOLDEN]), allow_pickle=False) as data:
+            return data["inputs"], data["outputs"]
+
+    def describe(self) -> dict[str, Any]:
+        """A short identity for status messages and label payloads."""
+        return {"name": self.name, "version": self.version, "sha256": self.sha256,
+                "taxonomy_hash": self.manifest.taxonomy_hash}
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def read_bundle(source: str | Path | bytes, public_key: Ed25519PublicKey | None = None,
+                require_signature: bool = False, max_bytes: int = MAX_BUNDLE_BYTES) -> Bundle:
+    """Read and verify a bundle from a path or bytes. Raises BundleError on anything wrong.
+
+    With `public_key`, a signature must be present and valid. `require_signature` without a key is a
+    caller error (a signature cannot be checked without one).
+    """
+    path = None
+    if isinstance(source, (bytes, bytearray)):
+        raw = bytes(source)
+        where = "bundle"
+    else:
+        path = Path(source)
+        where = str(path)
+        try:
+            size = path.stat().st_size
+            if size > max_bytes:
+                raise BundleError(f"{where}: {size} bytes is over the limit of {max_bytes}")
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise BundleError(f"{where}: cannot read: {exc.strerror or exc}") from None
+    if require_signature and public_key is None:
+        raise ValueError("require_signature needs a public key")
+    members = _untar(raw, where, max_bytes)
+    if MANIFEST not in members:
+        raise BundleError(f"{where}: no {MANIFEST} in the bundle (is this a taxonedge bundle?)")
+    if _tar_bytes(members) != raw:
+        raise BundleError(f"{where}: the tar framing is damaged (bytes differ from what a writer produces)")
+    _check_sums(members, where)
+    manifest_bytes = members.pop(MANIFEST)
+    try:
+        manifest = Manifest.model_validate(json.loads(manifest_bytes))
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{where}: {MANIFEST} is not valid JSON ({exc})") from None
+    except ValidationError as exc:
+        raise BundleError(f"{where}: {MANIFEST} is invalid: {_first_error(exc)}") from None
+
+    signature = members.pop(SIGNATURE, None)
+    for name in members:
+        if name not in manifest.files:
+            raise BundleError(f"{where}: file '{name}' is in the bundle but not listed in {MANIFEST}")
+    for name, entry in manifest.files.items():
+        if name not in members:
+            raise BundleError(f"{where}: '{name}' is listed in {MANIFEST} but missing from the bundle")
+        data = members[name]
+        if len(data) != entry.size:
+            raise BundleError(f"{where}: '{name}' is {len(data)} bytes, the manifest expects {entry.size}")
+        digest = sha256_hex(data)
+        if digest != entry.sha256:
+            raise BundleError(
+                f"{where}: sha256 of '{name}' is {digest}, the manifest expects {entry.sha256} "
+                "(the file was altered or damaged)"
+            )
+    if MODEL not in members:
+        raise BundleError(f"{where}: the bundle has no {MODEL}")
+
+    if public_key is not None:
+        if signature is None:
+            raise BundleError(f"{where}: the bundle is unsigned but a signature is required")
+        if not verify(public_key, signature, manifest_bytes):
+            raise BundleError(
+                f"{where}: {SIGNATURE} does not verify against key {key_id(public_key)} "
+                "(signed by another key, or the manifest was changed after signing)"
+            )
+        status = "valid"
+    else:
+        status = "unsigned" if signature is None else "not checked"
+
+    try:
+        taxonomy = Taxonomy.from_dict(manifest.taxonomy)
+    except TaxonomyError as exc:
+        raise BundleError(f"{where}: taxonomy in {MANIFEST} is invalid: {exc}") from None
+    if taxonomy.hash != manifest.taxonomy_hash:
+        raise BundleError(f"{where}: taxonomy hash is {taxonomy.hash}, the manifest says {manifest.taxonomy_hash}")
+    if manifest.output.leaf_order != taxonomy.leaf_labels or manifest.output.num_classes != taxonomy.num_leaves:
+        raise BundleError(f"{where}: output leaf_order does not match the taxonomy's {taxonomy.num_leaves} leaves")
+    return Bundle(manifest, manifest_bytes, members, signature, sha256_hex(raw), path, status)
+
+
+def build_manifest(*, model: ModelInfo | dict, taxonomy: Taxonomy, input_spec: InputSpec,
+                   output: OutputSpec | dict | None = None, files: dict[str, bytes], **fields: Any) -> Manifest:
+    """A manifest for `files`, with the taxonomy, its hash and every file's sha256 filled in."""
+    output_fields = dict(output) if isinstance(output, dict) else (output.model_dump() if output else {})
+    output_fields.update(num_classes=taxonomy.num_leaves, leaf_order=taxonomy.leaf_labels)
+    return Manifest(
+        model=ModelInfo.model_validate(model) if isinstance(model, dict) else model,
+        taxonomy=taxonomy.to_dict(),
+        taxonomy_hash=taxonomy.hash,
+        input=input_spec,
+        output=OutputSpec(**output_fields),
+        files={name: FileEntry(sha256=sha256_hex(data), size=len(data)) for name, data in files.items()},
+        **fields,
+    )
+
+
+def write_bundle(path: str | Path, manifest: Manifest, files: dict[str, bytes],
+                 sign_key: Ed25519PrivateKey | None = None) -> Path:
+    """Write `files` and `manifest` (whose file entries must match) atomically; sign when a key is given."""
+    path = Path(path)
+    for name in files:
+        if name not in KNOWN_FILES:
+            raise BundleError(f"'{name}' is not a bundle v1 file (expected one of {', '.join(KNOWN_FILES)})")
+    if set(files) != set(manifest.files):
+        raise BundleError("the manifest's file list does not match the files given: rebuild it with build_manifest")
+    for name, data in files.items():
+        if sha256_hex(data) != manifest.files[name].sha256:
+            raise BundleError(f"sha256 of '{name}' does not match the manifest: rebuild it with build_manifest")
+    if sign_key is not None:
+        manifest = manifest.model_copy(update={"signing_key_id": key_id(sign_key.public_key())})
+    manifest_bytes = json.dumps(manifest.model_dump(mode="json"), indent=2, ensure_ascii=False).encode("utf-8")
+    members = {MANIFEST: manifest_bytes, **files}
+    if sign_key is not None:
+        members[SIGNATURE] = sign(sign_key, manifest_bytes)
+    sums = "".join(f"{sha256_hex(members[n])}  {n}\n" for n in (MANIFEST, SIGNATURE) if n in members)
+    members[CHECKSUMS] = sums.encode()
+    atomic_write(path, _tar_bytes(members))
+    return path
+
+
+def _tar_bytes(members: dict[str, bytes]) -> bytes:
+    """The canonical tar of `members`, in order: fixed mode, owner and mtime, so equal content gives equal bytes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            info.mtime = 0
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _check_sums(members: dict[str, bytes], where: str) -> None:
+    sums = members.pop(CHECKSUMS, None)
+    if sums is None:
+        raise BundleError(f"{where}: no {CHECKSUMS} in the bundle")
+    expected: dict[str, str] = {}
+    for line in sums.decode("ascii", "replace").splitlines():
+        digest, _, name = line.partition("  ")
+        expected[name] = digest
+    for name in (MANIFEST, SIGNATURE):
+        if name in members and expected.get(name) != sha256_hex(members[name]):
+            raise BundleError(f"{where}: '{name}' does not match its sha256 in {CHECKSUMS} (damaged)")
+        if name not in members and name in expected:
+            raise BundleError(f"{where}: {CHECKSUMS} lists '{name}' but the bundle lacks it")
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write temp + fsync + rename + fsync directory: after a crash the file is either old or new, never partial."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _untar(raw: bytes, where: str, max_bytes: int) -> dict[str, bytes]:
+    if len(raw) > max_bytes:
+        raise BundleError(f"{where}: {len(raw)} bytes is over the limit of {max_bytes}")
+    members: dict[str, bytes] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
+            for info in tar:
+                if not info.isreg():
+                    raise BundleError(f"{where}: member '{info.name}' is not a regular file")
+                if "/" in info.name or info.name.startswith(".") or info.name in members:
+                    raise BundleError(f"{where}: unexpected or repeated member name '{info.name}'")
+                fh = tar.extractfile(info)
+                data = fh.read() if fh else b""
+                if len(data) != info.size:
+                    raise BundleError(f"{where}: member '{info.name}' is truncated")
+                members[info.name] = data
+    except tarfile.TarError as exc:
+        raise BundleError(f"{where}: not a readable bundle (tar): {exc}") from None
+    if not members:
+        raise BundleError(f"{where}: empty or truncated bundle")
+    return members
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    return f"{loc}: {err['msg']}"

@@ -1,0 +1,297 @@
+"""The device configuration: one TOML file, validated by pydantic, unknown keys rejected.
+
+Errors name the key and the line of the file (`config.toml:12: source.loop: ...`). Secrets never live in
+the file: the broker password comes from `password_file` (a systemd credential works: LoadCredential=
+puts it in $CREDENTIALS_DIRECTORY) or from an environment variable named by `password_env`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used. The message names the key and the line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+_TOPIC_LEVEL = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _topic_level(value: str) -> str:
+    if not _TOPIC_LEVEL.match(value):
+        raise ValueError("must be a single MQTT topic level of letters, digits, '_', '.', '-'")
+    return value
+
+
+class DeviceConfig(_Strict):
+    id: str = Field(default_factory=lambda: os.uname().nodename.split(".")[0] or "device")
+    site: str = "site"
+    line: str = "line"
+    # Model slots, outbox and snapshots live here (systemd: StateDirectory=taxonedge).
+    state_dir: Path = Path("/var/lib/taxonedge")
+
+    _check_levels = field_validator("id", "site", "line")(_topic_level)
+
+
+class ModelConfig(_Strict):
+    # The bundle to start with when the state directory holds no installed model yet.
+    bundle: Path | None = None
+    public_key: Path | None = None
+    # Bundles must carry a valid signature from `public_key`; turning this off must be explicit.
+    require_signature: bool = True
+    # Override the bundle's per-depth thresholds: {depth_1 = 0.9, depth_2 = 0.8}.
+    thresholds: dict[str, float] = {}
+    top_k: int = Field(3, ge=1, le=20)
+    # Bundles dropped here are verified and installed like an MQTT deployment.
+    watch_dir: Path | None = None
+    # Taxonomy changes a deployment may bring: "same" (identical hash) or "any".
+    taxonomy_policy: Literal["same", "any"] = "same"
+    compatible: str = "taxonedge-classifier-v1"
+    max_bundle_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds(cls, v: dict[str, float]) -> dict[str, float]:
+        for key, value in v.items():
+            if not re.fullmatch(r"depth_[1-9][0-9]*", key) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{key} = {value}: keys are depth_1, depth_2, ...; values between 0 and 1")
+        return v
+
+    @model_validator(mode="after")
+    def _key_when_required(self) -> ModelConfig:
+        if self.require_signature and self.public_key is None:
+            raise ValueError(
+                "require_signature is true but no public_key is set: set model.public_key to the "
+                "operator's signing key, or set model.require_signature = false explicitly"
+            )
+        return self
+
+
+class CameraSource(_Strict):
+    type: Literal["camera"]
+    device: int | str = 0  # V4L2 index or /dev/videoN
+    width: int | None = None
+    height: int | None = None
+    fps: float | None = None
+
+
+class StreamSource(_Strict):
+    type: Literal["stream"]
+    url: str  # rtsp://, http://
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not re.match(r"^(rtsp|rtsps|http|https)://", v):
+            raise ValueError("must start with rtsp://, rtsps://, http:// or https://")
+        return v
+
+
+class VideoSource(_Strict):
+    type: Literal["video"]
+    path: Path
+    loop: bool = False
+    # "realtime": paced at the file's frame rate like a camera; "fast": as fast as inference takes frames.
+    pacing: Literal["realtime", "fast"] = "realtime"
+
+
+class FolderSource(_Strict):
+    type: Literal["folder"]
+    path: Path
+    loop: bool = False
+    pacing: Literal["realtime", "fast"] = "fast"
+    fps: float = Field(10.0, gt=0)
+
+
+SourceType = Annotated[CameraSource | StreamSource | VideoSource | FolderSource, Field(discriminator="type")]
+
+
+class SourceConfig(_Strict):
+    """The capture settings around the source itself."""
+
+    # Region of interest [x, y, width, height] in pixels, cropped before preprocessing.
+    roi: tuple[int, int, int, int] | None = None
+    # No frame for this long counts as a stall: the source is reopened.
+    stall_timeout_s: float = Field(10.0, gt=0)
+    reconnect_initial_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+
+
+class TriggerConfig(_Strict):
+    mode: Literal["continuous", "item"] = "continuous"
+    max_rate_hz: float = Field(30.0, gt=0)
+    frames_per_item: int = Field(5, ge=1, le=100)
+    vote_agreement: float = Field(0.6, gt=0, le=1)
+    item_timeout_s: float = Field(5.0, gt=0)
+
+
+class InferenceConfig(_Strict):
+    backend: Literal["auto", "edgetpu", "cpu"] = "auto"
+    edgetpu_device: str | None = None  # "usb", "usb:0", "pci:0"
+    num_threads: int | None = Field(None, ge=1, le=64)
+    reprobe_interval_s: float = Field(60.0, gt=0)
+    invoke_timeout_s: float = Field(5.0, gt=0)
+    warmup_runs: int = Field(3, ge=0)
+
+
+class TlsConfig(_Strict):
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class MqttConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    protocol: Literal["v5", "v311"] = "v5"
+    prefix: str = "taxonedge"
+    # Default: taxonedge-<device>-<random>, unique per process so two daemons never kick each other off.
+    client_id: str | None = None
+    keepalive_s: int = Field(30, ge=5)
+    label_expiry_s: int | None = Field(60, ge=1)
+    will_delay_s: int = Field(5, ge=0)
+    stats_interval_s: float = Field(10.0, gt=0)
+    username: str | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
+    tls: TlsConfig | None = None
+    # Extra topics this device takes model deployments from (fleet groups), besides its own.
+    groups: list[str] = []
+
+    _check_prefix = field_validator("prefix")(_topic_level)
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, v: list[str]) -> list[str]:
+        return [_topic_level(g) for g in v]
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> MqttConfig:
+        if self.password_file and self.password_env:
+            raise ValueError("set password_file or password_env, not both")
+        return self
+
+    def password(self) -> str | None:
+        """The broker password from its file (or systemd credential) or environment variable."""
+        if self.password_file is not None:
+            path = self.password_file
+            if not path.is_absolute() and os.environ.get("CREDENTIALS_DIRECTORY"):
+                path = Path(os.environ["CREDENTIALS_DIRECTORY"]) / path
+            try:
+                return path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"mqtt.password_file: cannot read {path}: {exc.strerror or exc}") from None
+        if self.password_env is not None:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigError(f"mqtt.password_env: environment variable {self.password_env} is not set")
+            return value
+        return None
+
+
+class OutboxConfig(_Strict):
+    path: Path | None = None  # default: <state_dir>/outbox.sqlite
+    max_messages: int = Field(100_000, ge=10)
+
+
+class HealthConfig(_Strict):
+    prometheus_port: int | None = Field(None, ge=1, le=65535)
+    prometheus_host: str = "127.0.0.1"
+    # WATCHDOG=1 is only sent while a frame and an inference happened within this window.
+    progress_timeout_s: float = Field(30.0, gt=0)
+
+
+class Config(_Strict):
+    device: DeviceConfig = DeviceConfig()
+    model: ModelConfig
+    source: SourceType
+    capture: SourceConfig = SourceConfig()
+    trigger: TriggerConfig = TriggerConfig()
+    inference: InferenceConfig = InferenceConfig()
+    mqtt: MqttConfig = MqttConfig()
+    outbox: OutboxConfig = OutboxConfig()
+    health: HealthConfig = HealthConfig()
+
+    @property
+    def topic_base(self) -> str:
+        return f"{self.mqtt.prefix}/{self.device.site}/{self.device.line}/{self.device.id}"
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.outbox.path or self.device.state_dir / "outbox.sqlite"
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return parse_config(text, str(path))
+
+
+def parse_config(text: str, where: str = "config") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = [str(p) for p in err["loc"] if not _is_union_tag(p, data)]
+            key = ".".join(loc) or "(top level)"
+            line = _find_line(text, loc)
+            prefix = f"{where}:{line}" if line else where
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling; see examples/config.toml for every key)"
+            elif err["type"] == "missing":
+                msg = "required key is missing"
+            lines.append(f"{prefix}: {key}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def _is_union_tag(part: object, data: dict) -> bool:
+    # pydantic puts the discriminator value ("video") into the error location; it is not a key.
+    source = data.get("source")
+    return isinstance(source, dict) and part == source.get("type") and part not in source
+
+
+def _find_line(text: str, loc: list[str]) -> int | None:
+    """The 1-based line of the key at `loc` ([table..., key]) in the TOML text, as near as can be told."""
+    lines = text.splitlines()
+    table: list[str] = []
+    best: int | None = None
+    for number, raw in enumerate(lines, 1):
+        line = raw.split("#", 1)[0].strip()
+        header = re.fullmatch(r"\[\s*([^\]]+?)\s*\]", line)
+        if header:
+            table = [p.strip().strip('"') for p in header.group(1).split(".")]
+            if table == loc[: len(table)] and len(table) == len(loc):
+                best = best or number
+            continue
+        match = re.match(r'^("?)([A-Za-z0-9_.-]+)\1\s*=', line)
+        if not match:
+            continue
+        key_path = table + match.group(2).split(".")
+        if key_path == loc[: len(key_path)]:
+            return number
+    if best is None and len(loc) > 1:
+        return _find_line(text, loc[:-1])
+    return best

@@ -1,0 +1,102 @@
+"""Leaf probabilities -> a hierarchical label with back-off.
+
+Parents' probabilities are the sums of their children's (consistent by construction). Walking down from
+the top level, each step takes the most probable child and keeps it only when its probability passes that
+depth's threshold; the label is the deepest node kept. `accepted` means a leaf was reached, `backed-off`
+a parent was published instead, `unknown` that not even the top level passed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from .taxonomy import Node, Taxonomy
+
+DecisionKind = Literal["accepted", "backed-off", "unknown"]
+
+
+@dataclass(frozen=True)
+class LevelScore:
+    depth: int
+    id: str
+    name: str
+    slug: str
+    score: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class Decision:
+    decision: DecisionKind
+    label: str | None  # "Fruit/Apple" or None when unknown
+    path: tuple[str, ...]
+    levels: tuple[LevelScore, ...]  # the most probable node at each depth down the chosen path
+    top_k: tuple[tuple[str, float], ...] = field(default=())  # leaf alternatives
+
+    def to_dict(self) -> dict:
+        return {
+            "decision": self.decision,
+            "label": self.label,
+            "path": list(self.path),
+            "levels": [vars(level) for level in self.levels],
+            "top_k": [{"label": label, "score": score} for label, score in self.top_k],
+        }
+
+
+def thresholds_for(taxonomy: Taxonomy, thresholds: dict[str, float] | None) -> list[float]:
+    """Per-depth thresholds as a list (index 0 = depth 1); a missing depth accepts anything (0.0)."""
+    thresholds = thresholds or {}
+    return [float(thresholds.get(f"depth_{d}", 0.0)) for d in range(1, taxonomy.depth + 1)]
+
+
+class Decoder:
+    """Precomputes per-node leaf index sets once, so decoding a frame is a few small numpy sums."""
+
+    def __init__(self, taxonomy: Taxonomy, thresholds: dict[str, float] | None = None, top_k: int = 3):
+        self.taxonomy = taxonomy
+        self.thresholds = thresholds_for(taxonomy, thresholds)
+        self.top_k = top_k
+        index = {leaf.label: i for i, leaf in enumerate(taxonomy.leaves)}
+        self._leaves_under: dict[str, np.ndarray] = {}
+        for node in taxonomy.nodes():
+            self._leaves_under[node.label] = np.array(
+                [index[leaf.label] for leaf in node.walk() if leaf.is_leaf], dtype=np.int64
+            )
+
+    def decode(self, leaf_probs: np.ndarray) -> Decision:
+        probs = np.asarray(leaf_probs, dtype=np.float64)
+        if probs.shape != (self.taxonomy.num_leaves,):
+            raise ValueError(f"expected {self.taxonomy.num_leaves} leaf probabilities, got shape {probs.shape}")
+        if not np.all(np.isfinite(probs)):
+            raise ValueError("leaf probabilities contain NaN or infinity")
+        levels: list[LevelScore] = []
+        kept: list[Node] = []
+        candidates = self.taxonomy.roots
+        while candidates:
+            scores = [float(probs[self._leaves_under[c.label]].sum()) for c in candidates]
+            best = int(np.argmax(scores))
+            node = candidates[best]
+            passed = scores[best] >= self.thresholds[node.depth - 1]
+            levels.append(LevelScore(node.depth, node.id, node.name, node.slug, round(scores[best], 6), passed))
+            if not passed:
+                break
+            kept.append(node)
+            candidates = node.children
+        if not kept:
+            kind: DecisionKind = "unknown"
+        elif kept[-1].is_leaf:
+            kind = "accepted"
+        else:
+            kind = "backed-off"
+        order = np.argsort(-probs)[: self.top_k]
+        top = tuple((self.taxonomy.leaves[i].label, round(float(probs[i]), 6)) for i in order)
+        return Decision(
+            decision=kind,
+            label=kept[-1].label if kept else None,
+            path=kept[-1].path if kept else (),
+            levels=tuple(levels),
+            top_k=top,
+        )

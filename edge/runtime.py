@@ -1,0 +1,135 @@
+"""The TFLite runtime on the device: interpreter import, Edge TPU delegate, and one classifier adapter.
+
+Small and plain in the style of pycoral's `common.py` / `classify.py`. No TensorFlow: the interpreter
+comes from `tflite_runtime` (old images, numpy 1) or `ai_edge_litert` (its successor, numpy 2).
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import cache
+from typing import Any
+
+import numpy as np
+
+from .bundle import Bundle
+
+EDGETPU_LIBRARY = "libedgetpu.so.1"
+
+
+class EdgeTpuUnavailable(RuntimeError):
+    """The Edge TPU delegate could not be loaded (library absent, no device, or USB error)."""
+
+
+class ModelError(ValueError):
+    """A model the interpreter refuses or whose tensors do not match the bundle manifest."""
+
+
+@cache
+def interpreter_module() -> tuple[Any, str]:
+    """(module with Interpreter and load_delegate, its name). tflite_runtime first: it is what Coral images ship."""
+    errors = []
+    for name in ("tflite_runtime.interpreter", "ai_edge_litert.interpreter"):
+        try:
+            module = importlib.import_module(name)
+            # tflite_runtime 2.14 imports under numpy 2 but fails later; probe it here.
+            if name.startswith("tflite_runtime") and int(np.__version__.split(".")[0]) >= 2:
+                errors.append(f"{name}: built for numpy 1, numpy {np.__version__} is installed")
+                continue
+            return module, name.split(".")[0]
+        except ImportError as exc:
+            errors.append(f"{name}: {exc}")
+    raise ImportError("no TFLite runtime: pip install 'taxonedge[edge]' (ai-edge-litert). Tried: " + "; ".join(errors))
+
+
+def load_edgetpu_delegate(device: str | None = None, library: str = EDGETPU_LIBRARY) -> Any:
+    """The Edge TPU delegate for `device` ("usb", "usb:0", "pci:0" or None for the first one found)."""
+    module, _ = interpreter_module()
+    options = {"device": device} if device else {}
+    try:
+        return module.load_delegate(library, options)
+    except (OSError, ValueError, RuntimeError) as exc:  # OSError: library absent; ValueError: older runtimes
+        raise EdgeTpuUnavailable(f"Edge TPU delegate {library} ({device or 'any device'}): {exc}") from exc
+
+
+def make_interpreter(model: bytes, num_threads: int | None = None, delegate: Any = None) -> Any:
+    module, _ = interpreter_module()
+    try:
+        interpreter = module.Interpreter(
+            model_content=model,
+            num_threads=num_threads,
+            experimental_delegates=[delegate] if delegate is not None else None,
+        )
+        interpreter.allocate_tensors()
+    except (ValueError, RuntimeError) as exc:
+        raise ModelError(f"the interpreter refused the model: {exc}") from exc
+    return interpreter
+
+
+def dequantize(values: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    if values.dtype == np.float32 or scale == 0:
+        return values.astype(np.float32)
+    return (scale * (values.astype(np.float32) - zero_point)).astype(np.float32)
+
+
+class Classifier:
+    """One interpreter for one bundle: `raw(image)` gives the output tensor, `probabilities(image)` floats.
+
+    The input and output tensors are found through the signature runner names recorded in the manifest,
+    because `get_output_details()` order is not the Keras output order.
+    """
+
+    def __init__(self, bundle: Bundle, edgetpu: bool = False, num_threads: int | None = None,
+                 edgetpu_device: str | None = None):
+        self.bundle = bundle
+        self.edgetpu = edgetpu
+        delegate = load_edgetpu_delegate(edgetpu_device) if edgetpu else None
+        model = bundle.model_bytes(edgetpu=edgetpu and bundle.has_edgetpu_model)
+        self.interpreter = make_interpreter(model, num_threads=num_threads, delegate=delegate)
+        self._input, self._output = _io_details(self.interpreter, bundle)
+        spec = bundle.manifest.input
+        out = bundle.manifest.output
+        self.input_shape = (spec.height, spec.width, 3)
+        self._out_scale, self._out_zero = out.scale, out.zero_point
+
+    def raw(self, image: np.ndarray) -> np.ndarray:
+        """Invoke on one preprocessed image (HxWx3); returns the output tensor as the model gives it."""
+        if image.shape != self.input_shape or image.dtype != self._input["dtype"]:
+            raise ModelError(
+                f"input {image.shape} {image.dtype} does not fit the model's {self.input_shape} "
+                f"{np.dtype(self._input['dtype']).name}"
+            )
+        self.interpreter.set_tensor(self._input["index"], image[np.newaxis])
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self._output["index"])[0].copy()
+
+    def probabilities(self, image: np.ndarray) -> np.ndarray:
+        """Leaf probabilities in the taxonomy's leaf order, as float32."""
+        return dequantize(self.raw(image), self._out_scale, self._out_zero)
+
+
+def _io_details(interpreter: Any, bundle: Bundle) -> tuple[dict, dict]:
+    inputs = interpreter.get_input_details()
+    outputs = interpreter.get_output_details()
+    spec, out = bundle.manifest.input, bundle.manifest.output
+    if len(inputs) != 1:
+        raise ModelError(f"the model has {len(inputs)} inputs, a classifier bundle needs exactly 1")
+    expected_in = (1, spec.height, spec.width, 3)
+    if tuple(inputs[0]["shape"]) != expected_in or np.dtype(inputs[0]["dtype"]).name != spec.dtype:
+        raise ModelError(
+            f"model input is {tuple(inputs[0]['shape'])} {np.dtype(inputs[0]['dtype']).name}, "
+            f"the manifest says {expected_in} {spec.dtype}"
+        )
+    output = _output_by_signature_name(interpreter, out.name) if len(outputs) > 1 else outputs[0]
+    if tuple(output["shape"]) != (1, out.num_classes):
+        raise ModelError(f"model output '{out.name}' is {tuple(output['shape'])}, expected (1, {out.num_classes})")
+    return inputs[0], output
+
+
+def _output_by_signature_name(interpreter: Any, name: str) -> dict:
+    signatures = interpreter.get_signature_list()
+    for key, sig in signatures.items():
+        if name in sig.get("outputs", {}):
+            runner_index = interpreter.get_signature_runner(key).get_output_details()[name]["index"]
+            return next(d for d in interpreter.get_output_details() if d["index"] == runner_index)
+    raise ModelError(f"the model has no output named '{name}' (signatures: {signatures})")

@@ -1,0 +1,5 @@
+import sys
+
+from taxonedge.cli import main
+
+sys.exit(main())
