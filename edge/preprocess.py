@@ -28,7 +28,7 @@ class InputSpec(BaseModel):
     width: int = Field(224, ge=8, le=4096)
     channels: Literal[3] = 3
     color_order: Literal["RGB"] = "RGB"
-    dtype: Literal["uint8", "int8"] = "uint8"
+    dtype: Literal["uint8", "int8", "float32"] = "uint8"  # float32: unquantized CPU models
     # The input tensor's quantization (real = scale * (q - zero_point)), as the converter reports it. Our
     # models rescale inside, so their real input is the raw pixel: uint8 1.0/0, int8 1.0/-128. Recorded
     # so a device can refuse a model it cannot feed; preprocessing itself only depends on `dtype`.
@@ -85,6 +85,8 @@ def preprocess(frame_bgr: np.ndarray, spec: InputSpec) -> np.ndarray:
     rgb = cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
     if spec.dtype == "uint8":
         return rgb
+    if spec.dtype == "float32":
+        return rgb.astype(np.float32)
     # int8 input: the same pixels shifted into -128..127 (scale 1, zero point -128).
     return (rgb.astype(np.int16) - 128).astype(np.int8)
 

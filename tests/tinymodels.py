@@ -1,0 +1,107 @@
+"""Real tiny TFLite models for device-side tests, built with TensorFlow on generated images.
+
+`tiny_bundle_bytes` trains a small CNN for a few epochs on class-coloured images, converts it to full
+int8 exactly as the converter's defaults would (uint8 in/out, TFLITE_BUILTINS_INT8), and packs a bundle.
+Results are cached per process, keyed by arguments, because TensorFlow start-up dominates.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from taxonedge.edge.bundle import (GOLDEN, MODEL, ModelInfo, Quantization, build_manifest, read_bundle,
+                                   utc_now, write_bundle)
+from taxonedge.edge.preprocess import InputSpec, preprocess
+from taxonedge.edge.taxonomy import Taxonomy
+
+from .conftest import TINY_LABELS, class_image
+
+
+@functools.cache
+def _tiny_tflite(labels: tuple[str, ...], size: int, seed: int, nan: bool) -> bytes:
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    spec = InputSpec(height=size, width=size)
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for i in range(len(labels)):
+        for _ in range(24):
+            xs.append(preprocess(class_image(i, rng, 64), spec))
+            ys.append(i)
+    x, y = np.stack(xs).astype("float32"), np.array(ys)
+    inp = keras.Input((size, size, 3))
+    h = keras.layers.Rescaling(1 / 127.5, -1)(inp)
+    h = keras.layers.Conv2D(8, 3, activation="relu")(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    logits = keras.layers.Dense(len(labels))(h)
+    if nan:  # a broken model: log of a negative number gives NaN on every input
+        logits = keras.layers.Lambda(lambda t: tf.math.log(-tf.abs(t) - 1.0))(logits)
+    out = keras.layers.Softmax()(logits)
+    model = keras.Model(inp, out)
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="sparse_categorical_crossentropy")
+    if not nan:
+        model.fit(x, y, epochs=15, batch_size=16, verbose=0)
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if nan:
+        return converter.convert()  # float model: NaN survives
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([x[i : i + 1]] for i in range(0, len(x), 3))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.uint8
+    converter.inference_output_type = tf.uint8
+    return converter.convert()
+
+
+def tiny_bundle_bytes(labels: list[str] | None = None, size: int = 32, seed: int = 0, version: str = "1",
+                      thresholds: dict[str, float] | None = None, sign_key=None, nan: bool = False,
+                      golden: bool = True, tmp_dir: Path | None = None) -> bytes:
+    """A complete bundle (bytes) with a real int8 model; `nan=True` gives a float model that outputs NaN."""
+    import io
+    import tempfile
+
+    labels = list(labels or TINY_LABELS)
+    taxonomy = Taxonomy.from_paths(labels, name="tiny")
+    model = _tiny_tflite(tuple(labels), size, seed, nan)
+    spec = InputSpec(height=size, width=size, dtype="float32" if nan else "uint8")
+    files = {MODEL: model}
+    if golden:
+        from taxonedge.edge.runtime import make_interpreter
+
+        rng = np.random.default_rng(seed + 100)
+        inputs = np.stack([preprocess(class_image(i % len(labels), rng, 64), spec) for i in range(4)])
+        interp = make_interpreter(model)
+        inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+        outputs = []
+        for image in inputs:
+            interp.set_tensor(inp["index"], image[None].astype(inp["dtype"]))
+            interp.invoke()
+            outputs.append(interp.get_tensor(out["index"])[0].copy())
+        buf = io.BytesIO()
+        np.savez(buf, inputs=inputs, outputs=np.stack(outputs))
+        files[GOLDEN] = buf.getvalue()
+    output = {"dtype": "float32", "scale": 0.0, "zero_point": 0} if nan else {}
+    manifest = build_manifest(
+        model=ModelInfo(name="tiny", version=version, created_at=utc_now(), backbone="tiny-cnn"),
+        taxonomy=taxonomy, input_spec=spec, output=output, files=files,
+        quantization=Quantization(mode="float32" if nan else "int8", calibration_images=32),
+        thresholds=thresholds if thresholds is not None else {"depth_1": 0.5},
+        golden={"file": GOLDEN, "count": 4, "tolerance": 0} if golden else {},
+    )
+    with tempfile.TemporaryDirectory(dir=tmp_dir) as tmp:
+        path = write_bundle(Path(tmp) / "b.tebundle", manifest, files, sign_key=sign_key)
+        data = path.read_bytes()
+    read_bundle(data)  # self-check: what the tests get is a valid bundle
+    return data
+
+
+def write_tiny_bundle(path: Path, **kwargs) -> Path:
+    path.write_bytes(tiny_bundle_bytes(**kwargs))
+    return path
