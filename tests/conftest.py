@@ -55,8 +55,8 @@ class Broker:
         # mosquitto drops to user 'mosquitto' when started as root: everything it reads must be readable.
         os.chmod(self.workdir, 0o755)
         os.chmod(self.config_path, 0o644)
-        log = open(self.workdir / "mosquitto.log", "ab")
-        self.process = subprocess.Popen([exe, "-c", str(self.config_path)], stdout=log, stderr=log)
+        with open(self.workdir / "mosquitto.log", "ab") as log:  # the child keeps its own copy of the fd
+            self.process = subprocess.Popen([exe, "-c", str(self.config_path)], stdout=log, stderr=log)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -11,9 +11,16 @@ import functools
 from pathlib import Path
 
 import numpy as np
-
-from taxonedge.edge.bundle import (GOLDEN, MODEL, ModelInfo, Quantization, build_manifest, read_bundle,
-                                   utc_now, write_bundle)
+from taxonedge.edge.bundle import (
+    GOLDEN,
+    MODEL,
+    ModelInfo,
+    Quantization,
+    build_manifest,
+    read_bundle,
+    utc_now,
+    write_bundle,
+)
 from taxonedge.edge.preprocess import InputSpec, preprocess
 from taxonedge.edge.taxonomy import Taxonomy
 

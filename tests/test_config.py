@@ -1,0 +1,88 @@
+"""Device config: validated, unknown keys rejected, errors name the key and the line."""
+
+from __future__ import annotations
+
+import pytest
+from taxonedge.edge.config import ConfigError, load_config, parse_config
+
+GOOD = """\
+[device]
+id = "cam-1"
+site = "dc-north"
+line = "sorter-2"
+state_dir = "/tmp/taxonedge-state"
+
+[model]
+bundle = "/opt/models/grocery.tebundle"
+require_signature = false
+
+[source]
+type = "video"
+path = "/data/belt.mp4"
+loop = true
+
+[mqtt]
+host = "127.0.0.1"
+port = 1883
+"""
+
+
+def line_of(text: str, needle: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
+
+
+def test_good_config_parses():
+    cfg = parse_config(GOOD)
+    assert cfg.topic_base == "taxonedge/dc-north/sorter-2/cam-1"
+    assert cfg.source.type == "video" and cfg.source.loop is True
+    assert cfg.mqtt.protocol == "v5" and cfg.inference.backend == "auto"
+
+
+def test_typo_names_key_and_line(tmp_path):
+    text = GOOD.replace("loop = true", "lop = true")
+    path = tmp_path / "device.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"{path}:{line_of(text, 'lop = true')}: source.lop: unknown key" in str(err.value)
+
+
+def test_wrong_type_names_key_and_line():
+    text = GOOD.replace("port = 1883", 'port = "eighteen"')
+    with pytest.raises(ConfigError, match=rf"config:{line_of(text, 'port =')}: mqtt.port: .*integer"):
+        parse_config(text)
+    with pytest.raises(ConfigError, match=r"config:2: device.id: .*single MQTT topic level"):
+        parse_config(GOOD.replace('id = "cam-1"', 'id = "cam/1"'))
+
+
+def test_unknown_section_and_missing_section():
+    text = GOOD + '\n[mqqt]\nhost = "x"\n'
+    with pytest.raises(ConfigError, match=rf"config:{line_of(text, '[mqqt]')}: mqqt: unknown key"):
+        parse_config(text)
+    with pytest.raises(ConfigError, match=r"source: required key is missing"):
+        parse_config(GOOD.split("[source]")[0])
+
+
+def test_signature_needs_a_key_unless_turned_off():
+    with pytest.raises(ConfigError, match="model: .*require_signature is true but no public_key"):
+        parse_config(GOOD.replace("require_signature = false\n", ""))
+
+
+def test_secrets_from_file_credentials_or_environment(tmp_path, monkeypatch):
+    (tmp_path / "pw").write_text("s3cret\n")
+    cfg = parse_config(GOOD + f'username = "cam-1"\npassword_file = "{tmp_path / "pw"}"\n')
+    assert cfg.mqtt.password() == "s3cret"
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert parse_config(GOOD + 'password_file = "pw"\n').mqtt.password() == "s3cret"
+    monkeypatch.setenv("TAXONEDGE_MQTT_PASSWORD", "from-env")
+    assert parse_config(GOOD + 'password_env = "TAXONEDGE_MQTT_PASSWORD"\n').mqtt.password() == "from-env"
+    with pytest.raises(ConfigError, match="password_env: environment variable NOPE is not set"):
+        parse_config(GOOD + 'password_env = "NOPE"\n').mqtt.password()
+    # the config has no key for a literal password
+    with pytest.raises(ConfigError, match="mqtt.password: unknown key"):
+        parse_config(GOOD + 'password = "plain"\n')
+
+
+def test_not_toml():
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        parse_config("[device\nid=")
