@@ -47,6 +47,35 @@ class DeviceConfig(_Strict):
     _check_levels = field_validator("id", "site", "line")(_topic_level)
 
 
+class UpdateConfig(_Strict):
+    """Model deployments (`[model.update]`): transport limits, self-test and the post-switch health window."""
+
+    # A chunked transfer with no new chunk for this long asks the operator for the missing chunks, at most
+    # `chunk_retries` times, then is rejected as truncated.
+    chunk_timeout_s: float = Field(30.0, gt=0)
+    chunk_retries: int = Field(3, ge=0)
+    # file:// and https:// bundles: whole-download timeout and an extra CA file for private servers.
+    fetch_timeout_s: float = Field(120.0, gt=0)
+    fetch_ca_file: Path | None = None
+    # Every bundle must carry a golden self-test set (outputs recorded on the host).
+    require_golden: bool = True
+    # Allowed difference in quantized output steps on the Edge TPU (the CPU must match exactly).
+    edgetpu_tolerance: int = Field(2, ge=0)
+    # How long loading a new model into the inference worker may take.
+    switch_timeout_s: float = Field(60.0, gt=0)
+    # After the switch: this many inferences on the new model must be healthy, within health_timeout_s;
+    # 0 commits right after the switch.
+    health_window: int = Field(20, ge=0)
+    health_timeout_s: float = Field(120.0, gt=0)
+    # p95 latency budget in seconds; None: at most latency_factor x the old model's p95.
+    latency_budget_s: float | None = Field(None, gt=0)
+    latency_factor: float = Field(3.0, ge=1.0)
+    # The share of "unknown" decisions may rise at most this much over the old model's.
+    max_unknown_rate_increase: float = Field(0.25, ge=0.0, le=1.0)
+    # How often model.watch_dir is scanned for dropped bundles.
+    watch_interval_s: float = Field(2.0, gt=0)
+
+
 class ModelConfig(_Strict):
     # The bundle to start with when the state directory holds no installed model yet.
     bundle: Path | None = None
@@ -62,6 +91,7 @@ class ModelConfig(_Strict):
     taxonomy_policy: Literal["same", "any"] = "same"
     compatible: str = "taxonedge-classifier-v1"
     max_bundle_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    update: UpdateConfig = UpdateConfig()
 
     @field_validator("thresholds")
     @classmethod
