@@ -1,0 +1,613 @@
+"""Model updates on the device: receive, verify, stage, warm up, self-test, switch, health window, commit.
+
+A deployment is one request on `<base>/model/deploy` (or a fleet group's `<prefix>/groups/<g>/deploy`):
+
+    {"id": "...", "size": N, "sha256": "...", "chunk_size": C, "chunks": K}   then K chunks, QoS 1, on
+    <deploy topic>/<id>/chunk/<i> (raw bytes)        -- or --      {"id", "size", "sha256", "url": "file://|https://"}
+
+Its progress goes to `<base>/model/deploy/<id>` (retained) and to the MQTT v5 response topic, as states
+received -> verifying -> staged -> warming -> self_test -> switched -> committed, or rejected / rolled_back
+with a reason; while chunks arrive, "receiving" messages carry the count and, after a stall, the missing
+chunk numbers for the operator to send again (that is how a transfer resumes after a reconnect). A
+deployment id that was seen before is answered with its recorded outcome and not run again.
+
+The old model keeps serving until the daemon swaps in the new one between items; the self-test runs in a
+second interpreter here. Bundles dropped into `model.watch_dir` go through the same steps.
+Plugged into the daemon with `attach(daemon)` / `detach(daemon)` (see the seam in edge/daemon.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import queue
+import shutil
+import ssl
+import threading
+import time
+import urllib.request
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from taxonedge import __version__
+
+from .bundle import Bundle, BundleError, atomic_write, utc_now
+from .runtime import Classifier, EdgeTpuUnavailable, ModelError
+from .signing import SigningKeyError
+from .slots import Slots, read_verified
+
+log = logging.getLogger(__name__)
+
+STATES = ("received", "verifying", "staged", "warming", "self_test", "switched", "committed",
+          "rejected", "rolled_back")
+FINAL = ("committed", "rejected", "rolled_back")
+# Test hook: pause after reporting this state (env "STATE" or "STATE:SECONDS") so a test can SIGKILL there.
+PAUSE_ENV = "TAXONEDGE_UPDATE_PAUSE_AT"
+HISTORY_LIMIT = 200
+
+
+class DeployRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,80}$")
+    size: int = Field(ge=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    chunk_size: int | None = Field(None, ge=1)
+    chunks: int | None = Field(None, ge=1)
+    url: str | None = None
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> DeployRequest:
+        if self.url is not None:
+            if not self.url.startswith(("file://", "https://")):
+                raise ValueError("url must start with file:// or https://")
+            return self
+        if self.chunk_size is None or self.chunks is None:
+            raise ValueError("give either url, or chunk_size and chunks")
+        if self.chunks != math.ceil(self.size / self.chunk_size):
+            raise ValueError(f"chunks={self.chunks} does not match size {self.size} / chunk_size {self.chunk_size}")
+        return self
+
+
+class Failed(Exception):
+    """The deployment ends here: `state` is rejected or rolled_back, `reason` says why."""
+
+    def __init__(self, state: str, reason: str):
+        super().__init__(reason)
+        self.state, self.reason = state, reason
+
+
+@dataclass
+class Deployment:
+    request: DeployRequest
+    topic: str  # the deploy topic it came on; chunks come on <topic>/<id>/chunk/<i>
+    response_topic: str | None = None
+    correlation: bytes | None = None
+    source_file: Path | None = None  # a bundle dropped into the watch directory
+    part: Path | None = None
+    received: set[int] = field(default_factory=set)
+    last_chunk: float = field(default_factory=time.monotonic)
+    complete: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    state: str = "receiving"
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.request.chunks or 0) if i not in self.received]
+
+
+class History:
+    """Outcomes of finished deployments (id -> state, reason, sha256), kept across restarts."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.items: dict[str, dict] = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            self.items = {}
+
+    def get(self, deployment_id: str) -> dict | None:
+        return self.items.get(deployment_id)
+
+    def record(self, deployment_id: str, outcome: dict) -> None:
+        self.items[deployment_id] = outcome
+        while len(self.items) > HISTORY_LIMIT:
+            self.items.pop(next(iter(self.items)))
+        atomic_write(self.path, json.dumps(self.items, indent=1).encode())
+
+
+def _field(result: Any, name: str) -> Any:
+    return result.get(name) if isinstance(result, dict) else getattr(result, name, None)
+
+
+class HealthWindow:
+    """Collects the first `size` inference results of the new model and judges them against the old one's."""
+
+    def __init__(self, sha256: str, size: int):
+        self.sha256, self.size = sha256, size
+        self.results: list[Any] = []
+        self.done = threading.Event()
+
+    def add(self, result: Any) -> None:
+        if len(self.results) < self.size:
+            self.results.append(result)
+            if len(self.results) >= self.size:
+                self.done.set()
+
+    def verdict(self, baseline: list[Any], cfg: Any) -> str | None:
+        """None when healthy, else the reason."""
+        results = self.results
+        if len(results) < self.size:
+            return (f"health window incomplete: {len(results)} of {self.size} inferences in "
+                    f"{cfg.health_timeout_s:g} s")
+        failed = [r for r in results if not _field(r, "ok")]
+        if failed:
+            return f"health window: {len(failed)} of {len(results)} inferences failed ({_field(failed[0], 'error')})"
+        p95 = float(np.percentile([_field(r, "latency_s") for r in results], 95))
+        budget = cfg.latency_budget_s
+        if budget is None and len(baseline) >= 5:
+            budget = cfg.latency_factor * float(np.percentile([_field(r, "latency_s") for r in baseline], 95))
+        if budget is not None and p95 > budget:
+            return f"health window: p95 latency {p95 * 1000:.1f} ms is over the budget of {budget * 1000:.1f} ms"
+        if len(baseline) >= 5:
+            old = _unknown_rate(baseline)
+            new = _unknown_rate(results)
+            if new - old > cfg.max_unknown_rate_increase:
+                return (f"health window: unknown rate rose from {old:.0%} to {new:.0%} "
+                        f"(allowed rise {cfg.max_unknown_rate_increase:.0%})")
+        return None
+
+
+def _unknown_rate(results: list[Any]) -> float:
+    decided = [r for r in results if _field(r, "ok")]
+    return sum(_field(r, "decision") == "unknown" for r in decided) / max(len(decided), 1)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for part in version.split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+class Updater:
+    """The deployment state machine for one daemon. One deployment runs at a time, on its own thread."""
+
+    def __init__(self, daemon: Any):
+        self.daemon = daemon
+        self.config = daemon.config
+        self.cfg = self.config.model.update
+        self.base = daemon.topic_base
+        self.slots = Slots(self.config.device.state_dir)
+        self.slots.dir.mkdir(parents=True, exist_ok=True)
+        self.incoming = self.slots.dir / "incoming"
+        self.history = History(self.slots.dir / "deployments.json")
+        prefix = self.config.mqtt.prefix
+        self.deploy_topics = [f"{self.base}/model/deploy"] + [
+            f"{prefix}/groups/{g}/deploy" for g in self.config.mqtt.groups]
+        self.current: Deployment | None = None
+        self._lock = threading.Lock()
+        self._jobs: queue.Queue[Deployment | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._baseline: deque = deque(maxlen=100)
+        self._window: HealthWindow | None = None
+        self._threads: list[threading.Thread] = []
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        shutil.rmtree(self.incoming, ignore_errors=True)  # partial transfers of a previous process
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        self.daemon.add_result_listener(self._on_result)
+        for topic in self.deploy_topics:
+            self.daemon.subscribe(topic, self._on_request)
+            self.daemon.subscribe(f"{topic}/+/chunk/+", self._on_chunk)
+        interrupted = self.slots.take_interrupted()
+        if interrupted and interrupted.get("id"):
+            outcome = {"state": "rolled_back", "reason": interrupted["reason"], "time": interrupted["time"]}
+            self.history.record(interrupted["id"], outcome)
+            self._publish_outcome(interrupted["id"], outcome)
+        self._spawn(self._worker, "update-worker")
+        if self.config.model.watch_dir is not None:
+            self._spawn(self._watch, "update-watch")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._jobs.put(None)
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    def _spawn(self, target: Any, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    # ---- MQTT handlers (control thread: quick, never block) -------------------------------------------
+    def _on_request(self, topic: str, payload: bytes, properties: Any) -> None:
+        response_topic = getattr(properties, "ResponseTopic", None) if properties is not None else None
+        correlation = getattr(properties, "CorrelationData", None) if properties is not None else None
+        try:
+            request = DeployRequest.model_validate(json.loads(payload))
+        except (ValueError, ValidationError) as exc:
+            reason = f"malformed deploy request: {str(exc).splitlines()[0]}"
+            log.warning("%s: %s", topic, reason)
+            if response_topic:
+                self._send(response_topic, {"id": None, "device": self.base, "state": "rejected",
+                                            "reason": reason}, correlation)
+            return
+        self._submit(Deployment(request, topic, response_topic, correlation))
+
+    def _submit(self, dep: Deployment) -> bool:
+        """Queue a deployment unless it is a repeat or another one is running. True when queued."""
+        done = self.history.get(dep.id)
+        with self._lock:
+            if done is not None:
+                log.info("deployment %s was already done (%s): answering with its outcome", dep.id, done["state"])
+                self._report(dep, done["state"], reason=done.get("reason"), repeat=True)
+                return False
+            if self.current is not None:
+                if self.current.id == dep.id:  # a resent request of the running deployment
+                    self._report(self.current, self.current.state, repeat=True)
+                else:
+                    self._report(dep, "rejected", reason=f"busy: deployment {self.current.id} is in progress",
+                                 record=False)
+                return False
+            if dep.request.size > self.config.model.max_bundle_bytes:
+                self._report(dep, "rejected", reason=(
+                    f"size: {dep.request.size} bytes is over model.max_bundle_bytes "
+                    f"({self.config.model.max_bundle_bytes})"))
+                return False
+            if dep.request.chunks is not None:
+                dep.part = self.incoming / f"{dep.id}.part"
+                with open(dep.part, "wb") as fh:
+                    fh.truncate(dep.request.size)
+            self.current = dep
+        self._jobs.put(dep)
+        return True
+
+    def _on_chunk(self, topic: str, payload: bytes, properties: Any) -> None:
+        parts = topic.rsplit("/", 3)  # <deploy topic>/<id>/chunk/<i>
+        dep = self.current
+        if dep is None or dep.part is None or len(parts) != 4 or (parts[0], parts[1], parts[2]) != (dep.topic, dep.id, "chunk"):
+            return
+        req = dep.request
+        try:
+            index = int(parts[3])
+        except ValueError:
+            return
+        expected = min(req.chunk_size, req.size - index * req.chunk_size) if 0 <= index < req.chunks else -1
+        if len(payload) != expected:
+            log.warning("deployment %s: chunk %s has %d bytes, expected %d: ignored", dep.id, parts[3],
+                        len(payload), expected)
+            return
+        with dep.lock:
+            if index in dep.received or dep.complete.is_set():
+                return
+            with open(dep.part, "r+b") as fh:
+                fh.seek(index * req.chunk_size)
+                fh.write(payload)
+            dep.received.add(index)
+            dep.last_chunk = time.monotonic()
+            count = len(dep.received)
+        step = max(1, req.chunks // 10)
+        if count == req.chunks:
+            dep.complete.set()
+        elif count % step == 0:
+            self._report(dep, "receiving", received=count, chunks=req.chunks, record=False)
+
+    def _on_result(self, result: Any) -> None:
+        window = self._window
+        if window is not None and _field(result, "model_sha256") == window.sha256:
+            window.add(result)
+        else:
+            self._baseline.append(result)
+
+    # ---- the state machine ---------------------------------------------------------------------------
+    def _worker(self) -> None:
+        while not self._stop.is_set():
+            dep = self._jobs.get()
+            if dep is None:
+                return
+            try:
+                self._run(dep)
+            except Failed as exc:
+                log.warning("deployment %s %s: %s", dep.id, exc.state, exc.reason)
+                self._report(dep, exc.state, reason=exc.reason)
+            except Exception as exc:  # a bug must not leave the device half-switched or the worker dead
+                log.exception("deployment %s failed", dep.id)
+                self._report(dep, "rejected", reason=f"internal error: {type(exc).__name__}: {exc}")
+            finally:
+                if dep.part is not None:
+                    dep.part.unlink(missing_ok=True)
+                self._window = None
+                with self._lock:
+                    self.current = None
+
+    def _run(self, dep: Deployment) -> None:
+        data = self._receive(dep)
+        self._report(dep, "received", size=len(data))
+        self._report(dep, "verifying")
+        bundle = self._verify(dep, data)
+        active = self.daemon.active_bundle
+        if active is not None and bundle.sha256 == active.sha256:
+            self._report(dep, "committed", model=bundle.describe(), detail="this model is already serving")
+            return
+        slot, path = self.slots.stage(data)
+        bundle = read_verified(path, self.config.model)  # from the slot, as the daemon will read it
+        self._report(dep, "staged", slot=slot)
+        self._self_test(dep, bundle)
+        previous = self.daemon.active_bundle
+        self.slots.begin_trial(slot, dep.id)
+        self._window = HealthWindow(bundle.sha256, self.cfg.health_window)
+        baseline = list(self._baseline)
+        try:
+            self.daemon.switch_model(bundle).result(timeout=self.cfg.switch_timeout_s)
+        except Exception as exc:
+            self.slots.rollback()
+            raise Failed("rejected", f"the daemon could not switch to the new model: {exc}") from exc
+        self._report(dep, "switched", slot=slot, model=bundle.describe())
+        reason = self._health(baseline)
+        if reason is None:
+            self.slots.commit()
+            self._report(dep, "committed", slot=slot, model=bundle.describe())
+            return
+        self._window = None
+        try:
+            self.daemon.switch_model(previous).result(timeout=self.cfg.switch_timeout_s)
+        except Exception as exc:  # the slot state still names the old model: a restart runs it
+            log.error("switching back to %s failed: %s", previous.describe() if previous else None, exc)
+            reason += f"; switching back failed ({exc}), the old model serves after a restart"
+        self.slots.rollback()
+        raise Failed("rolled_back", reason)
+
+    def _receive(self, dep: Deployment) -> bytes:
+        req = dep.request
+        if dep.source_file is not None:
+            data = dep.source_file.read_bytes()
+        elif req.url is not None:
+            data = self._fetch(req.url)
+        else:
+            retries = 0
+            while not dep.complete.wait(0.2):
+                if self._stop.is_set():
+                    raise Failed("rejected", "the daemon is shutting down")
+                if time.monotonic() - dep.last_chunk < self.cfg.chunk_timeout_s:
+                    continue
+                missing = dep.missing()
+                if retries >= self.cfg.chunk_retries:
+                    raise Failed("rejected", (
+                        f"truncated chunk stream: {len(dep.received)} of {req.chunks} chunks received, none for "
+                        f"{self.cfg.chunk_timeout_s:g} s after {retries} requests for the missing ones"))
+                retries += 1
+                dep.last_chunk = time.monotonic()
+                self._report(dep, "receiving", received=len(dep.received), chunks=req.chunks,
+                             missing=missing[:1000], record=False)
+            data = dep.part.read_bytes()
+        return data
+
+    def _fetch(self, url: str) -> bytes:
+        limit = self.config.model.max_bundle_bytes
+        try:
+            if url.startswith("file://"):
+                path = Path(urllib.request.url2pathname(url[len("file://"):]))
+                if path.stat().st_size > limit:
+                    raise Failed("rejected", f"size: {path} is over model.max_bundle_bytes ({limit})")
+                return path.read_bytes()
+            context = ssl.create_default_context(
+                cafile=str(self.cfg.fetch_ca_file) if self.cfg.fetch_ca_file else None)
+            with urllib.request.urlopen(url, timeout=self.cfg.fetch_timeout_s, context=context) as resp:
+                data = resp.read(limit + 1)
+        except OSError as exc:
+            raise Failed("rejected", f"cannot fetch {url}: {exc}") from None
+        if len(data) > limit:
+            raise Failed("rejected", f"size: {url} is over model.max_bundle_bytes ({limit})")
+        return data
+
+    def _verify(self, dep: Deployment, data: bytes) -> Bundle:
+        req, model = dep.request, self.config.model
+        if len(data) != req.size:
+            raise Failed("rejected", f"size: received {len(data)} bytes, the request announced {req.size}")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != req.sha256:
+            raise Failed("rejected", f"sha256: received {digest}, the request announced {req.sha256}")
+        try:
+            bundle = read_verified(data, model)
+        except (BundleError, SigningKeyError) as exc:
+            reason = str(exc)
+            if "unsigned" in reason:
+                reason += " (model.require_signature is on: sign it with `taxonedge convert --sign-key`)"
+            raise Failed("rejected", f"bundle: {reason}") from None
+        manifest = bundle.manifest
+        if manifest.compatible != model.compatible:
+            raise Failed("rejected", f"compatible: the bundle is for '{manifest.compatible}', this device "
+                                     f"accepts '{model.compatible}'")
+        if _version_tuple(manifest.min_daemon_version) > _version_tuple(__version__):
+            raise Failed("rejected", f"min_daemon_version: the bundle needs taxonedge >= "
+                                     f"{manifest.min_daemon_version}, this daemon is {__version__}")
+        spec = manifest.input
+        if spec.dtype == "float32" and self.config.inference.backend == "edgetpu":
+            raise Failed("rejected", "input: a float32 model cannot run on the Edge TPU (inference.backend)")
+        active = self.daemon.active_bundle
+        if active is not None and model.taxonomy_policy == "same" and \
+                manifest.taxonomy_hash != active.manifest.taxonomy_hash:
+            raise Failed("rejected", (
+                f"taxonomy: the bundle's taxonomy ({bundle.taxonomy.num_leaves} leaves, hash "
+                f"{manifest.taxonomy_hash[:12]}) differs from the serving one ({active.taxonomy.num_leaves} "
+                f"leaves, hash {active.manifest.taxonomy_hash[:12]}) and model.taxonomy_policy = 'same'"))
+        return bundle
+
+    def _self_test(self, dep: Deployment, bundle: Bundle) -> None:
+        """Warm up and self-test in a second interpreter, while the daemon's model keeps serving."""
+        self._report(dep, "warming")
+        inference = self.config.inference
+        want_tpu = inference.backend == "edgetpu" or (inference.backend == "auto" and bundle.has_edgetpu_model)
+        try:
+            try:
+                clf = Classifier(bundle, edgetpu=want_tpu, num_threads=inference.num_threads,
+                                 edgetpu_device=inference.edgetpu_device)
+            except EdgeTpuUnavailable as exc:
+                if inference.backend == "edgetpu":
+                    raise Failed("rejected", f"warming: {exc}") from None
+                clf = Classifier(bundle, num_threads=inference.num_threads)
+        except ModelError as exc:
+            raise Failed("rejected", f"input/output: {exc}") from None
+        golden = bundle.golden()
+        if golden is None:
+            if self.cfg.require_golden:
+                raise Failed("rejected", "self_test: the bundle has no golden self-test set "
+                                         "(model.update.require_golden is on)")
+            inputs = np.zeros((1, *clf.input_shape), dtype=np.dtype(bundle.manifest.input.dtype))
+            outputs = None
+        else:
+            inputs, outputs = golden
+        try:
+            for _ in range(max(1, inference.warmup_runs)):
+                clf.raw(inputs[0])
+            self._report(dep, "self_test", count=len(inputs))
+            tolerance = self.cfg.edgetpu_tolerance if clf.edgetpu else 0
+            for i, image in enumerate(inputs):
+                out = clf.raw(image)
+                if not np.all(np.isfinite(out.astype(np.float64))):
+                    raise Failed("rejected", f"self_test: the output for golden input {i} is not finite (NaN or inf)")
+                if outputs is None:
+                    continue
+                expected = outputs[i]
+                if out.shape != expected.shape:
+                    raise Failed("rejected", f"self_test: output shape {out.shape}, golden {expected.shape}")
+                diff = float(np.max(np.abs(out.astype(np.float64) - expected.astype(np.float64))))
+                if not diff <= tolerance:
+                    raise Failed("rejected", (
+                        f"self_test: golden input {i} gives outputs differing by {diff:g} from the recorded "
+                        f"ones (tolerance {tolerance} on {'the Edge TPU' if clf.edgetpu else 'CPU'})"))
+        except ModelError as exc:
+            raise Failed("rejected", f"self_test: {exc}") from None
+
+    def _health(self, baseline: list[Any]) -> str | None:
+        window = self._window
+        if window is None or window.size == 0:
+            return None
+        window.done.wait(self.cfg.health_timeout_s)
+        return window.verdict(baseline, self.cfg)
+
+    # ---- local drops ---------------------------------------------------------------------------------
+    def _watch(self) -> None:
+        folder = Path(self.config.model.watch_dir)
+        seen: dict[Path, tuple[int, int]] = {}
+        while not self._stop.wait(self.cfg.watch_interval_s):
+            try:
+                candidates = sorted(folder.glob("*.tebundle"))
+            except OSError as exc:
+                log.warning("model.watch_dir %s: %s", folder, exc)
+                continue
+            for path in candidates:
+                try:
+                    stat = path.stat()
+                except OSError:
+                    continue
+                signature = (stat.st_size, stat.st_mtime_ns)
+                if seen.get(path) != signature:  # still being copied in: wait for it to settle
+                    seen[path] = signature
+                    continue
+                if self.current is None:
+                    seen.pop(path, None)
+                    self._take_dropped(path)
+
+    def _take_dropped(self, path: Path) -> None:
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        request = DeployRequest(id=f"local-{digest[:16]}", size=max(len(data), 1), sha256=digest,
+                                url=path.resolve().as_uri())
+        dep = Deployment(request, topic="watch_dir", source_file=path)
+        if not self._submit(dep):
+            self._file_away(path, "rejected", (self.history.get(dep.id) or {}).get("reason") or "busy")
+            return
+        # The worker reads the file; once it is done, move the file out of the way with its outcome.
+        def follow() -> None:
+            while self.current is dep:
+                time.sleep(0.2)
+            outcome = self.history.get(dep.id) or {"state": "rejected", "reason": "unknown"}
+            self._file_away(path, outcome["state"], outcome.get("reason"))
+        self._spawn(follow, f"update-watch-{dep.id}")
+
+    @staticmethod
+    def _file_away(path: Path, state: str, reason: str | None) -> None:
+        target = path.parent / ("installed" if state == "committed" else "rejected")
+        target.mkdir(exist_ok=True)
+        os.replace(path, target / path.name)
+        if reason:
+            (target / f"{path.name}.reason.txt").write_text(reason + "\n")
+
+    # ---- reporting -----------------------------------------------------------------------------------
+    def _report(self, dep: Deployment, state: str, reason: str | None = None, record: bool = True,
+                repeat: bool = False, **details: Any) -> None:
+        dep.state = state
+        payload = {"id": dep.id, "device": self.base, "state": state, "time": utc_now(), **details}
+        if reason:
+            payload["reason"] = reason
+        if repeat:
+            payload["repeat"] = True
+        if state in FINAL and record and not repeat:
+            self.history.record(dep.id, {"state": state, "reason": reason, "time": payload["time"],
+                                         "sha256": dep.request.sha256})
+        log.info("deployment %s: %s%s", dep.id, state, f" ({reason})" if reason else "")
+        self._send(f"{self.base}/model/deploy/{dep.id}", payload, None, retain=state in FINAL)
+        if dep.response_topic:
+            self._send(dep.response_topic, payload, dep.correlation)
+        if state in FINAL or state == "receiving":
+            return
+        _maybe_pause(state)
+
+    def _publish_outcome(self, deployment_id: str, outcome: dict) -> None:
+        payload = {"id": deployment_id, "device": self.base, **outcome}
+        self._send(f"{self.base}/model/deploy/{deployment_id}", payload, None, retain=True)
+
+    def _send(self, topic: str, payload: dict, correlation: bytes | None, retain: bool = False) -> None:
+        properties = None
+        if correlation is not None:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.CorrelationData = correlation
+        try:
+            self.daemon.publish(topic, payload, qos=1, retain=retain, properties=properties)
+        except Exception as exc:  # reporting must not break the deployment itself
+            log.warning("cannot publish deployment progress on %s: %s", topic, exc)
+
+
+def _maybe_pause(state: str) -> None:
+    value = os.environ.get(PAUSE_ENV)
+    if not value:
+        return
+    name, _, seconds = value.partition(":")
+    if name == state:
+        log.warning("%s=%s: pausing after %s", PAUSE_ENV, value, state)
+        time.sleep(float(seconds or 60))
+
+
+_UPDATERS: dict[int, Updater] = {}
+
+
+def attach(daemon: Any) -> Updater:
+    """Start taking model deployments for `daemon` (called by the daemon once MQTT is up)."""
+    updater = Updater(daemon)
+    _UPDATERS[id(daemon)] = updater
+    updater.start()
+    return updater
+
+
+def detach(daemon: Any) -> None:
+    updater = _UPDATERS.pop(id(daemon), None)
+    if updater is not None:
+        updater.stop()
