@@ -39,6 +39,43 @@ def register(sub: argparse._SubParsersAction) -> None:
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(func=_inspect)
 
+    deploy = sub.add_parser(
+        "deploy",
+        help="push a model bundle to devices over MQTT and follow them to commit or rollback",
+        description=(
+            "Publish a model bundle to one device or a fleet group and show each device's progress live: "
+            "received, verifying, staged, warming, self_test, switched, committed -- or rejected / "
+            "rolled_back with the reason. Devices verify the signature, self-test the model while the old "
+            "one keeps serving, switch between items and roll back by themselves if the new model fails "
+            "its health window. Exits 0 only when every device committed, 1 when any rejected or rolled "
+            "back, 3 on --timeout. Targets: SITE/LINE/DEVICE or groups/NAME (devices listing NAME in "
+            "mqtt.groups)."
+        ),
+    )
+    deploy.add_argument("bundle", metavar="BUNDLE", help="signed bundle file (.tebundle)")
+    deploy.add_argument("--broker", required=True, metavar="HOST[:PORT]", help="MQTT broker (port 1883 by default)")
+    deploy.add_argument("--target", "-t", required=True, action="append", metavar="SITE/LINE/DEVICE|groups/NAME",
+                        help="device or fleet group; repeat for several")
+    deploy.add_argument("--prefix", default="taxonedge", help="topic prefix the devices use (mqtt.prefix)")
+    deploy.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                        help="give up after S seconds without every device's outcome (default 300)")
+    deploy.add_argument("--id", metavar="ID",
+                        help="deployment id (default: from the bundle's name, version and hash, so a repeat is a "
+                             "no-op); use a new one to retry after a rejection")
+    deploy.add_argument("--url", metavar="URL",
+                        help="have devices fetch the bundle from this file:// or https:// URL instead of "
+                             "sending it over MQTT")
+    deploy.add_argument("--chunk-size", type=int, default=256 * 1024, metavar="BYTES",
+                        help="MQTT chunk size (default 256 KiB)")
+    deploy.add_argument("--expect", type=int, default=1, metavar="N",
+                        help="for groups: wait for at least N devices to answer (default 1)")
+    deploy.add_argument("--pubkey", metavar="KEY", help="check the bundle's signature locally before sending")
+    deploy.add_argument("--username", help="broker user name")
+    deploy.add_argument("--password-file", metavar="FILE", help="file holding the broker password")
+    deploy.add_argument("--password-env", metavar="VAR", help="environment variable holding the broker password")
+    deploy.add_argument("--ca-file", metavar="FILE", help="CA certificate for a TLS broker")
+    deploy.set_defaults(func=_deploy)
+
 
 def _run(args: argparse.Namespace) -> int:
     from .daemon import run_command
@@ -50,3 +87,9 @@ def _inspect(args: argparse.Namespace) -> int:
     from .inspect import inspect_command
 
     return inspect_command(args)
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from .deploy import deploy_command
+
+    return deploy_command(args)
