@@ -117,12 +117,12 @@ def _io_details(interpreter: Any, bundle: Bundle) -> tuple[dict, dict]:
     expected_in = (1, spec.height, spec.width, 3)
     if tuple(inputs[0]["shape"]) != expected_in or np.dtype(inputs[0]["dtype"]).name != spec.dtype:
         raise ModelError(
-            f"model input is {tuple(inputs[0]['shape'])} {np.dtype(inputs[0]['dtype']).name}, "
+            f"model input is {tuple(inputs[0]['shape'].tolist())} {np.dtype(inputs[0]['dtype']).name}, "
             f"the manifest says {expected_in} {spec.dtype}"
         )
     output = _output_by_signature_name(interpreter, out.name) if len(outputs) > 1 else outputs[0]
     if tuple(output["shape"]) != (1, out.num_classes):
-        raise ModelError(f"model output '{out.name}' is {tuple(output['shape'])}, expected (1, {out.num_classes})")
+        raise ModelError(f"model output '{out.name}' is {tuple(output['shape'].tolist())}, expected (1, {out.num_classes})")
     return inputs[0], output
 
 
