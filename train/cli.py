@@ -4,26 +4,135 @@ inside the command."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+DATA_HELP = ("a folder tree (ROOT/Fruit/Apple/Granny-Smith/*.jpg; the taxonomy comes from the folders) or a "
+             "list file of 'path, fine_id, coarse_id' lines with classes.csv beside it (Grocery Store format)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser(
         "train",
         help="fine-tune an ImageNet backbone on a label taxonomy",
-        description="Fine-tune an ImageNet-pretrained backbone on images organised by a label taxonomy.",
+        description=(
+            "Fine-tune an ImageNet-pretrained backbone on images organised by a label taxonomy. Phase 1 "
+            "trains the head on cached frozen-backbone features (seconds); phase 2 unfreezes the top "
+            "--unfreeze layers (BatchNorm stays frozen) at a low cosine-decayed learning rate, keeping the "
+            "best epoch on the validation set. Then a temperature and per-level back-off thresholds are "
+            "fitted on validation data. Writes a run directory for `taxonedge convert`."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    train.add_argument("--data", required=True, metavar="DIR_OR_LIST", help="training images: " + DATA_HELP)
+    train.add_argument("--val", metavar="DIR_OR_LIST",
+                       help="separate validation images (same formats); default: a seeded stratified "
+                            "--holdout slice of the training data (optimistic when shot on the same occasions)")
+    train.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
+    train.add_argument("--holdout", type=float, default=0.15, help="share of each class held out when no --val")
+    train.add_argument("--backbone", default="mobilenet_v2",
+                       choices=["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "vgg16"],
+                       help="mobilenet_v3 uses hard-swish, which splits an Edge TPU graph; vgg16 does not fit "
+                            "the Edge TPU's memory")
+    train.add_argument("--alpha", type=float, default=1.0, help="MobileNet width multiplier")
+    train.add_argument("--input-size", type=int, default=224, help="square input size in pixels")
+    train.add_argument("--weights", default="imagenet",
+                       help="'imagenet' (Keras download), a Keras 3 weights file for the backbone, or 'none'")
+    train.add_argument("--dropout", type=float, default=0.2)
+    train.add_argument("--aux-parent", type=float, default=0.0, metavar="WEIGHT",
+                       help="loss weight of an auxiliary head on the parent level (training only; 0: off)")
+    train.add_argument("--head-epochs", type=int, default=40, help="phase 1 epochs on cached features")
+    train.add_argument("--head-lr", type=float, default=1e-3)
+    train.add_argument("--epochs", type=int, default=20, help="phase 2 (fine-tuning) epochs; 0: head only")
+    train.add_argument("--unfreeze", type=int, default=48, help="backbone layers unfrozen in phase 2")
+    train.add_argument("--lr", type=float, default=2e-4, help="phase 2 peak learning rate (cosine decay)")
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--label-smoothing", type=float, default=0.1)
+    train.add_argument("--patience", type=int, default=5, help="early stopping patience (epochs) on val accuracy")
+    train.add_argument("--balance", choices=["weights", "sampling", "none"], default="weights",
+                       help="imbalance handling: class-weighted loss, class-balanced sampling, or none")
+    train.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flips")
+    train.add_argument("--rotation", type=float, default=15.0, help="max random rotation, degrees (0: off)")
+    train.add_argument("--crop-scale", type=float, default=0.35,
+                       help="smallest random resized crop as a share of the image area (1: no crops)")
+    train.add_argument("--color-jitter", type=float, default=0.2, help="brightness/contrast/saturation (0: off)")
+    train.add_argument("--target-precision", type=float, default=0.98,
+                       help="precision per level that the back-off thresholds are chosen to reach on val")
+    train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=_train)
+
     evaluate = sub.add_parser(
         "evaluate",
         help="per-level accuracy and reports for a run or a bundle",
-        description="Evaluate a trained run (Keras) or a bundle (int8 through LiteRT) per taxonomy level.",
+        description=(
+            "Evaluate a trained run (Keras, float) or a bundle (int8 through LiteRT) on labelled images: "
+            "accuracy per taxonomy level, top-5, macro-F1, hierarchical P/R/F1, mistake severity, back-off "
+            "coverage and precision, per-class table. Writes OUT/metrics.json, confusion.png, "
+            "reliability.png and report.md."
+        ),
     )
+    which = evaluate.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", metavar="RUN_DIR", help="a run directory written by `taxonedge train`")
+    which.add_argument("--bundle", metavar="FILE", help="a model bundle written by `taxonedge convert`")
+    evaluate.add_argument("--data", required=True, metavar="DIR_OR_LIST", help="labelled images: " + DATA_HELP)
+    evaluate.add_argument("--out", required=True, metavar="DIR", help="folder for the reports")
+    evaluate.add_argument("--threads", type=int, default=None, help="LiteRT threads for --bundle")
     evaluate.set_defaults(func=_evaluate)
 
 
 def _train(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from pydantic import ValidationError
+
+    from taxonedge.cli import CliError
+
+    from .data import DataError
+    from .trainer import TrainConfig, train
+
+    weights = args.weights
+    if weights not in ("imagenet", "none") and not Path(weights).is_file():
+        raise CliError(f"--weights {weights}: no such file (use 'imagenet', 'none' or a weights file path)")
+    if weights not in ("imagenet", "none"):
+        weights = str(Path(weights).resolve())
+    try:
+        config = TrainConfig(
+            data=str(Path(args.data).resolve()), val=str(Path(args.val).resolve()) if args.val else None,
+            holdout=args.holdout, backbone=args.backbone, alpha=args.alpha, input_size=args.input_size,
+            weights=weights, dropout=args.dropout, aux_parent=args.aux_parent, head_epochs=args.head_epochs,
+            head_lr=args.head_lr, epochs=args.epochs, unfreeze=args.unfreeze, lr=args.lr,
+            batch_size=args.batch_size, label_smoothing=args.label_smoothing, patience=args.patience,
+            balance=args.balance, flip=args.flip, rotation=args.rotation, crop_scale=args.crop_scale,
+            color_jitter=args.color_jitter, target_precision=args.target_precision, seed=args.seed,
+        )
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise CliError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+    try:
+        metrics = train(config, Path(args.out))
+    except DataError as exc:
+        raise CliError(str(exc)) from None
+    print(_summary(metrics, args.out))
+    return 0
+
+
+def _summary(metrics: dict, where: str) -> str:
+    acc = ", ".join(f"{k} {100 * v:.1f} %" for k, v in metrics["accuracy"].items())
+    return f"val ({metrics['n']} images): {acc}; wrote {where}"
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from taxonedge.edge.bundle import BundleError
+
+    from taxonedge.cli import CliError
+
+    from .data import DataError
+    from .evaluate import evaluate
+
+    run_dir = Path(args.model) if args.model else None
+    if run_dir is not None and not (run_dir / "model.keras").is_file():
+        raise CliError(f"--model {run_dir}: no model.keras there (pass a run directory from `taxonedge train`)")
+    try:
+        metrics = evaluate(args.data, Path(args.out), run_dir=run_dir,
+                           bundle_path=Path(args.bundle) if args.bundle else None, num_threads=args.threads)
+    except (DataError, BundleError) as exc:
+        raise CliError(str(exc)) from None
+    print(_summary(metrics, args.out))
+    return 0

@@ -1,0 +1,94 @@
+"""Calibration on validation data: a softmax temperature, then per-depth back-off thresholds. numpy only.
+
+The thresholds are chosen for the device's decoder (`edge/decode.py`): it walks down from the top level,
+taking the most probable child while that child's (summed) probability passes its depth's threshold, and
+publishes the deepest node kept. Depth d is chosen after depths 1..d-1 are fixed, on the images whose walk
+reaches d, so the precision measured here is the precision of what the device publishes at that depth.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+from taxonedge.edge.taxonomy import Taxonomy
+
+from .metrics import greedy_walk
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGET_PRECISION = 0.98
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(z).sum(axis=1))
+    return float((log_norm - z[np.arange(len(z)), labels]).mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, low: float = 0.05, high: float = 20.0) -> float:
+    """The T > 0 minimising the negative log-likelihood of softmax(logits / T) (Guo et al. 2017).
+
+    NLL is convex in 1/T, hence unimodal in log T: a golden-section search on log T finds the minimum.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if logits.ndim != 2 or labels.shape != (len(logits),) or len(logits) == 0:
+        raise ValueError(f"expected logits (N, L) and labels (N,), got {logits.shape} and {labels.shape}")
+    a, b = math.log(low), math.log(high)
+    ratio = (math.sqrt(5) - 1) / 2
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = _nll(logits, labels, math.exp(c)), _nll(logits, labels, math.exp(d))
+    for _ in range(60):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = _nll(logits, labels, math.exp(c))
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = _nll(logits, labels, math.exp(d))
+    return float(math.exp((a + b) / 2))
+
+
+def choose_thresholds(taxonomy: Taxonomy, probs: np.ndarray, true_leaf: np.ndarray,
+                      target_precision: float = DEFAULT_TARGET_PRECISION) -> dict[str, float]:
+    """Per depth, the lowest threshold at which the label the device publishes there is right at least
+    `target_precision` of the time on this data. A depth that cannot reach the target gets 1.0 (never
+    published; the device backs off to the parent) and a warning."""
+    probs = np.asarray(probs, dtype=np.float64)
+    true_leaf = np.asarray(true_leaf, dtype=np.int64)
+    nodes, scores = greedy_walk(taxonomy, probs)
+    reaching = np.ones(len(probs), dtype=bool)
+    thresholds: dict[str, float] = {}
+    for d in range(1, taxonomy.depth + 1):
+        idx, score = nodes[:, d - 1], scores[:, d - 1]
+        candidates = reaching & (idx >= 0)
+        right = (idx == taxonomy.level_index(d)[true_leaf])[candidates]
+        s = score[candidates]
+        threshold = 1.0
+        if len(s):
+            order = np.argsort(-s, kind="stable")
+            s_sorted, right_sorted = s[order], right[order]
+            # precision of {score >= s_sorted[i]}: ties share the count of the last equal score
+            precision = np.cumsum(right_sorted) / np.arange(1, len(s_sorted) + 1)
+            last_of_tie = np.r_[s_sorted[1:] != s_sorted[:-1], True]
+            ok = last_of_tie & (precision >= target_precision)
+            if ok.any():
+                lowest = np.flatnonzero(ok).max()
+                threshold = 0.0 if lowest == len(s_sorted) - 1 else float(s_sorted[lowest])
+        if threshold >= 1.0:
+            log.warning("depth %d: no threshold reaches precision %.3f on %d images; it is set to 1.0 "
+                        "(labels stop at depth %d)", d, target_precision, int(candidates.sum()), d - 1)
+        thresholds[f"depth_{d}"] = threshold
+        reaching = candidates & (np.nan_to_num(score, nan=-1.0) >= threshold)
+    return thresholds

@@ -1,0 +1,166 @@
+"""Labelled image sets for training and evaluation: a folder tree or a Grocery-Store-style list file.
+
+One loader for `taxonedge train` and `taxonedge evaluate`:
+
+- a folder tree: every folder that directly holds images is a leaf, its relative path is the label;
+- a list file of `path, fine_id, coarse_id` lines (paths relative to the list file's folder), optionally
+  with a `classes.csv` beside it. The label of a line is the folder path of its image without the first
+  component (the split folder): `train/Fruit/Apple/Golden-Delicious/x.jpg` -> `Fruit/Apple/Golden-Delicious`,
+  `train/Vegetables/Asparagus/x.jpg` -> `Vegetables/Asparagus` (a depth-2 leaf). When the image sits directly
+  in the split folder the class name comes from classes.csv (`Coarse/Fine`, or `Fine` when both are equal).
+
+Images are decoded with the shared `load_image`; unreadable ones are reported by path and skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from taxonedge.edge.preprocess import ImageError, InputSpec, load_image
+from taxonedge.edge.taxonomy import IMAGE_SUFFIXES, Taxonomy, TaxonomyError
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A data set that cannot be used; the message names the file (and line) and what to fix."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str  # absolute
+    label: str  # "Fruit/Apple/Granny-Smith"
+
+
+def read_samples(source: str | Path) -> list[Sample]:
+    """All labelled images of a folder tree or list file, in a stable order."""
+    source = Path(source)
+    if source.is_dir():
+        return _folder_samples(source)
+    if source.is_file():
+        return _list_samples(source)
+    raise DataError(f"{source}: no such folder or list file")
+
+
+def _folder_samples(root: Path) -> list[Sample]:
+    samples = [
+        Sample(str(path.resolve()), "/".join(path.parent.relative_to(root).parts))
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and path.parent != root
+    ]
+    if not samples:
+        raise DataError(f"{root}: no images in subfolders (expected ROOT/Label/Sub-label/image.jpg)")
+    return samples
+
+
+def _read_classes(path: Path) -> dict[int, tuple[str, str]]:
+    """classes.csv -> {fine id: (fine name, coarse name)}."""
+    names: dict[int, tuple[str, str]] = {}
+    with path.open(newline="", encoding="utf-8") as fh:
+        for line_no, row in enumerate(csv.reader(fh), start=1):
+            if line_no == 1 or not row:
+                continue  # header
+            try:
+                names[int(row[1])] = (row[0].strip(), row[2].strip())
+            except (IndexError, ValueError):
+                raise DataError(f"{path}:{line_no}: expected 'name, id, coarse name, coarse id, ...'") from None
+    return names
+
+
+def _list_samples(list_file: Path) -> list[Sample]:
+    base = list_file.parent
+    classes_csv = base / "classes.csv"
+    classes = _read_classes(classes_csv) if classes_csv.exists() else {}
+    samples: list[Sample] = []
+    label_of_id: dict[int, str] = {}
+    for line_no, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = [f.strip() for f in line.split(",")]
+        try:
+            rel, fine_id = fields[0], int(fields[1])
+        except (IndexError, ValueError):
+            raise DataError(f"{list_file}:{line_no}: expected 'path, fine_id, coarse_id', got {line!r}") from None
+        folders = Path(rel).parent.parts[1:]
+        if folders:
+            label = "/".join(folders)
+        elif fine_id in classes:
+            fine, coarse = classes[fine_id]
+            label = fine if fine == coarse else f"{coarse}/{fine}"
+        else:
+            raise DataError(
+                f"{list_file}:{line_no}: '{rel}' is not in a class folder and class {fine_id} is not in "
+                f"{classes_csv}: put images in SPLIT/Label/... folders or add classes.csv"
+            )
+        if label_of_id.setdefault(fine_id, label) != label:
+            raise DataError(
+                f"{list_file}:{line_no}: class id {fine_id} is '{label}' here but "
+                f"'{label_of_id[fine_id]}' earlier: one folder per class id"
+            )
+        samples.append(Sample(str((base / rel).resolve()), label))
+    if not samples:
+        raise DataError(f"{list_file}: no image lines")
+    return samples
+
+
+def taxonomy_from_samples(samples: list[Sample], name: str) -> Taxonomy:
+    try:
+        return Taxonomy.from_paths(sorted({s.label for s in samples}), name=name)
+    except TaxonomyError as exc:
+        raise DataError(str(exc)) from None
+
+
+def leaf_indices(taxonomy: Taxonomy, samples: list[Sample], where: str) -> np.ndarray:
+    """Each sample's leaf index; labels the taxonomy does not have are an error listing them."""
+    unknown = sorted({s.label for s in samples} - set(taxonomy.leaf_labels))
+    if unknown:
+        raise DataError(
+            f"{where}: {len(unknown)} label(s) are not leaves of the model's taxonomy: {', '.join(unknown[:5])}"
+            + (" ..." if len(unknown) > 5 else "")
+        )
+    return np.array([taxonomy.leaf_index(s.label) for s in samples], dtype=np.int64)
+
+
+def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(rest, held out): `fraction` of each label held out (at least 1 when the label has 2 or more images)."""
+    rng = np.random.default_rng(seed)
+    by_label: dict[str, list[Sample]] = defaultdict(list)
+    for sample in samples:
+        by_label[sample.label].append(sample)
+    rest: list[Sample] = []
+    held: list[Sample] = []
+    for label in sorted(by_label):
+        group = by_label[label]
+        order = rng.permutation(len(group))
+        n_held = min(len(group) - 1, max(1, int(round(len(group) * fraction)))) if len(group) > 1 else 0
+        held.extend(group[i] for i in sorted(order[:n_held]))
+        rest.extend(group[i] for i in sorted(order[n_held:]))
+    return rest, held
+
+
+def load_images(samples: list[Sample], spec: InputSpec, desc: str = "images"
+                ) -> tuple[np.ndarray, list[Sample], list[str]]:
+    """(images NxHxWx3 in spec.dtype, the samples that loaded, error lines for the ones that did not).
+
+    A corrupt or unreadable image is logged with its path and skipped: a long run never dies of one file.
+    """
+    from tqdm import tqdm
+
+    images: list[np.ndarray] = []
+    kept: list[Sample] = []
+    errors: list[str] = []
+    for sample in tqdm(samples, desc=f"loading {desc}", unit="img", leave=False):
+        try:
+            images.append(load_image(sample.path, spec))
+            kept.append(sample)
+        except ImageError as exc:
+            log.warning("skipping unreadable image: %s", exc)
+            errors.append(str(exc))
+    if not images:
+        raise DataError(f"none of the {len(samples)} {desc} could be read (first error: {errors[:1]})")
+    return np.stack(images), kept, errors

@@ -1,0 +1,200 @@
+"""`taxonedge evaluate`: a run (Keras, float) or a bundle (int8 through LiteRT) on a labelled image set.
+
+Both paths read images with the shared `load_image` and score with the same `compute_metrics`, so float and
+int8 numbers are comparable. Writes DIR/metrics.json, confusion.png, reliability.png and report.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from taxonedge.edge.bundle import atomic_write
+from taxonedge.edge.preprocess import InputSpec
+from taxonedge.edge.taxonomy import Taxonomy
+
+from . import data as data_mod
+from .metrics import compute_metrics, confusion_matrix, depth_keys
+
+log = logging.getLogger(__name__)
+
+
+def predict_run(run_dir: Path, images: np.ndarray) -> np.ndarray:
+    """Leaf probabilities of the run's model.keras (temperature already folded in)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    model = keras.models.load_model(run_dir / "model.keras", compile=False)
+    return np.asarray(model.predict(images.astype(np.float32), batch_size=32, verbose=0), dtype=np.float64)
+
+
+def predict_bundle(classifier, images: np.ndarray) -> np.ndarray:
+    """Leaf probabilities of a bundle's model through `taxonedge.edge.runtime.Classifier`, image by image."""
+    from tqdm import tqdm
+
+    return np.stack([classifier.probabilities(img) for img in tqdm(images, desc="int8 inference", unit="img",
+                                                                    leave=False)]).astype(np.float64)
+
+
+def load_run_meta(run_dir: Path) -> tuple[Taxonomy, InputSpec, dict[str, float]]:
+    taxonomy = Taxonomy.from_dict(json.loads((run_dir / "taxonomy.json").read_text()))
+    spec = InputSpec.model_validate(json.loads((run_dir / "input_spec.json").read_text()))
+    calibration = run_dir / "calibration.json"
+    thresholds = json.loads(calibration.read_text()).get("thresholds", {}) if calibration.exists() else {}
+    return taxonomy, spec, thresholds
+
+
+def evaluate(data: str | Path, out: Path, run_dir: Path | None = None, bundle_path: Path | None = None,
+             num_threads: int | None = None) -> dict:
+    """Evaluate exactly one of `run_dir` or `bundle_path` on `data`; write the reports; return metrics."""
+    if (run_dir is None) == (bundle_path is None):
+        raise ValueError("give exactly one of run_dir and bundle_path")
+    samples = data_mod.read_samples(data)
+    classifier = None
+    if run_dir is not None:
+        taxonomy, spec, thresholds = load_run_meta(Path(run_dir))
+        source = {"kind": "keras", "run": str(Path(run_dir).resolve())}
+    else:
+        from taxonedge.edge.bundle import read_bundle
+        from taxonedge.edge.runtime import Classifier
+
+        bundle = read_bundle(bundle_path)
+        classifier = Classifier(bundle, num_threads=num_threads)
+        taxonomy, spec, thresholds = bundle.taxonomy, bundle.manifest.input, dict(bundle.manifest.thresholds)
+        source = {"kind": "bundle", "bundle": str(Path(bundle_path).resolve()), **bundle.describe(),
+                  "quantization": bundle.manifest.quantization.mode}
+    y_true = data_mod.leaf_indices(taxonomy, samples, str(data))
+    images, kept, errors = data_mod.load_images(samples, spec, "eval images")
+    y_true = data_mod.leaf_indices(taxonomy, kept, str(data)) if len(kept) != len(samples) else y_true
+    probs = predict_run(Path(run_dir), images) if classifier is None else predict_bundle(classifier, images)
+    metrics = compute_metrics(taxonomy, y_true, probs, thresholds)
+    metrics["source"] = {**source, "data": str(Path(data).resolve()), "skipped_images": errors}
+    write_reports(out, taxonomy, metrics, y_true, probs)
+    return metrics
+
+
+def write_reports(out: Path, taxonomy: Taxonomy, metrics: dict, y_true: np.ndarray, probs: np.ndarray) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "metrics.json", (json.dumps(metrics, indent=2, ensure_ascii=False) + "\n").encode())
+    _plot_confusion(out / "confusion.png", taxonomy, y_true, probs.argmax(axis=1))
+    _plot_reliability(out / "reliability.png", metrics["calibration"])
+    atomic_write(out / "report.md", markdown_report(taxonomy, metrics).encode())
+
+
+def _plot_confusion(path: Path, taxonomy: Taxonomy, y_true: np.ndarray, pred: np.ndarray) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = confusion_matrix(taxonomy.num_leaves, y_true, pred).astype(np.float64)
+    rows = matrix.sum(axis=1, keepdims=True)
+    normalised = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+    size = min(24.0, 4.0 + 0.18 * taxonomy.num_leaves)
+    fig, ax = plt.subplots(figsize=(size, size))
+    image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    ticks = np.arange(taxonomy.num_leaves)
+    names = [leaf.name for leaf in taxonomy.leaves]
+    fontsize = max(4, min(10, int(400 / max(1, taxonomy.num_leaves))))
+    ax.set_xticks(ticks, names, rotation=90, fontsize=fontsize)
+    ax.set_yticks(ticks, names, fontsize=fontsize)
+    ax.set_xlabel("predicted leaf")
+    ax.set_ylabel("true leaf")
+    ax.set_title(f"Confusion (row-normalised), leaf accuracy {metrics_accuracy(y_true, pred):.3f}")
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def metrics_accuracy(y_true: np.ndarray, pred: np.ndarray) -> float:
+    return float((np.asarray(y_true) == np.asarray(pred)).mean())
+
+
+def _plot_reliability(path: Path, calibration: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = [b for b in calibration["bins"] if b["count"]]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    centres = [(b["low"] + b["high"]) / 2 for b in bins]
+    ax.bar(centres, [b["accuracy"] for b in bins], width=0.09, alpha=0.7, label="accuracy in bin")
+    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", color="C1",
+            label="mean confidence vs accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("top-1 confidence")
+    ax.set_ylabel("top-1 accuracy")
+    ax.set_title(f"Reliability (ECE {calibration['ece']:.3f})")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
+
+
+def markdown_report(taxonomy: Taxonomy, metrics: dict) -> str:
+    source = metrics.get("source", {})
+    lines = [
+        f"# Evaluation: {source.get('run') or source.get('bundle', '')}",
+        "",
+        f"Data: `{source.get('data', '')}`, {metrics['n']} images, {metrics['classes_present']} of "
+        f"{metrics['num_classes']} classes present. Model: {source.get('kind', '')}"
+        + (f" ({source['quantization']})" if source.get("quantization") else "") + ".",
+        "",
+        "## Accuracy per level",
+        "",
+        "| level | nodes | top-1 (argmax leaf) | top-1 (summed probabilities) |",
+        "|---|---|---|---|",
+    ]
+    for key, depth in depth_keys(taxonomy):
+        lines.append(f"| {key} | {len(taxonomy.level_nodes(depth))} | {_pct(metrics['accuracy'][key])} | "
+                     f"{_pct(metrics['accuracy_summed'][key])} |")
+    h = metrics["hierarchical"]
+    sev = metrics["mistake_severity"]
+    lines += [
+        "",
+        f"Top-5: {_pct(metrics['top5'])}. Macro-F1 (classes present): {metrics['macro_f1']:.3f}. "
+        f"Hierarchical P/R/F1: {h['precision']:.3f} / {h['recall']:.3f} / {h['f1']:.3f}. "
+        f"Mistake severity: {sev['mean']:.2f} levels over {sev['mistakes']} mistakes. "
+        f"NLL {metrics['nll']:.3f}, ECE {metrics['calibration']['ece']:.3f}.",
+        "",
+        "## Back-off (device decoding with the model's thresholds)",
+        "",
+        "| depth | threshold | coverage | precision |",
+        "|---|---|---|---|",
+    ]
+    backoff = metrics["backoff"]
+    for d in range(1, taxonomy.depth + 1):
+        row = backoff[f"depth_{d}"]
+        lines.append(f"| {d} | {row['threshold']:.3f} | {_pct(row['coverage'])} | {_pct(row['precision'])} |")
+    dec = backoff["decisions"]
+    lines += [
+        "",
+        f"Decisions: accepted (leaf) {_pct(dec['accepted'])}, backed off {_pct(dec['backed_off'])}, unknown "
+        f"{_pct(dec['unknown'])}; precision of the published label {_pct(backoff['published_precision'])}.",
+        "",
+        "## Per class",
+        "",
+        "| class | support | precision | recall | F1 | most confused with |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in metrics["per_class"]:
+        if row["support"]:
+            lines.append(f"| {row['label']} | {row['support']} | {_pct(row['precision'])} | {_pct(row['recall'])} "
+                         f"| {row['f1']:.3f} | {row.get('most_confused_with', '')} |")
+    skipped = source.get("skipped_images") or []
+    if skipped:
+        lines += ["", f"## Skipped images ({len(skipped)})", ""] + [f"- {e}" for e in skipped]
+    lines += ["", "![confusion](confusion.png) ![reliability](reliability.png)", ""]
+    return "\n".join(lines)

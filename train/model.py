@@ -1,0 +1,153 @@
+"""The classifier architecture, built the same way under Keras 3 (training) and tf_keras (QAT in convert).
+
+    raw RGB pixels 0..255 (H, W, 3)
+      -> scaling for the backbone (inside the model, so the exported model takes raw uint8)
+      -> backbone (keras.applications, no top, global average pooling)
+      -> Dropout -> Dense(num_leaves, "leaf_logits") -> Softmax ("leaf_probs")
+
+Layer names are fixed so that weights can be copied layer by layer between the two Keras versions.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+BACKBONES = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "vgg16")
+# ImageNet means of VGG16's caffe preprocessing, RGB order.
+_VGG_MEAN_RGB = (123.68, 116.779, 103.939)
+
+
+def _backbone(config: dict, keras_module: Any, weights: str | None) -> Any:
+    apps = keras_module.applications
+    name = config["backbone"]
+    shape = (config["input_size"], config["input_size"], 3)
+    if name == "mobilenet_v2":
+        return apps.MobileNetV2(input_shape=shape, alpha=config.get("alpha", 1.0), include_top=False,
+                                weights=weights, pooling="avg")
+    if name in ("mobilenet_v3_small", "mobilenet_v3_large"):
+        factory = apps.MobileNetV3Small if name.endswith("small") else apps.MobileNetV3Large
+        # include_preprocessing=False: our own Rescaling layer does it, the same for every backbone
+        return factory(input_shape=shape, alpha=config.get("alpha", 1.0), include_top=False, weights=weights,
+                       pooling="avg", include_preprocessing=False)
+    if name == "vgg16":
+        return apps.VGG16(input_shape=shape, include_top=False, weights=weights, pooling="avg")
+    raise ValueError(f"unknown backbone '{name}' (choose from {', '.join(BACKBONES)})")
+
+
+def _scaling(config: dict, keras_module: Any) -> Any:
+    layers = keras_module.layers
+    if config["backbone"] == "vgg16":
+        # caffe mode: mean subtraction without scaling. The BGR order of the original weights is handled by
+        # flipping the first convolution's input channels (see `load_backbone_weights`), not by a layer.
+        return layers.Normalization(mean=list(_VGG_MEAN_RGB), variance=[1.0, 1.0, 1.0], name="input_scaling")
+    return layers.Rescaling(1.0 / 127.5, offset=-1.0, name="input_scaling")  # MobileNets: [-1, 1]
+
+
+def build_classifier(config: dict, num_leaves: int, keras_module: Any, *, pretrained: bool = False,
+                     num_parents: int = 0) -> Any:
+    """Build the classifier described by a run's config.json for `keras_module` (`keras` or `tf_keras`).
+
+    config keys used: backbone, alpha, input_size, dropout, weights (only with `pretrained=True`).
+    `pretrained=False` (the default) builds the architecture with random weights, e.g. for the converter,
+    which rebuilds the model under tf_keras and copies the trained weights into it layer by layer (the
+    names match: `input_scaling`, the backbone's own layer names, `head_dropout`, `leaf_logits`,
+    `leaf_probs`). With `pretrained=True` the backbone starts from config["weights"]: "imagenet", a
+    weights file path, or "none".
+
+    Returns a model with one input (H, W, 3) of raw 0..255 RGB floats and one output `leaf_probs`, or,
+    with `num_parents > 0` (training only), a dict of outputs {"leaf_probs", "parent_probs"} where
+    `parent_probs` comes from an auxiliary head on the parent level.
+    """
+    layers = keras_module.layers
+    weights = None
+    if pretrained:
+        weights = _weights_arg(config.get("weights", "imagenet"))
+    if config["backbone"] not in BACKBONES:
+        raise ValueError(f"unknown backbone '{config['backbone']}' (choose from {', '.join(BACKBONES)})")
+    if config["backbone"].startswith("mobilenet_v3"):
+        log.warning("%s uses hard-swish, which the Edge TPU compiler does not map: the graph is split and "
+                    "part of it runs on the CPU; prefer mobilenet_v2 for Edge TPU devices", config["backbone"])
+    path_weights = weights not in (None, "imagenet")
+    backbone = _backbone(config, keras_module, None if path_weights else weights)
+    if path_weights:
+        backbone.load_weights(weights)
+    if pretrained and config["backbone"] == "vgg16" and weights is not None:
+        _flip_first_conv_channels(backbone)
+    size = config["input_size"]
+    inputs = keras_module.Input((size, size, 3), name="image")
+    features = backbone(_scaling(config, keras_module)(inputs))
+    features = layers.Dropout(config.get("dropout", 0.2), name="head_dropout")(features)
+    logits = layers.Dense(num_leaves, name="leaf_logits")(features)
+    leaf_probs = layers.Softmax(name="leaf_probs")(logits)
+    outputs = leaf_probs
+    if num_parents:
+        parent_logits = layers.Dense(num_parents, name="parent_logits")(features)
+        outputs = {"leaf_probs": leaf_probs, "parent_probs": layers.Softmax(name="parent_probs")(parent_logits)}
+    return keras_module.Model(inputs, outputs, name="taxonedge_classifier")
+
+
+def _weights_arg(weights: str | None) -> str | None:
+    if weights in (None, "none", ""):
+        return None
+    return weights
+
+
+def _flip_first_conv_channels(backbone: Any) -> None:
+    # VGG16 ImageNet weights expect BGR input; our model feeds RGB, so reverse the first kernel's input axis.
+    conv = backbone.get_layer("block1_conv1")
+    kernel, bias = conv.get_weights()
+    conv.set_weights([kernel[:, :, ::-1, :], bias])
+
+
+def backbone_of(model: Any) -> Any:
+    """The backbone sub-model inside a classifier built by `build_classifier`."""
+    return next(layer for layer in model.layers if hasattr(layer, "layers"))
+
+
+def inference_model(model: Any, keras_module: Any, temperature: float = 1.0) -> Any:
+    """The single-output model to save: leaf probabilities with the temperature folded into `leaf_logits`
+    (kernel and bias scaled by 1/T, so softmax(logits / T) is computed without any extra layer)."""
+    leaf = model.get_layer("leaf_probs").output
+    single = keras_module.Model(model.inputs, leaf, name=model.name)
+    dense = single.get_layer("leaf_logits")
+    kernel, bias = dense.get_weights()
+    dense.set_weights([kernel / temperature, bias / temperature])
+    return single
+
+
+def unfreeze_top(backbone: Any, count: int) -> int:
+    """Make the top `count` layers of the backbone trainable, every BatchNormalization layer frozen.
+
+    BN layers are frozen explicitly: under Keras 3.15 `fit` passes training=True through the functional
+    graph, so calling the base with training=False would still update their statistics. Returns the number
+    of trainable layers with weights.
+    """
+    backbone.trainable = True
+    layers = backbone.layers
+    boundary = max(0, len(layers) - count) if count >= 0 else 0
+    trainable = 0
+    for i, layer in enumerate(layers):
+        is_bn = layer.__class__.__name__ == "BatchNormalization"
+        layer.trainable = i >= boundary and not is_bn
+        trainable += int(layer.trainable and bool(layer.weights))
+    return trainable
+
+
+def recalibrate_batchnorm(feature_model: Any, backbone: Any, images: Any) -> None:
+    """Set every BatchNorm layer's moving statistics to those of `images` (one pass in training mode).
+
+    For a backbone without pretrained weights (`--weights none`): its initial statistics (mean 0, var 1)
+    make the features vanish (about 1e-11 after MobileNetV2's 50 BN layers), so nothing could train on them.
+    """
+    bns = [layer for layer in backbone.layers if layer.__class__.__name__ == "BatchNormalization"]
+    momenta = [bn.momentum for bn in bns]
+    try:
+        for bn in bns:
+            bn.momentum = 0.0  # moving statistics := this batch's statistics
+        feature_model([images], training=True)
+    finally:
+        for bn, momentum in zip(bns, momenta, strict=True):
+            bn.momentum = momentum

@@ -1,0 +1,352 @@
+"""`taxonedge train`: images -> a run directory (model.keras, taxonomy, config, calibration, metrics).
+
+Two phases. Phase 1 runs the frozen backbone once over the (centre-cropped) training images and trains
+the head on the cached features: seconds. Phase 2 unfreezes the top N backbone layers (BatchNorm frozen)
+and fine-tunes on augmented batches at a low, cosine-decayed learning rate, selecting the epoch on val.
+Then temperature scaling and back-off thresholds are fitted on val, the temperature is folded into the
+saved model, and the final model is evaluated on val with the shared metrics code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from taxonedge.edge.bundle import atomic_write
+from taxonedge.edge.preprocess import InputSpec
+
+from . import data as data_mod
+from .calibrate import DEFAULT_TARGET_PRECISION, choose_thresholds, fit_temperature, softmax
+from .metrics import compute_metrics
+
+log = logging.getLogger(__name__)
+
+# Training images are loaded at input_size / EVAL_CROP from the whole centred square, so the random crops
+# of phase 2 and the fixed centre crop of evaluation come from the same pixels.
+EVAL_CROP = 0.875
+
+
+class TrainConfig(BaseModel):
+    """Everything a run depends on; stored as RUN/config.json so a run can be rebuilt and repeated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str
+    val: str | None = None
+    holdout: float = Field(0.15, ge=0.0, lt=1.0)
+    backbone: str = "mobilenet_v2"
+    alpha: float = 1.0
+    input_size: int = Field(224, ge=32, le=1024)
+    weights: str = "imagenet"
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    aux_parent: float = Field(0.0, ge=0.0, description="loss weight of the auxiliary parent head (0: off)")
+    head_epochs: int = Field(40, ge=0)
+    head_lr: float = 1e-3
+    epochs: int = Field(20, ge=0)
+    unfreeze: int = 48
+    lr: float = 2e-4
+    batch_size: int = Field(32, ge=1)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    patience: int = Field(5, ge=1)
+    balance: Literal["weights", "sampling", "none"] = "weights"
+    flip: bool = True
+    rotation: float = Field(15.0, ge=0.0, le=180.0, description="max rotation, degrees")
+    crop_scale: float = Field(0.35, gt=0.0, le=1.0, description="smallest random crop, share of the area")
+    color_jitter: float = Field(0.2, ge=0.0, le=1.0)
+    target_precision: float = Field(DEFAULT_TARGET_PRECISION, gt=0.0, le=1.0)
+    seed: int = 0
+
+
+def _setup_tf(seed: int):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    return keras
+
+
+def _write_json(path: Path, obj) -> None:
+    atomic_write(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def train(config: TrainConfig, out: Path) -> dict:
+    """Run the whole training; returns the metrics written to RUN/metrics.json."""
+    started = time.monotonic()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    # ---- data ------------------------------------------------------------------------------------
+    samples = data_mod.read_samples(config.data)
+    taxonomy = data_mod.taxonomy_from_samples(samples, name=Path(config.data).resolve().parent.name
+                                              if Path(config.data).is_file() else Path(config.data).name)
+    if config.val:
+        train_samples = samples
+        val_samples = data_mod.read_samples(config.val)
+        val_source = "separate"
+    else:
+        train_samples, val_samples = data_mod.stratified_split(samples, config.holdout, config.seed)
+        val_source = "holdout"
+        log.warning("no --val given: validating on a seeded %.0f%% slice of the training data; it may be "
+                    "optimistic (same shooting occasions as training). Pass --val for a separate split.",
+                    100 * config.holdout)
+        if not val_samples:
+            raise data_mod.DataError(f"{config.data}: too few images to hold out a validation slice; pass --val")
+    spec = InputSpec(height=config.input_size, width=config.input_size, crop="center", crop_fraction=EVAL_CROP)
+    load_size = int(round(config.input_size / EVAL_CROP))
+    load_spec = InputSpec(height=load_size, width=load_size, crop="center", crop_fraction=1.0)
+    t0 = time.monotonic()
+    x_train, train_samples, train_errors = data_mod.load_images(train_samples, load_spec, "train images")
+    x_val, val_samples, val_errors = data_mod.load_images(val_samples, spec, "val images")
+    y_train = data_mod.leaf_indices(taxonomy, train_samples, config.data)
+    y_val = data_mod.leaf_indices(taxonomy, val_samples, config.val or config.data)
+    timings["load_images_s"] = time.monotonic() - t0
+    log.info("%s; %d train / %d val images (%s)", taxonomy.summary(), len(y_train), len(y_val), val_source)
+
+    _write_json(out / "taxonomy.json", taxonomy.to_dict())
+    _write_json(out / "input_spec.json", spec.model_dump())
+    _write_json(out / "config.json", config.model_dump())
+    _write_json(out / "splits.json", {
+        "train": [[s.path, s.label] for s in train_samples],
+        "val": [[s.path, s.label] for s in val_samples],
+        "val_source": val_source,
+        "skipped": train_errors + val_errors,
+    })
+
+    keras = _setup_tf(config.seed)
+    from .model import backbone_of, build_classifier, inference_model, recalibrate_batchnorm, unfreeze_top
+
+    parent_depth = taxonomy.depth - 1
+    num_parents = len(taxonomy.level_nodes(parent_depth)) if config.aux_parent > 0 and parent_depth >= 1 else 0
+    model = build_classifier(config.model_dump(), taxonomy.num_leaves, keras, pretrained=True,
+                             num_parents=num_parents)
+    backbone = backbone_of(model)
+    weights = _sample_weights(y_train, taxonomy.num_leaves) if config.balance == "weights" else None
+
+    # ---- phase 1: frozen backbone, cached features --------------------------------------------------
+    t0 = time.monotonic()
+    features = keras.Model(model.inputs, model.get_layer("head_dropout").input)
+    x_train_center = _center_crop(x_train, config.input_size)
+    if config.weights == "none":  # before freezing: a frozen Keras 3 BN layer ignores training=True
+        recalibrate_batchnorm(features, backbone, x_train_center[np.random.default_rng(config.seed).permutation(
+            len(x_train_center))[:256]])
+    backbone.trainable = False
+    f_train = features.predict(x_train_center, batch_size=64, verbose=0)
+    del x_train_center
+    f_val = features.predict(x_val.astype("float32"), batch_size=64, verbose=0)
+    timings["features_s"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    if config.head_epochs:
+        _train_head(keras, model, config, taxonomy, f_train, y_train, f_val, y_val, weights, num_parents)
+    timings["head_s"] = time.monotonic() - t0
+    head_acc = _leaf_accuracy(model, x_val, y_val) if config.head_epochs else None
+    log.info("phase 1 (head on cached features): val leaf accuracy %s", head_acc)
+
+    # ---- phase 2: fine-tune the top of the backbone -----------------------------------------------
+    t0 = time.monotonic()
+    history: dict = {}
+    if config.epochs and config.unfreeze:
+        trainable = unfreeze_top(backbone, config.unfreeze)
+        log.info("phase 2: %d backbone layers with weights unfrozen (BatchNorm frozen)", trainable)
+        history = _fine_tune(keras, model, config, taxonomy, x_train, y_train, x_val, y_val, weights,
+                             num_parents, out)
+    timings["fine_tune_s"] = time.monotonic() - t0
+
+    # ---- calibration ----------------------------------------------------------------------------
+    logits_model = keras.Model(model.inputs, model.get_layer("leaf_logits").output)
+    val_logits = logits_model.predict(x_val.astype("float32"), batch_size=64, verbose=0)
+    temperature = fit_temperature(val_logits, y_val)
+    val_probs = softmax(val_logits, temperature)
+    thresholds = choose_thresholds(taxonomy, val_probs, y_val, config.target_precision)
+    _write_json(out / "calibration.json", {"temperature": temperature, "thresholds": thresholds,
+                                           "target_precision": config.target_precision})
+    final = inference_model(model, keras, temperature)
+    final.save(out / "model.keras")
+
+    metrics = compute_metrics(taxonomy, y_val, val_probs, thresholds)
+    metrics["source"] = {"kind": "keras", "run": str(out.resolve()), "data": config.val or config.data,
+                         "val_source": val_source, "temperature": temperature,
+                         "head_only_leaf_accuracy": head_acc, "history": history,
+                         "skipped_images": len(train_errors) + len(val_errors)}
+    timings["total_s"] = time.monotonic() - started
+    metrics["timings"] = timings
+    _write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def _leaf_accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
+    probs = model.predict(x.astype("float32"), batch_size=64, verbose=0)
+    leaf = probs["leaf_probs"] if isinstance(probs, dict) else probs
+    return float((leaf.argmax(-1) == y).mean())
+
+
+def _center_crop(images: np.ndarray, size: int) -> np.ndarray:
+    """The evaluation view of training images loaded at size / EVAL_CROP: the central square, resized."""
+    import tensorflow as tf
+
+    margin = (1.0 - EVAL_CROP) / 2
+    box = [[margin, margin, 1.0 - margin, 1.0 - margin]]
+    out = []
+    for start in range(0, len(images), 256):
+        chunk = tf.convert_to_tensor(images[start:start + 256], tf.float32)
+        n = int(chunk.shape[0])
+        out.append(tf.image.crop_and_resize(chunk, box * n, tf.range(n), (size, size), method="bilinear").numpy())
+    return np.concatenate(out)
+
+
+def _sample_weights(y: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per-class weights n / (classes_present * count): rare classes count as much as common ones."""
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    class_w = np.zeros(num_classes)
+    class_w[present] = len(y) / (present.sum() * counts[present])
+    return class_w.astype(np.float32)
+
+
+def _targets(keras, taxonomy, y: np.ndarray, num_parents: int):
+    leaf = keras.utils.to_categorical(y, taxonomy.num_leaves)
+    if not num_parents:
+        return leaf
+    parent = keras.utils.to_categorical(taxonomy.level_index(taxonomy.depth - 1)[y], num_parents)
+    return {"leaf_probs": leaf, "parent_probs": parent}
+
+
+def _compile(keras, model, config: TrainConfig, learning_rate, num_parents: int) -> None:
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
+    if num_parents:
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                      loss={"leaf_probs": loss, "parent_probs": loss},
+                      loss_weights={"leaf_probs": 1.0, "parent_probs": config.aux_parent},
+                      metrics={"leaf_probs": ["accuracy"]})
+    else:
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=["accuracy"])
+
+
+def _monitor(num_parents: int) -> str:
+    return "val_leaf_probs_accuracy" if num_parents else "val_accuracy"
+
+
+def _train_head(keras, model, config, taxonomy, f_train, y_train, f_val, y_val, weights, num_parents) -> None:
+    """Train Dropout + Dense head(s) on cached features, then copy the weights into the full model."""
+    inp = keras.Input(f_train.shape[1:])
+    h = keras.layers.Dropout(config.dropout)(inp)
+    leaf = keras.layers.Dense(taxonomy.num_leaves, name="leaf_logits")(h)
+    outputs = keras.layers.Softmax(name="leaf_probs")(leaf)
+    if num_parents:
+        parent = keras.layers.Dense(num_parents, name="parent_logits")(h)
+        outputs = {"leaf_probs": outputs, "parent_probs": keras.layers.Softmax(name="parent_probs")(parent)}
+    head = keras.Model(inp, outputs)
+    _compile(keras, head, config, config.head_lr, num_parents)
+    sw = weights[y_train] if weights is not None else None
+    head.fit(f_train, _targets(keras, taxonomy, y_train, num_parents),
+             sample_weight=sw, validation_data=(f_val, _targets(keras, taxonomy, y_val, num_parents)),
+             epochs=config.head_epochs, batch_size=config.batch_size, verbose=0,
+             callbacks=[keras.callbacks.EarlyStopping(_monitor(num_parents), patience=max(5, config.patience),
+                                                      mode="max", restore_best_weights=True)])
+    for name in ("leaf_logits", "parent_logits") if num_parents else ("leaf_logits",):
+        model.get_layer(name).set_weights(head.get_layer(name).get_weights())
+
+
+def _index_batches(y: np.ndarray, config: TrainConfig) -> Iterator[np.ndarray]:
+    """Endless batches of training indices: shuffled epochs, or class-balanced draws with --balance sampling."""
+    rng = np.random.default_rng(config.seed)
+    counts = np.bincount(y)
+    p = 1.0 / counts[y]
+    p /= p.sum()
+    while True:
+        order = rng.choice(len(y), len(y), p=p) if config.balance == "sampling" else rng.permutation(len(y))
+        for start in range(0, len(order) - config.batch_size + 1, config.batch_size):
+            yield order[start:start + config.batch_size]
+
+
+def augment_batch(images, config: TrainConfig, size: int, seed_gen):
+    """Random resized crop, flip, rotation and colour jitter on a float batch (B, S, S, 3) in 0..255."""
+    import tensorflow as tf
+
+    n = tf.shape(images)[0]
+    area = seed_gen.uniform([n], config.crop_scale, 1.0)
+    log_ratio = seed_gen.uniform([n], math.log(3 / 4), math.log(4 / 3))
+    ratio = tf.exp(log_ratio)
+    h = tf.minimum(tf.sqrt(area / ratio), 1.0)
+    w = tf.minimum(tf.sqrt(area * ratio), 1.0)
+    top = seed_gen.uniform([n]) * (1.0 - h)
+    left = seed_gen.uniform([n]) * (1.0 - w)
+    boxes = tf.stack([top, left, top + h, left + w], axis=1)
+    if config.flip:  # a horizontal flip is a box with left and right swapped
+        flip = seed_gen.uniform([n]) < 0.5
+        boxes = tf.where(flip[:, None], tf.stack([top, left + w, top + h, left], axis=1), boxes)
+    x = tf.image.crop_and_resize(images, boxes, tf.range(n), (size, size))
+    if config.color_jitter:
+        j = config.color_jitter
+        brightness = seed_gen.uniform([n, 1, 1, 1], -j, j) * 255.0
+        contrast = seed_gen.uniform([n, 1, 1, 1], 1 - j, 1 + j)
+        saturation = seed_gen.uniform([n, 1, 1, 1], 1 - j, 1 + j)
+        mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+        x = (x - mean) * contrast + mean + brightness
+        gray = tf.reduce_mean(x, axis=3, keepdims=True)
+        x = gray + (x - gray) * saturation
+    return tf.clip_by_value(x, 0.0, 255.0)
+
+
+def _fine_tune(keras, model, config, taxonomy, x_train, y_train, x_val, y_val, weights, num_parents,
+               out: Path) -> dict:
+    import tensorflow as tf
+
+    steps = max(1, len(y_train) // config.batch_size)
+    size = config.input_size
+    seed_gen = tf.random.Generator.from_seed(config.seed)
+    rotation = keras.layers.RandomRotation(config.rotation / 360.0, fill_mode="reflect", seed=config.seed) \
+        if config.rotation else None
+    targets = _targets(keras, taxonomy, y_train, num_parents)
+    sw = weights[y_train] if weights is not None else np.ones(len(y_train), np.float32)
+
+    def gather(idx):
+        leaf = targets["leaf_probs"] if num_parents else targets
+        batch = [x_train[idx].astype(np.float32), leaf[idx].astype(np.float32), sw[idx]]
+        if num_parents:
+            batch.insert(2, targets["parent_probs"][idx].astype(np.float32))
+        return tuple(batch)
+
+    types = [tf.float32] * (4 if num_parents else 3)
+
+    def load(idx):
+        parts = tf.numpy_function(gather, [idx], types)
+        widths = [taxonomy.num_leaves, num_parents] if num_parents else [taxonomy.num_leaves]
+        parts = [tf.ensure_shape(parts[0], [None, *x_train.shape[1:]])] + [
+            tf.ensure_shape(p, [None, w]) for p, w in zip(parts[1:-1], widths, strict=True)
+        ] + [tf.ensure_shape(parts[-1], [None])]
+        images = augment_batch(parts[0], config, size, seed_gen)
+        if rotation is not None:
+            images = rotation(images, training=True)
+        images = tf.ensure_shape(images, [None, size, size, 3])
+        if num_parents:
+            return images, {"leaf_probs": parts[1], "parent_probs": parts[2]}, parts[3]
+        return images, parts[1], parts[2]
+
+    index_ds = tf.data.Dataset.from_generator(lambda: _index_batches(y_train, config),
+                                              output_signature=tf.TensorSpec([None], tf.int64))
+    train_ds = index_ds.map(load, num_parallel_calls=1).prefetch(2)
+    val_ds = (x_val.astype("float32"), _targets(keras, taxonomy, y_val, num_parents))
+
+    schedule = keras.optimizers.schedules.CosineDecay(config.lr, decay_steps=steps * config.epochs, alpha=0.05)
+    _compile(keras, model, config, schedule, num_parents)
+    monitor = _monitor(num_parents)
+    (out / "checkpoints").mkdir(exist_ok=True)
+    callbacks = [
+        keras.callbacks.EarlyStopping(monitor, mode="max", patience=config.patience, restore_best_weights=True),
+        keras.callbacks.ModelCheckpoint(str(out / "checkpoints" / "best.weights.h5"), monitor=monitor,
+                                        mode="max", save_best_only=True, save_weights_only=True),
+        keras.callbacks.TensorBoard(str(out / "logs")),
+    ]
+    fit = model.fit(train_ds, steps_per_epoch=steps, epochs=config.epochs, validation_data=val_ds,
+                    batch_size=64, callbacks=callbacks, verbose=1 if sys.stderr.isatty() else 2)
+    return {k: [float(v) for v in vals] for k, vals in fit.history.items()}
