@@ -1,0 +1,824 @@
+"""The edge daemon: `taxonedge run --config FILE`.
+
+Data flow, each stage a small module joined by bounded hand-offs:
+
+    Capture thread (source.py) -> LatestFrame (one slot, newest wins)
+    -> inference thread: preprocess -> InferenceWorker child process (infer.py) -> Decoder (decode.py)
+       -> [ItemTrigger vote (trigger.py)] -> label -> Outbox (sqlite WAL, outbox.py)
+    -> MQTT sender thread (mqtt.py) -> broker; rows leave the outbox on PUBACK
+
+Control sits beside that flow: incoming MQTT messages (commands, item triggers, plugin topics) go through
+a bounded queue to one control thread; a health thread checks the source for stalls, re-probes the Edge
+TPU, publishes status and stats, feeds the systemd watchdog and the optional Prometheus endpoint.
+Model updates (edge/update.py, a plugin) use the seam below: publish, subscribe, switch_model, ...
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import queue
+import signal
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from taxonedge import __version__
+from taxonedge.cli import CliError
+
+from .bundle import Bundle, BundleError, atomic_write, read_bundle
+from .config import Config, ConfigError, load_config
+from .decode import Decision, Decoder
+from .infer import InferenceWorker, WorkerDied, WorkerError, WorkerInfo
+from .mqtt import MqttLink, client_id_for, json_bytes
+from .notify import sd_notify
+from .outbox import Outbox
+from .preprocess import ImageError, preprocess
+from .source import Capture, Frame
+from .trigger import ItemResult, ItemTrigger
+
+log = logging.getLogger(__name__)
+
+LABEL_SCHEMA = "taxonedge.label/1"
+MAX_COMMAND_BYTES = 16 * 1024
+MAX_ITEM_ID = 128
+FLUSH_TIMEOUT_S = 5.0
+
+
+class CommandError(ValueError):
+    """A command that cannot be carried out; the text goes back in the response."""
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    """What `add_result_listener` callbacks receive, once per classified frame."""
+
+    ok: bool
+    error: str | None
+    latency_s: float  # frame capture to decision
+    decision: str | None  # "accepted" | "backed-off" | "unknown" | None when it failed
+    model_sha256: str
+    invoke_s: float = 0.0
+    label: str | None = None
+
+
+@dataclass
+class _Pending:
+    worker: InferenceWorker
+    bundle: Bundle
+    future: Future | None  # None for an Edge TPU re-probe
+
+
+def utc_ms(wall: float) -> str:
+    return datetime.fromtimestamp(wall, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _read_bundle(path: Path, config: Config) -> Bundle:
+    """Read with the config's signature policy (the deploy engineer's `slots.read_verified` when present)."""
+    try:
+        from .slots import read_verified
+    except ImportError:
+        from .signing import load_public_key
+
+        key = load_public_key(config.model.public_key) if config.model.public_key else None
+        return read_bundle(path, public_key=key, require_signature=config.model.require_signature,
+                           max_bytes=config.model.max_bundle_bytes)
+    return read_verified(path, config.model)
+
+
+class Daemon:
+    def __init__(self, config: Config, max_frames: int | None = None):
+        self.config = config
+        self.topic_base = config.topic_base
+        self.boot_id = uuid.uuid4().hex[:12]
+        self.max_frames = max_frames
+        self.stopping = threading.Event()
+        self.done = threading.Event()
+        self.paused = threading.Event()
+        self._seq = 0
+        self._listeners: list[Callable[[InferenceResult], None]] = []
+        self._subscriptions: list[tuple[str, Callable[[str, bytes, Any], None]]] = []
+        self._control: queue.Queue[tuple[str, bytes, Any]] = queue.Queue(maxsize=1000)
+        self._pending: _Pending | None = None
+        self._swap_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._threshold_overrides = dict(config.model.thresholds)
+        self._last_frame: Frame | None = None
+        self._last_status: tuple | None = None
+        self._item_event = threading.Event()
+        # counters and recent timings for stats
+        self.classified = 0
+        self.labels = 0
+        self.inference_errors = 0
+        self.preprocess_errors = 0
+        self.worker_restarts = 0
+        self.control_dropped = 0
+        self.commands = 0
+        self.reprobes = 0
+        self.latencies: deque[float] = deque(maxlen=2000)
+        self.invokes: deque[float] = deque(maxlen=2000)
+        self.last_inference_wall: float | None = None
+        self._last_progress = time.monotonic()
+        self._probe_due = 0.0
+        self._probing = False
+        self.outbox: Outbox
+        self.link: MqttLink
+        self.capture: Capture
+        self.trigger: ItemTrigger | None = None
+        self._worker: InferenceWorker
+        self._bundle: Bundle
+        self._decoder: Decoder
+        self._plugin: Any = None
+        self.metrics_port: int | None = None
+
+    # ---- the seam for control-plane plugins (edge/update.py) ---------------------------------------
+    @property
+    def active_bundle(self) -> Bundle:
+        return self._bundle
+
+    @property
+    def worker_info(self) -> WorkerInfo | None:
+        return self._worker.info
+
+    def publish(self, topic: str, payload: dict | bytes, qos: int = 1, retain: bool = False,
+                properties: Any = None) -> None:
+        """A control-plane message (status, responses, deployment progress); labels use the outbox."""
+        self.link.publish(topic, json_bytes(payload), qos=qos, retain=retain, properties=properties)
+
+    def subscribe(self, topic_filter: str, handler: Callable[[str, bytes, Any], None]) -> None:
+        """`handler(topic, payload, properties)` runs on the control thread; redone after every reconnect."""
+        self._subscriptions.append((topic_filter, handler))
+        if hasattr(self, "link"):
+            self.link.subscribe(topic_filter)
+
+    def add_result_listener(self, callback: Callable[[InferenceResult], None]) -> None:
+        self._listeners.append(callback)
+
+    def switch_model(self, bundle: Bundle) -> Future:
+        """Load and warm `bundle` in a new worker while the old one serves; swap between items."""
+        future: Future = Future()
+
+        def prepare() -> None:
+            try:
+                worker = self._new_worker(bundle)
+            except WorkerError as exc:
+                future.set_exception(exc)
+                return
+            self._set_pending(_Pending(worker, bundle, future))
+
+        threading.Thread(target=prepare, name="switch-model", daemon=True).start()
+        return future
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.config
+        bundle = self._initial_bundle()
+        self.outbox = Outbox(cfg.outbox_path, cfg.outbox.max_messages)
+        try:
+            self._worker = self._new_worker(bundle)
+        except WorkerError as exc:
+            hint = " (set inference.backend = \"auto\" to fall back to the CPU)" if cfg.inference.backend == "edgetpu" else ""
+            raise CliError(f"{exc}{hint}", 3) from None
+        self._bundle = bundle
+        self._decoder = self._make_decoder(bundle)
+        info = self._worker.info
+        log.info("model %s %s (%s) on %s via %s, warm-up %.0f ms", bundle.name, bundle.version, bundle.sha256[:12],
+                 info.backend, info.runtime, info.warmup_s * 1000)
+        if info.degraded_reason:
+            log.warning("%s", info.degraded_reason)
+        self._probe_due = time.monotonic() + cfg.inference.reprobe_interval_s
+        if cfg.trigger.mode == "item":
+            self.trigger = ItemTrigger(bundle.taxonomy, cfg.trigger.frames_per_item, cfg.trigger.vote_agreement,
+                                       cfg.trigger.item_timeout_s)
+        self.capture = Capture(cfg.source, cfg.capture)
+        will = json_bytes({"state": "offline", "reason": "connection lost", "boot_id": self.boot_id,
+                           "device": cfg.device.id})
+        self.link = MqttLink(cfg.mqtt, client_id_for(cfg.mqtt, cfg.device.id), self.outbox,
+                             f"{self.topic_base}/status", will, self._on_connected, self._on_message)
+        self.capture.start()
+        self.link.start()
+        for name, target in (("inference", self._inference_loop), ("control", self._control_loop),
+                             ("health", self._health_loop)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._start_metrics()
+        self._attach_plugin()
+        sd_notify("READY=1", f"STATUS={self._status_line()}")
+
+    def request_stop(self, *_: Any) -> None:
+        self.stopping.set()
+        self._item_event.set()
+
+    def run(self) -> int:
+        """Start, serve until SIGTERM/SIGINT (or the source ends, or --max-frames), then shut down cleanly."""
+        self.start()
+        previous = {sig: signal.signal(sig, self.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while not self.stopping.wait(0.5):
+                pass
+        finally:
+            self.shutdown()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return 0
+
+    def shutdown(self) -> None:
+        """Finish the item in flight, flush the outbox, publish offline, stop everything."""
+        self.stopping.set()
+        sd_notify("STOPPING=1")
+        inference = self._threads[0] if self._threads else None
+        if inference is not None:
+            inference.join(timeout=self.config.trigger.item_timeout_s + self.config.inference.invoke_timeout_s + 2)
+        self.capture.stop()
+        deadline = time.monotonic() + FLUSH_TIMEOUT_S
+        while self.outbox.depth() and self.link.connected.is_set() and time.monotonic() < deadline:
+            self.link.notify_outbox()
+            time.sleep(0.02)
+        if self.outbox.depth():
+            log.warning("%d labels stay in the outbox %s; they are sent on the next start",
+                        self.outbox.depth(), self.outbox.path)
+        self._detach_plugin()
+        if self.link.connected.is_set():
+            info = self.link.client.publish(f"{self.topic_base}/status", json_bytes(
+                {"state": "offline", "reason": "stopped", "boot_id": self.boot_id, "device": self.config.device.id}),
+                qos=1, retain=True)
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(2.0)
+        self.done.set()
+        self.link.stop()
+        self._worker.stop()
+        with self._swap_lock:
+            if self._pending is not None:
+                self._pending.worker.stop()
+        self.outbox.close()
+        log.info("stopped: %d frames classified, %d labels", self.classified, self.labels)
+
+    # ---- start-up helpers -----------------------------------------------------------------------------
+    def _initial_bundle(self) -> Bundle:
+        path = None
+        try:
+            from .slots import startup_bundle
+        except ImportError:
+            startup_bundle = None
+        if startup_bundle is not None:
+            path = startup_bundle(self.config)
+        path = path or self.config.model.bundle
+        if path is None:
+            raise CliError("no model: set model.bundle in the config (or deploy one)", 2)
+        try:
+            return _read_bundle(Path(path), self.config)
+        except (BundleError, ValueError) as exc:
+            raise CliError(f"model bundle: {exc}", 2) from None
+
+    def _new_worker(self, bundle: Bundle, backend: str | None = None) -> InferenceWorker:
+        inf = self.config.inference
+        worker = InferenceWorker(bundle, backend=backend or inf.backend, device=inf.edgetpu_device,
+                                 num_threads=inf.num_threads, warmup_runs=inf.warmup_runs,
+                                 invoke_timeout_s=inf.invoke_timeout_s)
+        worker.start()
+        return worker
+
+    def _make_decoder(self, bundle: Bundle) -> Decoder:
+        thresholds = {**bundle.manifest.thresholds, **self._threshold_overrides}
+        return Decoder(bundle.taxonomy, thresholds, self.config.model.top_k)
+
+    def _attach_plugin(self) -> None:
+        try:
+            from . import update
+        except ImportError:
+            return
+        try:
+            update.attach(self)
+            self._plugin = update
+        except Exception:  # noqa: BLE001 - a broken plugin must not stop labels
+            log.exception("the model-update plugin failed to attach; running without it")
+
+    def _detach_plugin(self) -> None:
+        if self._plugin is not None:
+            try:
+                self._plugin.detach(self)
+            except Exception:  # noqa: BLE001
+                log.exception("the model-update plugin failed to detach")
+
+    # ---- inference thread ---------------------------------------------------------------------------
+    def _inference_loop(self) -> None:
+        try:
+            self._serve()
+        except Exception:  # noqa: BLE001 - never die silently: stop so systemd restarts us
+            log.exception("inference loop failed")
+            self.request_stop()
+
+    def _serve(self) -> None:
+        trig = self.trigger
+        interval = 1.0 / self.config.trigger.max_rate_hz
+        next_at = 0.0
+        slot = self.capture.slot
+        while True:
+            busy = trig is not None and trig.busy
+            if self.stopping.is_set() and not busy:
+                break
+            if not busy:
+                self._maybe_swap()
+            item_id = None
+            if trig is not None:
+                expired = trig.expire()
+                if expired is not None:
+                    self._publish_item(expired, self._last_frame)
+                item_id = trig.want_frame()
+                if item_id is None:
+                    self._item_event.wait(0.05)
+                    self._item_event.clear()
+                    continue
+            else:
+                wait = next_at - time.monotonic()
+                if wait > 0:
+                    self.stopping.wait(wait)
+            frame = slot.take(timeout=0.25)
+            if frame is None:
+                if self.capture.finished.is_set():
+                    log.info("the source has ended")
+                    break
+                continue
+            self._last_frame = frame
+            if self.paused.is_set():
+                continue
+            next_at = time.monotonic() + interval
+            self._classify(frame, item_id)
+            if self.max_frames and self.classified >= self.max_frames and not (trig is not None and trig.busy):
+                break
+        if trig is not None and trig.busy:
+            result = trig.expire() or trig.flush()
+            if result is not None:
+                self._publish_item(result, self._last_frame)
+        self.request_stop()
+
+    def _classify(self, frame: Frame, item_id: str | None) -> None:
+        bundle, decoder = self._bundle, self._decoder
+        try:
+            image = preprocess(frame.image, bundle.manifest.input)
+        except ImageError as exc:
+            self.preprocess_errors += 1
+            log.warning("frame %s: %s", frame.origin, exc)
+            return
+        decision: Decision | None = None
+        error = None
+        invoke_s = 0.0
+        try:
+            self._worker.submit(image)
+            probs, invoke_s = self._worker.result()
+            decision = decoder.decode(probs)
+        except WorkerDied as exc:
+            error = str(exc)
+            self.inference_errors += 1
+            log.error("%s; restarting the inference worker", exc)
+            self._restart_worker()
+        except (WorkerError, ValueError) as exc:
+            error = f"inference failed: {exc}"
+            self.inference_errors += 1
+            log.warning("frame %s: %s", frame.origin, error)
+        now = time.monotonic()
+        latency = now - frame.captured
+        self.classified += 1
+        self.last_inference_wall = time.time()
+        self._last_progress = now
+        if decision is not None:
+            self.invokes.append(invoke_s)
+        result = InferenceResult(decision is not None, error, latency, decision.decision if decision else None,
+                                 bundle.sha256, invoke_s, decision.label if decision else None)
+        for listener in list(self._listeners):
+            try:
+                listener(result)
+            except Exception:  # noqa: BLE001
+                log.exception("result listener failed")
+        if self.trigger is not None and item_id is not None:
+            item = self.trigger.add(item_id, decision)
+            if item is not None:
+                self._publish_item(item, frame)
+        elif decision is not None:
+            self._publish_label(frame, decision, latency, invoke_s)
+
+    def _restart_worker(self) -> None:
+        backoff = 0.5
+        self._worker.stop()
+        while True:
+            try:
+                self._worker = self._new_worker(self._bundle)
+                self.worker_restarts += 1
+                info = self._worker.info
+                log.warning("inference worker restarted on %s", info.backend if info else "?")
+                return
+            except WorkerError as exc:
+                log.error("inference worker restart failed: %s; retrying in %.1f s", exc, backoff)
+                if self.stopping.wait(backoff):
+                    raise RuntimeError("stopping while the inference worker could not be restarted") from exc
+                backoff = min(backoff * 2, 30.0)
+
+    def _set_pending(self, pending: _Pending) -> None:
+        with self._swap_lock:
+            old, self._pending = self._pending, pending
+        if old is not None:
+            old.worker.stop()
+            if old.future is not None and not old.future.done():
+                old.future.set_exception(RuntimeError("superseded by a newer switch_model call"))
+
+    def _maybe_swap(self) -> None:
+        if self._pending is None:
+            return
+        with self._swap_lock:
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        old = self._worker
+        self._worker, self._bundle = pending.worker, pending.bundle
+        self._decoder = self._make_decoder(pending.bundle)
+        if self.trigger is not None:
+            self.trigger.taxonomy = pending.bundle.taxonomy
+        threading.Thread(target=old.stop, name="old-worker-stop", daemon=True).start()
+        info = self._worker.info
+        log.info("now serving %s %s (%s) on %s", pending.bundle.name, pending.bundle.version,
+                 pending.bundle.sha256[:12], info.backend if info else "?")
+        self._publish_model()
+        if pending.future is not None:
+            pending.future.set_result(pending.bundle)
+
+    # ---- labels -------------------------------------------------------------------------------------
+    def label_payload(self, frame: Frame | None, decision: Decision, latency_s: float, invoke_s: float,
+                      item: ItemResult | None = None) -> dict:
+        self._seq += 1
+        bundle, dev = self._bundle, self.config.device
+        info = self._worker.info
+        return {
+            "schema": LABEL_SCHEMA,
+            "msg_id": uuid.uuid4().hex,
+            "boot_id": self.boot_id,
+            "seq": self._seq,
+            "device": dev.id,
+            "site": dev.site,
+            "line": dev.line,
+            "timestamp": utc_ms(frame.wall if frame else time.time()),
+            "item_id": item.item_id if item else None,
+            "label": decision.label,
+            "path": list(decision.path),
+            "levels": [{"depth": lv.depth, "id": lv.id, "name": lv.name, "score": lv.score, "passed": lv.passed}
+                       for lv in decision.levels],
+            "decision": decision.decision,
+            "top_k": [{"label": label, "score": score} for label, score in decision.top_k],
+            "vote": ({"frames": item.frames, "agreeing": item.agreeing, "agreement": round(item.agreement, 4)}
+                     if item else None),
+            "model": {"name": bundle.name, "version": bundle.version, "sha256": bundle.sha256},
+            "backend": info.backend if info else "unknown",
+            "latency_ms": round(latency_s * 1000, 3),
+            "inference_ms": round(invoke_s * 1000, 3),
+        }
+
+    def _publish_label(self, frame: Frame | None, decision: Decision, latency_s: float, invoke_s: float,
+                       item: ItemResult | None = None) -> None:
+        payload = self.label_payload(frame, decision, latency_s, invoke_s, item)
+        self.outbox.put(f"{self.topic_base}/labels", json_bytes(payload), qos=1,
+                        expiry_s=self.config.mqtt.label_expiry_s)
+        self.link.notify_outbox()
+        self.labels += 1
+        self.latencies.append(latency_s)
+
+    def _publish_item(self, item: ItemResult, frame: Frame | None) -> None:
+        latency = time.monotonic() - frame.captured if frame else 0.0
+        self._publish_label(frame, item.decision, latency, 0.0, item)
+
+    # ---- MQTT control -------------------------------------------------------------------------------
+    def _on_connected(self) -> None:
+        client = self.link.client
+        client.subscribe(f"{self.topic_base}/cmd/+", qos=1)
+        client.subscribe(f"{self.topic_base}/trigger", qos=1)
+        for topic_filter, _ in self._subscriptions:
+            client.subscribe(topic_filter, qos=1)
+        self._last_status = None
+        self._publish_status(force=True)
+        self._publish_model()
+
+    def _on_message(self, topic: str, payload: bytes, properties: Any) -> None:
+        try:
+            self._control.put_nowait((topic, payload, properties))
+        except queue.Full:
+            self.control_dropped += 1
+
+    def _control_loop(self) -> None:
+        import paho.mqtt.client as paho
+
+        cmd_prefix = f"{self.topic_base}/cmd/"
+        while not self.done.is_set():
+            try:
+                topic, payload, props = self._control.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            plugin = [h for f, h in self._subscriptions if paho.topic_matches_sub(f, topic)]
+            try:
+                if topic == f"{self.topic_base}/trigger":
+                    self._on_trigger(payload)
+                elif topic.startswith(cmd_prefix) and not plugin:
+                    self._on_command(topic, topic[len(cmd_prefix):], payload, props)
+            except Exception:  # noqa: BLE001 - a bad message never kills the daemon
+                log.exception("handling a message on %s failed", topic)
+            for handler in plugin:
+                try:
+                    handler(topic, payload, props)
+                except Exception:  # noqa: BLE001
+                    log.exception("subscription handler for %s failed", topic)
+
+    def _on_trigger(self, payload: bytes) -> None:
+        if self.trigger is None:
+            log.warning("trigger message ignored: trigger.mode is %s, not item", self.config.trigger.mode)
+            return
+        try:
+            text = payload.decode("utf-8").strip()
+            data = json.loads(text) if text.startswith("{") else {"item_id": text}
+            item_id = data["item_id"]
+            if not isinstance(item_id, (str, int)) or not str(item_id) or len(str(item_id)) > MAX_ITEM_ID:
+                raise ValueError(f"item_id must be a non-empty string of at most {MAX_ITEM_ID} characters")
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            log.warning("trigger message ignored (%s): send {\"item_id\": \"...\"} or the plain id", exc)
+            return
+        self.trigger.trigger(str(item_id))
+        self._item_event.set()
+
+    def _on_command(self, topic: str, name: str, payload: bytes, props: Any) -> None:
+        self.commands += 1
+        response_topic = f"{topic}/response"
+        correlation = None
+        if props is not None:
+            candidate = getattr(props, "ResponseTopic", None)
+            if isinstance(candidate, str) and candidate and not any(c in candidate for c in "+#\0"):
+                response_topic = candidate
+            correlation = getattr(props, "CorrelationData", None)
+        request_id = None
+        try:
+            if len(payload) > MAX_COMMAND_BYTES:
+                raise CommandError(f"payload of {len(payload)} bytes is over the {MAX_COMMAND_BYTES}-byte limit")
+            try:
+                text = payload.decode("utf-8").strip()
+                args = json.loads(text) if text else {}
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise CommandError(f"payload is not JSON: {exc}") from None
+            if not isinstance(args, dict):
+                raise CommandError("payload must be a JSON object")
+            request_id = args.pop("id", None)
+            handler = self._commands().get(name)
+            if handler is None:
+                raise CommandError(f"unknown command {name!r}; known: {', '.join(sorted(self._commands()))}")
+            response = {"ok": True, "command": name, "result": handler(args)}
+        except CommandError as exc:
+            response = {"ok": False, "command": name, "error": str(exc)}
+        if isinstance(request_id, (str, int)):
+            response["id"] = request_id
+        properties = None
+        if correlation is not None and self.link.v5:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.CorrelationData = correlation
+        self.publish(response_topic, response, qos=1, properties=properties)
+
+    def _commands(self) -> dict[str, Callable[[dict], Any]]:
+        return {"pause": self._cmd_pause, "resume": self._cmd_resume, "set_thresholds": self._cmd_thresholds,
+                "snapshot": self._cmd_snapshot, "state": lambda args: self.state()}
+
+    def _cmd_pause(self, args: dict) -> dict:
+        self.paused.set()
+        self._publish_status()
+        return {"paused": True}
+
+    def _cmd_resume(self, args: dict) -> dict:
+        self.paused.clear()
+        self._publish_status()
+        return {"paused": False}
+
+    def _cmd_thresholds(self, args: dict) -> dict:
+        """{"depth_1": 0.8, ...}: override per-depth thresholds until restart (null resets one)."""
+        values = args.get("thresholds", args)
+        if not isinstance(values, dict) or not values:
+            raise CommandError('send {"depth_1": 0.8, ...} (values between 0 and 1, null resets one)')
+        depth = self._bundle.taxonomy.depth
+        for key, value in values.items():
+            ok_key = isinstance(key, str) and key.startswith("depth_") and key[6:].isdigit() and 1 <= int(key[6:]) <= depth
+            ok_value = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                         and 0.0 <= value <= 1.0)
+            if not ok_key or not ok_value:
+                raise CommandError(f"{key} = {value!r}: keys are depth_1..depth_{depth}, values between 0 and 1")
+        for key, value in values.items():
+            if value is None:
+                self._threshold_overrides.pop(key, None)
+            else:
+                self._threshold_overrides[key] = float(value)
+        self._decoder = self._make_decoder(self._bundle)
+        return {"thresholds": {f"depth_{i + 1}": t for i, t in enumerate(self._decoder.thresholds)}}
+
+    def _cmd_snapshot(self, args: dict) -> dict:
+        import cv2
+
+        frame = self._last_frame
+        if frame is None:
+            raise CommandError("no frame captured yet")
+        ok, jpeg = cv2.imencode(".jpg", frame.image, [cv2.IMWRITE_JPEG_QUALITY, 85])
+        if not ok:
+            raise CommandError("the frame could not be encoded")
+        data = jpeg.tobytes()
+        path = self.config.device.state_dir / "snapshots" / f"snapshot-{utc_ms(frame.wall).replace(':', '')}.jpg"
+        atomic_write(path, data)
+        result = {"path": str(path), "bytes": len(data), "frame": frame.origin, "captured_at": utc_ms(frame.wall)}
+        if args.get("inline") is True:
+            result["jpeg_base64"] = base64.b64encode(data).decode("ascii")
+        return result
+
+    # ---- status, stats, health ---------------------------------------------------------------------------
+    def state_reasons(self) -> list[str]:
+        reasons = []
+        info = self._worker.info
+        if info and info.degraded_reason:
+            reasons.append(info.degraded_reason)
+        if self.capture.state in ("reconnecting", "stalled"):
+            reasons.append(f"source {self.capture.state}: {self.capture.last_error or 'no frames'}")
+        if self.paused.is_set():
+            reasons.append("paused by command")
+        return reasons
+
+    def status_state(self) -> str:
+        return "degraded" if self.state_reasons() else "online"
+
+    def _publish_status(self, force: bool = False) -> None:
+        info = self._worker.info
+        key = (self.status_state(), tuple(self.state_reasons()), info.backend if info else None)
+        if not force and key == self._last_status:
+            return
+        self._last_status = key
+        self.publish(f"{self.topic_base}/status", {
+            "state": key[0], "reasons": list(key[1]), "boot_id": self.boot_id, "device": self.config.device.id,
+            "backend": key[2], "runtime": info.runtime if info else None, "version": __version__,
+            "since": utc_ms(time.time())}, qos=1, retain=True)
+
+    def _publish_model(self) -> None:
+        bundle = self._bundle
+        info = self._worker.info
+        self.publish(f"{self.topic_base}/model", {
+            **bundle.describe(), "signature": bundle.signature_status, "backend": info.backend if info else None,
+            "since": utc_ms(time.time())}, qos=1, retain=True)
+
+    def state(self) -> dict:
+        """Everything an operator wants at a glance: the `state` command, stats and metrics use it."""
+        info = self._worker.info
+        lat = np.array(self.latencies) * 1000 if self.latencies else np.zeros(1)
+        inv = np.array(self.invokes) * 1000 if self.invokes else np.zeros(1)
+        return {
+            "state": self.status_state(), "reasons": self.state_reasons(), "boot_id": self.boot_id,
+            "paused": self.paused.is_set(), "backend": info.backend if info else None,
+            "runtime": info.runtime if info else None, "model": self._bundle.describe(),
+            "thresholds": {f"depth_{i + 1}": t for i, t in enumerate(self._decoder.thresholds)},
+            "source": self.capture.status(), "frames_classified": self.classified, "labels": self.labels,
+            "latency_ms_p50": round(float(np.percentile(lat, 50)), 3),
+            "latency_ms_p99": round(float(np.percentile(lat, 99)), 3),
+            "invoke_ms_p50": round(float(np.percentile(inv, 50)), 3),
+            "inference_errors": self.inference_errors, "preprocess_errors": self.preprocess_errors,
+            "worker_restarts": self.worker_restarts, "edgetpu_reprobes": self.reprobes,
+            "outbox_depth": self.outbox.depth(), "outbox_evicted": self.outbox.counter("evicted"),
+            "outbox_expired": self.outbox.counter("expired"), "mqtt_connected": self.link.connected.is_set(),
+            "mqtt_error": self.link.last_error, "commands": self.commands, "control_dropped": self.control_dropped,
+            "items_waiting": self.trigger.waiting() if self.trigger else 0,
+            "items_timed_out": self.trigger.timed_out if self.trigger else 0,
+            "last_frame_time": utc_ms(self.capture.last_frame_wall) if self.capture.last_frame_wall else None,
+            "last_inference_time": utc_ms(self.last_inference_wall) if self.last_inference_wall else None,
+        }
+
+    def _status_line(self) -> str:
+        info = self._worker.info
+        return (f"{self.status_state()} on {info.backend if info else '?'}: {self.classified} frames, "
+                f"{self.labels} labels, outbox {self.outbox.depth()}")
+
+    def _health_loop(self) -> None:
+        stats_every = self.config.mqtt.stats_interval_s
+        next_stats = time.monotonic() + stats_every
+        last_count, last_time = 0, time.monotonic()
+        while not self.stopping.wait(1.0):
+            try:
+                self.capture.check_stall()
+                self._publish_status()
+                self._maybe_reprobe()
+                self._watchdog()
+                now = time.monotonic()
+                if now >= next_stats:
+                    fps = (self.classified - last_count) / (now - last_time)
+                    last_count, last_time = self.classified, now
+                    self.publish(f"{self.topic_base}/stats", {**self.state(), "fps": round(fps, 2),
+                                                              "time": utc_ms(time.time())}, qos=0)
+                    next_stats = now + stats_every
+            except Exception:  # noqa: BLE001 - health reporting must not stop the daemon
+                log.exception("health check failed")
+
+    def _watchdog(self) -> None:
+        """WATCHDOG=1 only while frames arrive and inference keeps up (or is idle by design)."""
+        timeout = self.config.health.progress_timeout_s
+        now = time.time()
+        frames_ok = self.capture.last_frame_wall is not None and now - self.capture.last_frame_wall < timeout
+        idle = self.paused.is_set() or (self.trigger is not None and not self.trigger.busy)
+        infer_ok = idle or time.monotonic() - self._last_progress < timeout
+        lines = [f"STATUS={self._status_line()}"]
+        if frames_ok and infer_ok:
+            lines.append("WATCHDOG=1")
+        sd_notify(*lines)
+
+    def _maybe_reprobe(self) -> None:
+        """On the CPU because auto found no Edge TPU: try again now and then, in a separate worker."""
+        info = self._worker.info
+        if (self.config.inference.backend != "auto" or info is None or info.backend != "cpu" or self._probing
+                or time.monotonic() < self._probe_due):
+            return
+        self._probing = True
+        self.reprobes += 1
+        self._probe_due = time.monotonic() + self.config.inference.reprobe_interval_s
+        bundle = self._bundle
+
+        def probe() -> None:
+            try:
+                worker = self._new_worker(bundle, backend="edgetpu")
+            except WorkerError as exc:
+                log.info("Edge TPU re-probe: still unavailable (%s)", exc)
+            else:
+                log.warning("Edge TPU found on re-probe: switching from the CPU")
+                self._set_pending(_Pending(worker, bundle, None))
+            finally:
+                self._probing = False
+
+        threading.Thread(target=probe, name="edgetpu-probe", daemon=True).start()
+
+    def _start_metrics(self) -> None:
+        port = self.config.health.prometheus_port
+        if port is None:
+            return
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.core import GaugeMetricFamily
+
+        daemon = self
+
+        class _Collector:
+            def collect(self):  # noqa: ANN202 - prometheus_client protocol
+                for key, value in daemon.state().items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        yield GaugeMetricFamily(f"taxonedge_{key}", key.replace("_", " "), value=value)
+                    elif isinstance(value, bool):
+                        yield GaugeMetricFamily(f"taxonedge_{key}", key.replace("_", " "), value=int(value))
+                source = daemon.capture.status()
+                for key in ("frames", "dropped", "reconnects", "stalls", "corrupt"):
+                    yield GaugeMetricFamily(f"taxonedge_source_{key}", f"source {key}", value=source[key])
+
+        registry = CollectorRegistry()
+        registry.register(_Collector())
+        server, _ = start_http_server(port, addr=self.config.health.prometheus_host, registry=registry)
+        self.metrics_port = server.server_port
+
+
+def validate(config: Config) -> list[str]:
+    """Problems with the files and secrets a config names (the schema itself is checked by load_config)."""
+    problems = []
+    if config.model.bundle is not None:
+        try:
+            _read_bundle(config.model.bundle, config)
+        except (BundleError, ValueError) as exc:
+            problems.append(f"model.bundle: {exc}")
+    try:
+        config.mqtt.password()
+    except ConfigError as exc:
+        problems.append(str(exc))
+    if config.mqtt.tls is not None:
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(config.mqtt.tls, key)
+            if path is not None and not path.is_file():
+                problems.append(f"mqtt.tls.{key}: {path} does not exist")
+    source_path = getattr(config.source, "path", None)
+    if source_path is not None and not source_path.exists():
+        problems.append(f"source.path: {source_path} does not exist (the daemon would keep retrying)")
+    return problems
+
+
+def run_command(args: Any) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        raise CliError(str(exc), 2) from None
+    if args.validate_config:
+        problems = validate(config)
+        if problems:
+            raise CliError("\n".join(problems), 2)
+        print(f"{args.config}: valid ({config.source.type} source, {config.trigger.mode} trigger, "
+              f"{config.inference.backend} backend, MQTT {config.mqtt.host}:{config.mqtt.port})")
+        return 0
+    return Daemon(config, max_frames=args.max_frames).run()

@@ -1,0 +1,218 @@
+"""Inference in a supervised child process, so that a native abort or a hung invoke costs a restart of
+the worker, never the daemon.
+
+libedgetpu aborts its process on USB transfer errors, and a wedged accelerator can block `invoke()`
+forever: both would take the whole daemon (and its outbox, MQTT session and status) with them if the
+interpreter lived in the daemon. The worker is a `spawn`ed process holding one `Classifier`; the
+daemon sends preprocessed images over a pipe and waits at most `invoke_timeout_s` for each answer.
+
+Backends: `cpu`; `edgetpu` (the delegate must load, else the worker fails to start); `auto` (try the
+Edge TPU delegate, fall back to the CPU and say so: `degraded` with the reason). Warm-up runs happen in
+the worker before it reports ready, so the first real frame is not the slow one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .bundle import Bundle
+
+log = logging.getLogger(__name__)
+
+# Test-only fault injection (read in the worker): abort or hang on the Nth invoke, as a failing USB
+# accelerator would. Never set in production; documented so nobody wonders what they are.
+ABORT_AT_ENV = "TAXONEDGE_TEST_WORKER_ABORT_AT"
+HANG_AT_ENV = "TAXONEDGE_TEST_WORKER_HANG_AT"
+
+
+class WorkerError(RuntimeError):
+    """The worker could not start, died, hung, or failed one inference."""
+
+
+class WorkerDied(WorkerError):
+    """The worker process is gone or hung and must be replaced."""
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    backend: str  # "edgetpu" or "cpu"
+    runtime: str  # "ai_edge_litert" or "tflite_runtime"
+    degraded_reason: str | None  # why auto did not get the Edge TPU
+    warmup_s: float
+
+
+def _worker_main(conn: Any, bundle: Bundle, backend: str, device: str | None, num_threads: int | None,
+                 warmup_runs: int) -> None:
+    """The child: load, warm up, answer ('ready', info) then serve ('infer', image) until EOF."""
+    from .runtime import Classifier, EdgeTpuUnavailable, ModelError, interpreter_module
+
+    abort_at = int(os.environ.get(ABORT_AT_ENV, "0") or 0)
+    hang_at = int(os.environ.get(HANG_AT_ENV, "0") or 0)
+    degraded = None
+    try:
+        _, runtime = interpreter_module()
+        classifier = None
+        if backend in ("auto", "edgetpu"):
+            try:
+                classifier = Classifier(bundle, edgetpu=True, num_threads=num_threads, edgetpu_device=device)
+                used = "edgetpu"
+            except EdgeTpuUnavailable as exc:
+                if backend == "edgetpu":
+                    raise
+                degraded = f"Edge TPU unavailable, running on the CPU: {exc}"
+        if classifier is None:
+            classifier = Classifier(bundle, edgetpu=False, num_threads=num_threads)
+            used = "cpu"
+        spec = bundle.manifest.input
+        golden = bundle.golden()
+        start = time.perf_counter()
+        for i in range(warmup_runs):
+            if golden is not None:
+                image = golden[0][i % len(golden[0])].astype(classifier._input["dtype"])
+            else:
+                image = np.zeros((spec.height, spec.width, 3), dtype=classifier._input["dtype"])
+            classifier.probabilities(image)
+        conn.send(("ready", WorkerInfo(used, runtime, degraded, time.perf_counter() - start)))
+    except (EdgeTpuUnavailable, ModelError, ImportError, OSError, ValueError, RuntimeError) as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    count = 0
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        image = message
+        count += 1
+        if abort_at and count >= abort_at:
+            os.abort()
+        if hang_at and count >= hang_at:
+            time.sleep(3600)
+        t0 = time.perf_counter()
+        try:
+            probs = classifier.probabilities(image)
+            conn.send(("ok", probs, time.perf_counter() - t0))
+        except (ValueError, RuntimeError) as exc:
+            conn.send(("error", f"{type(exc).__name__}: {exc}", time.perf_counter() - t0))
+
+
+class InferenceWorker:
+    """One child process serving one bundle. `start()` blocks until it is warm (or raises WorkerError)."""
+
+    def __init__(self, bundle: Bundle, backend: str = "auto", device: str | None = None,
+                 num_threads: int | None = None, warmup_runs: int = 3, invoke_timeout_s: float = 5.0,
+                 start_timeout_s: float = 120.0):
+        self.bundle = bundle
+        self.backend = backend
+        self.device = device
+        self.num_threads = num_threads
+        self.warmup_runs = warmup_runs
+        self.invoke_timeout_s = invoke_timeout_s
+        self.start_timeout_s = start_timeout_s
+        self.info: WorkerInfo | None = None
+        self._process: Any = None
+        self._conn: Any = None
+        self._in_flight = 0
+
+    def start(self) -> WorkerInfo:
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self._process = ctx.Process(
+            target=_worker_main, name="taxonedge-infer", daemon=True,
+            args=(child, self.bundle, self.backend, self.device, self.num_threads, self.warmup_runs),
+        )
+        self._process.start()
+        child.close()
+        self._conn = parent
+        if not parent.poll(self.start_timeout_s):
+            self.stop()
+            raise WorkerError(f"inference worker did not become ready within {self.start_timeout_s:.0f} s")
+        try:
+            message = parent.recv()
+        except (EOFError, OSError):
+            code = self._process.exitcode
+            self.stop()
+            raise WorkerError(f"inference worker died while loading the model (exit code {code})") from None
+        if message[0] != "ready":
+            self.stop()
+            raise WorkerError(f"inference worker could not load {self.bundle.name} {self.bundle.version}: "
+                              f"{message[1]}")
+        self.info = message[1]
+        return self.info
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.is_alive()
+
+    def submit(self, image: np.ndarray) -> None:
+        """Send one preprocessed image; answers come back in order from `result()`."""
+        try:
+            self._conn.send(image)
+        except (OSError, ValueError, BrokenPipeError) as exc:
+            raise WorkerDied(f"inference worker is gone ({exc})") from None
+        self._in_flight += 1
+
+    def ready(self, timeout: float = 0.0) -> bool:
+        """True when an answer is waiting (or the worker died): `result()` will not block."""
+        try:
+            return bool(self._conn.poll(timeout))
+        except (OSError, EOFError):
+            return True
+
+    def result(self) -> tuple[np.ndarray, float]:
+        """(leaf probabilities, invoke seconds) of the oldest submitted image.
+
+        Raises WorkerDied when the worker exited or did not answer within invoke_timeout_s (then it is
+        killed), WorkerError when it answered with an error for this image.
+        """
+        try:
+            if not self._conn.poll(self.invoke_timeout_s):
+                self.stop()
+                raise WorkerDied(f"inference did not answer within {self.invoke_timeout_s:.1f} s (hung): worker killed")
+            message = self._conn.recv()
+        except (EOFError, OSError):
+            code = self._process.exitcode if self._process is not None else None
+            if self._process is not None:
+                self._process.join(1)
+                code = self._process.exitcode
+            self.stop()
+            raise WorkerDied(f"inference worker died (exit code {code})") from None
+        self._in_flight -= 1
+        if message[0] == "ok":
+            return message[1], message[2]
+        raise WorkerError(message[1])
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def stop(self) -> None:
+        """End the worker: a polite EOF first, then terminate, then kill."""
+        process, conn = self._process, self._conn
+        self._process = self._conn = None
+        self._in_flight = 0
+        if conn is not None:
+            with contextlib.suppress(OSError, ValueError):
+                conn.send(None)
+            conn.close()
+        if process is not None:
+            process.join(1)
+            if process.is_alive():
+                process.terminate()
+                process.join(2)
+            if process.is_alive():
+                process.kill()
+                process.join(2)

@@ -1,0 +1,251 @@
+"""The daemon's MQTT side: one paho client, its network loop, and the sender that drains the outbox.
+
+Labels never go straight to paho (its queue drops the newest message when full and forgets everything
+on exit): the sender publishes outbox rows in id order while connected, keeps at most `window` of them
+unacknowledged, and deletes a row only when its PUBACK arrives. paho itself re-sends its unacknowledged
+messages after a reconnect; after a restart the sender replays whatever the outbox still holds.
+
+The network loop is ours (not `loop_start`) so that a refused connection is reported with what to fix
+(wrong password, ACL, TLS certificate, host down) and retried with backoff, instead of being swallowed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from .config import MqttConfig
+from .outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+# Hints for the refusals an operator can fix, by CONNACK reason (v5 names; 3.1.1 codes map onto them).
+_FIXES = {
+    "Bad user name or password": "check mqtt.username and the password file / environment variable",
+    "Not authorized": "the broker's ACL refuses this client: check mqtt.username and the broker's acl_file",
+    "Client identifier not valid": "set a different mqtt.client_id",
+    "Server unavailable": "the broker is up but not accepting clients; it is retried",
+    "Bad authentication method": "check mqtt.username / password and the broker's auth setup",
+}
+
+
+def client_id_for(cfg: MqttConfig, device: str) -> str:
+    """A client id unique per process, so that two daemons (or a restart overlap) never kick each other off."""
+    return cfg.client_id or f"taxonedge-{device}-{uuid.uuid4().hex[:8]}"
+
+
+def describe_connect_error(exc: BaseException, cfg: MqttConfig) -> str:
+    """One line saying what went wrong connecting and what to check."""
+    where = f"{cfg.host}:{cfg.port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"TLS certificate of {where} does not verify ({exc.verify_message}): check mqtt.tls.ca_file "
+                "and that the broker certificate names this host")
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake with {where} failed ({exc.reason or exc}): check mqtt.tls and the broker's listener"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"nothing listens on {where} (connection refused): is the broker running, are mqtt.host/port right?"
+    if isinstance(exc, TimeoutError):
+        return f"connecting to {where} timed out: check the network and mqtt.host"
+    return f"cannot connect to {where}: {exc}"
+
+
+class MqttLink:
+    """Connects, keeps connected, publishes from the outbox, hands received messages to `on_message`.
+
+    `on_connected()` runs (on the network thread) after every successful CONNACK: subscribe and republish
+    retained state there. `on_message(topic, payload, properties)` must only enqueue work.
+    """
+
+    def __init__(self, cfg: MqttConfig, client_id: str, outbox: Outbox, will_topic: str, will_payload: bytes,
+                 on_connected: Callable[[], None], on_message: Callable[[str, bytes, Any], None],
+                 window: int = 50):
+        self.cfg = cfg
+        self.outbox = outbox
+        self.window = window
+        self.v5 = cfg.protocol == "v5"
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311)
+        self.client.max_inflight_messages_set(window)
+        will_props = None
+        if self.v5:
+            will_props = Properties(PacketTypes.WILLMESSAGE)
+            will_props.WillDelayInterval = cfg.will_delay_s
+        self.client.will_set(will_topic, will_payload, qos=1, retain=True, properties=will_props)
+        if cfg.username is not None:
+            self.client.username_pw_set(cfg.username, cfg.password())
+        if cfg.tls is not None:
+            self.client.tls_set(ca_certs=str(cfg.tls.ca_file),
+                                certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
+                                keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_publish = self._on_publish
+        self.client.on_message = self._on_message
+        self._on_connected = on_connected
+        self._on_message_cb = on_message
+        self.connected = threading.Event()
+        self.last_error: str | None = None
+        self.connects = 0
+        self.disconnects = 0
+        self.refused_acks = 0
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._acks: queue.SimpleQueue[tuple[int, bool, str]] = queue.SimpleQueue()
+        self._sent: dict[int, int] = {}  # paho mid -> outbox id, touched only by the sender thread
+        self._last_sent_id = 0
+        self._threads: list[threading.Thread] = []
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        for name, target in (("mqtt-net", self._network_loop), ("mqtt-send", self._send_loop)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Disconnect cleanly (no last will) and end the threads."""
+        self._stop.set()
+        self._wake.set()
+        self.client.disconnect()  # returns an error code (not an exception) when already disconnected
+        for thread in self._threads:
+            thread.join(timeout=3)
+
+    def notify_outbox(self) -> None:
+        """A new row is in the outbox."""
+        self._wake.set()
+
+    def unacked(self) -> int:
+        return len(self._sent)
+
+    # ---- publishing ------------------------------------------------------------------------------
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                properties: Any = None) -> None:
+        """A control-plane message (not a label). While disconnected paho queues QoS 1 in memory."""
+        self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties if self.v5 else None)
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        if self.connected.is_set():
+            self.client.subscribe(topic_filter, qos=qos)
+
+    def _send_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(0.2)
+            self._wake.clear()
+            self._drain_acks()
+            while self.connected.is_set() and len(self._sent) < self.window and not self._stop.is_set():
+                batch = self.outbox.pending(self._last_sent_id, limit=self.window - len(self._sent))
+                if not batch:
+                    break
+                for message in batch:
+                    props = None
+                    if self.v5 and message.expires_at is not None:
+                        props = Properties(PacketTypes.PUBLISH)
+                        props.MessageExpiryInterval = message.remaining_s()
+                    info = self.client.publish(message.topic, message.payload, qos=message.qos, properties=props)
+                    if info.rc != paho.MQTT_ERR_SUCCESS and info.rc != paho.MQTT_ERR_NO_CONN:
+                        log.warning("publishing outbox row %d failed: %s", message.id, paho.error_string(info.rc))
+                        break
+                    self._sent[info.mid] = message.id
+                    self._last_sent_id = message.id
+                self._drain_acks()
+
+    def _drain_acks(self) -> None:
+        while True:
+            try:
+                mid, ok, reason = self._acks.get_nowait()
+            except queue.Empty:
+                return
+            row = self._sent.pop(mid, None)
+            if row is None:
+                continue
+            if ok:
+                self.outbox.ack(row)
+            else:
+                # Kept in the outbox: it is replayed on the next start, after the broker's ACL is fixed.
+                self.refused_acks += 1
+                log.error("the broker refused label row %d (%s): check the ACL for this client's topics",
+                          row, reason)
+
+    # ---- network loop ----------------------------------------------------------------------------
+    def _network_loop(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                self.client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+            except (OSError, ssl.SSLError) as exc:  # ssl.SSLError is an OSError; named for the reader
+                self._report(describe_connect_error(exc, self.cfg), backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            started = time.monotonic()
+            while not self._stop.is_set():
+                rc = self.client.loop(timeout=0.2)
+                if rc != paho.MQTT_ERR_SUCCESS:
+                    break
+            self.connected.clear()
+            if self._stop.is_set():
+                # Let paho send the DISCONNECT queued by stop().
+                self.client.loop(timeout=0.2)
+                return
+            if self.connects and time.monotonic() - started > 10:
+                backoff = 0.5
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+    def _report(self, message: str, backoff: float) -> None:
+        if message != self.last_error:
+            log.error("MQTT: %s (retrying with backoff, now %.1f s)", message, backoff)
+        self.last_error = message
+
+    # ---- paho callbacks (network thread: never block, never raise) -------------------------------
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            name = str(reason)
+            fix = _FIXES.get(name, "check the broker log")
+            self._report(f"the broker at {self.cfg.host}:{self.cfg.port} refused the connection: {name}: {fix}", 0)
+            return
+        self.connects += 1
+        self.last_error = None
+        log.info("MQTT connected to %s:%d (%s)", self.cfg.host, self.cfg.port, self.cfg.protocol)
+        self.connected.set()
+        try:
+            self._on_connected()
+        except Exception:  # noqa: BLE001 - an exception here would kill paho's network thread
+            log.exception("on-connect handler failed")
+        self._wake.set()
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if self.connected.is_set() and not self._stop.is_set():
+            self.disconnects += 1
+            log.warning("MQTT disconnected from %s:%d (%s); the outbox keeps labels until it is back",
+                        self.cfg.host, self.cfg.port, reason)
+        self.connected.clear()
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        self._acks.put((mid, not reason.is_failure, str(reason)))
+        self._wake.set()
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        try:
+            self._on_message_cb(message.topic, message.payload, getattr(message, "properties", None))
+        except Exception:  # noqa: BLE001
+            log.exception("dropping an incoming message on %r", getattr(message, "_topic", b"?"))
+
+
+def json_bytes(payload: dict | bytes | str) -> bytes:
+    if isinstance(payload, bytes):
+        return payload
+    if isinstance(payload, str):
+        return payload.encode("utf-8")
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

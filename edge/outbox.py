@@ -1,0 +1,114 @@
+"""The durable label outbox: sqlite3 in WAL mode, one row per label until the broker acknowledged it.
+
+paho's own queue drops the newest message when full and forgets everything on exit, so every label is
+written here first and deleted only on PUBACK. After a reconnect or a restart the rows are replayed in
+insertion order; rows past their expiry are deleted instead of replayed (a late sort decision is worse
+than none). The table is bounded: when full, the oldest row is evicted and counted.
+
+WAL with synchronous=NORMAL survives a killed process (the case that matters: SIGKILL, OOM, watchdog)
+without an fsync per label; only a power cut can lose the last few commits.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    id: int
+    topic: str
+    payload: bytes
+    qos: int
+    expires_at: float | None  # wall-clock (time.time()) seconds, None: never
+
+    def remaining_s(self, now: float | None = None) -> int | None:
+        """Seconds left before expiry (at least 1), for the MQTT v5 Message Expiry Interval."""
+        if self.expires_at is None:
+            return None
+        return max(1, int(round(self.expires_at - (now or time.time()))))
+
+
+class Outbox:
+    """Thread-safe: the inference side `put`s, the MQTT side reads `pending` and `ack`s."""
+
+    def __init__(self, path: str | Path, max_messages: int = 100_000):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_messages = max_messages
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, "
+            "payload BLOB NOT NULL, qos INTEGER NOT NULL, expires_at REAL, created_at REAL NOT NULL)"
+        )
+        self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+        self._depth = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+
+    def put(self, topic: str, payload: bytes, qos: int = 1, expiry_s: float | None = None) -> int:
+        """Store one message; returns its id (ids grow: they are the replay order)."""
+        now = time.time()
+        expires_at = now + expiry_s if expiry_s else None
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if self._depth >= self.max_messages:
+                    excess = self._depth - self.max_messages + 1
+                    self._db.execute(
+                        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?)", (excess,))
+                    self._bump("evicted", excess)
+                    self._depth -= excess
+                cur = self._db.execute(
+                    "INSERT INTO outbox (topic, payload, qos, expires_at, created_at) VALUES (?, ?, ?, ?, ?)",
+                    (topic, payload, qos, expires_at, now),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._depth += 1
+            return int(cur.lastrowid)
+
+    def pending(self, after_id: int = 0, limit: int = 100) -> list[OutboxMessage]:
+        """Unacknowledged messages with id > after_id, oldest first. Expired ones are deleted, not returned."""
+        now = time.time()
+        with self._lock:
+            cur = self._db.execute("DELETE FROM outbox WHERE expires_at IS NOT NULL AND expires_at < ?", (now,))
+            if cur.rowcount > 0:
+                self._bump("expired", cur.rowcount)
+                self._depth -= cur.rowcount
+            rows = self._db.execute(
+                "SELECT id, topic, payload, qos, expires_at FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+                (after_id, limit),
+            ).fetchall()
+        return [OutboxMessage(r[0], r[1], bytes(r[2]), r[3], r[4]) for r in rows]
+
+    def ack(self, message_id: int) -> None:
+        """The broker has the message: remove it."""
+        with self._lock:
+            cur = self._db.execute("DELETE FROM outbox WHERE id = ?", (message_id,))
+            self._depth -= cur.rowcount
+
+    def depth(self) -> int:
+        return self._depth
+
+    def counter(self, name: str) -> int:
+        """'evicted' (dropped because the outbox was full) or 'expired' (dropped unsent), since creation."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _bump(self, name: str, n: int) -> None:
+        self._db.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (name, n))

@@ -1,0 +1,150 @@
+"""When to classify: every frame (`continuous`), or K frames per item announced by a trigger message.
+
+In `item` mode a photo-eye event (an MQTT message with an item id) starts a vote over the next
+`frames_per_item` classified frames; the item gets ONE result: the deepest label path that at least
+`vote_agreement` of its frames agree on (agreement on a parent when the frames disagree below it),
+else `unknown`. Items arriving while one is being voted on wait in a bounded queue.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+from .decode import Decision, LevelScore
+from .taxonomy import Taxonomy
+
+
+@dataclass
+class ItemVote:
+    item_id: str
+    started: float  # time.monotonic()
+    decisions: list[Decision | None] = field(default_factory=list)  # None: that frame's inference failed
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    item_id: str
+    decision: Decision
+    frames: int
+    agreeing: int
+
+    @property
+    def agreement(self) -> float:
+        return self.agreeing / self.frames if self.frames else 0.0
+
+
+def vote(decisions: list[Decision | None], taxonomy: Taxonomy, agreement: float) -> tuple[Decision, int]:
+    """(the item's decision, how many frames agree with it) from per-frame decisions."""
+    n = len(decisions)
+    paths = [d.path if d is not None else () for d in decisions]
+    for depth in range(max((len(p) for p in paths), default=0), 0, -1):
+        counts = Counter(p[:depth] for p in paths if len(p) >= depth)
+        if not counts:
+            continue
+        prefix, count = counts.most_common(1)[0]
+        if count / n >= agreement:
+            return _combined(prefix, [d for d in decisions if d is not None and d.path[:depth] == prefix],
+                             taxonomy), count
+    unknown = Decision(decision="unknown", label=None, path=(), levels=(), top_k=())
+    return unknown, sum(1 for p in paths if not p)
+
+
+def _combined(path: tuple[str, ...], agreeing: list[Decision], taxonomy: Taxonomy) -> Decision:
+    """One decision for `path`: per-level scores averaged over the frames that agree with it."""
+    levels = []
+    for depth in range(1, len(path) + 1):
+        scores = [lv for d in agreeing for lv in d.levels if lv.depth == depth]
+        first = scores[0]
+        mean = round(sum(s.score for s in scores) / len(scores), 6)
+        levels.append(LevelScore(depth, first.id, first.name, first.slug, mean, True))
+    is_leaf = taxonomy.by_label["/".join(path)].is_leaf
+    top: Counter[str] = Counter()
+    for d in agreeing:
+        for label, score in d.top_k:
+            top[label] += score / len(agreeing)
+    return Decision(
+        decision="accepted" if is_leaf else "backed-off",
+        label="/".join(path),
+        path=path,
+        levels=tuple(levels),
+        top_k=tuple((label, round(score, 6)) for label, score in top.most_common(len(agreeing[0].top_k))),
+    )
+
+
+class ItemTrigger:
+    """Item votes. Thread-safe: MQTT's control thread calls `trigger`, the inference loop the rest."""
+
+    def __init__(self, taxonomy: Taxonomy, frames_per_item: int, agreement: float, timeout_s: float,
+                 max_waiting: int = 100):
+        self.taxonomy = taxonomy
+        self.frames_per_item = frames_per_item
+        self.agreement = agreement
+        self.timeout_s = timeout_s
+        self._waiting: deque[str] = deque()
+        self._max_waiting = max_waiting
+        self._current: ItemVote | None = None
+        self._lock = threading.Lock()
+        self.items = 0
+        self.dropped_items = 0
+        self.timed_out = 0
+
+    def trigger(self, item_id: str) -> None:
+        with self._lock:
+            if len(self._waiting) >= self._max_waiting:
+                self._waiting.popleft()
+                self.dropped_items += 1
+            self._waiting.append(item_id)
+
+    @property
+    def busy(self) -> bool:
+        """A vote is in progress: a model switch must wait until it ends."""
+        return self._current is not None
+
+    def want_frame(self) -> str | None:
+        """The item id the next frame is for, starting the next waiting item if none is being voted on."""
+        with self._lock:
+            if self._current is None and self._waiting:
+                self._current = ItemVote(self._waiting.popleft(), time.monotonic())
+            if self._current is None:
+                return None
+            return self._current.item_id
+
+    def add(self, item_id: str, decision: Decision | None) -> ItemResult | None:
+        """Count one frame's decision; the item's result when it had all its frames."""
+        with self._lock:
+            vote_ = self._current
+            if vote_ is None or vote_.item_id != item_id:
+                return None
+            vote_.decisions.append(decision)
+            if len(vote_.decisions) < self.frames_per_item:
+                return None
+            return self._finish()
+
+    def expire(self) -> ItemResult | None:
+        """The current item's result when it ran out of time before getting all its frames."""
+        with self._lock:
+            if self._current is None or time.monotonic() - self._current.started < self.timeout_s:
+                return None
+            self.timed_out += 1
+            return self._finish()
+
+    def flush(self) -> ItemResult | None:
+        """The current item's result now (the daemon is stopping or the source ended)."""
+        with self._lock:
+            return self._finish() if self._current is not None else None
+
+    def _finish(self) -> ItemResult:
+        vote_, self._current = self._current, None
+        assert vote_ is not None
+        self.items += 1
+        if not vote_.decisions:
+            decision = Decision(decision="unknown", label=None, path=(), levels=(), top_k=())
+            return ItemResult(vote_.item_id, decision, 0, 0)
+        decision, agreeing = vote(vote_.decisions, self.taxonomy, self.agreement)
+        return ItemResult(vote_.item_id, decision, len(vote_.decisions), agreeing)
+
+    def waiting(self) -> int:
+        return len(self._waiting)
