@@ -1,0 +1,255 @@
+"""`taxonedge convert`: a trained run directory -> a checked, optionally signed, model bundle.
+
+Steps: check the run -> load calibration and validation images (shared preprocessing) -> float predictions
+-> quantize (post-training; quantization-aware in a separate process when asked or when the gate fails
+with --qat auto) -> accuracy gate -> Edge TPU checks -> golden self-test set -> write the bundle atomically.
+Any failure before the last step leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from taxonedge.edge.bundle import (
+    GOLDEN,
+    MODEL,
+    MODEL_EDGETPU,
+    ModelInfo,
+    Quantization,
+    build_manifest,
+    utc_now,
+    write_bundle,
+)
+from taxonedge.edge.preprocess import InputSpec
+from taxonedge.edge.runtime import dequantize
+
+from .rundir import Run, RunDirError, load_run
+
+log = logging.getLogger(__name__)
+GOLDEN_COUNT = 8
+
+
+class GateError(RuntimeError):
+    """int8 lost more accuracy than allowed; the message has the numbers per level."""
+
+
+@dataclass
+class Options:
+    run: Path
+    out: Path
+    mode: str = "int8"
+    qat: str = "no"  # no | yes | auto
+    calibration_images: int = 300
+    max_drop: float = 1.0  # percentage points, per level
+    force: bool = False
+    edgetpu: str = "auto"  # auto | require | skip
+    name: str | None = None
+    version: str | None = None
+    sign_key: Path | None = None
+    qat_epochs: int = 1
+    qat_images: int = 1000
+    seed: int = 0
+    compiler: str | None = None
+
+
+@dataclass
+class Result:
+    path: Path
+    manifest: Any
+    gate: dict[str, Any]
+    edgetpu: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def convert(opts: Options) -> Result:
+    from taxonedge.edge.signing import load_private_key
+
+    from . import edgetpu as tpu
+    from .quantize import io_details, run_tflite, stratified, to_tflite
+
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    if opts.mode != "int8" and opts.edgetpu == "require":
+        raise tpu.EdgeTpuError(f"--mode {opts.mode} cannot run on the Edge TPU (it needs full int8)")
+    if opts.mode != "int8" and opts.qat == "yes":
+        raise ValueError("--qat yes makes a full-int8 model: it cannot be combined with --mode " + opts.mode)
+    sign_key = load_private_key(opts.sign_key) if opts.sign_key else None  # fail fast, before hours of work
+    run = load_run(opts.run)
+    calib_items = stratified(run.train, opts.calibration_images, opts.seed)
+    calib, _ = _load(calib_items, run.input_spec, "calibration images")
+    val_x, val_y = _load(run.val, run.input_spec, "validation images")
+    timings["load_images_s"] = time.perf_counter() - started
+
+    t = time.perf_counter()
+    model, keras = _load_keras_model(run)
+    float_probs = model.predict(val_x.astype(np.float32), batch_size=32, verbose=0)
+    timings["float_eval_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    qat_used = opts.qat == "yes"
+    if qat_used:
+        tflite = _qat(run, model, opts, calib)
+    else:
+        tflite = to_tflite(model, keras, opts.mode, calib if opts.mode == "int8" else None)
+    timings["convert_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    info = io_details(tflite)
+    quant_probs = _probabilities(run_tflite(tflite, val_x, f"evaluating {opts.mode}"), info)
+    gate = accuracy_gate(run, val_y, float_probs, quant_probs, opts.max_drop, opts.mode)
+    timings["quant_eval_s"] = time.perf_counter() - t
+    if not gate["passed"] and opts.qat == "auto" and opts.mode == "int8":
+        log.warning("post-training int8 misses the gate (%s); trying quantization-aware training",
+                    gate["message"])
+        t = time.perf_counter()
+        tflite = _qat(run, model, opts, calib)
+        qat_used = True
+        info = io_details(tflite)
+        quant_probs = _probabilities(run_tflite(tflite, val_x, "evaluating QAT int8"), info)
+        ptq_gate = gate
+        gate = accuracy_gate(run, val_y, float_probs, quant_probs, opts.max_drop, opts.mode)
+        gate["post_training"] = {k: ptq_gate[k] for k in ("drop_points", "passed")}
+        timings["qat_s"] = time.perf_counter() - t
+    gate["forced"] = bool(not gate["passed"] and opts.force)
+    if not gate["passed"] and not opts.force:
+        raise GateError(gate["message"] + " (pass --force to write the bundle anyway, or raise --max-drop"
+                        + (", or try --qat auto" if opts.mode == "int8" and opts.qat == "no" else "") + ")")
+    if not gate["passed"]:
+        log.warning("writing the bundle despite the gate (--force): %s", gate["message"])
+
+    t = time.perf_counter()
+    report, compiled = tpu.edgetpu_report(tflite, opts.mode, run.backbone, opts.edgetpu, opts.compiler)
+    timings["edgetpu_s"] = time.perf_counter() - t
+    for warning in report.get("warnings", []):
+        log.warning("Edge TPU: %s", warning)
+    log.info("Edge TPU: %s", report["summary"])
+
+    golden_inputs = calib[:GOLDEN_COUNT]
+    golden_outputs = run_tflite(tflite, golden_inputs)
+    files = {MODEL: tflite, GOLDEN: _npz(inputs=golden_inputs.astype(info["input_dtype"]), outputs=golden_outputs)}
+    if compiled is not None:
+        files[MODEL_EDGETPU] = compiled
+    spec = run.input_spec.model_copy(update={"dtype": info["input_dtype"], "scale": info["input_scale"],
+                                             "zero_point": info["input_zero_point"]})
+    output = {"name": info["output_name"], "dtype": info["output_dtype"], "scale": info["output_scale"],
+              "zero_point": info["output_zero_point"]}
+    integer = info["output_dtype"] in ("uint8", "int8")
+    manifest = build_manifest(
+        model=ModelInfo(name=opts.name or _default_name(run), version=opts.version or _default_version(),
+                        created_at=utc_now(), backbone=run.backbone,
+                        description=f"converted from {run.path.resolve().name} ({opts.mode}"
+                                    + (", quantization-aware" if qat_used else "") + ")"),
+        taxonomy=run.taxonomy, input_spec=InputSpec.model_validate(spec.model_dump()), output=output, files=files,
+        quantization=Quantization(mode=opts.mode, qat=qat_used, calibration_images=len(calib)),
+        thresholds=run.thresholds, temperature=run.temperature,
+        metrics=gate["metrics"],
+        edgetpu=report,
+        golden={"file": GOLDEN, "count": int(len(golden_inputs)),
+                # CPU interpreters must reproduce integer outputs exactly; float outputs within rounding.
+                "tolerance": 0 if integer else 1e-4, "unit": "quantized steps" if integer else "probability"},
+    )
+    write_bundle(opts.out, manifest, files, sign_key=sign_key)
+    timings["total_s"] = time.perf_counter() - started
+    return Result(Path(opts.out), manifest, gate, report, timings)
+
+
+def accuracy_gate(run: Run, true_leaf: np.ndarray, float_probs: np.ndarray, quant_probs: np.ndarray,
+                  max_drop: float, mode: str) -> dict[str, Any]:
+    """Float vs quantized per-level accuracy with the metrics code of `taxonedge evaluate`."""
+    from taxonedge.train.metrics import agreement, compute_metrics
+
+    if not np.all(np.isfinite(quant_probs)):
+        raise GateError(f"the {mode} model gives NaN or infinite outputs on validation images")
+    slim = ("n", "accuracy", "accuracy_summed", "top5", "macro_f1", "hierarchical", "mistake_severity", "nll")
+    m_float = compute_metrics(run.taxonomy, true_leaf, float_probs, run.thresholds)
+    m_quant = compute_metrics(run.taxonomy, true_leaf, quant_probs, run.thresholds)
+    levels = {}
+    for key, acc in m_float["accuracy"].items():
+        q = m_quant["accuracy"][key]
+        levels[key] = {"float": acc, mode: q, "drop_points": round((acc - q) * 100, 3)}
+    worst = max(levels, key=lambda k: levels[k]["drop_points"])
+    passed = all(v["drop_points"] <= max_drop for v in levels.values())
+    agree = agreement(float_probs, quant_probs)
+    message = (f"{mode} accuracy drop per level (points, max allowed {max_drop:g}): "
+               + ", ".join(f"{k} {v['float'] * 100:.1f} -> {v[mode] * 100:.1f} ({v['drop_points']:+.1f})"
+                           for k, v in levels.items())
+               + f"; top-1 agreement {agree * 100:.1f}% on {len(true_leaf)} val images")
+    if not passed:
+        message = f"accuracy gate failed at {worst}: " + message
+    metrics = {"float": {k: m_float[k] for k in slim}, mode: {k: m_quant[k] for k in slim},
+               "agreement": agree, "per_level": levels,
+               "gate": {"max_drop_points": max_drop, "passed": passed}}
+    return {"passed": passed, "message": message, "drop_points": {k: v["drop_points"] for k, v in levels.items()},
+            "agreement": agree, "metrics": metrics}
+
+
+def _load(items: list[tuple[str, int]], spec: InputSpec, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    from taxonedge.train.data import DataError, Sample, load_images
+
+    index = {path: leaf for path, leaf in items}
+    try:
+        images, kept, errors = load_images([Sample(path, "") for path, _ in items], spec, desc)
+    except DataError as exc:
+        raise RunDirError(f"no usable {desc}: {exc}") from None
+    if errors:
+        log.warning("%d of %d %s could not be read and were skipped (first: %s)", len(errors), len(items),
+                    desc, errors[0])
+    return images, np.array([index[s.path] for s in kept], dtype=np.int64)
+
+
+def _load_keras_model(run: Run) -> tuple[Any, Any]:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    try:
+        model = keras.saving.load_model(run.model_path, compile=False)
+    except Exception as exc:  # Keras raises many types for a damaged or foreign file
+        raise RunDirError(f"{run.model_path}: cannot load the Keras model: {str(exc)[:300]}") from None
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise RunDirError(f"{run.model_path}: the model has {len(model.inputs)} inputs and {len(model.outputs)} "
+                          "outputs; a classifier run has exactly one of each")
+    expected = (run.input_spec.height, run.input_spec.width, 3)
+    if tuple(model.input_shape[1:]) != expected:
+        raise RunDirError(f"{run.model_path}: input shape {tuple(model.input_shape[1:])} does not match "
+                          f"input_spec.json {expected}")
+    classes = model.output_shape[-1]
+    if len(model.output_shape) != 2 or classes != run.taxonomy.num_leaves:
+        raise RunDirError(f"{run.model_path}: the model outputs {classes} classes but taxonomy.json has "
+                          f"{run.taxonomy.num_leaves} leaves: the taxonomy does not belong to this model")
+    return model, keras
+
+
+def _qat(run: Run, model: Any, opts: Options, calib: np.ndarray) -> bytes:
+    from .qat import run_qat
+    from .quantize import stratified
+
+    items = stratified(run.train, opts.qat_images, opts.seed + 1)
+    images, labels = _load(items, run.input_spec, "QAT training images")
+    return run_qat(run, model, images, labels, calib, epochs=opts.qat_epochs, seed=opts.seed)
+
+
+def _probabilities(raw: np.ndarray, info: dict[str, Any]) -> np.ndarray:
+    return dequantize(raw, info["output_scale"], info["output_zero_point"])
+
+
+def _npz(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _default_name(run: Run) -> str:
+    name = run.config.get("name") or run.taxonomy.name or run.path.resolve().name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).strip("-") or "model"
+
+
+def _default_version() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d.%H%M%S")

@@ -1,0 +1,191 @@
+"""Quantization-aware training, in a separate process under legacy Keras.
+
+tfmot 0.8 only quantizes tf_keras models, and importing it flips a process to legacy Keras, so it must
+never share a process with the Keras 3 model (../shared/docs/toolchain.md). The parent saves the trained
+weights by layer name plus the training and calibration images to a temporary folder and starts
+`python -m taxonedge.convert.qat` with TF_USE_LEGACY_KERAS=1. The child rebuilds the architecture with
+`taxonedge.train.model.build_classifier(config, num_leaves, tf_keras)`, flattens the nested backbone
+(tfmot refuses a model inside a model), copies the weights, checks it reproduces the float outputs,
+annotates every layer tfmot supports, fine-tunes briefly and converts exactly like post-training int8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LEARNING_RATE = 1e-5  # a short, gentle fine-tune: learn the quantization ranges, keep the trained weights
+
+
+class QatError(RuntimeError):
+    """Quantization-aware training failed; the message has the child's last error line."""
+
+
+def layer_weights(model: Any) -> dict[str, list[np.ndarray]]:
+    """{layer name: weights} for every layer with weights, descending into nested models."""
+    out: dict[str, list[np.ndarray]] = {}
+    for layer in model.layers:
+        if hasattr(layer, "layers"):
+            out.update(layer_weights(layer))
+        elif layer.weights:
+            out[layer.name] = [np.asarray(w) for w in layer.get_weights()]
+    return out
+
+
+def run_qat(run: Any, model: Any, images: np.ndarray, labels: np.ndarray, calibration: np.ndarray,
+            epochs: int = 1, seed: int = 0, timeout: float = 6 * 3600) -> bytes:
+    """Fine-tune `model` (Keras 3, the run's float model) quantization-aware; returns full-int8 TFLite bytes."""
+    with tempfile.TemporaryDirectory(prefix="taxonedge-qat-") as tmp:
+        tmp_path = Path(tmp)
+        weights = layer_weights(model)
+        np.savez(tmp_path / "weights.npz", **{f"{name}::{i}": w for name, ws in weights.items()
+                                              for i, w in enumerate(ws)})
+        check = calibration[:4].astype(np.float32)
+        np.savez(tmp_path / "data.npz", images=images, labels=labels, calibration=calibration,
+                 check_inputs=check, check_outputs=model.predict(check, verbose=0))
+        env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+        cmd = [sys.executable, "-m", "taxonedge.convert.qat", "--run", str(run.path), "--work", tmp,
+               "--epochs", str(epochs), "--seed", str(seed)]
+        # stderr goes to the user's terminal (progress), stdout is only our one result line.
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, timeout=timeout)
+        result = tmp_path / "model.tflite"
+        if proc.returncode != 0 or not result.exists():
+            tail = (proc.stdout or "").strip().splitlines()[-1:] or ["no output"]
+            raise QatError(f"quantization-aware training failed (exit {proc.returncode}): {tail[0]}")
+        return result.read_bytes()
+
+
+# ---- the child process ----------------------------------------------------------------------------
+def _flatten(model: Any, keras: Any) -> Any:
+    """The same graph with nested models inlined, reusing the layer objects (so the weights come along)."""
+    mapping: dict[int, Any] = {}
+
+    def lookup(value: Any) -> Any:
+        return mapping[id(value)] if keras.backend.is_keras_tensor(value) else value
+
+    def replay(sub: Any, inputs: list[Any]) -> list[Any]:
+        for tensor, new in zip(sub.inputs, inputs, strict=True):
+            mapping[id(tensor)] = new
+        for layer in sub.layers:
+            if isinstance(layer, keras.layers.InputLayer):
+                continue
+            node = next(n for n in layer._inbound_nodes
+                        if all(id(t) in mapping for t in _flat(n.input_tensors, keras)))
+            if hasattr(layer, "layers"):
+                outputs = replay(layer, [lookup(t) for t in _flat(node.input_tensors, keras)])
+            else:
+                args = _map(lookup, node.call_args)
+                kwargs = _map(lookup, node.call_kwargs)
+                outputs = _flat(layer(*args, **kwargs), keras)
+            for tensor, new in zip(_flat(node.output_tensors, keras), outputs, strict=True):
+                mapping[id(tensor)] = new
+        return [mapping[id(t)] for t in sub.outputs]
+
+    inputs = [keras.Input(batch_shape=t.shape, name=t.name.split(":")[0]) for t in model.inputs]
+    outputs = replay(model, inputs)
+    return keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0], name=model.name + "_flat")
+
+
+def _flat(value: Any, keras: Any) -> list[Any]:
+    import tensorflow as tf
+
+    return [v for v in tf.nest.flatten(value) if keras.backend.is_keras_tensor(v)]
+
+
+def _map(fn: Any, structure: Any) -> Any:
+    import tensorflow as tf
+
+    return tf.nest.map_structure(fn, structure)
+
+
+def _child(args: argparse.Namespace) -> None:
+    if os.environ.get("TF_USE_LEGACY_KERAS") != "1":
+        raise QatError("run with TF_USE_LEGACY_KERAS=1 (set before TensorFlow is imported)")
+    import tensorflow_model_optimization as tfmot
+    import tf_keras
+    from taxonedge.edge.taxonomy import Taxonomy
+    from taxonedge.train.model import build_classifier
+
+    from .quantize import to_tflite
+
+    tf_keras.utils.set_random_seed(args.seed)
+    run = Path(args.run)
+    config = json.loads((run / "config.json").read_text())
+    taxonomy = Taxonomy.from_dict(json.loads((run / "taxonomy.json").read_text()))
+    work = Path(args.work)
+    model = _flatten(build_classifier(config, taxonomy.num_leaves, tf_keras), tf_keras)
+    with np.load(work / "weights.npz") as saved:
+        weights: dict[str, dict[int, np.ndarray]] = {}
+        for key in saved.files:
+            name, _, i = key.rpartition("::")
+            weights.setdefault(name, {})[int(i)] = saved[key]
+    for layer in model.layers:
+        if not layer.weights:
+            continue
+        if layer.name not in weights:
+            raise QatError(f"layer '{layer.name}' of the rebuilt model has no trained weights in the run")
+        values = [weights.pop(layer.name)[i] for i in range(len(layer.weights))]
+        layer.set_weights(values)
+    if weights:
+        raise QatError(f"trained weights for layers the rebuilt model lacks: {', '.join(sorted(weights)[:5])}")
+    data = np.load(work / "data.npz")
+    got = model.predict(data["check_inputs"], verbose=0)
+    if not np.allclose(got, data["check_outputs"], atol=1e-3):
+        raise QatError("the tf_keras rebuild does not reproduce the Keras 3 model's outputs "
+                       f"(max difference {np.abs(got - data['check_outputs']).max():.4f})")
+
+    registry = tfmot.quantization.keras.default_8bit.default_8bit_quantize_registry.Default8BitQuantizeRegistry()
+
+    def annotate(layer: Any) -> Any:
+        # Layers tfmot cannot quantize (the input Rescaling) stay float here; the converter still makes
+        # them integer, calibrated like post-training quantization.
+        if registry.supports(layer):
+            return tfmot.quantization.keras.quantize_annotate_layer(layer)
+        return layer
+
+    with tfmot.quantization.keras.quantize_scope():
+        annotated = tf_keras.models.clone_model(model, clone_function=annotate)
+        annotated.set_weights(model.get_weights())
+        qmodel = tfmot.quantization.keras.quantize_apply(annotated)
+    for layer in qmodel.layers:
+        inner = getattr(layer, "layer", layer)
+        if inner.__class__.__name__ == "BatchNormalization":
+            layer.trainable = False  # keep the trained statistics (small batches would wreck them)
+    qmodel.compile(optimizer=tf_keras.optimizers.Adam(LEARNING_RATE),
+                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    images, labels = data["images"].astype(np.float32), data["labels"]
+    qmodel.fit(images, labels, epochs=args.epochs, batch_size=16, shuffle=True, verbose=2)
+    tflite = to_tflite(qmodel, tf_keras, "int8", data["calibration"])
+    (work / "model.tflite").write_bytes(tflite)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m taxonedge.convert.qat",
+                                     description="Quantization-aware training child process (used by convert).")
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--work", required=True)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        _child(args)
+    except Exception as exc:  # report one line to the parent; the traceback goes to stderr
+        import traceback
+
+        traceback.print_exc()
+        print(f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+        return 1
+    print("ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""`taxonedge convert` on tiny real run directories: post-training int8, the accuracy gate, bad input,
+Edge TPU paths, golden set and signing. Every model here is really trained and converted (seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from taxonedge.edge.bundle import GOLDEN, MODEL, MODEL_EDGETPU, read_bundle
+from taxonedge.edge.preprocess import InputSpec
+from taxonedge.edge.runtime import Classifier
+from taxonedge.edge.signing import generate_keypair, load_public_key
+from taxonedge.edge.taxonomy import Taxonomy
+
+from .conftest import TINY_LABELS, run_cli
+
+pytestmark = pytest.mark.slow
+SIZE = 32
+DATA = Path(__file__).parent / "data"
+
+
+def write_run(run: Path, train_tree: Path, val_tree: Path, config: dict | None = None, epochs: int = 15,
+              build=None) -> Path:
+    """A run directory in exactly the layout `taxonedge train` writes, with a small real Keras 3 model."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    from taxonedge.edge.preprocess import load_image
+
+    keras.utils.set_random_seed(0)
+    taxonomy = Taxonomy.from_paths(TINY_LABELS, name="tiny")
+    spec = InputSpec(height=SIZE, width=SIZE)
+    splits = {}
+    for key, tree in (("train", train_tree), ("val", val_tree)):
+        splits[key] = [[str(p.resolve()), str(p.parent.relative_to(tree))]
+                       for p in sorted(tree.rglob("*.jpg"))]
+    x = np.stack([load_image(p, spec) for p, _ in splits["train"]]).astype("float32")
+    y = np.array([taxonomy.leaf_index(label) for _, label in splits["train"]])
+    config = config or {"backbone": "tiny-cnn", "input_size": SIZE, "seed": 0}
+    if build is None:
+        inp = keras.Input((SIZE, SIZE, 3))
+        h = keras.layers.Rescaling(1 / 127.5, -1)(inp)
+        h = keras.layers.Conv2D(8, 3, activation="relu")(h)
+        h = keras.layers.GlobalAveragePooling2D()(h)
+        model = keras.Model(inp, keras.layers.Softmax()(keras.layers.Dense(taxonomy.num_leaves)(h)))
+        lr = 0.05
+    else:
+        model, lr = build(config, taxonomy.num_leaves, keras), 0.01
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=epochs, batch_size=16, verbose=0)
+    run.mkdir(parents=True, exist_ok=True)
+    model.save(run / "model.keras")
+    (run / "taxonomy.json").write_text(json.dumps(taxonomy.to_dict()))
+    (run / "input_spec.json").write_text(spec.model_dump_json())
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "calibration.json").write_text(json.dumps({"temperature": 1.0, "thresholds": {"depth_1": 0.5},
+                                                      "target_precision": 0.98}))
+    (run / "splits.json").write_text(json.dumps({**splits, "val_source": "separate"}))
+    (run / "metrics.json").write_text("{}")
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_convert_run(tmp_path_factory, tiny_tree, tiny_val_tree) -> Path:
+    return write_run(tmp_path_factory.mktemp("convert") / "run", tiny_tree, tiny_val_tree)
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory, tiny_convert_run) -> tuple[Path, Path, object]:
+    """One signed int8 bundle made through the CLI: (bundle, public key, CompletedProcess)."""
+    tmp = tmp_path_factory.mktemp("converted")
+    generate_keypair(tmp / "k.key", tmp / "k.pub")
+    bundle = tmp / "tiny.tebundle"
+    proc = run_cli("convert", "--run", str(tiny_convert_run), "--out", str(bundle), "--sign-key", str(tmp / "k.key"),
+                   "--calibration-images", "32", "--version", "7", env={"PATH": "/usr/bin:/bin"})
+    return bundle, tmp / "k.pub", proc
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_ptq_int8_bundle_is_complete_and_runs_like_the_float_model(converted, tiny_convert_run):
+    bundle_path, pub, proc = converted
+    bundle = read_bundle(bundle_path, public_key=load_public_key(pub))
+    m = bundle.manifest
+    assert bundle.signature_status == "valid"
+    assert m.model.version == "7" and m.model.backbone == "tiny-cnn"
+    assert m.quantization.mode == "int8" and not m.quantization.qat and m.quantization.calibration_images == 32
+    # Input spec from the converted tensor: raw uint8 pixels (scale 1, zero point 0), as the device feeds them.
+    assert (m.input.dtype, m.input.scale, m.input.zero_point) == ("uint8", 1.0, 0)
+    assert m.output.name == "output_0" and m.output.dtype == "uint8" and m.output.scale == pytest.approx(1 / 256)
+    assert m.thresholds == {"depth_1": 0.5} and m.temperature == 1.0
+    levels = m.metrics["per_level"]
+    assert set(levels) == {"depth_1", "depth_2", "leaf"}  # the deepest level is "leaf"
+    for values in levels.values():
+        assert values["drop_points"] <= 1.0
+        assert values["float"] > 0.9  # the tiny classes are easy: a broken pipeline would not get here
+    assert m.metrics["agreement"] >= 0.95 and m.metrics["gate"]["passed"]
+    assert m.edgetpu["status"] == "compiler not found" and "not on PATH" in m.edgetpu["summary"]
+    assert m.edgetpu["static"]["compatible"], m.edgetpu["static"]
+    assert MODEL_EDGETPU not in bundle.files and "not on PATH" in proc.stdout
+    # The golden set: 8 calibration images and exactly what the CPU interpreter gives for them.
+    inputs, outputs = bundle.golden()
+    assert m.golden == {"file": GOLDEN, "count": 8, "tolerance": 0, "unit": "quantized steps"}
+    assert inputs.shape == (8, SIZE, SIZE, 3) and inputs.dtype == np.uint8 and outputs.dtype == np.uint8
+    classifier = Classifier(bundle)
+    for image, expected in zip(inputs, outputs, strict=True):
+        np.testing.assert_array_equal(classifier.raw(image), expected)
+    # The device decodes and classifies a validation image correctly with this bundle.
+    from taxonedge.edge.preprocess import load_image
+
+    splits = json.loads((tiny_convert_run / "splits.json").read_text())
+    correct = [bundle.taxonomy.leaf_labels[int(classifier.probabilities(load_image(p, m.input)).argmax())] == label
+               for p, label in splits["val"]]
+    assert np.mean(correct) > 0.9
+
+
+def test_gate_refuses_and_writes_nothing(tiny_convert_run, tmp_path):
+    out = tmp_path / "refused.tebundle"
+    # A negative allowance demands that int8 beat float by 50 points at every level: impossible.
+    proc = run_cli("convert", "--run", str(tiny_convert_run), "--out", str(out), "--max-drop", "-50",
+                   "--calibration-images", "16", check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "accuracy gate failed" in proc.stderr and "depth_1" in proc.stderr and "no bundle written" in proc.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # no temp file left either
+    forced = run_cli("convert", "--run", str(tiny_convert_run), "--out", str(out), "--max-drop", "-50",
+                     "--calibration-images", "16", "--force", "--edgetpu", "skip")
+    assert "FORCED" in forced.stdout
+    m = read_bundle(out).manifest
+    assert m.metrics["gate"]["passed"] is False and m.edgetpu["status"] == "skipped"
+
+
+def test_gate_refuses_a_model_that_loses_accuracy_in_int8(tmp_path, tiny_convert_run):
+    """A real int8 loss, not a flag: the trained features are concatenated with a constant channel of 5000
+    that the classifier ignores. Float predictions are unchanged, but int8 shares one scale over the
+    concatenation (a step of about 20), which rounds the informative features to zero."""
+    import keras
+    from taxonedge.convert.converter import GateError, Options, convert
+
+    run = copy_run(tiny_convert_run, tmp_path / "run")
+    trained = keras.saving.load_model(run / "model.keras")
+    dense = trained.layers[-2]
+    features = trained.layers[-3].output
+    big = keras.layers.Dense(1, kernel_initializer="zeros", bias_initializer=keras.initializers.Constant(5000.0))
+    joined = keras.layers.Concatenate()([features, big(features)])
+    head = keras.layers.Dense(dense.units)
+    lossy = keras.Model(trained.inputs, keras.layers.Softmax()(head(joined)))
+    kernel, bias = dense.get_weights()
+    head.set_weights([np.concatenate([kernel, np.zeros((1, dense.units), "float32")]), bias])
+    lossy.save(run / "model.keras")
+    with pytest.raises(GateError, match="accuracy gate failed") as err:
+        convert(Options(run=run, out=tmp_path / "b.tebundle", calibration_images=16, edgetpu="skip"))
+    assert "agreement" in str(err.value)
+    assert not (tmp_path / "b.tebundle").exists()
+
+
+@pytest.mark.parametrize("mode", ["float16", "dynamic"])
+def test_cpu_modes_are_labelled_and_refused_for_the_edgetpu(tiny_convert_run, tmp_path, mode):
+    out = tmp_path / f"{mode}.tebundle"
+    refused = run_cli("convert", "--run", str(tiny_convert_run), "--out", str(out), "--mode", mode,
+                      "--edgetpu", "require", check=False)
+    assert refused.returncode == 1 and "needs full int8" in refused.stderr and not out.exists()
+    run_cli("convert", "--run", str(tiny_convert_run), "--out", str(out), "--mode", mode)
+    bundle = read_bundle(out)
+    m = bundle.manifest
+    assert m.quantization.mode == mode and m.input.dtype == "float32" and m.output.dtype == "float32"
+    assert m.edgetpu["status"] == "not applicable"
+    inputs, outputs = bundle.golden()
+    np.testing.assert_allclose(Classifier(bundle).raw(inputs[0]), outputs[0], atol=m.golden["tolerance"])
+
+
+def test_absent_compiler_with_require_fails_cleanly(tiny_convert_run, tmp_path):
+    out = tmp_path / "b.tebundle"
+    proc = run_cli("convert", "--run", str(tiny_convert_run), "--out", str(out), "--edgetpu", "require",
+                   "--calibration-images", "16", env={"PATH": "/usr/bin:/bin"}, check=False)
+    assert proc.returncode == 1 and "edgetpu_compiler is not on PATH" in proc.stderr and not out.exists()
+
+
+def _fake_compiler(folder: Path, log_name: str, exit_code: int = 0) -> Path:
+    """A stand-in for Coral's edgetpu_compiler (which cannot be installed here): it prints a recorded real
+    log and writes the outputs where the real one does (-o DIR), so our subprocess, parsing and bundling
+    code runs for real up to the tool boundary."""
+    folder.mkdir(parents=True, exist_ok=True)
+    exe = folder / "edgetpu_compiler"
+    exe.write_text(
+        "#!/bin/sh\n"
+        '# args: -s -o OUTDIR MODEL\nout="$3"; model="$4"\n'
+        f'cat "{DATA / log_name}"\n'
+        f'[ {exit_code} -eq 0 ] && cp "$model" "$out/model_edgetpu.tflite" && echo "# compiled" >> "$out/model_edgetpu.log"\n'
+        f"exit {exit_code}\n"
+    )
+    exe.chmod(0o755)
+    return folder
+
+
+def test_compiler_on_path_adds_the_edgetpu_model(tiny_convert_run, tmp_path):
+    bin_dir = _fake_compiler(tmp_path / "bin", "edgetpu_compiler_all_mapped.log")
+    out = tmp_path / "tpu.tebundle"
+    run_cli("convert", "--run", str(tiny_convert_run), "--out", str(out), "--edgetpu", "require",
+            "--calibration-images", "16", env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
+    bundle = read_bundle(out)
+    report = bundle.manifest.edgetpu
+    assert report["status"] == "compiled" and report["compiler"]["all_mapped"]
+    assert report["compiler"]["edgetpu_ops"] == 67 and report["compiler"]["compiler_version"] == "16.0.384591198"
+    assert bundle.files[MODEL_EDGETPU] == bundle.files[MODEL]  # what the (stand-in) compiler wrote
+
+
+def test_compiler_that_maps_only_part_fails_require(tiny_convert_run, tmp_path):
+    bin_dir = _fake_compiler(tmp_path / "bin", "edgetpu_compiler_partial.log")
+    out = tmp_path / "tpu.tebundle"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    proc = run_cli("convert", "--run", str(tiny_convert_run), "--out", str(out), "--edgetpu", "require",
+                   "--calibration-images", "16", env=env, check=False)
+    assert proc.returncode == 1 and "125 ops run on the CPU" in proc.stderr and "HARD_SWISH" in proc.stderr
+    assert not out.exists()
+    # auto: shipped, with the partial report and the compiled model (it still runs, partly on the CPU).
+    run_cli("convert", "--run", str(tiny_convert_run), "--out", str(out), "--calibration-images", "16", env=env)
+    assert read_bundle(out).manifest.edgetpu["status"] == "partially mapped"
+
+
+def test_compiler_failure_ships_cpu_model_in_auto_mode(tiny_convert_run, tmp_path):
+    bin_dir = _fake_compiler(tmp_path / "bin", "edgetpu_compiler_op_version.log", exit_code=1)
+    out = tmp_path / "b.tebundle"
+    run_cli("convert", "--run", str(tiny_convert_run), "--out", str(out), "--calibration-images", "16",
+            env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
+    bundle = read_bundle(out)
+    assert bundle.manifest.edgetpu["status"] == "compile failed"
+    assert "FULLY_CONNECTED' version '12'" in bundle.manifest.edgetpu["summary"]
+    assert MODEL_EDGETPU not in bundle.files
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+def _convert_fails(run: Path, tmp_path: Path, *extra: str) -> str:
+    out = tmp_path / "never.tebundle"
+    proc = run_cli("convert", "--run", str(run), "--out", str(out), "--calibration-images", "8", *extra, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "no bundle written" in proc.stderr
+    assert not out.exists()
+    return proc.stderr
+
+
+def test_incomplete_run_dir(tiny_convert_run, tmp_path):
+    run = copy_run(tiny_convert_run, tmp_path / "run")
+    (run / "splits.json").unlink()
+    (run / "calibration.json").unlink()
+    err = _convert_fails(run, tmp_path)
+    assert "missing calibration.json, splits.json" in err
+
+
+def test_corrupt_files_in_run_dir(tiny_convert_run, tmp_path):
+    run = copy_run(tiny_convert_run, tmp_path / "run")
+    (run / "input_spec.json").write_text('{"height": 32,\n "width": }')
+    assert "input_spec.json: not valid JSON at line 2" in _convert_fails(run, tmp_path)
+    shutil.copy(tiny_convert_run / "input_spec.json", run / "input_spec.json")
+    (run / "model.keras").write_bytes(b"PK\x03\x04 truncated")
+    assert "model.keras: cannot load the Keras model" in _convert_fails(run, tmp_path)
+
+
+def test_taxonomy_that_does_not_match_the_model(tiny_convert_run, tmp_path):
+    run = copy_run(tiny_convert_run, tmp_path / "run")
+    bigger = Taxonomy.from_paths([*TINY_LABELS, "Vegetables/Leek"], name="tiny")
+    (run / "taxonomy.json").write_text(json.dumps(bigger.to_dict()))
+    err = _convert_fails(run, tmp_path)
+    assert "outputs 4 classes but taxonomy.json has 5 leaves" in err
+
+
+def test_split_label_not_in_taxonomy(tiny_convert_run, tmp_path):
+    run = copy_run(tiny_convert_run, tmp_path / "run")
+    splits = json.loads((run / "splits.json").read_text())
+    splits["val"][3][1] = "Fruit/Durian"
+    (run / "splits.json").write_text(json.dumps(splits))
+    assert "val[3] has label 'Fruit/Durian'" in _convert_fails(run, tmp_path)
+
+
+def test_unreadable_calibration_set(tiny_convert_run, tmp_path):
+    run = copy_run(tiny_convert_run, tmp_path / "run")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    splits = json.loads((run / "splits.json").read_text())
+    for i, item in enumerate(splits["train"]):
+        bad = broken / f"{i}.jpg"
+        bad.write_bytes(b"\xff\xd8 not really a jpeg")
+        item[0] = str(bad)
+    (run / "splits.json").write_text(json.dumps(splits))
+    err = _convert_fails(run, tmp_path)
+    assert "no usable calibration images" in err and "not a decodable image" in err
+
+
+def test_empty_calibration_set(tiny_convert_run, tmp_path):
+    run = copy_run(tiny_convert_run, tmp_path / "run")
+    splits = json.loads((run / "splits.json").read_text())
+    (run / "splits.json").write_text(json.dumps({**splits, "train": []}))
+    assert "the train list is empty" in _convert_fails(run, tmp_path)
+
+
+def test_bad_sign_key_fails_before_any_work(tiny_convert_run, tmp_path):
+    (tmp_path / "not.key").write_text("hello")
+    assert "not a readable unencrypted PEM private key" in _convert_fails(
+        tiny_convert_run, tmp_path, "--sign-key", str(tmp_path / "not.key"))
+
+
+def test_help_lists_the_options():
+    out = run_cli("convert", "--help").stdout
+    for option in ("--run", "--out", "--mode", "--qat", "--calibration-images", "--max-drop", "--force",
+                   "--sign-key", "--edgetpu", "--name", "--version"):
+        assert option in out
