@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 # Hints for the refusals an operator can fix, by CONNACK reason (v5 names; 3.1.1 codes map onto them).
 _FIXES = {
     "Bad user name or password": "check mqtt.username and the password file / environment variable",
-    "Not authorized": "the broker's ACL refuses this client: check mqtt.username and the broker's acl_file",
+    # mosquitto also answers a wrong password with "Not authorized" under MQTT v5.
+    "Not authorized": ("the broker refuses this client: check mqtt.username and the password (file, "
+                       "credential or environment variable), and the broker's password_file and acl_file"),
     "Client identifier not valid": "set a different mqtt.client_id",
     "Server unavailable": "the broker is up but not accepting clients; it is retried",
     "Bad authentication method": "check mqtt.username / password and the broker's auth setup",
@@ -58,6 +60,17 @@ def describe_connect_error(exc: BaseException, cfg: MqttConfig) -> str:
     if isinstance(exc, TimeoutError):
         return f"connecting to {where} timed out: check the network and mqtt.host"
     return f"cannot connect to {where}: {exc}"
+
+
+def describe_dropped(cfg: MqttConfig) -> str:
+    """One line for a connection the broker closed before answering CONNECT."""
+    where = f"{cfg.host}:{cfg.port}"
+    if cfg.tls is not None:
+        return (f"the broker at {where} closed the connection before accepting it: it most likely refused "
+                "the client certificate: check mqtt.tls.cert_file/key_file (signed by the broker's CA, "
+                "not expired) and the broker log")
+    return (f"the broker at {where} closed the connection before accepting it: is it a TLS listener "
+            "(then set mqtt.tls)? check the broker log")
 
 
 class MqttLink:
@@ -99,6 +112,8 @@ class MqttLink:
         self.connects = 0
         self.disconnects = 0
         self.refused_acks = 0
+        self._connack = False
+        self._backoff = 0.5
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._acks: queue.SimpleQueue[tuple[int, bool, str]] = queue.SimpleQueue()
@@ -181,6 +196,7 @@ class MqttLink:
     def _network_loop(self) -> None:
         backoff = 0.5
         while not self._stop.is_set():
+            self._backoff = backoff
             try:
                 self.client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
             except (OSError, ssl.SSLError) as exc:  # ssl.SSLError is an OSError; named for the reader
@@ -189,6 +205,7 @@ class MqttLink:
                 backoff = min(backoff * 2, 30.0)
                 continue
             started = time.monotonic()
+            self._connack = False
             while not self._stop.is_set():
                 rc = self.client.loop(timeout=0.2)
                 if rc != paho.MQTT_ERR_SUCCESS:
@@ -198,6 +215,9 @@ class MqttLink:
                 # Let paho send the DISCONNECT queued by stop().
                 self.client.loop(timeout=0.2)
                 return
+            if not self._connack:
+                # Dropped without any CONNACK: a TLS broker does this when it rejects the client certificate.
+                self._report(describe_dropped(self.cfg), backoff)
             if self.connects and time.monotonic() - started > 10:
                 backoff = 0.5
             self._stop.wait(backoff)
@@ -210,10 +230,12 @@ class MqttLink:
 
     # ---- paho callbacks (network thread: never block, never raise) -------------------------------
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self._connack = True
         if reason.is_failure:
             name = str(reason)
             fix = _FIXES.get(name, "check the broker log")
-            self._report(f"the broker at {self.cfg.host}:{self.cfg.port} refused the connection: {name}: {fix}", 0)
+            self._report(f"the broker at {self.cfg.host}:{self.cfg.port} refused the connection: {name}: {fix}",
+                         self._backoff)
             return
         self.connects += 1
         self.last_error = None

@@ -1,0 +1,54 @@
+"""The sqlite outbox: order, acknowledgement, bounds, expiry, and survival across a reopen."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+from taxonedge.edge.outbox import Outbox
+
+
+def test_pending_in_order_and_ack_removes(tmp_path):
+    box = Outbox(tmp_path / "o.sqlite")
+    ids = [box.put("t", f"m{i}".encode()) for i in range(5)]
+    assert ids == sorted(ids)
+    assert [m.payload for m in box.pending()] == [b"m0", b"m1", b"m2", b"m3", b"m4"]
+    box.ack(ids[1])
+    assert [m.payload for m in box.pending()] == [b"m0", b"m2", b"m3", b"m4"]
+    assert [m.payload for m in box.pending(after_id=ids[2], limit=1)] == [b"m3"]
+    assert box.depth() == 4
+
+
+def test_survives_reopen_like_a_restart(tmp_path):
+    box = Outbox(tmp_path / "o.sqlite")
+    for i in range(3):
+        box.put("labels", f"{i}".encode())
+    box.ack(box.pending()[0].id)
+    del box  # no close: as after SIGKILL, only what sqlite committed counts
+    again = Outbox(tmp_path / "o.sqlite")
+    assert [m.payload for m in again.pending()] == [b"1", b"2"]
+    assert again.depth() == 2
+    mode = sqlite3.connect(tmp_path / "o.sqlite").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+def test_full_outbox_evicts_oldest_and_counts(tmp_path):
+    box = Outbox(tmp_path / "o.sqlite", max_messages=10)
+    for i in range(13):
+        box.put("t", str(i).encode())
+    assert box.depth() == 10
+    assert [m.payload for m in box.pending()][0] == b"3"
+    assert box.counter("evicted") == 3
+
+
+def test_expired_messages_are_not_replayed(tmp_path):
+    box = Outbox(tmp_path / "o.sqlite")
+    box.put("t", b"short", expiry_s=0.05)
+    box.put("t", b"long", expiry_s=60)
+    box.put("t", b"forever")
+    time.sleep(0.1)
+    pending = box.pending()
+    assert [m.payload for m in pending] == [b"long", b"forever"]
+    assert box.counter("expired") == 1
+    assert 58 <= pending[0].remaining_s() <= 60
+    assert pending[1].remaining_s() is None
