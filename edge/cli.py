@@ -76,6 +76,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     deploy.add_argument("--ca-file", metavar="FILE", help="CA certificate for a TLS broker")
     deploy.set_defaults(func=_deploy)
 
+    listen = sub.add_parser(
+        "listen",
+        help="print a device's labels live, as a logistics system receives them",
+        description=(
+            "Subscribe to a device's labels and status and print one readable line per label "
+            "(Fruit > Apple > Granny-Smith, the decision and the per-level scores); --json prints the raw "
+            "messages. '+' in --site/--line/--device listens to many devices."
+        ),
+    )
+    listen.add_argument("--broker", type=_broker, default=("127.0.0.1", 1883), metavar="HOST[:PORT]",
+                        help="MQTT broker (default 127.0.0.1:1883)")
+    listen.add_argument("--prefix", default="taxonedge", help="topic prefix (mqtt.prefix)")
+    listen.add_argument("--site", default="+", help="site (default: all)")
+    listen.add_argument("--line", default="+", help="line (default: all)")
+    listen.add_argument("--device", default="+", help="device (default: all)")
+    listen.add_argument("--topic", action="append", metavar="FILTER", help="subscribe to this filter instead")
+    listen.add_argument("--json", action="store_true", help="print raw JSON messages, one per line")
+    listen.add_argument("--count", type=int, metavar="N", help="exit 0 after N labels (non-zero if fewer by --timeout)")
+    listen.add_argument("--timeout", type=float, metavar="S", help="stop after S seconds")
+    listen.add_argument("--username", help="broker user name")
+    listen.add_argument("--password-file", metavar="FILE", help="file holding the broker password")
+    listen.add_argument("--ca-file", metavar="FILE", help="CA certificate for a TLS broker")
+    listen.set_defaults(func=_listen)
+
 
 def _run(args: argparse.Namespace) -> int:
     from .daemon import run_command
@@ -93,3 +117,15 @@ def _deploy(args: argparse.Namespace) -> int:
     from .deploy import deploy_command
 
     return deploy_command(args)
+
+
+def _broker(value: str) -> tuple[str, int]:
+    from .listen import parse_broker
+
+    return parse_broker(value)
+
+
+def _listen(args: argparse.Namespace) -> int:
+    from .listen import listen_command
+
+    return listen_command(args)
