@@ -19,6 +19,7 @@ from .metrics import greedy_walk
 log = logging.getLogger(__name__)
 
 DEFAULT_TARGET_PRECISION = 0.98
+DEFAULT_MIN_COUNT = 10
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -61,10 +62,13 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, low: float = 0.05, h
 
 
 def choose_thresholds(taxonomy: Taxonomy, probs: np.ndarray, true_leaf: np.ndarray,
-                      target_precision: float = DEFAULT_TARGET_PRECISION) -> dict[str, float]:
+                      target_precision: float = DEFAULT_TARGET_PRECISION,
+                      min_count: int = DEFAULT_MIN_COUNT) -> dict[str, float]:
     """Per depth, the lowest threshold at which the label the device publishes there is right at least
-    `target_precision` of the time on this data. A depth that cannot reach the target gets 1.0 (never
-    published; the device backs off to the parent) and a warning."""
+    `target_precision` of the time on this data. A threshold must let at least `min_count` images through
+    (or all that reach the depth, when fewer do): a precision measured on two or three images means nothing.
+    A depth that cannot reach the target gets 1.0 (never published: the device backs off to the parent)
+    and a warning."""
     probs = np.asarray(probs, dtype=np.float64)
     true_leaf = np.asarray(true_leaf, dtype=np.int64)
     nodes, scores = greedy_walk(taxonomy, probs)
@@ -82,7 +86,8 @@ def choose_thresholds(taxonomy: Taxonomy, probs: np.ndarray, true_leaf: np.ndarr
             # precision of {score >= s_sorted[i]}: ties share the count of the last equal score
             precision = np.cumsum(right_sorted) / np.arange(1, len(s_sorted) + 1)
             last_of_tie = np.r_[s_sorted[1:] != s_sorted[:-1], True]
-            ok = last_of_tie & (precision >= target_precision)
+            enough = np.arange(1, len(s_sorted) + 1) >= min(min_count, len(s_sorted))
+            ok = last_of_tie & enough & (precision >= target_precision)
             if ok.any():
                 lowest = np.flatnonzero(ok).max()
                 threshold = 0.0 if lowest == len(s_sorted) - 1 else float(s_sorted[lowest])

@@ -1,0 +1,107 @@
+"""Temperature scaling and back-off thresholds, checked against the real device decoder."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from taxonedge.edge.decode import Decoder
+from taxonedge.edge.taxonomy import Taxonomy
+from taxonedge.train.calibrate import choose_thresholds, fit_temperature, softmax
+
+LABELS = ["Fruit/Apple/Granny-Smith", "Fruit/Apple/Pink-Lady", "Fruit/Avocado", "Vegetables/Carrot",
+          "Vegetables/Pepper/Green", "Vegetables/Pepper/Red"]
+
+
+@pytest.mark.parametrize("true_t", [0.5, 1.0, 2.5])
+def test_fit_temperature_recovers_the_generating_temperature(true_t: float) -> None:
+    rng = np.random.default_rng(7)
+    logits = rng.normal(0, 3, (6000, 6))
+    p = softmax(logits, true_t)
+    labels = np.array([rng.choice(6, p=row) for row in p])
+    assert fit_temperature(logits, labels) == pytest.approx(true_t, rel=0.08)
+
+
+def test_fit_temperature_lowers_the_nll() -> None:
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 5, 500)
+    logits = rng.normal(0, 1, (500, 5))
+    logits[np.arange(500), labels] += 8.0  # overconfident: right 90 % of the time but with huge margins
+    flip = rng.random(500) < 0.1
+    labels[flip] = (labels[flip] + 1) % 5
+    t = fit_temperature(logits, labels)
+    nll = lambda temp: -np.log(softmax(logits, temp)[np.arange(500), labels]).mean()  # noqa: E731
+    assert t > 1.5 and nll(t) < nll(1.0)
+
+
+def _noisy_probs(tax: Taxonomy, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, tax.num_leaves, n)
+    logits = rng.normal(0, 1.0, (n, tax.num_leaves))
+    logits[np.arange(n), truth] += rng.uniform(0, 4, n)  # from hopeless to confident
+    return softmax(logits), truth
+
+
+def _published_precision(tax: Taxonomy, thresholds: dict, probs: np.ndarray, truth: np.ndarray, depth: int):
+    decoder = Decoder(tax, thresholds)
+    right = total = 0
+    for p, t in zip(probs, truth, strict=True):
+        decision = decoder.decode(p)
+        if len(decision.path) >= depth:
+            total += 1
+            right += decision.path[:depth] == tax.leaves[t].path[:depth]
+    return right / total if total else None, total
+
+
+def test_thresholds_reach_the_target_through_the_device_decoder() -> None:
+    tax = Taxonomy.from_paths(LABELS, name="t")
+    probs, truth = _noisy_probs(tax, 3000, seed=3)
+    thresholds = choose_thresholds(tax, probs, truth, target_precision=0.95)
+    assert set(thresholds) == {"depth_1", "depth_2", "depth_3"}
+    for d in (1, 2, 3):
+        precision, count = _published_precision(tax, thresholds, probs, truth, d)
+        assert count > 0 and precision >= 0.95, (d, precision, count)
+
+
+def test_thresholds_are_the_lowest_that_reach_the_target() -> None:
+    tax = Taxonomy.from_paths(LABELS, name="t")
+    probs, truth = _noisy_probs(tax, 3000, seed=4)
+    thresholds = choose_thresholds(tax, probs, truth, target_precision=0.95)
+    for d in (1, 2, 3):
+        key = f"depth_{d}"
+        if thresholds[key] == 0.0:
+            continue
+        # the next lower score that reaches this depth lets in more images and misses the target
+        lower = _next_lower_score(tax, probs, thresholds, d)
+        if lower is not None:
+            _, count = _published_precision(tax, thresholds, probs, truth, d)
+            precision_lower, count_lower = _published_precision(tax, {**thresholds, key: lower}, probs, truth, d)
+            assert count_lower > count and precision_lower < 0.95
+
+
+def _next_lower_score(tax, probs, thresholds, depth):
+    decoder = Decoder(tax, {**thresholds, f"depth_{depth}": 0.0})
+    scores = sorted({lv.score for p in probs for lv in decoder.decode(p).levels
+                     if lv.depth == depth and lv.score < thresholds[f"depth_{depth}"]})
+    return scores[-1] - 1e-6 if scores else None  # decoder scores are rounded to 6 decimals
+
+
+def test_unreachable_target_blocks_the_level(caplog: pytest.LogCaptureFixture) -> None:
+    tax = Taxonomy.from_paths(LABELS, name="t")
+    rng = np.random.default_rng(0)
+    probs = softmax(rng.normal(0, 0.1, (200, 6)))  # pure noise
+    truth = rng.integers(0, 6, 200)
+    with caplog.at_level(logging.WARNING):
+        thresholds = choose_thresholds(tax, probs, truth, target_precision=0.99)
+    assert thresholds["depth_1"] == 1.0
+    assert "no threshold reaches precision" in caplog.text
+    assert Decoder(tax, thresholds).decode(probs[0]).decision == "unknown"
+
+
+def test_perfect_predictions_need_no_threshold() -> None:
+    tax = Taxonomy.from_paths(LABELS, name="t")
+    truth = np.arange(6).repeat(5)
+    probs = np.full((30, 6), 0.02)
+    probs[np.arange(30), truth] = 0.9
+    assert choose_thresholds(tax, probs, truth) == {"depth_1": 0.0, "depth_2": 0.0, "depth_3": 0.0}

@@ -1,0 +1,109 @@
+"""Data loading: folder trees, Grocery-format list files, stratified hold-out, corrupt images."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from taxonedge.edge.preprocess import InputSpec
+from taxonedge.train.data import (
+    DataError,
+    leaf_indices,
+    load_images,
+    read_samples,
+    stratified_split,
+    taxonomy_from_samples,
+)
+
+from .conftest import GROCERY, TINY_LABELS, needs_shared, write_image_tree
+
+
+def test_folder_tree_gives_uneven_taxonomy(tiny_tree: Path) -> None:
+    samples = read_samples(tiny_tree)
+    tax = taxonomy_from_samples(samples, "tiny")
+    assert tax.leaf_labels == sorted(TINY_LABELS)
+    assert tax.depth == 3 and len(tax.level_nodes(2)) == 3
+    assert Counter(s.label for s in samples) == {label: 16 for label in TINY_LABELS}
+    assert all(Path(s.path).is_absolute() and Path(s.path).exists() for s in samples)
+
+
+def _grocery_like(root: Path) -> Path:
+    """A miniature of the Grocery Store layout: SPLIT/Top/Coarse/Fine/x.jpg, list file, classes.csv."""
+    write_image_tree(root / "train", ["Fruit/Apple/Golden-Delicious", "Fruit/Apple/Pink-Lady",
+                                      "Vegetables/Asparagus"], per_class=3)
+    lines = []
+    for fine_id, (rel, coarse_id) in enumerate([("Fruit/Apple/Golden-Delicious", 0), ("Fruit/Apple/Pink-Lady", 0),
+                                                 ("Vegetables/Asparagus", 1)]):
+        lines += [f"train/{rel}/{k:03d}.jpg, {fine_id}, {coarse_id}" for k in range(3)]
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+    (root / "classes.csv").write_text(
+        "Class Name (str),Class ID (int),Coarse Class Name (str),Coarse Class ID (int)\n"
+        "Golden-Delicious,0,Apple,0\nPink-Lady,1,Apple,0\nAsparagus,2,Asparagus,1\n")
+    return root / "train.txt"
+
+
+def test_list_file_labels_come_from_folders(tmp_path: Path) -> None:
+    samples = read_samples(_grocery_like(tmp_path))
+    tax = taxonomy_from_samples(samples, "g")
+    assert tax.leaf_labels == ["Fruit/Apple/Golden-Delicious", "Fruit/Apple/Pink-Lady", "Vegetables/Asparagus"]
+    assert tax.by_label["Vegetables/Asparagus"].depth == 2
+    assert samples[0].path == str((tmp_path / "train/Fruit/Apple/Golden-Delicious/000.jpg").resolve())
+
+
+def test_list_file_errors_name_the_line(tmp_path: Path) -> None:
+    list_file = _grocery_like(tmp_path)
+    text = list_file.read_text()
+    list_file.write_text(text + "train/Fruit/Apple/Pink-Lady/000.jpg, 0, 0\n")  # id 0 is Golden-Delicious
+    with pytest.raises(DataError, match=r"train\.txt:10: class id 0"):
+        read_samples(list_file)
+    list_file.write_text(text + "just-a-path.jpg\n")
+    with pytest.raises(DataError, match=r"train\.txt:10: expected 'path, fine_id, coarse_id'"):
+        read_samples(list_file)
+    with pytest.raises(DataError, match="no such folder or list file"):
+        read_samples(tmp_path / "missing.txt")
+
+
+def test_list_file_without_class_folders_uses_classes_csv(tmp_path: Path) -> None:
+    _grocery_like(tmp_path)
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat.txt").write_text("flat/a.jpg, 1, 0\nflat/b.jpg, 2, 1\n")
+    samples = read_samples(tmp_path / "flat.txt")
+    assert [s.label for s in samples] == ["Apple/Pink-Lady", "Asparagus"]
+
+
+def test_stratified_split_is_seeded_disjoint_and_covers_every_class(tiny_tree: Path) -> None:
+    samples = read_samples(tiny_tree)
+    rest, held = stratified_split(samples, 0.25, seed=3)
+    assert Counter(s.label for s in held) == {label: 4 for label in TINY_LABELS}
+    assert not {s.path for s in rest} & {s.path for s in held}
+    assert len(rest) + len(held) == len(samples)
+    assert stratified_split(samples, 0.25, seed=3) == (rest, held)
+    assert stratified_split(samples, 0.25, seed=4)[1] != held
+
+
+def test_corrupt_images_are_reported_and_skipped(tmp_path: Path) -> None:
+    root = write_image_tree(tmp_path / "d", TINY_LABELS[:2], per_class=3)
+    bad = root / TINY_LABELS[0] / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    samples = read_samples(root)
+    images, kept, errors = load_images(samples, InputSpec(height=32, width=32))
+    assert images.shape == (6, 32, 32, 3) and len(kept) == 6
+    assert len(errors) == 1 and str(bad) in errors[0]
+
+
+def test_labels_outside_the_taxonomy_are_listed(tiny_tree: Path, tmp_path: Path) -> None:
+    tax = taxonomy_from_samples(read_samples(tiny_tree), "tiny")
+    other = read_samples(write_image_tree(tmp_path / "o", ["Fruit/Kiwi"], per_class=1))
+    with pytest.raises(DataError, match="Fruit/Kiwi"):
+        leaf_indices(tax, other, "o")
+
+
+@needs_shared(GROCERY / "train.txt")
+def test_grocery_lists_give_the_published_hierarchy() -> None:
+    train = read_samples(GROCERY / "train.txt")
+    val = read_samples(GROCERY / "val.txt")
+    tax = taxonomy_from_samples(train, "grocery")
+    assert tax.num_leaves == 81 and len(tax.level_nodes(1)) == 3 and len(tax.level_nodes(2)) == 43
+    assert len(train) == 2640 and len(val) == 296
+    assert len(set(leaf_indices(tax, val, "val"))) == 60
