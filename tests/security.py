@@ -1,0 +1,210 @@
+"""Test helpers for a secured broker: an openssl PKI, mosquitto password and ACL files, a TLS listener.
+
+Everything is real: certificates come from the openssl command line, passwords are hashed by
+`mosquitto_passwd`, and the broker is conftest's `Broker` (Debian's mosquitto) with the TLS listener,
+`password_file` and `acl_file` in its configuration. The ACL is the one shipped for fleets,
+systemd/mosquitto/taxonedge.acl, so the tests check what devices get in production.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import ssl
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+
+from .conftest import REPO, Broker, free_port
+
+FLEET_ACL = REPO / "systemd" / "mosquitto" / "taxonedge.acl"
+OPERATOR = "taxonedge-operator"
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    proc = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"openssl {' '.join(args)} failed: {proc.stderr}")
+
+
+@dataclass
+class Pki:
+    """A CA with a server certificate for 127.0.0.1/localhost and client certificates (CN = device id)."""
+
+    dir: Path
+    name: str = "fleet"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.dir / f"{self.name}-ca.crt"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.dir / f"{self.name}-ca.key"
+
+    def create(self) -> Pki:
+        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                 "-keyout", self.ca_key.name, "-out", self.ca_cert.name, "-days", "2",
+                 "-subj", f"/CN=taxonedge test {self.name} CA", cwd=self.dir)
+        return self
+
+    def issue(self, name: str, common_name: str, server: bool = False) -> tuple[Path, Path]:
+        """A key and a certificate signed by this CA: (cert, key)."""
+        key, csr, cert = (self.dir / f"{self.name}-{name}.{ext}" for ext in ("key", "csr", "crt"))
+        ext = ["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"] if server else []
+        _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                 "-keyout", key.name, "-out", csr.name, "-subj", f"/CN={common_name}", *ext, cwd=self.dir)
+        _openssl("x509", "-req", "-in", csr.name, "-CA", self.ca_cert.name, "-CAkey", self.ca_key.name,
+                 "-CAcreateserial", "-days", "2", "-copy_extensions", "copy", "-out", cert.name, cwd=self.dir)
+        return cert, key
+
+
+def world_readable_dir(prefix: str) -> Path:
+    """A directory user 'mosquitto' can read (pytest's tmp dirs sit under a 0700 parent)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    return path
+
+
+def make_readable(directory: Path) -> None:
+    # mosquitto started as root drops to user 'mosquitto' before it reads certificates, passwords, ACL.
+    for path in directory.iterdir():
+        path.chmod(0o644)
+
+
+def write_passwords(path: Path, users: dict[str, str]) -> Path:
+    """A mosquitto password_file with hashed passwords, made by mosquitto_passwd itself."""
+    exe = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    if not Path(exe).exists():
+        pytest.skip("mosquitto_passwd is missing (apt-get install mosquitto)")
+    path.unlink(missing_ok=True)
+    path.touch()
+    for user, password in users.items():
+        subprocess.run([exe, "-b", str(path), user, password], check=True, capture_output=True, timeout=30)
+    path.chmod(0o644)
+    return path
+
+
+@dataclass
+class SecureBroker:
+    """mosquitto with one TLS listener, password_file and the fleet acl_file; anonymous clients refused."""
+
+    dir: Path
+    pki: Pki
+    passwords: dict[str, str]
+    require_certificate: bool = True
+    port: int = field(default_factory=free_port)
+    broker: Broker | None = None
+
+    @property
+    def password_file(self) -> Path:
+        return self.dir / "passwd"
+
+    def config(self) -> str:
+        server_cert, server_key = (self.pki.dir / f"{self.pki.name}-server.{ext}" for ext in ("crt", "key"))
+        return (
+            "per_listener_settings false\n"
+            "allow_anonymous false\n"
+            f"password_file {self.password_file}\n"
+            f"acl_file {self.dir / FLEET_ACL.name}\n"
+            f"listener {self.port} 127.0.0.1\n"
+            f"cafile {self.pki.ca_cert}\n"
+            f"certfile {server_cert}\n"
+            f"keyfile {server_key}\n"
+            "tls_version tlsv1.2\n"
+            f"require_certificate {'true' if self.require_certificate else 'false'}\n"
+            "log_type all\n"
+            f"log_dest file {self.dir / 'broker.log'}\n"
+        )
+
+    def start(self) -> SecureBroker:
+        write_passwords(self.password_file, self.passwords)
+        shutil.copyfile(FLEET_ACL, self.dir / FLEET_ACL.name)
+        make_readable(self.dir)
+        (self.dir / "broker.log").touch(mode=0o666)
+        (self.dir / "broker.log").chmod(0o666)
+        self.broker = Broker(port=self.port, workdir=self.dir, extra_config=self.config())
+        self.broker.start()
+        return self
+
+    def reload(self, passwords: dict[str, str]) -> None:
+        """Rewrite the password file and make mosquitto re-read it (SIGHUP), as `systemctl reload` does."""
+        self.passwords = passwords
+        write_passwords(self.password_file, passwords)
+        assert self.broker and self.broker.process
+        self.broker.process.send_signal(1)
+
+    def log(self) -> str:
+        path = self.dir / "broker.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.broker:
+            self.broker.stop()
+
+
+def make_fleet_pki(directory: Path) -> tuple[Pki, Pki]:
+    """The fleet CA (server cert, a client cert per test device) and an unrelated 'rogue' CA."""
+    fleet = Pki(directory).create()
+    fleet.issue("server", "localhost", server=True)
+    for device in ("d1", "d2", OPERATOR):
+        fleet.issue(device, device)
+    rogue = Pki(directory, name="rogue").create()
+    rogue.issue("d1", "d1")
+    rogue.issue("server", "localhost", server=True)
+    make_readable(directory)
+    return fleet, rogue
+
+
+def tls_client(pki: Pki, username: str | None, password: str | None, *, ca: Path | None = None,
+               cert: str | None = None, client_id: str | None = None) -> paho.Client:
+    """A paho MQTT v5 client with TLS; `cert` names the certificate (e.g. 'd1') issued by `pki`."""
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id or f"test-{username}-{os.getpid()}",
+                         protocol=paho.MQTTv5)
+    certfile = keyfile = None
+    if cert is not None:
+        certfile, keyfile = str(pki.dir / f"{pki.name}-{cert}.crt"), str(pki.dir / f"{pki.name}-{cert}.key")
+    client.tls_set(ca_certs=str(ca or pki.ca_cert), certfile=certfile, keyfile=keyfile)
+    if username is not None:
+        client.username_pw_set(username, password)
+    return client
+
+
+@dataclass
+class Outcome:
+    connected: bool
+    reason: str  # CONNACK reason, or the exception that stopped the connection
+
+
+def try_connect(client: paho.Client, port: int, timeout: float = 5.0) -> Outcome:
+    """Connect and wait for CONNACK (or the TLS/socket failure); disconnects again on success."""
+    done = threading.Event()
+    result: dict[str, Outcome] = {}
+
+    def on_connect(c, userdata, flags, reason, properties) -> None:
+        result["o"] = Outcome(not reason.is_failure, str(reason))
+        done.set()
+
+    def on_disconnect(c, userdata, flags, reason, properties) -> None:
+        result.setdefault("o", Outcome(False, f"disconnected: {reason}"))
+        done.set()
+
+    client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
+    try:
+        client.connect("127.0.0.1", port, keepalive=10)
+    except (OSError, ssl.SSLError) as exc:
+        return Outcome(False, f"{type(exc).__name__}: {exc}")
+    client.loop_start()
+    try:
+        if not done.wait(timeout):
+            return Outcome(False, "no CONNACK")
+        return result["o"]
+    finally:
+        client.disconnect()
+        client.loop_stop()
