@@ -1,0 +1,214 @@
+"""The device-side update state machine against a real mosquitto, real signed bundles and real interpreters.
+
+The host is `tests.update_host.SeamHost` (the daemon's seam, backed by a real Classifier that keeps
+publishing labels); each bad bundle must be rejected or rolled back with its reason while the old model
+keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from taxonedge.edge import update
+from taxonedge.edge.bundle import read_bundle
+from taxonedge.edge.config import load_config
+from taxonedge.edge.signing import generate_keypair, load_private_key
+from taxonedge.edge.slots import Slots, read_verified, startup_bundle
+
+from .conftest import TINY_LABELS
+from .tinymodels import tiny_bundle_bytes
+from .update_host import Observer, SeamHost, rebuilt, write_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("keys")
+    generate_keypair(folder / "op.key", folder / "op.pub")
+    generate_keypair(folder / "other.key", folder / "other.pub")
+    return {"private": load_private_key(folder / "op.key"), "public": folder / "op.pub",
+            "other": load_private_key(folder / "other.key")}
+
+
+@pytest.fixture(scope="module")
+def bundles(keys):
+    key = keys["private"]
+    old = tiny_bundle_bytes(seed=0, version="1", sign_key=key)
+    new = tiny_bundle_bytes(seed=1, version="2", sign_key=key)
+    _, golden_out = read_bundle(new).golden()
+    return {
+        "old": old,
+        "new": new,
+        "unsigned": tiny_bundle_bytes(seed=1, version="2"),
+        "bad_signature": tiny_bundle_bytes(seed=1, version="2", sign_key=keys["other"]),
+        # the manifest says 32x32 but the model takes 48x48
+        "wrong_input": rebuilt(new, key, model=read_bundle(tiny_bundle_bytes(seed=1, size=48)).model_bytes()),
+        "other_taxonomy": tiny_bundle_bytes(labels=[*TINY_LABELS, "Vegetables/Leek"], seed=0, sign_key=key),
+        "nan": tiny_bundle_bytes(seed=0, version="nan", nan=True, sign_key=key),
+        "wrong_golden": rebuilt(new, key, golden_outputs=golden_out ^ np.uint8(1)),  # off by one step
+        # everything decodes as "unknown": passes the self-test, fails the health window's unknown rate
+        "all_unknown": tiny_bundle_bytes(seed=1, version="3", thresholds={"depth_1": 1.0}, sign_key=key),
+    }
+
+
+@pytest.fixture
+def device(tmp_path, broker, keys, bundles):
+    """A running host on the old bundle with the update plugin attached, and an observer."""
+    old_path = tmp_path / "old.tebundle"
+    old_path.write_bytes(bundles["old"])
+    config = load_config(write_config(tmp_path, broker.port, keys["public"], old_path, groups=("line-a",),
+                                      watch_dir=tmp_path / "drop"))
+    (tmp_path / "drop").mkdir()
+    observer = Observer(broker.port)
+    host = SeamHost(config, read_verified(old_path, config.model))
+    update.attach(host)
+    observer.wait_for(lambda: len(observer.labels) > 5)
+    yield host, observer, config
+    update.detach(host)
+    host.close()
+    observer.close()
+
+
+def _still_serving_old(host, observer, bundles):
+    old_sha = read_bundle(bundles["old"]).sha256
+    assert host.active_bundle.sha256 == old_sha
+    count = len(observer.labels)
+    observer.wait_for(lambda: len(observer.labels) > count + 5)  # labels keep flowing ...
+    assert observer.labels[-1][1]["model"] == old_sha  # ... from the old model
+    assert observer.model["sha256"] == old_sha
+
+
+def test_good_update_commits_while_labels_keep_flowing(device, bundles):
+    host, observer, config = device
+    new_sha = read_bundle(bundles["new"]).sha256
+    start = time.monotonic()
+    observer.send(bundles["new"], "dep-good")
+    result = observer.outcome("dep-good")
+    end = time.monotonic()
+    assert result["state"] == "committed", result
+    assert observer.states("dep-good") == [*(["receiving"] * observer.states("dep-good").count("receiving")),
+                                          "received", "verifying", "staged", "warming", "self_test",
+                                          "switched", "committed"]
+    assert host.active_bundle.sha256 == new_sha
+    observer.wait_for(lambda: observer.labels[-1][1]["model"] == new_sha)
+    assert observer.model["sha256"] == new_sha  # the retained model topic names what serves
+    gap = observer.longest_label_gap(start, end)
+    print(f"\nlongest gap between labels during the deployment: {gap * 1000:.1f} ms "
+          f"({sum(start <= t <= end for t, _ in observer.labels)} labels in {end - start:.2f} s)")
+    assert gap < 1.0
+    state = Slots(config.device.state_dir).state()
+    assert (state.committed, state.trial) == ("a", None)
+    assert startup_bundle(config) == Slots(config.device.state_dir).path("a")
+    # the v5 response topic got the same progress, with the correlation data
+    observer.wait_for(lambda: any(p["state"] == "committed" and corr == b"dep-good"
+                                  for p, corr in observer.responses), 5)
+
+
+CASES = {
+    # name: (bundle key, request override, expected state, words the reason must contain)
+    "wrong_sha256": ("new", {"sha256": "0" * 64}, "rejected", "sha256"),
+    "bad_signature": ("bad_signature", {}, "rejected", "does not verify"),
+    "unsigned": ("unsigned", {}, "rejected", "unsigned"),
+    "wrong_input_shape": ("wrong_input", {}, "rejected", "model input is (1, 48, 48, 3)"),
+    "incompatible_taxonomy": ("other_taxonomy", {}, "rejected", "taxonomy"),
+    "nan_model": ("nan", {}, "rejected", "not finite"),
+    "wrong_golden_outputs": ("wrong_golden", {}, "rejected", "golden input 0 gives outputs differing by 1 "),
+    "fails_health_window": ("all_unknown", {}, "rolled_back", "unknown rate rose"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_update_is_refused_and_old_model_keeps_serving(device, bundles, case):
+    host, observer, config = device
+    key, override, expected_state, words = CASES[case]
+    observer.send(bundles[key], f"dep-{case}", **override)
+    result = observer.outcome(f"dep-{case}")
+    assert result["state"] == expected_state, result
+    assert words in result["reason"], result["reason"]
+    _still_serving_old(host, observer, bundles)
+    state = Slots(config.device.state_dir).state()
+    assert (state.committed, state.trial) == (None, None)
+    assert startup_bundle(config) is None  # a restart runs the config's (old) bundle
+    if expected_state == "rolled_back":  # it did serve for a moment, then the old one came back
+        assert "switched" in observer.states(f"dep-{case}")
+
+
+def test_truncated_chunk_stream_is_rejected(device, bundles):
+    host, observer, _ = device
+    observer.send(bundles["new"], "dep-trunc", skip={2, 5})
+    result = observer.outcome("dep-trunc")
+    assert result["state"] == "rejected"
+    assert "truncated chunk stream" in result["reason"]
+    # before giving up, the device asked (once, chunk_retries = 1) for exactly the missing chunks
+    asks = [p for p in observer.progress["dep-trunc"] if p.get("missing")]
+    assert [a["missing"] for a in asks] == [[2, 5]]
+    assert not list((Slots(host.config.device.state_dir).dir / "incoming").iterdir())  # no partial file left
+    _still_serving_old(host, observer, bundles)
+
+
+def test_transfer_resumes_with_the_missing_chunks(device, bundles):
+    host, observer, _ = device
+    observer.send(bundles["new"], "dep-resume", skip={1, 3})
+    ask = observer.wait_for(lambda: [p for p in observer.progress.get("dep-resume", []) if p.get("missing")])
+    assert ask[0]["missing"] == [1, 3]
+    observer.send_chunks(bundles["new"], "dep-resume", ask[0]["missing"])
+    assert observer.outcome("dep-resume")["state"] == "committed"
+    assert host.active_bundle.sha256 == read_bundle(bundles["new"]).sha256
+
+
+def test_repeated_deployment_id_is_idempotent(device, bundles):
+    host, observer, _ = device
+    switches = []
+    real_switch = host.switch_model
+    host.switch_model = lambda b: switches.append(b.sha256) or real_switch(b)
+    observer.send(bundles["new"], "dep-once")
+    assert observer.outcome("dep-once")["state"] == "committed"
+    seen = len(observer.progress["dep-once"])
+    observer.send(bundles["new"], "dep-once")  # the operator's retry, e.g. after losing its connection
+    again = observer.outcome("dep-once", after=seen)
+    assert again["state"] == "committed" and again["repeat"] is True
+    assert len(switches) == 1
+    # a rejected id stays rejected, without redoing the work
+    observer.send(bundles["unsigned"], "dep-no")
+    assert observer.outcome("dep-no")["state"] == "rejected"
+    seen = len(observer.progress["dep-no"])
+    observer.send(bundles["unsigned"], "dep-no")
+    assert observer.outcome("dep-no", after=seen)["repeat"] is True
+    assert observer.states("dep-no")[seen:] == ["rejected"]
+
+
+def test_group_deployment_and_file_url(device, bundles, tmp_path):
+    host, observer, _ = device
+    path = tmp_path / "new.tebundle"
+    path.write_bytes(bundles["new"])
+    observer.send(bundles["new"], "dep-url", topic="taxonedge/groups/line-a/deploy", url=path.as_uri())
+    assert observer.outcome("dep-url")["state"] == "committed"
+    assert host.active_bundle.sha256 == read_bundle(bundles["new"]).sha256
+
+
+def test_malformed_and_oversized_requests_are_answered_not_fatal(device, bundles):
+    host, observer, _ = device
+    observer.client.publish("taxonedge/s1/l1/dev1/model/deploy", b"{not json", qos=1)
+    observer.send(bundles["new"], "dep-big", size=10**12, url="file:///x")
+    result = observer.outcome("dep-big")
+    assert result["state"] == "rejected" and "max_bundle_bytes" in result["reason"]
+    observer.send(bundles["new"], "dep-after")  # the plugin still works
+    assert observer.outcome("dep-after")["state"] == "committed"
+
+
+def test_bundle_dropped_into_watch_dir(device, bundles, tmp_path):
+    host, observer, _ = device
+    drop = tmp_path / "drop"
+    (drop / "bad.tebundle").write_bytes(bundles["unsigned"])
+    observer.wait_for(lambda: (drop / "rejected" / "bad.tebundle.reason.txt").exists(), 20)
+    assert "unsigned" in (drop / "rejected" / "bad.tebundle.reason.txt").read_text()
+    _still_serving_old(host, observer, bundles)
+    (drop / "new.tebundle").write_bytes(bundles["new"])
+    observer.wait_for(lambda: (drop / "installed" / "new.tebundle").exists(), 30)
+    assert host.active_bundle.sha256 == read_bundle(bundles["new"]).sha256
+    local = [json.dumps(p) for k, ps in observer.progress.items() if k.startswith("local-") for p in ps]
+    assert any('"committed"' in p for p in local)
