@@ -223,8 +223,8 @@ class Daemon:
 
     def run(self) -> int:
         """Start, serve until SIGTERM/SIGINT (or the source ends, or --max-frames), then shut down cleanly."""
-        self.start()
         previous = {sig: signal.signal(sig, self.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.start()  # a SIGTERM during start-up is honoured right after it
         try:
             while not self.stopping.wait(0.5):
                 pass

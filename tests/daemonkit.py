@@ -104,7 +104,7 @@ class DaemonProcess:
 
     def __init__(self, config: Path, *args: str, env: dict | None = None):
         self.log_path = config.with_suffix(f".{time.monotonic_ns()}.log")
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - stays open while the daemon runs
         self.proc = subprocess.Popen([sys.executable, "-m", "taxonedge", "run", "--config", str(config), *args],
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})

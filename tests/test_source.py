@@ -9,7 +9,6 @@ import time
 import cv2
 import numpy as np
 import pytest
-
 from taxonedge.edge.config import FolderSource, SourceConfig, VideoSource
 from taxonedge.edge.preprocess import ImageError
 from taxonedge.edge.source import Capture, LatestFrame, crop_roi
