@@ -1,7 +1,7 @@
 """A small host for the update plugin that implements the daemon's control-plane seam for real.
 
 It runs a real `Classifier` on generated class images in a loop, decodes with the real `Decoder`, publishes
-each label on `<base>/label` through a real paho client (MQTT v5), calls result listeners, and swaps models
+each label on `<base>/labels` through a real paho client (MQTT v5), calls result listeners, and swaps models
 between items in `switch_model`, exactly as the seam in edge/daemon.py describes. It lets the update state
 machine be tested on its own; the end-to-end tests run the real daemon.
 
@@ -11,6 +11,7 @@ from `slots.startup_bundle(config)` like the daemon does, and publishes the serv
 
 from __future__ import annotations
 
+import functools
 import json
 import queue
 import sys
@@ -126,8 +127,8 @@ class SeamHost:
                     raise ValueError("non-finite output")
                 decision = decoder.decode(probs)
                 result = Result(True, None, time.perf_counter() - start, decision.decision, clf.bundle.sha256)
-                label = {"seq": self.seq, "label": decision.label, "model": clf.bundle.sha256}
-                self.client.publish(f"{self.topic_base}/label", json.dumps(label), qos=0)
+                label = {"seq": self.seq, "label": decision.label, "model": {"sha256": clf.bundle.sha256}}
+                self.client.publish(f"{self.topic_base}/labels", json.dumps(label), qos=0)
             except Exception as exc:
                 result = Result(False, str(exc), time.perf_counter() - start, None, clf.bundle.sha256)
             self.seq += 1
@@ -163,7 +164,7 @@ if __name__ == "__main__":
 
 # ---- bundles and configs for the update tests ------------------------------------------------------------
 def write_config(folder: Path, port: int, public_key: Path | None, bundle: Path, groups: tuple[str, ...] = (),
-                 watch_dir: Path | None = None, **update: object) -> Path:
+                 watch_dir: Path | None = None, frames: Path | None = None, **update: object) -> Path:
     """A daemon config for the update tests: state in `folder/state`, fast timeouts, a small health window."""
     settings = {"health_window": 8, "health_timeout_s": 20, "chunk_timeout_s": 0.5, "chunk_retries": 1,
                 "watch_interval_s": 0.2, **update}
@@ -175,8 +176,11 @@ def write_config(folder: Path, port: int, public_key: Path | None, bundle: Path,
         "[device]", 'id = "dev1"', 'site = "s1"', 'line = "l1"', f'state_dir = "{folder / "state"}"',
         "[model]", *model,
         "[model.update]", *(f"{k} = {json.dumps(v)}" for k, v in settings.items()),
-        "[source]", 'type = "folder"', f'path = "{folder}"',
-        "[mqtt]", f"port = {port}", f"groups = {json.dumps(list(groups))}",
+        # `frames`: a JPEG folder the real daemon loops over at 25 frames/s
+        "[source]", 'type = "folder"', f'path = "{frames or folder}"', "loop = true", 'pacing = "realtime"',
+        "fps = 25",
+        "[inference]", "warmup_runs = 1",
+        "[mqtt]", f"port = {port}", f"groups = {json.dumps(list(groups))}", "will_delay_s = 0",
     ]
     path = folder / "config.toml"
     path.write_text("\n".join(lines) + "\n")
@@ -226,7 +230,7 @@ class Observer:
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
-        for topic in (f"{base}/label", f"{base}/model", f"{base}/model/deploy/+", "ops/responses"):
+        for topic in (f"{base}/labels", f"{base}/model", f"{base}/model/deploy/+", "ops/responses"):
             self.client.subscribe(topic, qos=1)
         self.client.loop_start()
         time.sleep(0.3)  # let the subscriptions land before anything is sent
@@ -234,7 +238,7 @@ class Observer:
     def _on_message(self, client, userdata, msg) -> None:
         payload = json.loads(msg.payload)
         with self._cond:
-            if msg.topic.endswith("/label"):
+            if msg.topic.endswith("/labels"):
                 self.labels.append((time.monotonic(), payload))
             elif msg.topic.endswith("/model"):
                 self.model = payload
@@ -299,3 +303,26 @@ class Observer:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+@functools.cache
+def signed_bundles() -> dict:
+    """Operator keys and the test bundles, made once per process (the models take seconds to train)."""
+    import tempfile
+
+    from taxonedge.edge.signing import generate_keypair, load_private_key
+
+    from .tinymodels import tiny_bundle_bytes
+
+    folder = Path(tempfile.mkdtemp(prefix="taxonedge-keys-"))
+    generate_keypair(folder / "op.key", folder / "op.pub")
+    key = load_private_key(folder / "op.key")
+    return {
+        "public_key": folder / "op.pub",
+        "key": key,
+        "old": tiny_bundle_bytes(seed=0, version="1", sign_key=key),
+        "new": tiny_bundle_bytes(seed=1, version="2", sign_key=key),
+        "unsigned": tiny_bundle_bytes(seed=1, version="2"),
+        # everything decodes as "unknown": passes the self-test, fails the health window's unknown rate
+        "all_unknown": tiny_bundle_bytes(seed=1, version="3", thresholds={"depth_1": 1.0}, sign_key=key),
+    }
