@@ -8,10 +8,12 @@ systemd/mosquitto/taxonedge.acl, so the tests check what devices get in producti
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -208,3 +210,108 @@ def try_connect(client: paho.Client, port: int, timeout: float = 5.0) -> Outcome
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+# ---- the unit's process sandbox, applied without systemd ---------------------------------------------
+# No systemd runs in this container, so `systemctl start` cannot show that the daemon survives the unit's
+# hardening. These helpers apply the same kernel mechanisms systemd uses, read from the unit file itself:
+# SystemCallFilter= (seccomp, refused calls fail with SystemCallErrorNumber=), RestrictAddressFamilies=
+# (seccomp on socket()), MemoryDenyWriteExecute= (the kernel's PR_SET_MDWE), NoNewPrivileges= and an empty
+# CapabilityBoundingSet=. Then the real daemon is exec'ed inside it.
+
+def unit_values(unit_text: str, key: str) -> list[str]:
+    out = []
+    for line in unit_text.splitlines():
+        name, sep, value = line.strip().partition("=")
+        if sep and name == key and not line.lstrip().startswith("#"):
+            out.append(value.strip())
+    return out
+
+
+def expand_syscall_group(name: str, seen: set[str] | None = None) -> set[str]:
+    """The system calls in a systemd group like @system-service, nested groups included."""
+    seen = set() if seen is None else seen
+    if not name.startswith("@"):
+        return {name}
+    if name in seen:
+        return set()
+    seen.add(name)
+    proc = subprocess.run(["systemd-analyze", "syscall-filter", name], capture_output=True, text=True,
+                          check=True, timeout=30)
+    calls: set[str] = set()
+    for line in proc.stdout.splitlines()[1:]:
+        item = line.strip()
+        if item and not item.startswith("#"):
+            calls |= expand_syscall_group(item, seen)
+    return calls
+
+
+def unit_sandbox_spec(unit_text: str) -> dict:
+    """What to apply, from the unit's own lines: allowed syscalls, socket families, errno, MDWE."""
+    allow: set[str] = set()
+    for value in unit_values(unit_text, "SystemCallFilter"):
+        deny = value.startswith("~")
+        names = set().union(*(expand_syscall_group(n) for n in value.lstrip("~").split()))
+        allow = allow - names if deny else allow | names
+    families = [n for v in unit_values(unit_text, "RestrictAddressFamilies") for n in v.split()]
+    errno_name = (unit_values(unit_text, "SystemCallErrorNumber") or ["EPERM"])[-1]
+    return {"allow": sorted(allow), "families": families, "errno": errno_name,
+            "mdwe": unit_values(unit_text, "MemoryDenyWriteExecute") == ["yes"]}
+
+
+SANDBOX_LAUNCHER = r'''
+import ctypes, errno, json, mmap, os, socket, sys
+spec = json.loads(sys.argv[1])
+libc = ctypes.CDLL(None, use_errno=True)
+# CapabilityBoundingSet= (empty): once the bound set is empty, execve leaves no capability even to uid 0.
+cap = 0
+while libc.prctl(24, cap, 0, 0, 0) == 0:  # PR_CAPBSET_DROP
+    cap += 1
+libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+if spec["mdwe"] and libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+    sys.exit("sandbox: this kernel has no PR_SET_MDWE (Linux >= 6.3)")
+
+class Cmp(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("a", ctypes.c_uint64), ("b", ctypes.c_uint64)]
+
+seccomp = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+seccomp.seccomp_init.restype = ctypes.c_void_p
+seccomp.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
+                                           ctypes.c_void_p]
+seccomp.seccomp_load.argtypes = [ctypes.c_void_p]
+ALLOW, EQ = 0x7FFF0000, 4
+def ERRNO(e):
+    return 0x00050000 | e
+ctx = seccomp.seccomp_init(ERRNO(getattr(errno, spec["errno"])))
+for name in spec["allow"]:
+    nr = seccomp.seccomp_syscall_resolve_name(name.encode())
+    if nr >= 0 and name != "socket":
+        assert seccomp.seccomp_rule_add_array(ctx, ALLOW, nr, 0, None) == 0, name
+nr = seccomp.seccomp_syscall_resolve_name(b"socket")
+families = [getattr(socket, f) for f in spec["families"]]
+for fam in families:
+    cmp = Cmp(0, EQ, fam, 0)
+    assert seccomp.seccomp_rule_add_array(ctx, ALLOW, nr, 1, ctypes.byref(cmp)) == 0
+# Other families get the default errno (systemd answers EAFNOSUPPORT; libseccomp cannot say "none of").
+assert seccomp.seccomp_load(ctx) == 0, "seccomp_load failed"
+
+# Show that the sandbox bites before handing over to the daemon.
+def refused(what, fn):
+    try:
+        fn()
+    except OSError as exc:
+        print(f"sandbox: {what} refused ({errno.errorcode.get(exc.errno, exc.errno)})", flush=True)
+    else:
+        print(f"sandbox: {what} ALLOWED", flush=True)
+refused("sched_setaffinity (@resources)", lambda: os.sched_setaffinity(0, os.sched_getaffinity(0)))
+refused("AF_PACKET socket", lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW))
+refused("sethostname (@privileged)", lambda: socket.sethostname("x"))
+if spec["mdwe"]:
+    refused("W+X memory", lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC))
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+'''
+
+
+def sandboxed_command(unit_text: str, argv: list[str]) -> list[str]:
+    """`python -c LAUNCHER SPEC ARGV...`: applies the unit's sandbox, then execs `python ARGV...`."""
+    return [sys.executable, "-c", SANDBOX_LAUNCHER, json.dumps(unit_sandbox_spec(unit_text)), *argv]
