@@ -61,9 +61,12 @@ class Recorder:
         self.topics = topics
         self.client.on_connect = lambda c, u, f, rc, p: [c.subscribe(t, qos=1) for t in self.topics]
         self.client.on_message = self._on_message
+        self.subscribed = threading.Event()
+        self.client.on_subscribe = lambda *args: self.subscribed.set()
         self.client.reconnect_delay_set(0.1, 0.5)
         self.client.connect_async("127.0.0.1", port)
         self.client.loop_start()
+        self.subscribed.wait(5)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         try:

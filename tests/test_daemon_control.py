@@ -1,0 +1,247 @@
+"""The daemon in-process: commands (incl. property-based garbage), item votes, model switch, metrics."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from taxonedge.edge.bundle import MODEL, Bundle, read_bundle
+from taxonedge.edge.config import load_config
+from taxonedge.edge.daemon import MAX_COMMAND_BYTES, Daemon
+from taxonedge.edge.infer import WorkerError
+
+from .conftest import TINY_LABELS, free_port, write_image_tree
+from .daemonkit import BASE, Recorder, labels_of, write_config
+from .tinymodels import write_tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return write_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny.tebundle")
+
+
+@pytest.fixture(scope="module")
+def bundle_v2(tmp_path_factory) -> Path:
+    return write_tiny_bundle(tmp_path_factory.mktemp("bundle2") / "tiny2.tebundle", seed=1, version="2")
+
+
+@pytest.fixture
+def one_class_images(tmp_path) -> Path:
+    """JPEGs of the first class only, so that every frame of an item agrees."""
+    tree = write_image_tree(tmp_path / "tree", TINY_LABELS[:1], per_class=4, seed=9)
+    return next(p for p in tree.rglob("*.jpg")).parent
+
+
+@pytest.fixture
+def start(tmp_path, broker, bundle):
+    daemons: list[Daemon] = []
+
+    def make(source: str, extra: str = "", edit=None) -> Daemon:
+        cfg_path = write_config(tmp_path / f"c{len(daemons)}.toml", broker, bundle, source, tmp_path / "st", extra)
+        if edit:
+            cfg_path.write_text(edit(cfg_path.read_text()))
+        daemon = Daemon(load_config(cfg_path))
+        daemon.start()
+        daemons.append(daemon)
+        assert daemon.link.connected.wait(10)
+        return daemon
+
+    yield make
+    for daemon in daemons:
+        daemon.shutdown()
+
+
+def live(folder: Path, fps: int = 40) -> str:
+    return f'type = "folder"\npath = "{folder}"\nloop = true\npacing = "realtime"\nfps = {fps}'
+
+
+def responses(rec: Recorder) -> list[tuple[bytes | None, dict]]:
+    return [(getattr(p, "CorrelationData", None), m) for t, m, p in rec.messages if t == f"{BASE}/replies"]
+
+
+def test_pause_resume_thresholds_snapshot_and_state(start, broker, one_class_images):
+    daemon = start(live(one_class_images))
+    rec = Recorder(broker.port)
+    try:
+        assert rec.wait(lambda r: len(labels_of(r)) >= 3)
+        rec.request("pause", b"", b"p")
+        assert rec.wait(lambda r: any(c == b"p" for c, _ in responses(r)), 5)
+        time.sleep(0.3)
+        count = len(labels_of(rec))
+        time.sleep(0.5)
+        assert len(labels_of(rec)) == count  # paused: no new labels
+        assert rec.on("status")[-1]["state"] == "degraded" and "paused by command" in rec.on("status")[-1]["reasons"]
+        rec.request("set_thresholds", json.dumps({"depth_1": 1.0}).encode(), b"t")
+        rec.request("resume", b"{}", b"r")
+        assert rec.wait(lambda r: len(labels_of(r)) >= count + 3)
+        assert labels_of(rec)[-1]["decision"] == "unknown"  # no top-level score reaches 1.0
+        rec.request("set_thresholds", json.dumps({"depth_1": None}).encode(), b"t2")
+        rec.request("snapshot", json.dumps({"inline": True}).encode(), b"s")
+        rec.request("state", b"", b"st")
+        assert rec.wait(lambda r: {b"t", b"t2", b"r", b"s", b"st"} <= {c for c, _ in responses(r)}, 5)
+        by_id = {c: m for c, m in responses(rec)}
+        assert by_id[b"t"]["result"]["thresholds"]["depth_1"] == 1.0
+        assert by_id[b"t2"]["result"]["thresholds"]["depth_1"] == 0.5  # back to the bundle's value
+        snap = by_id[b"s"]["result"]
+        assert Path(snap["path"]).read_bytes()[:2] == b"\xff\xd8" and snap["jpeg_base64"]
+        state = by_id[b"st"]["result"]
+        assert state["backend"] == "cpu" and state["frames_classified"] > 0 and state["paused"] is False
+        rec.request("set_thresholds", json.dumps({"depth_9": 0.5}).encode(), b"bad")
+        assert rec.wait(lambda r: any(c == b"bad" for c, _ in responses(r)), 5)
+        bad = dict(responses(rec))[b"bad"]
+        assert bad["ok"] is False and "depth_1..depth_3" in bad["error"]
+    finally:
+        rec.close()
+    assert daemon.classified > 0
+
+
+def test_malformed_oversized_and_unknown_commands_never_crash(start, broker, one_class_images):
+    daemon = start(live(one_class_images, fps=20))
+    rec = Recorder(broker.port)
+    counter = iter(range(10**6))
+    names = st.one_of(
+        st.sampled_from(["state", "pause", "resume", "set_thresholds", "snapshot", "reboot", "deploy_now"]),
+        # control characters are excluded: mosquitto drops a client that publishes them in a topic
+        st.text(st.characters(blacklist_characters="/+#\x00", blacklist_categories=("Cs", "Cc")), min_size=1, max_size=20),
+    )
+    payloads = st.one_of(
+        st.binary(max_size=300),
+        st.recursive(st.none() | st.booleans() | st.floats(allow_nan=True) | st.text(max_size=20) | st.integers(),
+                     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4),
+                     max_leaves=10).map(lambda v: json.dumps(v).encode()),
+        st.dictionaries(st.sampled_from(["depth_1", "depth_2", "depth_3", "depth_0", "inline", "id"]),
+                        st.one_of(st.floats(-2, 2), st.booleans(), st.none(), st.text(max_size=5)),
+                        max_size=3).map(lambda d: json.dumps(d).encode()),
+        st.just(b"{" * (MAX_COMMAND_BYTES + 10)),
+    )
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(name=names, payload=payloads)
+    def check(name: str, payload: bytes) -> None:
+        corr = str(next(counter)).encode()
+        rec.request(name, payload, corr)
+        assert rec.wait(lambda r: any(c == corr for c, _ in responses(r)), 5), f"no answer to {name!r}"
+        answer = next(m for c, m in responses(rec) if c == corr)
+        assert answer["command"] == name and isinstance(answer["ok"], bool)
+        if len(payload) > MAX_COMMAND_BYTES:
+            assert answer["ok"] is False and "limit" in answer["error"]
+
+    try:
+        check()
+        rec.request("resume", b"", b"final-resume")
+        rec.request("set_thresholds", json.dumps({"depth_1": None, "depth_2": None, "depth_3": None}).encode(), b"x")
+        before = len(labels_of(rec))
+        assert rec.wait(lambda r: len(labels_of(r)) >= before + 3, 10), "labels stopped flowing"
+        assert all(t.is_alive() for t in daemon._threads)
+        assert daemon._worker.alive()
+    finally:
+        rec.close()
+
+
+def test_item_votes_give_one_result_per_item(start, broker, one_class_images):
+    extra = "\n[trigger]\nmode = \"item\"\nframes_per_item = 3\nvote_agreement = 0.6\n"
+    daemon = start(live(one_class_images, fps=40), extra)
+    rec = Recorder(broker.port)
+    try:
+        time.sleep(0.5)
+        assert labels_of(rec) == []  # no trigger, no label
+        rec.client.publish(f"{BASE}/trigger", json.dumps({"item_id": "box-1"}), qos=1).wait_for_publish(5)
+        rec.client.publish(f"{BASE}/trigger", b"box-2", qos=1).wait_for_publish(5)
+        rec.client.publish(f"{BASE}/trigger", b'{"no_item": 1}', qos=1).wait_for_publish(5)  # ignored
+        assert rec.wait(lambda r: len(labels_of(r)) >= 2, 10)
+        time.sleep(0.5)
+        labels = labels_of(rec)
+        assert [lb["item_id"] for lb in labels] == ["box-1", "box-2"]
+        for label in labels:
+            assert label["vote"]["frames"] == 3 and label["vote"]["agreement"] >= 0.6
+            assert label["label"] == TINY_LABELS[0]
+        assert daemon.classified == 6
+    finally:
+        rec.close()
+
+
+def test_switch_model_while_labels_flow(start, broker, one_class_images, bundle_v2):
+    daemon = start(live(one_class_images))
+    rec = Recorder(broker.port)
+    results = []
+    daemon.add_result_listener(results.append)
+    try:
+        assert rec.wait(lambda r: len(labels_of(r)) >= 3)
+        old_sha = daemon.active_bundle.sha256
+        new = read_bundle(bundle_v2)
+        future = daemon.switch_model(new)
+        assert future.result(60).sha256 == new.sha256
+        assert daemon.active_bundle.sha256 == new.sha256 != old_sha
+        assert rec.wait(lambda r: any(lb["model"]["version"] == "2" for lb in labels_of(r)), 10)
+        assert rec.wait(lambda r: r.on("model")[-1]["sha256"] == new.sha256, 5)
+        versions = [lb["model"]["version"] for lb in labels_of(rec)]
+        assert versions == sorted(versions)  # old labels then new, never mixed back
+        seqs = [lb["seq"] for lb in labels_of(rec)]
+        assert seqs == list(range(1, len(seqs) + 1))  # no gap across the switch
+        assert {r.model_sha256 for r in results} == {old_sha, new.sha256}
+        assert all(r.ok and r.decision in ("accepted", "backed-off", "unknown") for r in results)
+
+        broken = Bundle(new.manifest, new.manifest_bytes, {**new.files, MODEL: b"not a tflite model"}, None,
+                        "0" * 64, None, "unsigned")
+        with pytest.raises(WorkerError, match="could not load"):
+            daemon.switch_model(broken).result(60)
+        assert daemon.active_bundle.sha256 == new.sha256  # the serving model is untouched
+        count = len(labels_of(rec))
+        assert rec.wait(lambda r: len(labels_of(r)) > count + 2)
+    finally:
+        rec.close()
+
+
+def test_plugin_subscription_runs_on_control_thread_and_survives_errors(start, broker, one_class_images):
+    daemon = start(live(one_class_images, fps=10))
+    seen = []
+
+    def handler(topic, payload, props):
+        seen.append((topic, payload, threading.current_thread().name))
+        raise RuntimeError("a broken plugin handler")
+
+    daemon.subscribe(f"{BASE}/cmd/deploy", handler)
+    time.sleep(0.3)
+    rec = Recorder(broker.port)
+    try:
+        rec.request("deploy", b"{}", b"d")
+        deadline = time.monotonic() + 5
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert seen and seen[0][2] == "control" and seen[0][1] == b"{}"
+        time.sleep(0.3)
+        assert not any(c == b"d" for c, _ in responses(rec))  # the plugin's topic is not an unknown command
+        rec.request("state", b"", b"s")
+        assert rec.wait(lambda r: any(c == b"s" for c, _ in responses(r)), 5)
+    finally:
+        rec.close()
+
+
+def test_v311_commands_answer_on_the_response_topic(start, broker, one_class_images):
+    start(live(one_class_images, fps=10), edit=lambda t: t.replace("[mqtt]", '[mqtt]\nprotocol = "v311"'))
+    rec = Recorder(broker.port)
+    try:
+        rec.client.publish(f"{BASE}/cmd/state", json.dumps({"id": "req-7"}), qos=1).wait_for_publish(5)
+        assert rec.wait(lambda r: r.on("cmd/state/response"), 5)
+        answer = rec.on("cmd/state/response")[0]
+        assert answer["ok"] is True and answer["id"] == "req-7"
+    finally:
+        rec.close()
+
+
+def test_prometheus_metrics(start, one_class_images):
+    port = free_port()
+    daemon = start(live(one_class_images, fps=20), f"\n[health]\nprometheus_port = {port}\n")
+    time.sleep(1.0)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=5).read().decode()
+    value = float(next(line.split()[-1] for line in text.splitlines()
+                       if line.startswith("taxonedge_frames_classified ")))
+    assert value > 0
+    assert "taxonedge_outbox_depth" in text and "taxonedge_source_dropped" in text
+
