@@ -9,6 +9,7 @@ line saying what to fix, and keeps retrying with backoff until the broker lets i
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import threading
@@ -68,6 +69,7 @@ class Session:
         self.acks: dict[int, str] = {}
         self.subacks: dict[int, list[str]] = {}
         self.received: list[str] = []
+        self.payloads: list[bytes] = []
         self.event = threading.Condition()
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
@@ -88,6 +90,7 @@ class Session:
     def _on_message(self, c, userdata, message) -> None:
         with self.event:
             self.received.append(message.topic)
+            self.payloads.append(message.payload)
             self.event.notify_all()
 
     def wait(self, predicate, timeout: float = 5.0) -> None:
@@ -327,3 +330,52 @@ def test_optional_client_certificate_password_only_listener(pki: Pki) -> None:
     finally:
         broker.stop()
         shutil.rmtree(broker.dir, ignore_errors=True)
+
+
+# ---- the real daemon ----------------------------------------------------------------------------------
+
+def test_daemon_refused_then_admitted_keeps_every_label(pki: Pki, secure_broker: SecureBroker, tmp_path: Path) -> None:
+    """`taxonedge run` with TLS, a client certificate and its password as a systemd credential: a wrong
+    password is reported in one clear line, the daemon keeps classifying into its outbox and retrying, and
+    once the broker accepts it every label arrives."""
+    from .conftest import TINY_LABELS, write_image_tree
+    from .daemonkit import DEVICE, DaemonProcess, write_config
+    from .tinymodels import write_tiny_bundle
+
+    bundle = write_tiny_bundle(tmp_path / "tiny.tebundle")
+    frames = write_image_tree(tmp_path / "tree", TINY_LABELS, per_class=2)
+    flat = tmp_path / "frames"
+    flat.mkdir()
+    for i, path in enumerate(sorted(frames.rglob("*.jpg"))):
+        shutil.copy(path, flat / f"{i:03d}.jpg")
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "mqtt-password").write_text("not-the-password\n")
+    mqtt = (f'username = "{DEVICE}"\npassword_file = "mqtt-password"\n'
+            f'[mqtt.tls]\nca_file = "{pki.ca_cert}"\ncert_file = "{pki.dir / "fleet-d1.crt"}"\n'
+            f'key_file = "{pki.dir / "fleet-d1.key"}"\n')
+    source = f'type = "folder"\npath = "{flat}"\nloop = true\npacing = "realtime"\nfps = 10'
+    config = write_config(tmp_path / "config.toml", secure_broker, bundle, source, tmp_path / "state", extra=mqtt)
+    operator = session(pki, secure_broker, OPERATOR)
+    operator.subscribe(f"taxonedge/plant/line1/{DEVICE}/labels")
+    daemon = DaemonProcess(config, env={"CREDENTIALS_DIRECTORY": str(credentials)})
+    try:
+        deadline = time.monotonic() + 30
+        while "refused the connection" not in daemon.log and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(3)  # classifying into the outbox meanwhile, retrying with backoff
+        refusals = [line for line in daemon.log.splitlines() if "refused the connection" in line]
+        assert len(refusals) == 1 and "Not authorized" in refusals[0] and "password" in refusals[0], daemon.log
+        assert daemon.proc.poll() is None and operator.received == []
+        # The operator registers the password the device holds; the daemon's next retry gets in.
+        secure_broker.reload({**PASSWORDS, DEVICE: "not-the-password"})
+        operator.wait(lambda: len(operator.received) >= 40, timeout=40)
+        assert daemon.terminate() == 0, daemon.log[-3000:]
+        seqs = sorted({json.loads(p)["seq"] for p in operator.payloads})
+        # Labels made while refused were kept and delivered: the first ones are there, without gaps.
+        assert seqs[0] == 1 and seqs == list(range(1, len(seqs) + 1)), seqs
+        print(f"refused once ({refusals[0].split('MQTT: ')[-1][:90]}...), then {len(seqs)} labels, seq 1..{seqs[-1]}")
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.kill()
+        operator.close()
