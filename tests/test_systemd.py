@@ -15,9 +15,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from taxonedge.edge.config import load_config
+from taxonedge.edge.config import HealthConfig, load_config
 
-from .conftest import REPO
+from .conftest import REPO, run_cli
 
 SYSTEMD = REPO / "systemd"
 UNIT = SYSTEMD / "taxonedge.service"
@@ -68,7 +68,9 @@ def test_unit_has_what_the_daemon_and_the_issue_need() -> None:
     text = UNIT.read_text()
     d = {(s, k): v for s, k, v in unit_directives(text)}
     assert d[("Service", "Type")] == "notify" and d[("Service", "NotifyAccess")] == "main"
-    assert int(d[("Service", "WatchdogSec")]) >= 2 * 30  # twice the daemon's default progress timeout
+    # The daemon stops feeding the watchdog after health.progress_timeout_s without progress; the kill
+    # comes later, so a slow frame never restarts it.
+    assert int(d[("Service", "WatchdogSec")]) >= 2 * HealthConfig().progress_timeout_s
     assert d[("Service", "Restart")] == "on-failure"
     assert int(d[("Unit", "StartLimitBurst")]) > 0 and int(d[("Unit", "StartLimitIntervalSec")]) > 0
     assert d[("Service", "User")] == "taxonedge"
@@ -137,6 +139,14 @@ def test_security_check_tells_an_unhardened_unit_apart(tmp_path: Path) -> None:
                      if line.startswith(("[", "Description=", "Type=", "ExecStart=", "WantedBy=")))
     exposure = security_exposure(runnable_unit(tmp_path, bare))
     assert exposure > 9.0 > EXPOSURE_LIMIT
+
+
+def test_a_config_error_exits_with_the_status_the_unit_does_not_restart(tmp_path: Path) -> None:
+    bad = tmp_path / "config.toml"
+    bad.write_text((SYSTEMD / "config.example.toml").read_text().replace("port = 8883", "portt = 8883"))
+    proc = run_cli("run", "--config", str(bad), check=False, timeout=120)
+    assert str(proc.returncode) in values(UNIT.read_text(), "RestartPreventExitStatus")
+    assert "portt" in proc.stderr
 
 
 # ---- the udev rule ------------------------------------------------------------------------------------
