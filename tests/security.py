@@ -263,6 +263,20 @@ SANDBOX_LAUNCHER = r'''
 import ctypes, errno, json, mmap, os, socket, sys
 spec = json.loads(sys.argv[1])
 libc = ctypes.CDLL(None, use_errno=True)
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
+def mount(src, target, flags):
+    if libc.mount(src and src.encode(), target.encode(), None, flags, None) != 0:
+        sys.exit(f"sandbox: mount {target}: {os.strerror(ctypes.get_errno())}")
+if spec.get("writable"):
+    # ProtectSystem=strict: in a private mount namespace the root file system is read-only and only the
+    # state directory (and the private tmp) stay writable.
+    if libc.unshare(0x00020000) != 0:  # CLONE_NEWNS
+        sys.exit(f"sandbox: unshare(CLONE_NEWNS): {os.strerror(ctypes.get_errno())}")
+    mount(None, "/", MS_REC | MS_PRIVATE)
+    for path in spec["writable"]:
+        mount(path, path, MS_BIND)
+    mount(None, "/", MS_REMOUNT | MS_BIND | MS_RDONLY)
 # CapabilityBoundingSet= (empty): once the bound set is empty, execve leaves no capability even to uid 0.
 cap = 0
 while libc.prctl(24, cap, 0, 0, 0) == 0:  # PR_CAPBSET_DROP
@@ -306,12 +320,23 @@ def refused(what, fn):
 refused("sched_setaffinity (@resources)", lambda: os.sched_setaffinity(0, os.sched_getaffinity(0)))
 refused("AF_PACKET socket", lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW))
 refused("sethostname (@privileged)", lambda: socket.sethostname("x"))
+if spec.get("writable"):
+    refused("writing outside the state directory", lambda: open(spec["read_only_probe"], "w"))
 if spec["mdwe"]:
     refused("W+X memory", lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC))
 os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
 '''
 
 
-def sandboxed_command(unit_text: str, argv: list[str]) -> list[str]:
-    """`python -c LAUNCHER SPEC ARGV...`: applies the unit's sandbox, then execs `python ARGV...`."""
-    return [sys.executable, "-c", SANDBOX_LAUNCHER, json.dumps(unit_sandbox_spec(unit_text)), *argv]
+def sandboxed_command(unit_text: str, argv: list[str], writable: list[Path] | None = None,
+                      read_only_probe: Path | None = None) -> list[str]:
+    """`python -c LAUNCHER SPEC ARGV...`: applies the unit's sandbox, then execs `python ARGV...`.
+
+    With `writable` (the state directory and a stand-in for PrivateTmp=, which the caller passes as
+    $TMPDIR), everything else is read-only as under ProtectSystem=strict; `read_only_probe` is a file the
+    launcher tries to create to show that. This needs root (a private mount namespace).
+    """
+    spec = unit_sandbox_spec(unit_text)
+    if writable:
+        spec |= {"writable": [str(p) for p in writable], "read_only_probe": str(read_only_probe)}
+    return [sys.executable, "-c", SANDBOX_LAUNCHER, json.dumps(spec), *argv]

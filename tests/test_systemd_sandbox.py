@@ -5,7 +5,9 @@ No systemd runs here, so the sandbox is applied by tests/security.py from the un
 NoNewPrivileges=, empty CapabilityBoundingSet=) with seccomp and prctl, the mechanisms systemd uses. The
 daemon gets a notify socket as systemd would give it and must report READY=1 and WATCHDOG=1, publish labels
 (its inference worker is a child process, sandboxed too) and stop cleanly on SIGTERM.
-Not covered here: User=, the file-system and device namespaces (ProtectSystem=, PrivateTmp=, DevicePolicy=).
+ProtectSystem=strict is emulated (when run as root) by a private mount namespace in which everything but
+the state directory and a private tmp ($TMPDIR) is read-only. Not covered: User= (this venv's Python lives
+under /root), ProtectHome=, the real PrivateTmp= and DevicePolicy=.
 """
 
 from __future__ import annotations
@@ -101,8 +103,14 @@ def test_daemon_runs_notifies_and_stops_cleanly_inside_the_units_sandbox(tmp_pat
     config = write_config(tmp_path / "config.toml", broker, bundle, source, tmp_path / "state")
     recorder = Recorder(broker.port)
     log_path = tmp_path / "daemon.log"
-    command = sandboxed_command(UNIT.read_text(), ["-m", "taxonedge", "run", "--config", str(config)])
-    env = {**os.environ, "NOTIFY_SOCKET": notify.path, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    state, private_tmp = tmp_path / "state", tmp_path / "private-tmp"
+    state.mkdir()
+    private_tmp.mkdir()
+    writable = [state, private_tmp] if os.geteuid() == 0 else None  # a mount namespace needs root
+    command = sandboxed_command(UNIT.read_text(), ["-m", "taxonedge", "run", "--config", str(config)],
+                                writable=writable, read_only_probe=tmp_path / "written-outside-state")
+    env = {**os.environ, "NOTIFY_SOCKET": notify.path, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1",
+           "TMPDIR": str(private_tmp)}
     with open(log_path, "wb") as log:
         daemon = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
@@ -112,8 +120,11 @@ def test_daemon_runs_notifies_and_stops_cleanly_inside_the_units_sandbox(tmp_pat
         assert status["Seccomp"] == "2" and status["NoNewPrivs"] == "1", status
         assert status["CapEff"] == status["CapBnd"] == "0000000000000000", status
         log_text = log_path.read_text()
-        for probe in ("sched_setaffinity (@resources) refused", "AF_PACKET socket refused",
-                      "sethostname (@privileged) refused", "W+X memory refused"):
+        probes = ["sched_setaffinity (@resources) refused", "AF_PACKET socket refused",
+                  "sethostname (@privileged) refused", "W+X memory refused"]
+        if writable:
+            probes.append("writing outside the state directory refused (EROFS)")
+        for probe in probes:
             assert probe in log_text, log_text[:2000]
         assert recorder.wait(lambda r: len(labels_of(r)) >= 10, 30), log_path.read_text()[-3000:]
         assert notify.wait_for("WATCHDOG=1", 30), notify.lines
