@@ -178,6 +178,11 @@ do_uninstall() {
     fi
     if [ "$PURGE" = 1 ]; then
         rm -rf "$CONF_DIR" "$STATE_DIR"
+        if [ "$AS_ROOT" = 0 ]; then
+            # userdel/groupdel must read the image's /etc/shadow and /etc/gshadow (mode 0000): root only.
+            say "purged $CONF_DIR and $STATE_DIR; kept user taxonedge: deleting it needs root"
+            return
+        fi
         if [ -n "$(lookup_id passwd)" ]; then
             if [ "$LIVE" = 1 ]; then userdel taxonedge; else userdel --prefix "$ROOT" taxonedge; fi
         fi

@@ -12,6 +12,7 @@ import re
 import shutil
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -354,3 +355,26 @@ def test_install_refuses_bad_options_with_a_clear_message(tmp_path: Path) -> Non
     proc = subprocess.run([str(INSTALL), "--root", str(tmp_path / "nope")], capture_output=True, text=True)
     assert proc.returncode != 0 and "is not a directory" in proc.stderr
     assert "--uninstall" in subprocess.run([str(INSTALL), "--help"], capture_output=True, text=True).stdout
+
+
+@needs_sysusers
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="runs the script as an unprivileged user, which needs root and setpriv to arrange")
+def test_install_without_root_builds_an_image_tree_owned_by_the_caller() -> None:
+    # CI builds images unprivileged: everything but ownership (and deleting the user) must work.
+    root = Path(tempfile.mkdtemp(prefix="taxonedge-root-"))
+    try:
+        root.chmod(0o755)
+        os.chown(root, 65534, 65534)
+        as_nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", str(INSTALL), "--root", str(root)]
+        proc = subprocess.run(as_nobody, capture_output=True, text=True, timeout=120, cwd="/")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        password = (root / "etc/taxonedge/mqtt-password").stat()
+        assert stat.S_IMODE(password.st_mode) == 0o600 and password.st_uid == 65534
+        assert stat.S_IMODE((root / "etc/taxonedge/config.toml").stat().st_mode) == 0o640
+        assert passwd_entry(root, "taxonedge") is not None
+        proc = subprocess.run([*as_nobody, "--uninstall", "--purge"], capture_output=True, text=True, timeout=120, cwd="/")
+        assert proc.returncode == 0 and "deleting it needs root" in proc.stdout, proc.stdout + proc.stderr
+        assert not (root / "etc/taxonedge").exists() and not (root / "etc/systemd/system/taxonedge.service").exists()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
