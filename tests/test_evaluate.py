@@ -1,0 +1,71 @@
+"""`taxonedge evaluate` on a real trained run (Keras) and on its real int8 bundle (LiteRT)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import pytest
+
+from .conftest import TINY_LABELS, run_cli, write_image_tree
+from .fixtures_train import tiny_run  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+
+def _metrics(folder: Path) -> dict:
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def test_evaluate_run_writes_metrics_and_reports(tiny_run: Path, tiny_val_tree: Path, tmp_path: Path) -> None:  # noqa: F811
+    out = tmp_path / "eval"
+    proc = run_cli("evaluate", "--model", str(tiny_run), "--data", str(tiny_val_tree), "--out", str(out))
+    assert "leaf" in proc.stdout and str(out) in proc.stdout
+    metrics = _metrics(out)
+    assert list(metrics["accuracy"]) == ["depth_1", "depth_2", "leaf"]
+    assert metrics["accuracy"] == _metrics(tiny_run)["accuracy"]  # the run was scored on the same val tree
+    for key in ("top5", "macro_f1", "hierarchical", "mistake_severity", "backoff", "per_class", "accuracy_summed"):
+        assert key in metrics
+    calibration = json.loads((tiny_run / "calibration.json").read_text())
+    assert {f"depth_{d}": metrics["backoff"][f"depth_{d}"]["threshold"] for d in (1, 2, 3)} == calibration["thresholds"]
+    for png in ("confusion.png", "reliability.png"):
+        image = cv2.imread(str(out / png))
+        assert image is not None and image.shape[0] > 200, png
+    report = (out / "report.md").read_text()
+    assert "| depth_1 | 2 |" in report and "| leaf | 4 |" in report
+    assert all(f"| {label} | 6 |" in report for label in TINY_LABELS)
+
+
+def test_evaluate_int8_bundle_through_litert(tiny_run: Path, tiny_val_tree: Path, tmp_path: Path) -> None:  # noqa: F811
+    bundle = tmp_path / "tiny.tebundle"
+    run_cli("convert", "--run", str(tiny_run), "--out", str(bundle), "--edgetpu", "skip", "--force")
+    out = tmp_path / "eval_int8"
+    run_cli("evaluate", "--bundle", str(bundle), "--data", str(tiny_val_tree), "--out", str(out))
+    metrics, float_metrics = _metrics(out), _metrics(tiny_run)
+    assert metrics["source"]["kind"] == "bundle" and metrics["source"]["quantization"] == "int8"
+    assert metrics["n"] == 24
+    # int8 output steps are 1/256: the accuracy may move by an image or two, not more
+    for key, value in float_metrics["accuracy"].items():
+        assert abs(metrics["accuracy"][key] - value) <= 2 / 24 + 1e-9, key
+
+
+def test_evaluate_skips_corrupt_images_and_rejects_unknown_labels(tiny_run: Path, tiny_val_tree: Path,  # noqa: F811
+                                                                 tmp_path: Path) -> None:
+    data = shutil.copytree(tiny_val_tree, tmp_path / "val")
+    broken = data / TINY_LABELS[1] / "zz-broken.jpg"
+    broken.write_bytes(b"\xff\xd8 truncated")
+    out = tmp_path / "eval"
+    run_cli("evaluate", "--model", str(tiny_run), "--data", str(data), "--out", str(out))
+    metrics = _metrics(out)
+    assert metrics["n"] == 24 and any(str(broken) in e for e in metrics["source"]["skipped_images"])
+    assert str(broken) in (out / "report.md").read_text()
+
+    unknown = write_image_tree(tmp_path / "other", ["Fruit/Kiwi"], per_class=2)
+    proc = run_cli("evaluate", "--model", str(tiny_run), "--data", str(unknown), "--out", str(out), check=False)
+    assert proc.returncode == 2 and "Fruit/Kiwi" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("evaluate", "--model", str(tmp_path), "--data", str(data), "--out", str(out), check=False)
+    assert proc.returncode == 2 and "no model.keras" in proc.stderr
+    proc = run_cli("evaluate", "--bundle", str(broken), "--data", str(data), "--out", str(out), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
