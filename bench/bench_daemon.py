@@ -1,0 +1,237 @@
+"""End-to-end daemon throughput and latency against invoke-only and decode-only, same model, one run.
+
+    .venv/bin/python bench/bench_daemon.py [--frames 600] [--threads 2]
+
+1. decode-only: read every frame of a 640x480 MJPG video with OpenCV (what the capture thread does).
+2. invoke-only: the interpreter alone on one preprocessed frame, `--frames` times (median and fps).
+3. end to end: `python -m taxonedge run` as a subprocess on the same video (pacing "fast": every frame
+   is classified, none dropped) publishing to a real mosquitto; a subscriber timestamps each label.
+   fps from the first to the last label received; capture-to-publish latency = time the label reached
+   the subscriber minus the frame's capture time in the label; peak RSS of the daemon and its inference
+   worker from /proc (VmHWM), and whether TensorFlow was ever mapped into either process.
+
+Model: ../shared/reference/mobilenet_v2_1.0_224_quant.tflite (1001 ImageNet classes as a flat taxonomy)
+when present, else a tiny model trained on the spot. Frames: Grocery photos when present, else synthetic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from taxonedge.edge.bundle import MODEL, ModelInfo, build_manifest, read_bundle, utc_now, write_bundle  # noqa: E402
+from taxonedge.edge.preprocess import InputSpec, preprocess  # noqa: E402
+from taxonedge.edge.runtime import Classifier  # noqa: E402
+from taxonedge.edge.taxonomy import Taxonomy  # noqa: E402
+
+from tests.conftest import GROCERY, REFERENCE, Broker, free_port  # noqa: E402
+from tests.daemonkit import DEVICE, Recorder, labels_of, write_config  # noqa: E402
+
+REFERENCE_MODEL = REFERENCE / "mobilenet_v2_1.0_224_quant.tflite"
+
+
+def reference_bundle(path: Path) -> Path:
+    """Google's quantized MobileNetV2 wrapped as a bundle: 1001 classes, flat, in output order."""
+    names = (REFERENCE / "imagenet_labels.txt").read_text().splitlines()
+    # zero-padded index first: the taxonomy sorts siblings by name, which must equal the output order
+    labels = [f"{i:04d} {n.replace('/', '-')}" for i, n in enumerate(names)]
+    model = REFERENCE_MODEL.read_bytes()
+    files = {MODEL: model}
+    manifest = build_manifest(
+        model=ModelInfo(name="mobilenet_v2_1.0_224_quant", version="reference", created_at=utc_now(),
+                        backbone="mobilenet_v2"),
+        taxonomy=Taxonomy.from_paths(labels, name="imagenet"),
+        input_spec=InputSpec(height=224, width=224, scale=1 / 128, zero_point=128),
+        files=files, thresholds={"depth_1": 0.3})
+    return write_bundle(path, manifest, files)
+
+
+def tiny_bundle(path: Path) -> Path:
+    from tests.tinymodels import write_tiny_bundle
+
+    return write_tiny_bundle(path, size=96)
+
+
+def write_video(path: Path, frames: int) -> Path:
+    photos = sorted(GROCERY.glob("train/**/*.jpg"))[:: 7][:60] if GROCERY.exists() else []
+    rng = np.random.default_rng(0)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (640, 480))
+    for i in range(frames):
+        if photos:
+            img = cv2.resize(cv2.imread(str(photos[i % len(photos)])), (640, 480))
+        else:
+            img = rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)
+        writer.write(img)
+    writer.release()
+    return path
+
+
+def decode_only(video: Path) -> tuple[float, int]:
+    cap = cv2.VideoCapture(str(video))
+    n = 0
+    start = time.perf_counter()
+    while True:
+        ok, _ = cap.read()
+        if not ok:
+            break
+        n += 1
+    elapsed = time.perf_counter() - start
+    cap.release()
+    return n / elapsed, n
+
+
+def invoke_only(bundle_path: Path, video: Path, runs: int, threads: int) -> tuple[float, float]:
+    bundle = read_bundle(bundle_path)
+    classifier = Classifier(bundle, num_threads=threads)
+    cap = cv2.VideoCapture(str(video))
+    _, frame = cap.read()
+    cap.release()
+    image = preprocess(frame, bundle.manifest.input)
+    for _ in range(10):
+        classifier.raw(image)
+    times = []
+    start = time.perf_counter()
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        classifier.raw(image)
+        times.append(time.perf_counter() - t0)
+    return runs / (time.perf_counter() - start), statistics.median(times)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _vm_hwm_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _maps_tensorflow(pid: int) -> bool:
+    try:
+        return "tensorflow" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def end_to_end(bundle: Path, video: Path, threads: int, work: Path) -> dict:
+    broker = Broker(port=free_port(), workdir=work / "broker")
+    broker.workdir.mkdir()
+    broker.start()
+    try:
+        rec = Recorder(broker.port)
+        source = f'type = "video"\npath = "{video}"\npacing = "fast"'
+        cfg = write_config(work / "bench.toml", broker, bundle, source, work / "state",
+                           '\n[trigger]\nmax_rate_hz = 100000\n')
+        text = cfg.read_text().replace("warmup_runs = 1", f"warmup_runs = 10\nnum_threads = {threads}")
+        cfg.write_text(text)
+        receipts: dict[str, float] = {}
+
+        def on_message(client, userdata, msg):  # receipt time taken on arrival, before any parsing
+            now = time.time()
+            rec._on_message(client, userdata, msg)
+            if msg.topic.endswith("/labels"):
+                receipts[json.loads(msg.payload)["msg_id"]] = now
+
+        rec.client.on_message = on_message
+        with open(work / "daemon.log", "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "taxonedge", "run", "--config", str(cfg)],
+                                    stdout=subprocess.DEVNULL, stderr=log)
+        peak = {"daemon": 0, "worker": 0}
+        tf_mapped = False
+        while proc.poll() is None:
+            peak["daemon"] = max(peak["daemon"], _vm_hwm_kb(proc.pid))
+            tf_mapped |= _maps_tensorflow(proc.pid)
+            for child in _children(proc.pid):
+                peak["worker"] = max(peak["worker"], _vm_hwm_kb(child))
+                tf_mapped |= _maps_tensorflow(child)
+            time.sleep(0.05)
+        time.sleep(0.5)
+        labels = labels_of(rec)
+        rec.close()
+    finally:
+        broker.stop()
+    if proc.returncode != 0 or len(labels) < 10:
+        raise SystemExit(f"daemon run failed ({proc.returncode}, {len(labels)} labels):\n"
+                         + (work / "daemon.log").read_text()[-3000:])
+    arrival = sorted(receipts[lb["msg_id"]] for lb in labels)
+    latency = [receipts[lb["msg_id"]] - datetime.fromisoformat(lb["timestamp"].replace("Z", "+00:00")).timestamp()
+               for lb in labels]
+    internal = [lb["latency_ms"] / 1000 for lb in labels]
+    invokes = [lb["inference_ms"] / 1000 for lb in labels]
+    return {
+        "labels": len(labels),
+        "fps": (len(arrival) - 1) / (arrival[-1] - arrival[0]),
+        "latency_p50": float(np.percentile(latency, 50)),
+        "latency_p99": float(np.percentile(latency, 99)),
+        "internal_p50": float(np.percentile(internal, 50)),
+        "internal_p99": float(np.percentile(internal, 99)),
+        "invoke_p50": float(np.percentile(invokes, 50)),
+        "peak_rss_daemon_mb": peak["daemon"] / 1024,
+        "peak_rss_worker_mb": peak["worker"] / 1024,
+        "tensorflow_mapped": tf_mapped,
+        "devices": {lb["device"] for lb in labels} == {DEVICE},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=600, help="frames in the test video (default 600)")
+    parser.add_argument("--threads", type=int, default=2, help="interpreter threads, same for both runs")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if REFERENCE_MODEL.exists():
+            bundle, model = reference_bundle(work / "ref.tebundle"), "reference MobileNetV2 1.0 224 int8, 1001 classes"
+        else:
+            bundle, model = tiny_bundle(work / "tiny.tebundle"), "tiny CNN 96x96 int8 (../shared absent)"
+        video = write_video(work / "frames.avi", args.frames)
+        # The baselines run right before and right after the daemon and are averaged, so that load from
+        # other processes on a shared machine hits both sides of the ratio alike.
+        before = decode_only(video), invoke_only(bundle, video, args.frames, args.threads)
+        e2e = end_to_end(bundle, video, args.threads, work)
+        after = decode_only(video), invoke_only(bundle, video, args.frames, args.threads)
+    n = before[0][1]
+    dec_fps = (before[0][0] + after[0][0]) / 2
+    inv_fps = (before[1][0] + after[1][0]) / 2
+    inv_median = (before[1][1] + after[1][1]) / 2
+    floor = min(dec_fps, inv_fps)
+    print(f"model: {model}; video: {n} frames 640x480 MJPG; {args.threads} interpreter threads; "
+          f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
+    print(f"decode-only      {dec_fps:8.1f} fps   (before {before[0][0]:.1f}, after {after[0][0]:.1f})")
+    print(f"invoke-only      {inv_fps:8.1f} fps   median {inv_median * 1000:.2f} ms "
+          f"(before {before[1][1] * 1000:.2f}, after {after[1][1] * 1000:.2f})")
+    print(f"end-to-end       {e2e['fps']:8.1f} fps   ({e2e['labels']} labels received)")
+    print(f"ratio e2e / min(decode, invoke) = {e2e['fps'] / floor:.3f}   (target >= 0.9)")
+    print(f"capture->subscriber latency  p50 {e2e['latency_p50'] * 1000:.2f} ms  p99 {e2e['latency_p99'] * 1000:.2f} ms"
+          f"   p99 / invoke median = {e2e['latency_p99'] / inv_median:.2f}   (target <= 2)")
+    print(f"invoke inside the daemon's worker: median {e2e['invoke_p50'] * 1000:.2f} ms")
+    print(f"capture->outbox latency      p50 {e2e['internal_p50'] * 1000:.2f} ms  p99 {e2e['internal_p99'] * 1000:.2f} ms")
+    print(f"peak RSS: daemon {e2e['peak_rss_daemon_mb']:.1f} MB, inference worker {e2e['peak_rss_worker_mb']:.1f} MB "
+          f"(target <= 120 MB each); TensorFlow mapped: {e2e['tensorflow_mapped']}")
+
+
+if __name__ == "__main__":
+    main()
