@@ -132,8 +132,8 @@ def _child(args: argparse.Namespace) -> None:
             continue
         if layer.name not in weights:
             raise QatError(f"layer '{layer.name}' of the rebuilt model has no trained weights in the run")
-        values = [weights.pop(layer.name)[i] for i in range(len(layer.weights))]
-        layer.set_weights(values)
+        saved_layer = weights.pop(layer.name)
+        layer.set_weights([saved_layer[i] for i in range(len(saved_layer))])
     if weights:
         raise QatError(f"trained weights for layers the rebuilt model lacks: {', '.join(sorted(weights)[:5])}")
     data = np.load(work / "data.npz")
@@ -142,7 +142,12 @@ def _child(args: argparse.Namespace) -> None:
         raise QatError("the tf_keras rebuild does not reproduce the Keras 3 model's outputs "
                        f"(max difference {np.abs(got - data['check_outputs']).max():.4f})")
 
-    registry = tfmot.quantization.keras.default_8bit.default_8bit_quantize_registry.Default8BitQuantizeRegistry()
+    # The registry is not in tfmot's public API; 0.8.1 is pinned in pyproject (toolchain.md).
+    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+        default_8bit_quantize_registry,
+    )
+
+    registry = default_8bit_quantize_registry.Default8BitQuantizeRegistry()
 
     def annotate(layer: Any) -> Any:
         # Layers tfmot cannot quantize (the input Rescaling) stay float here; the converter still makes

@@ -11,11 +11,14 @@ from .signing import SigningKeyError, load_public_key
 
 
 def model_ops(model: bytes) -> dict[str, Any]:
-    """Operators and tensor dtypes of a TFLite model, through the device's interpreter (no TensorFlow)."""
+    """Operators (execution order counts) and tensor dtypes of a TFLite model, through the device's
+    interpreter (no TensorFlow). Default delegates are off so the list is the model's own ops."""
     from .runtime import interpreter_module
 
     module, _ = interpreter_module()
-    interpreter = module.Interpreter(model_content=model)
+    resolver = getattr(module, "OpResolverType", None)
+    kwargs = {"experimental_op_resolver_type": resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES} if resolver else {}
+    interpreter = module.Interpreter(model_content=model, **kwargs)
     ops: dict[str, int] = {}
     for op in interpreter._get_ops_details():  # the only API that lists ops; stable across LiteRT releases
         ops[op["op_name"]] = ops.get(op["op_name"], 0) + 1
@@ -28,6 +31,23 @@ def model_ops(model: bytes) -> dict[str, Any]:
             "fully_integer": float_tensors == 0}
 
 
+def signature_words(bundle: Bundle) -> str:
+    key = bundle.manifest.signing_key_id
+    if bundle.signature_status == "valid":
+        return f"valid (key {key})"
+    if bundle.signature_status == "not checked":
+        return f"present, not checked (signed by key {key}; pass --pubkey KEY to verify)"
+    return "unsigned"
+
+
+def edgetpu_words(bundle: Bundle) -> str:
+    report = bundle.manifest.edgetpu
+    compiled = "model_edgetpu.tflite included" if bundle.has_edgetpu_model else "no Edge TPU model (CPU only)"
+    if not report:
+        return compiled
+    return f"{report.get('status', '?')}: {report.get('summary', '')} [{compiled}]"
+
+
 def describe(bundle: Bundle) -> dict[str, Any]:
     m = bundle.manifest
     files = {name: entry.size for name, entry in m.files.items()}
@@ -35,15 +55,21 @@ def describe(bundle: Bundle) -> dict[str, Any]:
         "path": str(bundle.path) if bundle.path else None,
         "sha256": bundle.sha256,
         "signature": bundle.signature_status,
+        "signature_text": signature_words(bundle),
         "signing_key_id": m.signing_key_id,
         "manifest": m.model_dump(mode="json", exclude={"taxonomy"}),
         "taxonomy": {"summary": bundle.taxonomy.summary(), "hash": m.taxonomy_hash,
                      "leaves": bundle.taxonomy.leaf_labels},
         "file_sizes": files,
+        "bundle_size": (len(bundle.manifest_bytes) + sum(files.values())),
+        "edgetpu": {"status": m.edgetpu.get("status", "unknown"), "text": edgetpu_words(bundle),
+                    "has_model": bundle.has_edgetpu_model, "warnings": m.edgetpu.get("warnings", [])},
     }
+    if bundle.path is not None:
+        info["bundle_size"] = bundle.path.stat().st_size
     try:
         info["model"] = model_ops(bundle.model_bytes())
-    except ImportError as exc:
+    except (ImportError, ValueError, RuntimeError) as exc:
         info["model"] = {"error": str(exc)}
     return info
 
@@ -51,10 +77,11 @@ def describe(bundle: Bundle) -> dict[str, Any]:
 def render(info: dict[str, Any]) -> str:
     m = info["manifest"]
     model = m["model"]
+    q = m["quantization"]
     lines = [
-        f"bundle     {info['path'] or '-'}",
+        f"bundle     {info['path'] or '-'}  ({info['bundle_size'] / 1e6:.2f} MB)",
         f"sha256     {info['sha256']}",
-        f"signature  {info['signature']}" + (f" (key {info['signing_key_id']})" if info["signing_key_id"] else ""),
+        f"signature  {info['signature_text']}",
         f"model      {model['name']} {model['version']}  backbone {model['backbone']}  created {model['created_at']}",
         f"format     {m['format']} v{m['format_version']}  compatible '{m['compatible']}'  "
         f"min daemon {m['min_daemon_version']}",
@@ -64,7 +91,8 @@ def render(info: dict[str, Any]) -> str:
         f"{m['input']['crop_fraction']:g}, resize {m['input']['resize']})",
         f"output     '{m['output']['name']}' {m['output']['kind']} x{m['output']['num_classes']} "
         f"{m['output']['dtype']} (scale {m['output']['scale']:g}, zero point {m['output']['zero_point']})",
-        f"quantized  {m['quantization']['mode']}" + (" (quantization-aware)" if m["quantization"]["qat"] else "")
+        f"quantized  {q['mode']}" + (" (quantization-aware)" if q["qat"] else "")
+        + (f", {q['calibration_images']} calibration images" if q["calibration_images"] else "")
         + f", temperature {m['temperature']:g}",
         "thresholds " + (", ".join(f"{k} {v:.3f}" for k, v in m["thresholds"].items()) or "none (accept all)"),
         "files      " + ", ".join(f"{n} {s / 1e6:.2f} MB" for n, s in info["file_sizes"].items()),
@@ -76,11 +104,31 @@ def render(info: dict[str, Any]) -> str:
                      + ("  (fully integer)" if ops["fully_integer"] else "  (NOT fully integer)"))
     elif "error" in ops:
         lines.append(f"ops        cannot list: {ops['error']}")
-    if m["edgetpu"]:
-        lines.append(f"edge tpu   {m['edgetpu'].get('summary', json.dumps(m['edgetpu']))}")
-    if m["metrics"]:
-        lines.append("metrics    " + json.dumps(m["metrics"], sort_keys=True)[:2000])
+    lines.append(f"edge tpu   {info['edgetpu']['text']}")
+    lines.extend(f"  warning  {w}" for w in info["edgetpu"]["warnings"])
+    if m["golden"]:
+        g = m["golden"]
+        lines.append(f"golden     {g.get('count', '?')} self-test images, tolerance {g.get('tolerance', '?')} "
+                     f"{g.get('unit', '')}".rstrip())
+    lines.extend(_metrics_lines(m["metrics"]))
     return "\n".join(lines)
+
+
+def _metrics_lines(metrics: dict[str, Any]) -> list[str]:
+    """Per-level accuracy table when the converter's metrics are there, else the raw JSON."""
+    levels = metrics.get("per_level")
+    if not levels:
+        return ["metrics    " + json.dumps(metrics, sort_keys=True)[:2000]] if metrics else []
+    quant = next((k for k in next(iter(levels.values())) if k not in ("float", "drop_points")), "quantized")
+    gate = metrics.get("gate", {})
+    lines = [f"accuracy   {'level':<10} {'float':>7} {quant:>8} {'drop':>7}   (validation, n={metrics.get('float', {}).get('n', '?')})"]
+    for key, row in levels.items():
+        lines.append(f"           {key:<10} {row['float'] * 100:6.1f}% {row.get(quant, 0) * 100:7.1f}% "
+                     f"{row['drop_points']:+6.2f}")
+    lines.append(f"           top-1 agreement {metrics.get('agreement', 0) * 100:.1f}%; gate "
+                 + ("passed" if gate.get("passed") else "FAILED (written with --force)")
+                 + f" (max drop {gate.get('max_drop_points', '?')} points)")
+    return lines
 
 
 def inspect_command(args: argparse.Namespace) -> int:

@@ -104,6 +104,9 @@ def test_ptq_int8_bundle_is_complete_and_runs_like_the_float_model(converted, ti
     assert m.edgetpu["status"] == "compiler not found" and "not on PATH" in m.edgetpu["summary"]
     assert m.edgetpu["static"]["compatible"], m.edgetpu["static"]
     assert MODEL_EDGETPU not in bundle.files and "not on PATH" in proc.stdout
+    # The private key is in no file of the bundle and in no output.
+    secret = (pub.parent / "k.key").read_text().splitlines()[1]
+    assert secret.encode() not in bundle_path.read_bytes() and secret not in proc.stdout + proc.stderr
     # The golden set: 8 calibration images and exactly what the CPU interpreter gives for them.
     inputs, outputs = bundle.golden()
     assert m.golden == {"file": GOLDEN, "count": 8, "tolerance": 0, "unit": "quantized steps"}

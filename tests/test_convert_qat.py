@@ -1,0 +1,41 @@
+"""Quantization-aware training on a tiny real MobileNetV2 (alpha 0.35, 32 px) built by the trainer's
+`build_classifier`: the child process rebuilds it under tf_keras, fine-tunes with tfmot and converts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from taxonedge.edge.bundle import read_bundle
+from taxonedge.edge.runtime import Classifier
+
+from .test_convert import write_run
+
+pytestmark = pytest.mark.slow
+
+
+def test_qat_auto_runs_after_the_gate_fails_and_makes_a_full_int8_bundle(tmp_path, tiny_tree, tiny_val_tree):
+    from taxonedge.convert.converter import Options, convert
+    from taxonedge.convert.edgetpu import check_model
+    from taxonedge.train.model import build_classifier
+
+    config = {"backbone": "mobilenet_v2", "alpha": 0.35, "input_size": 32, "dropout": 0.0, "weights": "none",
+              "seed": 0}
+    run = write_run(tmp_path / "run", tiny_tree, tiny_val_tree, config=config, epochs=4, build=build_classifier)
+    out = tmp_path / "qat.tebundle"
+    # An impossible allowance makes post-training int8 miss the gate, so --qat auto must run QAT; --force
+    # then writes the QAT bundle so that it can be checked.
+    result = convert(Options(run=run, out=out, qat="auto", max_drop=-50, force=True, calibration_images=16,
+                             qat_images=32, edgetpu="skip"))
+    assert "post_training" in result.gate and result.gate["forced"]
+    bundle = read_bundle(out)
+    m = bundle.manifest
+    assert m.quantization.qat and m.quantization.mode == "int8" and m.model.backbone == "mobilenet_v2"
+    assert (m.input.dtype, m.input.scale, m.input.zero_point) == ("uint8", 1.0, 0)
+    static = check_model(bundle.model_bytes())
+    assert static["float_tensors"] == 0 and static["unsupported_ops"] == [], static
+    assert set(m.metrics["per_level"]) == {"depth_1", "depth_2", "leaf"}
+    inputs, outputs = bundle.golden()
+    classifier = Classifier(bundle)
+    for image, expected in zip(inputs, outputs, strict=True):
+        np.testing.assert_array_equal(classifier.raw(image), expected)
+        assert classifier.probabilities(image).sum() == pytest.approx(1.0, abs=0.05)  # a real softmax output
