@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Evaluate a trained run (Keras, float) or a bundle (int8 through LiteRT) on labelled images: "
             "accuracy per taxonomy level, top-5, macro-F1, hierarchical P/R/F1, mistake severity, back-off "
             "coverage and precision, per-class table. Writes OUT/metrics.json, confusion.png, "
-            "reliability.png and report.md."
+            "reliability.png, report.md and predictions.npz."
         ),
     )
     which = evaluate.add_mutually_exclusive_group(required=True)

@@ -1,7 +1,8 @@
 """`taxonedge evaluate`: a run (Keras, float) or a bundle (int8 through LiteRT) on a labelled image set.
 
 Both paths read images with the shared `load_image` and score with the same `compute_metrics`, so float and
-int8 numbers are comparable. Writes DIR/metrics.json, confusion.png, reliability.png and report.md.
+int8 numbers are comparable. Writes DIR/metrics.json, confusion.png, reliability.png, report.md and
+predictions.npz (the probabilities, for image-by-image comparisons).
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def write_reports(out: Path, taxonomy: Taxonomy, metrics: dict, y_true: np.ndarr
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "metrics.json", (json.dumps(metrics, indent=2, ensure_ascii=False) + "\n").encode())
+    # the raw predictions, so two evaluations can be compared image by image (float vs int8 agreement)
+    np.savez_compressed(out / "predictions.npz", probs=probs.astype(np.float32), true_leaf=y_true)
     _plot_confusion(out / "confusion.png", taxonomy, y_true, probs.argmax(axis=1))
     _plot_reliability(out / "reliability.png", metrics["calibration"])
     atomic_write(out / "report.md", markdown_report(taxonomy, metrics).encode())
