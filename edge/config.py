@@ -67,9 +67,11 @@ class UpdateConfig(_Strict):
     # 0 commits right after the switch.
     health_window: int = Field(20, ge=0)
     health_timeout_s: float = Field(120.0, gt=0)
-    # p95 latency budget in seconds; None: at most latency_factor x the old model's p95.
+    # Median latency budget in seconds; None: at most latency_factor x the old model's median plus
+    # latency_slack_s (sub-millisecond medians jitter by milliseconds on a busy board).
     latency_budget_s: float | None = Field(None, gt=0)
     latency_factor: float = Field(3.0, ge=1.0)
+    latency_slack_s: float = Field(0.05, ge=0.0)
     # The share of "unknown" decisions may rise at most this much over the old model's.
     max_unknown_rate_increase: float = Field(0.25, ge=0.0, le=1.0)
     # How often model.watch_dir is scanned for dropped bundles.

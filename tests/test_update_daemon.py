@@ -51,6 +51,9 @@ def _start(config, observer, expect_sha: str, env: dict | None = None) -> Daemon
         daemon.kill()
         raise AssertionError(f"the daemon did not publish its model:\n{daemon.log[-3000:]}") from None
     assert observer.model["sha256"] == expect_sha, daemon.log[-3000:]
+    # the update plugin attaches right after start-up: let its subscriptions land before deploying
+    labels = len(observer.labels)
+    observer.wait_for(lambda: len(observer.labels) > labels + 5)
     return daemon
 
 
@@ -104,8 +107,11 @@ STEPS = ["receiving", "received", "verifying", "staged", "warming", "self_test",
 
 
 @pytest.mark.parametrize("step", STEPS)
-def test_sigkill_at_every_step_recovers_to_a_valid_model(setup, step):
+def test_sigkill_at_every_step_recovers_to_a_valid_model(setup, broker, step):
     tmp_path, config_path, observer, made = setup
+    # a long chunk timeout: the partial transfer must still be on disk when the kill lands
+    config_path = write_config(tmp_path, broker.port, made["public_key"], tmp_path / "old.tebundle",
+                               frames=tmp_path / "frames", chunk_timeout_s=30)
     config = load_config(config_path)
     old_sha, new_sha = read_bundle(made["old"]).sha256, read_bundle(made["new"]).sha256
     pause = {} if step in ("receiving", "committed") else {PAUSE_ENV: f"{step}:60"}
@@ -136,7 +142,8 @@ def test_sigkill_at_every_step_recovers_to_a_valid_model(setup, step):
             assert result["state"] == "rolled_back" and "before the new model was committed" in result["reason"]
         if step != "committed":  # and the device takes a deployment again
             observer.send(made["new"], f"{dep}-again", chunk_size=8192)
-            assert observer.outcome(f"{dep}-again", 60)["state"] == "committed"
+            again = observer.outcome(f"{dep}-again", 60)
+            assert again["state"] == "committed", again["reason"]
             assert observer.model["sha256"] == new_sha
     finally:
         assert daemon.terminate() == 0, daemon.log[-3000:]
