@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from taxonedge.edge import update
 from taxonedge.edge.bundle import read_bundle
-from taxonedge.edge.config import load_config
+from taxonedge.edge.config import UpdateConfig, load_config
 from taxonedge.edge.signing import generate_keypair, load_private_key
 from taxonedge.edge.slots import Slots, read_verified, startup_bundle
 
@@ -206,3 +206,37 @@ def test_bundle_dropped_into_watch_dir(device, bundles, tmp_path):
     assert host.active_bundle.sha256 == read_bundle(bundles["new"]).sha256
     local = [json.dumps(p) for k, ps in observer.progress.items() if k.startswith("local-") for p in ps]
     assert any('"committed"' in p for p in local)
+
+
+def test_latency_over_budget_rolls_back(device, bundles):
+    host, observer, config = device
+    config.model.update.latency_budget_s = 1e-6  # no model can be this fast: the window must fail on latency
+    observer.send(bundles["new"], "dep-slow")
+    result = observer.outcome("dep-slow")
+    assert result["state"] == "rolled_back"
+    assert "median latency" in result["reason"] and "over the budget of 0.0 ms" in result["reason"]
+    _still_serving_old(host, observer, bundles)
+
+
+def _results(n, ok=True, latency=0.01, decision="accepted"):
+    return [{"ok": ok, "error": None if ok else "invoke timed out", "latency_s": latency,
+             "decision": decision if ok else None, "model_sha256": "x"} for _ in range(n)]
+
+
+@pytest.mark.parametrize("window, baseline, words", [
+    (_results(10), _results(20), None),
+    (_results(9) + _results(1, ok=False), _results(20), "1 of 10 inferences failed (invoke timed out)"),
+    (_results(10, latency=0.2), _results(20, latency=0.01), "median latency 200.0 ms"),
+    (_results(10, latency=0.07), _results(20, latency=0.01), None),  # within 3 x 10 ms + 50 ms slack
+    (_results(5) + _results(5, decision="unknown"), _results(20), "unknown rate rose from 0% to 50%"),
+    (_results(8) + _results(2, decision="unknown"), _results(20), None),  # +20 %: allowed
+    (_results(4), _results(20), "health window incomplete: 4 of 10"),
+    (_results(10, decision="unknown"), [], None),  # no baseline yet: nothing to compare against
+])
+def test_health_window_verdict(window, baseline, words):
+    cfg = UpdateConfig()  # the defaults
+    health = update.HealthWindow("x", 10)
+    for result in window:
+        health.add(result)
+    verdict = health.verdict(baseline, cfg)
+    assert verdict is None if words is None else words in verdict, verdict
