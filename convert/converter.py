@@ -101,6 +101,7 @@ def convert(opts: Options) -> Result:
     else:
         tflite = to_tflite(model, keras, opts.mode, calib if opts.mode == "int8" else None)
     timings["convert_s"] = time.perf_counter() - t
+    _check_integer(tflite, opts.mode)
     t = time.perf_counter()
     info = io_details(tflite)
     quant_probs = _probabilities(run_tflite(tflite, val_x, f"evaluating {opts.mode}"), info)
@@ -112,6 +113,7 @@ def convert(opts: Options) -> Result:
         t = time.perf_counter()
         tflite = _qat(run, model, opts, calib)
         qat_used = True
+        _check_integer(tflite, opts.mode)
         info = io_details(tflite)
         quant_probs = _probabilities(run_tflite(tflite, val_x, "evaluating QAT int8"), info)
         ptq_gate = gate
@@ -234,6 +236,21 @@ def _qat(run: Run, model: Any, opts: Options, calib: np.ndarray) -> bytes:
     items = stratified(run.train, opts.qat_images, opts.seed + 1)
     images, labels = _load(items, run.input_spec, "QAT training images")
     return run_qat(run, model, images, labels, calib, epochs=opts.qat_epochs, seed=opts.seed)
+
+
+def _check_integer(tflite: bytes, mode: str) -> None:
+    """The converter can leave float ops in an "int8" model (it did for sparsemax); refuse such a model."""
+    from .edgetpu import check_model
+    from .quantize import QuantizationError
+
+    if mode != "int8":
+        return
+    static = check_model(tflite)
+    if static["float_tensors"]:
+        raise QuantizationError(
+            f"the model is not fully integer: {static['float_tensors']} float tensors, used by "
+            f"{', '.join(static['float_ops'])} (ops without an int8 kernel; replace them, or use --mode dynamic "
+            "for a CPU-only model)")
 
 
 def _probabilities(raw: np.ndarray, info: dict[str, Any]) -> np.ndarray:

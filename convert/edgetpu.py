@@ -59,9 +59,13 @@ def check_model(model: bytes) -> dict[str, Any]:
     # Without the default XNNPACK delegate, so the op list is the model's own (no DELEGATE nodes).
     interpreter = module.Interpreter(
         model_content=model, experimental_op_resolver_type=module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    ops = [op["op_name"] for op in interpreter._get_ops_details()]  # execution order
+    details = interpreter._get_ops_details()  # execution order
+    ops = [op["op_name"] for op in details]
     tensors = interpreter.get_tensor_details()
-    float_tensors = sorted({t["name"] for t in tensors if getattr(t["dtype"], "__name__", "") in {"float32", "float16"}})
+    is_float = {t["index"]: getattr(t["dtype"], "__name__", "") in {"float32", "float16"} for t in tensors}
+    float_tensors = sorted({t["name"] for t in tensors if is_float[t["index"]]})
+    float_ops = sorted({op["op_name"] for op in details
+                        if any(is_float.get(int(i), False) for i in [*op["inputs"], *op["outputs"]] if i >= 0)})
     dynamic = sorted({t["name"] for t in tensors if any(int(d) < 0 for d in t.get("shape_signature", []))})
     unsupported = sorted({op for op in ops if op not in SUPPORTED_OPS})
     first_bad = next((i for i, op in enumerate(ops) if op not in SUPPORTED_OPS), None)
@@ -70,8 +74,8 @@ def check_model(model: bytes) -> dict[str, Any]:
         problems.append(f"unsupported ops {', '.join(unsupported)}: the graph splits at op #{first_bad} "
                         f"({ops[first_bad]}); {len(ops) - first_bad} of {len(ops)} ops would run on the CPU")
     if float_tensors:
-        problems.append(f"{len(float_tensors)} float tensors (e.g. '{float_tensors[0]}'): the Edge TPU needs a "
-                        "full-int8 model (convert with --mode int8)")
+        problems.append(f"{len(float_tensors)} float tensors (e.g. '{float_tensors[0]}', used by "
+                        f"{', '.join(float_ops) or 'no op'}): the Edge TPU needs a full-int8 model")
     if dynamic:
         problems.append(f"{len(dynamic)} tensors with dynamic shapes (e.g. '{dynamic[0]}'): the Edge TPU "
                         "needs static shapes")
@@ -82,6 +86,7 @@ def check_model(model: bytes) -> dict[str, Any]:
         "unsupported_ops": unsupported,
         "split_at_op": first_bad,
         "float_tensors": len(float_tensors),
+        "float_ops": float_ops,
         "dynamic_tensors": len(dynamic),
         "problems": problems,
     }

@@ -54,12 +54,12 @@ def run_qat(run: Any, model: Any, images: np.ndarray, labels: np.ndarray, calibr
         env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
         cmd = [sys.executable, "-m", "taxonedge.convert.qat", "--run", str(run.path), "--work", tmp,
                "--epochs", str(epochs), "--seed", str(seed)]
-        # stderr goes to the user's terminal (progress), stdout is only our one result line.
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, timeout=timeout)
-        result = tmp_path / "model.tflite"
+        # The child's progress goes to the user's terminal; its one-line error, if any, to error.txt.
+        proc = subprocess.run(cmd, env=env, timeout=timeout)
+        result, error = tmp_path / "model.tflite", tmp_path / "error.txt"
         if proc.returncode != 0 or not result.exists():
-            tail = (proc.stdout or "").strip().splitlines()[-1:] or ["no output"]
-            raise QatError(f"quantization-aware training failed (exit {proc.returncode}): {tail[0]}")
+            reason = error.read_text() if error.exists() else "no error message (killed?)"
+            raise QatError(f"quantization-aware training failed (exit {proc.returncode}): {reason}")
         return result.read_bytes()
 
 
@@ -167,7 +167,7 @@ def _child(args: argparse.Namespace) -> None:
     qmodel.compile(optimizer=tf_keras.optimizers.Adam(LEARNING_RATE),
                    loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     images, labels = data["images"].astype(np.float32), data["labels"]
-    qmodel.fit(images, labels, epochs=args.epochs, batch_size=16, shuffle=True, verbose=2)
+    qmodel.fit(images, labels, epochs=args.epochs, batch_size=16, shuffle=True, verbose=2)  # one line/epoch
     tflite = to_tflite(qmodel, tf_keras, "int8", data["calibration"])
     (work / "model.tflite").write_bytes(tflite)
 
@@ -182,13 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         _child(args)
-    except Exception as exc:  # report one line to the parent; the traceback goes to stderr
+    except Exception as exc:  # one line for the parent's error message; the traceback goes to stderr
         import traceback
 
         traceback.print_exc()
-        print(f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+        line = (f"{type(exc).__name__}: {exc}".splitlines() or ["error"])[0][:500]
+        (Path(args.work) / "error.txt").write_text(line)
         return 1
-    print("ok")
     return 0
 
 

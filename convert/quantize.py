@@ -6,6 +6,8 @@ paths convert the same way. TensorFlow is imported inside the functions that nee
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -66,7 +68,9 @@ def to_tflite(model: Any, keras_module: Any, mode: str = "int8", calibration: np
     elif mode == "float16":
         converter.target_spec.supported_types = [tf.float16]
     try:
-        return converter.convert()
+        # Keras' export prints a page of "Saved artifact ... Captures" to stdout: keep the CLI output readable.
+        with contextlib.redirect_stdout(io.StringIO()):
+            return converter.convert()
     except Exception as exc:  # the converter raises ConverterError/RuntimeError/ValueError for unsupported ops
         first = str(exc).strip().splitlines()
         reason = next((line for line in first if "error" in line.lower()), first[0] if first else type(exc).__name__)

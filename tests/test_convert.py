@@ -272,6 +272,18 @@ def test_taxonomy_that_does_not_match_the_model(tiny_convert_run, tmp_path):
     assert "outputs 4 classes but taxonomy.json has 5 leaves" in err
 
 
+def test_model_with_ops_that_cannot_be_integer(tiny_convert_run, tmp_path):
+    import keras
+
+    run = copy_run(tiny_convert_run, tmp_path / "run")
+    trained = keras.saving.load_model(run / "model.keras")
+    # sparsemax lowers to CUMSUM, TOPK_V2, DIV...: the converter leaves them float even in int8-only mode.
+    sparse = keras.layers.Activation("sparsemax")(trained.layers[-2].output)
+    keras.Model(trained.inputs, sparse).save(run / "model.keras")
+    err = _convert_fails(run, tmp_path)
+    assert "not fully integer" in err and "CUMSUM" in err and "--mode dynamic" in err
+
+
 def test_split_label_not_in_taxonomy(tiny_convert_run, tmp_path):
     run = copy_run(tiny_convert_run, tmp_path / "run")
     splits = json.loads((run / "splits.json").read_text())
@@ -305,6 +317,14 @@ def test_bad_sign_key_fails_before_any_work(tiny_convert_run, tmp_path):
     (tmp_path / "not.key").write_text("hello")
     assert "not a readable unencrypted PEM private key" in _convert_fails(
         tiny_convert_run, tmp_path, "--sign-key", str(tmp_path / "not.key"))
+
+
+def test_qat_for_a_backbone_the_trainer_cannot_rebuild(tiny_convert_run, tmp_path):
+    out = tmp_path / "never.tebundle"
+    proc = run_cli("convert", "--run", str(tiny_convert_run), "--out", str(out), "--qat", "yes",
+                   "--calibration-images", "8", "--qat-images", "8", check=False)
+    assert proc.returncode == 1 and "quantization-aware training failed" in proc.stderr
+    assert "unknown backbone 'tiny-cnn'" in proc.stderr and not out.exists()
 
 
 def test_help_lists_the_options():
