@@ -240,3 +240,58 @@ def test_health_window_verdict(window, baseline, words):
         health.add(result)
     verdict = health.verdict(baseline, cfg)
     assert verdict is None if words is None else words in verdict, verdict
+
+
+def _self_signed(folder):
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                       serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    return folder / "cert.pem", folder / "key.pem"
+
+
+def test_https_url_is_fetched_with_the_configured_ca(device, bundles, tmp_path):
+    import functools
+    import http.server
+    import ssl
+    import threading
+
+    host, observer, config = device
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "new.tebundle").write_bytes(bundles["new"])
+    cert, key = _self_signed(tmp_path)
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site)))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{server.server_address[1]}/new.tebundle"
+    try:
+        observer.send(bundles["new"], "dep-https-untrusted", url=url)  # the device does not trust the cert yet
+        result = observer.outcome("dep-https-untrusted")
+        assert result["state"] == "rejected" and "CERTIFICATE_VERIFY_FAILED" in result["reason"]
+        config.model.update.fetch_ca_file = cert
+        observer.send(bundles["new"], "dep-https", url=url)
+        assert observer.outcome("dep-https")["state"] == "committed"
+        assert host.active_bundle.sha256 == read_bundle(bundles["new"]).sha256
+    finally:
+        server.shutdown()
