@@ -130,6 +130,7 @@ class Daemon:
         self.invokes: deque[float] = deque(maxlen=2000)
         self.last_inference_wall: float | None = None
         self._invoke_avg = 0.0  # moving average of invoke seconds
+        self._restarting = False
         self._last_progress = time.monotonic()
         self._probe_due = 0.0
         self._probing = False
@@ -215,6 +216,9 @@ class Daemon:
             thread.start()
             self._threads.append(thread)
         self._start_metrics()
+        # Plugins attach once MQTT is up (subscriptions are redone on every reconnect anyway), but a
+        # broker that is down must not hold up labels: they wait in the outbox.
+        self.link.connected.wait(2.0)
         self._attach_plugin()
         sd_notify("READY=1", f"STATUS={self._status_line()}")
 
@@ -346,6 +350,9 @@ class Daemon:
                 wait = next_at - time.monotonic()
                 if wait > 0:
                     self.stopping.wait(wait)
+            if self.paused.is_set():
+                self.paused_wait()
+                continue
             frame = slot.take(timeout=0.25)
             if frame is None:
                 if self.capture.finished.is_set():
@@ -353,8 +360,6 @@ class Daemon:
                     break
                 continue
             self._last_frame = frame
-            if self.paused.is_set():
-                continue
             next_at = time.monotonic() + interval
             self._classify(frame, item_id)
             if self.max_frames and self.classified >= self.max_frames and not (trig is not None and trig.busy):
@@ -364,6 +369,14 @@ class Daemon:
             if result is not None:
                 self._publish_item(result, self._last_frame)
         self.request_stop()
+
+    def paused_wait(self) -> None:
+        """Paused: keep the newest live frame for snapshots, leave an unpaced file where it is."""
+        frame = self.capture.slot.take(timeout=0.05) if self.capture.reader.live else None
+        if frame is not None:
+            self._last_frame = frame
+        else:
+            self.stopping.wait(0.05)
 
     def _classify(self, frame: Frame, item_id: str | None) -> None:
         bundle, decoder = self._bundle, self._decoder
@@ -418,10 +431,12 @@ class Daemon:
     def _restart_worker(self) -> None:
         backoff = 0.5
         self._worker.stop()
+        self._restarting = True
         while True:
             try:
                 self._worker = self._new_worker(self._bundle)
                 self.worker_restarts += 1
+                self._restarting = False
                 info = self._worker.info
                 log.warning("inference worker restarted on %s", info.backend if info else "?")
                 return
@@ -655,6 +670,8 @@ class Daemon:
             reasons.append(info.degraded_reason)
         if self.capture.state in ("reconnecting", "stalled"):
             reasons.append(f"source {self.capture.state}: {self.capture.last_error or 'no frames'}")
+        if self._restarting:
+            reasons.append("inference worker restarting")
         if self.paused.is_set():
             reasons.append("paused by command")
         return reasons
@@ -690,7 +707,8 @@ class Daemon:
             "paused": self.paused.is_set(), "backend": info.backend if info else None,
             "runtime": info.runtime if info else None, "model": self._bundle.describe(),
             "thresholds": {f"depth_{i + 1}": t for i, t in enumerate(self._decoder.thresholds)},
-            "source": self.capture.status(), "frames_classified": self.classified, "labels": self.labels,
+            "source": self.capture.status(), "frames_captured": self.capture.frames,
+            "frames_dropped": self.capture.slot.dropped, "frames_classified": self.classified, "labels": self.labels,
             "latency_ms_p50": round(float(np.percentile(lat, 50)), 3),
             "latency_ms_p99": round(float(np.percentile(lat, 99)), 3),
             "invoke_ms_p50": round(float(np.percentile(inv, 50)), 3),

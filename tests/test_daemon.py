@@ -102,8 +102,11 @@ def test_sigkill_then_restart_delivers_the_outbox(tmp_path, broker, bundle, imag
     while time.monotonic() < deadline and len(held) < 20:
         time.sleep(0.3)
         if db.exists():
-            with sqlite3.connect(db) as con:
-                held = [json.loads(p)["msg_id"] for (p,) in con.execute("SELECT payload FROM outbox ORDER BY id")]
+            try:
+                with sqlite3.connect(db) as con:
+                    held = [json.loads(p)["msg_id"] for (p,) in con.execute("SELECT payload FROM outbox ORDER BY id")]
+            except sqlite3.OperationalError:  # the daemon is still creating the table
+                continue
     assert len(held) >= 20, daemon.log
     daemon.kill()
     with sqlite3.connect(db) as con:

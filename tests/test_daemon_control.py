@@ -66,8 +66,8 @@ def responses(rec: Recorder) -> list[tuple[bytes | None, dict]]:
 
 
 def test_pause_resume_thresholds_snapshot_and_state(start, broker, one_class_images):
-    daemon = start(live(one_class_images))
     rec = Recorder(broker.port)
+    daemon = start(live(one_class_images))
     try:
         assert rec.wait(lambda r: len(labels_of(r)) >= 3)
         rec.request("pause", b"", b"p")
@@ -102,8 +102,8 @@ def test_pause_resume_thresholds_snapshot_and_state(start, broker, one_class_ima
 
 
 def test_malformed_oversized_and_unknown_commands_never_crash(start, broker, one_class_images):
-    daemon = start(live(one_class_images, fps=20))
     rec = Recorder(broker.port)
+    daemon = start(live(one_class_images, fps=20))
     counter = iter(range(10**6))
     names = st.one_of(
         st.sampled_from(["state", "pause", "resume", "set_thresholds", "snapshot", "reboot", "deploy_now"]),
@@ -146,8 +146,8 @@ def test_malformed_oversized_and_unknown_commands_never_crash(start, broker, one
 
 def test_item_votes_give_one_result_per_item(start, broker, one_class_images):
     extra = "\n[trigger]\nmode = \"item\"\nframes_per_item = 3\nvote_agreement = 0.6\n"
-    daemon = start(live(one_class_images, fps=40), extra)
     rec = Recorder(broker.port)
+    daemon = start(live(one_class_images, fps=40), extra)
     try:
         time.sleep(0.5)
         assert labels_of(rec) == []  # no trigger, no label
@@ -167,8 +167,8 @@ def test_item_votes_give_one_result_per_item(start, broker, one_class_images):
 
 
 def test_switch_model_while_labels_flow(start, broker, one_class_images, bundle_v2):
-    daemon = start(live(one_class_images))
     rec = Recorder(broker.port)
+    daemon = start(live(one_class_images))
     results = []
     daemon.add_result_listener(results.append)
     try:
