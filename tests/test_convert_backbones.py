@@ -1,0 +1,32 @@
+"""VGG16 converts to full int8 too, and the report says why it is a poor Edge TPU choice."""
+
+from __future__ import annotations
+
+import pytest
+from taxonedge.edge.bundle import read_bundle
+
+from .conftest import run_cli
+from .test_convert import write_run
+
+pytestmark = pytest.mark.slow
+
+
+def test_vgg16_converts_with_an_edgetpu_warning(tmp_path, tiny_tree, tiny_val_tree):
+    from taxonedge.convert.edgetpu import check_model
+    from taxonedge.train.model import build_classifier
+
+    config = {"backbone": "vgg16", "input_size": 32, "dropout": 0.0, "weights": "none", "seed": 0}
+    run = write_run(tmp_path / "run", tiny_tree, tiny_val_tree, config=config, epochs=1, build=build_classifier)
+    out = tmp_path / "vgg.tebundle"
+    # --force: one epoch from random weights; the gate has its own tests.
+    proc = run_cli("convert", "--run", str(run), "--out", str(out), "--calibration-images", "8", "--force",
+                   env={"PATH": "/usr/bin:/bin"})
+    assert "warning: VGG16" in proc.stdout and "8 MB on-chip memory" in proc.stdout
+    bundle = read_bundle(out)
+    assert bundle.manifest.model.backbone == "vgg16" and bundle.manifest.quantization.mode == "int8"
+    assert any("VGG16" in w for w in bundle.manifest.edgetpu["warnings"])
+    static = check_model(bundle.model_bytes())
+    assert static["float_tensors"] == 0 and static["compatible"]
+    assert len(bundle.model_bytes()) > 14_000_000  # 14.7 M int8 weights: nearly twice the on-chip memory
+    shown = run_cli("inspect", str(out)).stdout
+    assert "warning  VGG16" in shown
