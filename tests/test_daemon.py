@@ -200,3 +200,28 @@ def test_sigterm_publishes_offline_and_exits_zero(tmp_path, broker, bundle, imag
         assert late.on("status")[-1]["state"] == "offline"
     finally:
         late.close()
+
+
+def test_max_frames_stops_after_n(tmp_path, broker, bundle, images, recorder):
+    source = f'type = "folder"\npath = "{images}"\nloop = true\npacing = "realtime"\nfps = 40'
+    cfg = write_config(tmp_path / "c.toml", broker, bundle, source, tmp_path / "st")
+    daemon = DaemonProcess(cfg, "--max-frames", "5")
+    assert daemon.wait(60) == 0, daemon.log
+    assert recorder.wait(lambda r: len(labels_of(r)) >= 5, 5)
+    time.sleep(0.3)
+    assert [lb["seq"] for lb in labels_of(recorder)] == [1, 2, 3, 4, 5]
+
+
+def test_sigterm_finishes_the_item_in_flight(tmp_path, broker, bundle, images, recorder):
+    source = f'type = "folder"\npath = "{images}"\nloop = true\npacing = "realtime"\nfps = 20'
+    extra = '\n[trigger]\nmode = "item"\nframes_per_item = 20\nitem_timeout_s = 10\n'
+    cfg = write_config(tmp_path / "c.toml", broker, bundle, source, tmp_path / "st", extra)
+    daemon = DaemonProcess(cfg)
+    assert recorder.wait(lambda r: r.on("status"), 30), daemon.log
+    recorder.client.publish(f"{BASE}/trigger", b'{"item_id": "last-box"}', qos=1).wait_for_publish(5)
+    time.sleep(0.3)  # the vote has started: 20 frames at 20 fps take about a second
+    assert daemon.terminate() == 0, daemon.log
+    assert recorder.wait(lambda r: labels_of(r), 5)
+    (label,) = labels_of(recorder)
+    assert label["item_id"] == "last-box" and label["vote"]["frames"] == 20
+    assert recorder.on("status")[-1]["state"] == "offline"
