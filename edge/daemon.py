@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 LABEL_SCHEMA = "taxonedge.label/1"
 MAX_COMMAND_BYTES = 16 * 1024
 MAX_ITEM_ID = 128
+MAX_SNAPSHOTS = 20
 FLUSH_TIMEOUT_S = 5.0
 
 
@@ -657,6 +658,8 @@ class Daemon:
         data = jpeg.tobytes()
         path = self.config.device.state_dir / "snapshots" / f"snapshot-{utc_ms(frame.wall).replace(':', '')}.jpg"
         atomic_write(path, data)
+        for old in sorted(path.parent.glob("snapshot-*.jpg"))[:-MAX_SNAPSHOTS]:  # bounded, oldest go first
+            old.unlink(missing_ok=True)
         result = {"path": str(path), "bytes": len(data), "frame": frame.origin, "captured_at": utc_ms(frame.wall)}
         if args.get("inline") is True:
             result["jpeg_base64"] = base64.b64encode(data).decode("ascii")

@@ -9,7 +9,7 @@ import time
 import cv2
 import numpy as np
 import pytest
-from taxonedge.edge.config import FolderSource, SourceConfig, VideoSource
+from taxonedge.edge.config import FolderSource, SourceConfig, StreamSource, VideoSource
 from taxonedge.edge.preprocess import ImageError
 from taxonedge.edge.source import Capture, LatestFrame, crop_roi
 
@@ -172,3 +172,34 @@ def test_latest_frame_take_times_out_and_close_wakes():
     threading.Timer(0.05, slot.close).start()
     assert slot.take(5) is None
     assert slot.closed
+
+
+def test_http_stream_is_read_and_reconnected(tmp_path):
+    """A `stream` source over HTTP (OpenCV's FFMPEG backend), served by a real local HTTP server."""
+    import functools
+    import http.server
+
+    write_video(tmp_path / "cam.avi", frames=10, fourcc="MJPG")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    handler.log_message = lambda *a: None
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/cam.avi"
+    capture = Capture(StreamSource(type="stream", url=url), fast_cfg())
+    try:
+        capture.start()
+        assert len(drain(capture, want=3)) == 3
+        server.shutdown()
+        server.server_close()
+        deadline = time.monotonic() + 10
+        while "cannot open" not in (capture.last_error or "") and time.monotonic() < deadline:
+            capture.slot.take(0.05)
+        assert capture.state == "reconnecting" and f"cannot open {url}" in capture.last_error
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", server.server_address[1]), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        assert len(drain(capture, want=3)) == 3  # the stream came back
+        assert capture.state == "running"
+    finally:
+        capture.stop()
+        server.shutdown()
