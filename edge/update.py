@@ -532,8 +532,9 @@ class Updater:
         request = DeployRequest(id=f"local-{digest[:16]}", size=max(len(data), 1), sha256=digest,
                                 url=path.resolve().as_uri())
         dep = Deployment(request, topic="watch_dir", source_file=path)
-        if not self._submit(dep):
-            self._file_away(path, "rejected", (self.history.get(dep.id) or {}).get("reason") or "busy")
+        if not self._submit(dep):  # seen before (its recorded outcome decides where it goes), or busy
+            done = self.history.get(dep.id) or {"state": "rejected", "reason": "busy with another deployment"}
+            self._file_away(path, done["state"], done.get("reason"))
             return
         # The worker reads the file; once it is done, move the file out of the way with its outcome.
         def follow() -> None:

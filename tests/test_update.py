@@ -295,3 +295,37 @@ def test_https_url_is_fetched_with_the_configured_ca(device, bundles, tmp_path):
         assert host.active_bundle.sha256 == read_bundle(bundles["new"]).sha256
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("backend, state, words", [
+    ("auto", "committed", None),  # no libedgetpu here: the self-test falls back to the CPU, exact match
+    ("edgetpu", "rejected", "warming: Edge TPU delegate libedgetpu.so.1"),
+])
+def test_bundle_with_edgetpu_model(device, bundles, keys, backend, state, words):
+    host, observer, config = device
+    new = bundles["new"]
+    # a stand-in for edgetpu_compiler output (not available here); the delegate fails before reading it
+    with_tpu = rebuilt(new, keys["private"], edgetpu=read_bundle(new).model_bytes())
+    config.inference.backend = backend
+    observer.send(with_tpu, f"dep-tpu-{backend}")
+    result = observer.outcome(f"dep-tpu-{backend}")
+    assert result["state"] == state, result
+    if words:
+        assert words in result["reason"]
+        _still_serving_old(host, observer, bundles)
+
+
+def test_transfer_resumes_after_a_broker_outage(device, bundles, broker):
+    host, observer, config = device
+    config.model.update.chunk_timeout_s = 3
+    request = observer.send(bundles["new"], "dep-outage", skip=set(range(3, 100)))  # first 3 chunks only
+    observer.wait_for(lambda: "receiving" in observer.states("dep-outage"))
+    broker.stop()  # the connection drops mid-transfer (a fresh broker: sessions and queues are gone)
+    time.sleep(0.5)
+    broker.start()
+    observer.wait_for(lambda: observer.client.is_connected() and host.client.is_connected(), 20)
+    ask = observer.wait_for(lambda: [p for p in observer.progress["dep-outage"] if p.get("missing")], 20)
+    assert ask[-1]["missing"] == list(range(3, request["chunks"]))
+    observer.send_chunks(bundles["new"], "dep-outage", ask[-1]["missing"])
+    assert observer.outcome("dep-outage")["state"] == "committed"
+    assert host.active_bundle.sha256 == read_bundle(bundles["new"]).sha256

@@ -60,6 +60,7 @@ class SeamHost:
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_connect = self._on_connect
         self.client.on_message = lambda c, u, msg: self._control.put(msg)
+        self.client.reconnect_delay_set(0.1, 1)
         self.client.connect(config.mqtt.host, config.mqtt.port)
         self.client.loop_start()
         self._threads = [threading.Thread(target=f, daemon=True) for f in (self._control_loop, self._infer_loop)]
@@ -188,19 +189,21 @@ def write_config(folder: Path, port: int, public_key: Path | None, bundle: Path,
 
 
 def rebuilt(data: bytes, sign_key, *, model: bytes | None = None, input_size: int | None = None,
-            golden_outputs=None, version: str | None = None) -> bytes:
-    """A bundle like `data` with its model, input size, golden outputs or version replaced, correctly
+            golden_outputs=None, version: str | None = None, edgetpu: bytes | None = None) -> bytes:
+    """A bundle like `data` with its model, input size, golden outputs, version or Edge TPU model replaced, correctly
     re-manifested and signed: what a careless (not malicious) operator could ship."""
     import io
     import tempfile
 
-    from taxonedge.edge.bundle import GOLDEN, MODEL, build_manifest, read_bundle, write_bundle
+    from taxonedge.edge.bundle import GOLDEN, MODEL, MODEL_EDGETPU, build_manifest, read_bundle, write_bundle
     from taxonedge.edge.preprocess import InputSpec
 
     old = read_bundle(data)
     files = dict(old.files)
     if model is not None:
         files[MODEL] = model
+    if edgetpu is not None:
+        files[MODEL_EDGETPU] = edgetpu
     if golden_outputs is not None:
         inputs, _ = old.golden()
         buf = io.BytesIO()
@@ -229,9 +232,10 @@ class Observer:
         self._cond = threading.Condition()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_message = self._on_message
+        topics = (f"{base}/labels", f"{base}/model", f"{base}/model/deploy/+", "ops/responses")
+        self.client.on_connect = lambda c, u, f, rc, p: [c.subscribe(t, qos=1) for t in topics]
+        self.client.reconnect_delay_set(0.1, 1)
         self.client.connect("127.0.0.1", port)
-        for topic in (f"{base}/labels", f"{base}/model", f"{base}/model/deploy/+", "ops/responses"):
-            self.client.subscribe(topic, qos=1)
         self.client.loop_start()
         time.sleep(0.3)  # let the subscriptions land before anything is sent
 
