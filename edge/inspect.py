@@ -45,7 +45,7 @@ def edgetpu_words(bundle: Bundle) -> str:
     compiled = "model_edgetpu.tflite included" if bundle.has_edgetpu_model else "no Edge TPU model (CPU only)"
     if not report:
         return compiled
-    return f"{report.get('status', '?')}: {report.get('summary', '')} [{compiled}]"
+    return f"{report.get('status', '?')} - {report.get('summary', '')} [{compiled}]"
 
 
 def describe(bundle: Bundle) -> dict[str, Any]:

@@ -25,7 +25,7 @@ def test_readable_output_shows_everything_a_person_checks(converted):  # noqa: F
     assert "input      32x32x3 RGB uint8 (scale 1, zero point 0" in out
     assert "output     'output_0' leaf_probabilities x4 uint8" in out
     assert "thresholds depth_1 0.500" in out
-    assert "edge tpu   compiler not found" in out and "no Edge TPU model (CPU only)" in out
+    assert "edge tpu   compiler not found - edgetpu_compiler not on PATH" in out and "no Edge TPU model (CPU only)" in out
     assert "golden     8 self-test images, tolerance 0 quantized steps" in out
     ops_line = next(line for line in out.splitlines() if line.startswith("ops "))
     assert "CONV_2D x1" in ops_line and "FULLY_CONNECTED x1" in ops_line and "DELEGATE" not in ops_line
