@@ -91,7 +91,7 @@ def convert(opts: Options) -> Result:
 
     t = time.perf_counter()
     model, keras = _load_keras_model(run)
-    float_probs = model.predict(val_x.astype(np.float32), batch_size=32, verbose=0)
+    float_probs = _predict(model, val_x)
     timings["float_eval_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -227,6 +227,14 @@ def _load_keras_model(run: Run) -> tuple[Any, Any]:
         raise RunDirError(f"{run.model_path}: the model outputs {classes} classes but taxonomy.json has "
                           f"{run.taxonomy.num_leaves} leaves: the taxonomy does not belong to this model")
     return model, keras
+
+
+def _predict(model: Any, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    from tqdm import tqdm
+
+    out = [model.predict_on_batch(images[i : i + batch].astype(np.float32))
+           for i in tqdm(range(0, len(images), batch), desc="evaluating float", unit="batch", leave=False)]
+    return np.concatenate([np.asarray(o) for o in out])
 
 
 def _qat(run: Run, model: Any, opts: Options, calib: np.ndarray) -> bytes:

@@ -6,6 +6,7 @@ import pytest
 from taxonedge.edge.bundle import read_bundle
 
 from .conftest import run_cli
+from .fixtures_train import tiny_run  # noqa: F401
 from .test_convert import write_run
 
 pytestmark = pytest.mark.slow
@@ -30,3 +31,21 @@ def test_vgg16_converts_with_an_edgetpu_warning(tmp_path, tiny_tree, tiny_val_tr
     assert len(bundle.model_bytes()) > 14_000_000  # 14.7 M int8 weights: nearly twice the on-chip memory
     shown = run_cli("inspect", str(out)).stdout
     assert "warning  VGG16" in shown
+
+
+def test_a_run_written_by_taxonedge_train_converts(tiny_run, tmp_path):  # noqa: F811
+    """The run-directory contract with the trainer: everything the manifest takes from the run arrives."""
+    import json
+
+    from taxonedge.edge.taxonomy import Taxonomy
+
+    out = tmp_path / "trained.tebundle"
+    # A 2-epoch model on 24 val images: one image is 4.2 points, so the gate is loosened; it has its own tests.
+    run_cli("convert", "--run", str(tiny_run), "--out", str(out), "--calibration-images", "32", "--max-drop", "25")
+    m = read_bundle(out).manifest
+    calibration = json.loads((tiny_run / "calibration.json").read_text())
+    assert m.thresholds == pytest.approx(calibration["thresholds"])
+    assert m.temperature == pytest.approx(calibration["temperature"])
+    assert m.taxonomy_hash == Taxonomy.from_dict(json.loads((tiny_run / "taxonomy.json").read_text())).hash
+    assert (m.input.height, m.input.width, m.input.dtype, m.input.scale) == (64, 64, "uint8", 1.0)
+    assert m.model.backbone == "mobilenet_v2" and m.output.name == "output_0"
