@@ -90,15 +90,15 @@ def deploy_command(args: Any) -> int:
     chunks = request.get("chunks", 0)
 
     host, _, port = args.broker.partition(":")
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"taxonedge-deploy-{uuid.uuid4().hex[:8]}",
-                         protocol=mqtt.MQTTv5)
+    client_id = f"taxonedge-deploy-{uuid.uuid4().hex[:8]}"
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     if args.username:
         client.username_pw_set(args.username, _password(args))
     if args.ca_file:
         client.tls_set(ca_certs=args.ca_file)
     inbox: queue.Queue = queue.Queue()
     connected = queue.Queue()
-    response_topic = f"{args.prefix}/deploy/responses/{client._client_id.decode()}"
+    response_topic = f"{args.prefix}/deploy/responses/{client_id}"
     subscriptions = [response_topic] + [
         f"{args.prefix}/{'+/+/+' if t.startswith('groups/') else t}/model/deploy/{deployment_id}" for t in targets]
 
@@ -223,7 +223,12 @@ def _password(args: Any) -> str | None:
     import os
 
     if args.password_file:
-        return Path(args.password_file).read_text(encoding="utf-8").strip()
+        try:
+            return Path(args.password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise CliError(f"--password-file {args.password_file}: cannot read: {exc.strerror or exc}") from None
     if args.password_env:
-        return os.environ.get(args.password_env)
+        if args.password_env not in os.environ:
+            raise CliError(f"--password-env: environment variable {args.password_env} is not set")
+        return os.environ[args.password_env]
     return None

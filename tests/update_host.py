@@ -249,6 +249,7 @@ class Observer:
             elif msg.topic == "ops/responses":
                 self.responses.append((payload, getattr(msg.properties, "CorrelationData", None)))
             else:
+                payload["_at"] = time.monotonic()  # arrival time, for phase timings
                 self.progress.setdefault(payload["id"], []).append(payload)
             self._cond.notify_all()
 
