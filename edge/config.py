@@ -178,6 +178,10 @@ class InferenceConfig(_Strict):
     reprobe_interval_s: float = Field(60.0, gt=0)
     invoke_timeout_s: float = Field(5.0, gt=0)
     warmup_runs: int = Field(3, ge=0)
+    # Frames at the worker at once in continuous mode. 1: lowest capture-to-label latency. 2: the next
+    # frame waits at the worker while one is inferred, so the accelerator never idles (throughput, for an
+    # Edge TPU or spare CPU cores), at up to one more invoke of latency. Item mode always uses 1.
+    max_in_flight: int = Field(1, ge=1, le=2)
 
 
 class TlsConfig(_Strict):

@@ -74,6 +74,16 @@ class InferenceResult:
     label: str | None = None
 
 
+@dataclass(frozen=True)
+class _InFlight:
+    """A frame at the worker, with the model and decoder it was sent to (a switch may happen meanwhile)."""
+
+    frame: Frame
+    item_id: str | None
+    bundle: Bundle
+    decoder: Decoder
+
+
 @dataclass
 class _Pending:
     worker: InferenceWorker
@@ -331,40 +341,63 @@ class Daemon:
         interval = 1.0 / self.config.trigger.max_rate_hz
         next_at = 0.0
         slot = self.capture.slot
+        # Continuous mode may keep two frames at the worker (inference.max_in_flight = 2): the next one is
+        # queued while the current one is inferred, so the worker never waits for us. Item mode keeps one,
+        # so that an item never gets more frames than it votes on.
+        depth = 1 if trig is not None else self.config.inference.max_in_flight
+        inflight: deque[_InFlight] = deque()
         while True:
-            busy = trig is not None and trig.busy
-            if self.stopping.is_set() and not busy:
-                break
-            if not busy:
-                self._maybe_swap()
-            item_id = None
-            if trig is not None:
-                expired = trig.expire()
-                if expired is not None:
-                    self._publish_item(expired, self._last_frame)
-                item_id = trig.want_frame()
-                if item_id is None:
-                    self._item_event.wait(0.05)
-                    self._item_event.clear()
-                    continue
-            else:
-                wait = next_at - time.monotonic()
-                if wait > 0:
-                    self.stopping.wait(wait)
-            if self.paused.is_set():
-                self.paused_wait()
-                continue
-            frame = slot.take(timeout=0.25)
-            if frame is None:
-                if self.capture.finished.is_set():
-                    log.info("the source has ended")
+            if not inflight:
+                busy = trig is not None and trig.busy
+                if self.stopping.is_set() and not busy:
                     break
-                continue
-            self._last_frame = frame
-            next_at = time.monotonic() + interval
-            self._classify(frame, item_id)
+                if not busy:
+                    self._maybe_swap()
+                item_id = None
+                if trig is not None:
+                    expired = trig.expire()
+                    if expired is not None:
+                        self._publish_item(expired, self._last_frame)
+                    item_id = trig.want_frame()
+                    if item_id is None:
+                        self._item_event.wait(0.05)
+                        self._item_event.clear()
+                        continue
+                else:
+                    wait = next_at - time.monotonic()
+                    if wait > 0:
+                        self.stopping.wait(wait)
+                if self.paused.is_set():
+                    self.paused_wait()
+                    continue
+                frame = slot.take(timeout=0.25)
+                if frame is None:
+                    if self.capture.finished.is_set():
+                        log.info("the source has ended")
+                        break
+                    continue
+                next_at = time.monotonic() + interval
+                self._submit(frame, item_id, inflight)
+                if not inflight:
+                    continue
+            # An unpaced file decodes its next frame only when asked: ask halfway through this invoke, so
+            # decoding overlaps inference but the frame does not wait long for the worker.
+            half = 0.5 * self._invoke_avg
+            self._worker.ready(half)
+            slot.request()
+            if (len(inflight) < depth and not self.paused.is_set() and not self.stopping.is_set()
+                    and self._pending is None and time.monotonic() >= next_at - half
+                    and not (self.max_frames and self.classified + len(inflight) >= self.max_frames)):
+                frame = slot.take(timeout=half)
+                if frame is not None:
+                    next_at = max(next_at + interval, time.monotonic())
+                    self._submit(frame, None, inflight)
+            if inflight:
+                self._finish(inflight)
             if self.max_frames and self.classified >= self.max_frames and not (trig is not None and trig.busy):
                 break
+        while inflight:
+            self._finish(inflight)
         if trig is not None and trig.busy:
             result = trig.expire() or trig.flush()
             if result is not None:
@@ -379,33 +412,58 @@ class Daemon:
         else:
             self.stopping.wait(0.05)
 
-    def _classify(self, frame: Frame, item_id: str | None) -> None:
-        bundle, decoder = self._bundle, self._decoder
+    def _submit(self, frame: Frame, item_id: str | None, inflight: deque[_InFlight]) -> None:
+        """Preprocess `frame` and hand it to the worker; it joins `inflight` (oldest first)."""
+        self._last_frame = frame
+        bundle = self._bundle
         try:
             image = preprocess(frame.image, bundle.manifest.input)
         except ImageError as exc:
             self.preprocess_errors += 1
             log.warning("frame %s: %s", frame.origin, exc)
             return
-        decision: Decision | None = None
-        error = None
-        invoke_s = 0.0
+        entry = _InFlight(frame, item_id, bundle, self._decoder)
         try:
             self._worker.submit(image)
-            # An unpaced file decodes its next frame only when asked: ask halfway through this invoke, so
-            # decoding overlaps inference (throughput) but the frame does not wait long (latency).
-            self._worker.ready(0.5 * self._invoke_avg)
-            self.capture.slot.request()
-            probs, invoke_s = self._worker.result()
-            self._invoke_avg += 0.1 * (invoke_s - self._invoke_avg)
-            decision = decoder.decode(probs)
         except WorkerDied as exc:
-            error = str(exc)
-            self.inference_errors += 1
-            log.error("%s; restarting the inference worker", exc)
-            self._restart_worker()
-        except (WorkerError, ValueError) as exc:
-            error = f"inference failed: {exc}"
+            inflight.append(entry)
+            self._worker_died(exc, inflight)
+            return
+        inflight.append(entry)
+
+    def _finish(self, inflight: deque[_InFlight]) -> None:
+        """Wait for the oldest frame's answer, decode it, tell listeners, publish (or vote)."""
+        entry = inflight[0]
+        try:
+            probs, invoke_s = self._worker.result()
+        except WorkerDied as exc:
+            self._worker_died(exc, inflight)
+            return
+        except WorkerError as exc:
+            inflight.popleft()
+            self._done(entry, None, f"inference failed: {exc}", 0.0)
+            return
+        inflight.popleft()
+        self._invoke_avg += 0.1 * (invoke_s - self._invoke_avg)
+        try:
+            decision = entry.decoder.decode(probs)
+        except ValueError as exc:  # NaN or wrong shape: a broken model, not a broken daemon
+            self._done(entry, None, f"inference failed: {exc}", invoke_s)
+            return
+        self._done(entry, decision, None, invoke_s)
+
+    def _worker_died(self, exc: WorkerError, inflight: deque[_InFlight]) -> None:
+        """Every frame the dead worker held fails; a new worker takes over."""
+        log.error("%s; restarting the inference worker", exc)
+        lost = list(inflight)
+        inflight.clear()
+        for entry in lost:
+            self._done(entry, None, str(exc), 0.0)
+        self._restart_worker()
+
+    def _done(self, entry: _InFlight, decision: Decision | None, error: str | None, invoke_s: float) -> None:
+        frame = entry.frame
+        if error is not None:
             self.inference_errors += 1
             log.warning("frame %s: %s", frame.origin, error)
         now = time.monotonic()
@@ -416,18 +474,18 @@ class Daemon:
         if decision is not None:
             self.invokes.append(invoke_s)
         result = InferenceResult(decision is not None, error, latency, decision.decision if decision else None,
-                                 bundle.sha256, invoke_s, decision.label if decision else None)
+                                 entry.bundle.sha256, invoke_s, decision.label if decision else None)
         for listener in list(self._listeners):
             try:
                 listener(result)
             except Exception:  # noqa: BLE001
                 log.exception("result listener failed")
-        if self.trigger is not None and item_id is not None:
-            item = self.trigger.add(item_id, decision)
+        if self.trigger is not None and entry.item_id is not None:
+            item = self.trigger.add(entry.item_id, decision)
             if item is not None:
                 self._publish_item(item, frame)
         elif decision is not None:
-            self._publish_label(frame, decision, latency, invoke_s)
+            self._publish_label(frame, decision, latency, invoke_s, bundle=entry.bundle)
 
     def _restart_worker(self) -> None:
         backoff = 0.5
@@ -477,9 +535,9 @@ class Daemon:
 
     # ---- labels -------------------------------------------------------------------------------------
     def label_payload(self, frame: Frame | None, decision: Decision, latency_s: float, invoke_s: float,
-                      item: ItemResult | None = None) -> dict:
+                      item: ItemResult | None = None, bundle: Bundle | None = None) -> dict:
         self._seq += 1
-        bundle, dev = self._bundle, self.config.device
+        bundle, dev = bundle or self._bundle, self.config.device
         info = self._worker.info
         return {
             "schema": LABEL_SCHEMA,
@@ -506,8 +564,8 @@ class Daemon:
         }
 
     def _publish_label(self, frame: Frame | None, decision: Decision, latency_s: float, invoke_s: float,
-                       item: ItemResult | None = None) -> None:
-        payload = self.label_payload(frame, decision, latency_s, invoke_s, item)
+                       item: ItemResult | None = None, bundle: Bundle | None = None) -> None:
+        payload = self.label_payload(frame, decision, latency_s, invoke_s, item, bundle)
         self.outbox.put(f"{self.topic_base}/labels", json_bytes(payload), qos=1,
                         expiry_s=self.config.mqtt.label_expiry_s)
         self.link.notify_outbox()

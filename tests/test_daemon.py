@@ -71,6 +71,7 @@ def test_labels_follow_the_schema_and_status_says_degraded_without_edgetpu(tmp_p
 def test_broker_restart_mid_stream_loses_nothing_and_keeps_order(tmp_path, broker, bundle, images, recorder):
     source = f'type = "folder"\npath = "{images}"\nloop = true\npacing = "realtime"\nfps = 40'
     cfg = write_config(tmp_path / "c.toml", broker, bundle, source, tmp_path / "st")
+    cfg.write_text(cfg.read_text().replace("warmup_runs = 1", "warmup_runs = 1\nmax_in_flight = 2"))
     daemon = DaemonProcess(cfg)
     assert recorder.wait(lambda r: len(labels_of(r)) >= 20, 30), daemon.log
     broker.stop()
@@ -159,8 +160,11 @@ def test_strict_edgetpu_backend_fails_clearly(tmp_path, broker, bundle, images):
 
 
 def test_worker_abort_restarts_the_worker_not_the_daemon(tmp_path, broker, bundle, images, recorder):
-    source = f'type = "folder"\npath = "{images}"\nloop = true\npacing = "realtime"\nfps = 40'
-    cfg = write_config(tmp_path / "c.toml", broker, bundle, source, tmp_path / "st")
+    # unpaced and unthrottled: two frames are at the worker when it dies
+    source = f'type = "folder"\npath = "{images}"\nloop = true\npacing = "fast"'
+    cfg = write_config(tmp_path / "c.toml", broker, bundle, source, tmp_path / "st",
+                       "\n[trigger]\nmax_rate_hz = 10000\n")
+    cfg.write_text(cfg.read_text().replace("warmup_runs = 1", "warmup_runs = 1\nmax_in_flight = 2"))
     # test-only hook: the worker calls os.abort() on its 5th invoke, as libedgetpu does on a USB error
     daemon = DaemonProcess(cfg, env={"TAXONEDGE_TEST_WORKER_ABORT_AT": "5"})
     assert recorder.wait(lambda r: len(labels_of(r)) >= 12, 40), daemon.log
