@@ -130,7 +130,7 @@ def main() -> None:
     print(f"label interval at {args.fps:g} frames/s, nothing happening (median): {baseline * 1000:.1f} ms")
     print(f"live update ({args.rounds} rounds): longest label gap median {live * 1000:.1f} ms, "
           f"max {max(live_gaps) * 1000:.1f} ms")
-    print("  phase durations (median ms): " + ", ".join(
+    print("  time from the previous state to each state (median ms): " + ", ".join(
         f"{p} {statistics.median(v) * 1000:.0f}" for p, v in phases.items() if v))
     print(f"copy + restart ({args.rounds} rounds): label gap median {restart * 1000:.0f} ms, "
           f"max {max(restart_gaps) * 1000:.0f} ms")

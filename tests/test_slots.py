@@ -99,3 +99,23 @@ def test_unreadable_state_file_is_ignored_not_fatal(config):
     slots.dir.mkdir(parents=True)
     slots.state_path.write_text("{ not json")
     assert startup_bundle(config) is None
+
+
+def test_signature_policy_of_read_verified(tmp_path, config):
+    from taxonedge.edge.bundle import BundleError
+    from taxonedge.edge.signing import generate_keypair, load_private_key
+    from taxonedge.edge.slots import read_verified
+
+    from .tinymodels import tiny_bundle_bytes
+
+    made = signed_bundles()
+    generate_keypair(tmp_path / "other.key", tmp_path / "other.pub")
+    foreign = tiny_bundle_bytes(seed=1, sign_key=load_private_key(tmp_path / "other.key"))
+    model = config.model
+    assert read_verified(made["new"], model).signature_status == "valid"
+    with pytest.raises(BundleError, match="unsigned but a signature is required"):
+        read_verified(made["unsigned"], model)
+    relaxed = model.model_copy(update={"require_signature": False})
+    assert read_verified(made["unsigned"], relaxed).signature_status == "unsigned"  # explicitly allowed
+    with pytest.raises(BundleError, match="does not verify"):  # a signature present must still be right
+        read_verified(foreign, relaxed)

@@ -46,6 +46,8 @@ def bundles(keys):
         "other_taxonomy": tiny_bundle_bytes(labels=[*TINY_LABELS, "Vegetables/Leek"], seed=0, sign_key=key),
         "nan": tiny_bundle_bytes(seed=0, version="nan", nan=True, sign_key=key),
         "wrong_golden": rebuilt(new, key, golden_outputs=golden_out ^ np.uint8(1)),  # off by one step
+        "other_device": rebuilt(new, key, compatible="taxonedge-detector-v1"),
+        "newer_daemon": rebuilt(new, key, min_daemon_version="99.0"),
     }
 
 
@@ -112,6 +114,8 @@ CASES = {
     "nan_model": ("nan", {}, "rejected", "not finite"),
     "wrong_golden_outputs": ("wrong_golden", {}, "rejected", "golden input 0 gives outputs differing by 1 "),
     "fails_health_window": ("all_unknown", {}, "rolled_back", "unknown rate rose"),
+    "incompatible_device": ("other_device", {}, "rejected", "compatible: the bundle is for 'taxonedge-detector-v1'"),
+    "needs_newer_daemon": ("newer_daemon", {}, "rejected", "needs taxonedge >= 99.0"),
 }
 
 

@@ -189,7 +189,8 @@ def write_config(folder: Path, port: int, public_key: Path | None, bundle: Path,
 
 
 def rebuilt(data: bytes, sign_key, *, model: bytes | None = None, input_size: int | None = None,
-            golden_outputs=None, version: str | None = None, edgetpu: bytes | None = None) -> bytes:
+            golden_outputs=None, version: str | None = None, edgetpu: bytes | None = None,
+            **manifest_fields: object) -> bytes:
     """A bundle like `data` with its model, input size, golden outputs, version or Edge TPU model replaced, correctly
     re-manifested and signed: what a careless (not malicious) operator could ship."""
     import io
@@ -214,7 +215,8 @@ def rebuilt(data: bytes, sign_key, *, model: bytes | None = None, input_size: in
                                                             "width": input_size})
     info = m.model.model_copy(update={"version": version}) if version else m.model
     manifest = build_manifest(model=info, taxonomy=old.taxonomy, input_spec=spec, output=m.output.model_dump(),
-                              files=files, thresholds=m.thresholds, golden=m.golden, quantization=m.quantization)
+                              files=files, **{"thresholds": m.thresholds, "golden": m.golden,
+                                                 "quantization": m.quantization, **manifest_fields})
     with tempfile.TemporaryDirectory() as tmp:
         return write_bundle(Path(tmp) / "b.tebundle", manifest, files, sign_key=sign_key).read_bytes()
 
