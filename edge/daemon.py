@@ -142,6 +142,9 @@ class Daemon:
         self.last_inference_wall: float | None = None
         self._invoke_avg = 0.0  # moving average of invoke seconds
         self._restarting = False
+        self.failed = False
+        self._last_error: str | None = None
+        self.failed = False
         self._last_progress = time.monotonic()
         self._probe_due = 0.0
         self._probing = False
@@ -248,7 +251,7 @@ class Daemon:
             self.shutdown()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        return 0
+        return 1 if self.failed else 0
 
     def shutdown(self) -> None:
         """Finish the item in flight, flush the outbox, publish offline, stop everything."""
@@ -332,8 +335,9 @@ class Daemon:
     def _inference_loop(self) -> None:
         try:
             self._serve()
-        except Exception:  # noqa: BLE001 - never die silently: stop so systemd restarts us
+        except Exception:  # noqa: BLE001 - never die silently: stop with an error so systemd restarts us
             log.exception("inference loop failed")
+            self.failed = True
             self.request_stop()
 
     def _serve(self) -> None:
@@ -465,7 +469,10 @@ class Daemon:
         frame = entry.frame
         if error is not None:
             self.inference_errors += 1
-            log.warning("frame %s: %s", frame.origin, error)
+            # a broken model fails every frame: log a new error at once, a repeated one every 100th time
+            if error != self._last_error or self.inference_errors % 100 == 0:
+                log.warning("frame %s: %s (%d inference errors so far)", frame.origin, error, self.inference_errors)
+            self._last_error = error
         now = time.monotonic()
         latency = now - frame.captured
         self.classified += 1

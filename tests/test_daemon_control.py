@@ -245,3 +245,24 @@ def test_prometheus_metrics(start, one_class_images):
     assert value > 0
     assert "taxonedge_outbox_depth" in text and "taxonedge_source_dropped" in text
 
+
+
+def test_a_model_that_outputs_nan_is_reported_not_published(start, broker, one_class_images, tmp_path):
+    rec = Recorder(broker.port)
+    daemon = start(live(one_class_images))
+    results = []
+    daemon.add_result_listener(results.append)
+    try:
+        nan = read_bundle(write_tiny_bundle(tmp_path / "nan.tebundle", nan=True, golden=False))
+        daemon.switch_model(nan).result(60)
+        deadline = time.monotonic() + 10
+        while not any(r.model_sha256 == nan.sha256 for r in results) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        bad = [r for r in results if r.model_sha256 == nan.sha256]
+        assert bad and all(not r.ok and "NaN" in r.error and r.decision is None for r in bad)
+        assert not any(lb["model"]["sha256"] == nan.sha256 for lb in labels_of(rec))
+        assert daemon.state()["inference_errors"] >= len(bad)
+        assert all(t.is_alive() for t in daemon._threads)
+    finally:
+        rec.close()
