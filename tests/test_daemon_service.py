@@ -74,14 +74,15 @@ def test_no_broker_is_reported_and_retried_while_labels_wait(tmp_path, bundle, l
     fake.start()
     try:
         rec = Recorder(port)
-        assert rec.wait(lambda r: len(labels_of(r)) >= 3, 30), daemon.log
+        assert rec.wait(lambda r: len(labels_of(r)) >= 3, 60), daemon.log
         rec.close()
         assert daemon.terminate() == 0
     finally:
         fake.stop()
     log = daemon.log
-    assert f"nothing listens on 127.0.0.1:{port} (connection refused)" in log
-    assert log.count("nothing listens") == 1  # said once, retried quietly with backoff
+    assert f"nothing listens on 127.0.0.1:{port} (connection refused)" in log, log
+    assert log.count("nothing listens") <= 2, log  # said once (again only after another error), not per retry
+    assert "MQTT connected" in log
 
 
 def test_wrong_password_is_reported_with_what_to_fix(tmp_path, bundle, live_source):
