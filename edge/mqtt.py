@@ -113,6 +113,7 @@ class MqttLink:
         self.disconnects = 0
         self.refused_acks = 0
         self._connack = False
+        self._accepted = False  # CONNACK said yes; `connected` follows once paho has re-sent its queue
         self._backoff = 0.5
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -150,8 +151,8 @@ class MqttLink:
         self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties if self.v5 else None)
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
-        if self.connected.is_set():
-            self.client.subscribe(topic_filter, qos=qos)
+        # While disconnected paho answers MQTT_ERR_NO_CONN and nothing happens: on_connected redoes it.
+        self.client.subscribe(topic_filter, qos=qos)
 
     def _send_loop(self) -> None:
         while not self._stop.is_set():
@@ -210,6 +211,12 @@ class MqttLink:
                 rc = self.client.loop(timeout=0.2)
                 if rc != paho.MQTT_ERR_SUCCESS:
                     break
+                if self._accepted and not self.connected.is_set():
+                    # Only now, after the loop that handled CONNACK re-sent paho's unacknowledged labels,
+                    # may the sender add new ones: otherwise a new label could overtake an older one.
+                    self.connected.set()
+                    self._wake.set()
+            self._accepted = False
             self.connected.clear()
             if self._stop.is_set():
                 # Let paho send the DISCONNECT queued by stop().
@@ -240,14 +247,14 @@ class MqttLink:
         self.connects += 1
         self.last_error = None
         log.info("MQTT connected to %s:%d (%s)", self.cfg.host, self.cfg.port, self.cfg.protocol)
-        self.connected.set()
+        self._accepted = True
         try:
             self._on_connected()
         except Exception:  # noqa: BLE001 - an exception here would kill paho's network thread
             log.exception("on-connect handler failed")
-        self._wake.set()
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self._accepted = False
         if self.connected.is_set() and not self._stop.is_set():
             self.disconnects += 1
             log.warning("MQTT disconnected from %s:%d (%s); the outbox keeps labels until it is back",
