@@ -10,7 +10,7 @@ interleaved invoke by invoke so that load from other processes hits both alike:
 Without --run it builds an untrained 81-class head on the ImageNet MobileNetV2 from ../shared/weights and
 calibrates on Grocery training images (latency, size and conversion time only).
 
-    .venv/bin/python bench/bench_convert.py [--run RUN_DIR] [--threads 1] [--runs 200]
+    .venv/bin/python bench/bench_convert.py [--run RUN_DIR [--qat yes]] [--threads 1] [--runs 200]
 """
 
 from __future__ import annotations
@@ -55,15 +55,17 @@ def untrained_grocery_model(calibration_images: int) -> tuple[bytes, float, str]
     return tflite, time.perf_counter() - start, what
 
 
-def converted_run(run: Path, calibration_images: int) -> tuple[bytes, float, str, dict]:
+def converted_run(run: Path, calibration_images: int, qat: str) -> tuple[bytes, float, str, dict]:
     from taxonedge.convert.converter import Options, convert
     from taxonedge.edge.bundle import read_bundle
 
     with tempfile.TemporaryDirectory() as tmp:
         result = convert(Options(run=run, out=Path(tmp) / "bench.tebundle", calibration_images=calibration_images,
-                                 force=True, edgetpu="skip"))
+                                 force=True, edgetpu="skip", qat=qat))
         model = read_bundle(result.path).model_bytes()
-    return model, result.timings["convert_s"], f"run {run} ({result.timings['total_s']:.0f} s end to end)", result.gate
+    qat_words = " quantization-aware" if result.manifest.quantization.qat else " post-training"
+    return (model, result.timings["convert_s"] + result.timings.get("qat_s", 0.0),
+            f"run {run},{qat_words} int8 ({result.timings['total_s']:.0f} s end to end)", result.gate)
 
 
 def interleaved_latency(models: dict[str, bytes], threads: int, runs: int) -> dict[str, list[float]]:
@@ -91,13 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--calibration-images", type=int, default=300)
+    parser.add_argument("--qat", choices=("no", "yes", "auto"), default="no", help="with --run: as `convert --qat`")
     args = parser.parse_args(argv)
     if not REFERENCE.exists():
         print(f"needs {REFERENCE}", file=sys.stderr)
         return 2
     gate = None
     if args.run:
-        ours, convert_s, what, gate = converted_run(args.run, args.calibration_images)
+        ours, convert_s, what, gate = converted_run(args.run, args.calibration_images, args.qat)
     else:
         ours, convert_s, what = untrained_grocery_model(args.calibration_images)
     times = interleaved_latency({"ours": ours, "reference": REFERENCE.read_bytes()}, args.threads, args.runs)
