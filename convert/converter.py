@@ -32,6 +32,7 @@ from taxonedge.edge.bundle import (
 from taxonedge.edge.preprocess import InputSpec
 from taxonedge.edge.runtime import dequantize
 
+from .qat import QatError
 from .rundir import Run, RunDirError, load_run
 
 log = logging.getLogger(__name__)
@@ -111,14 +112,18 @@ def convert(opts: Options) -> Result:
         log.warning("post-training int8 misses the gate (%s); trying quantization-aware training",
                     gate["message"])
         t = time.perf_counter()
-        tflite = _qat(run, model, opts, calib)
-        qat_used = True
-        _check_integer(tflite, opts.mode)
-        info = io_details(tflite)
-        quant_probs = _probabilities(run_tflite(tflite, val_x, "evaluating QAT int8"), info)
-        ptq_gate = gate
-        gate = accuracy_gate(run, val_y, float_probs, quant_probs, opts.max_drop, opts.mode)
-        gate["post_training"] = {k: ptq_gate[k] for k in ("drop_points", "passed")}
+        try:
+            qat_tflite = _qat(run, model, opts, calib)
+        except QatError as exc:  # keep the numbers the user needs, and say why QAT did not help
+            gate["message"] += f"; --qat auto could not run quantization-aware training: {exc}"
+        else:
+            tflite, qat_used = qat_tflite, True
+            _check_integer(tflite, opts.mode)
+            info = io_details(tflite)
+            quant_probs = _probabilities(run_tflite(tflite, val_x, "evaluating QAT int8"), info)
+            ptq_gate = gate
+            gate = accuracy_gate(run, val_y, float_probs, quant_probs, opts.max_drop, opts.mode)
+            gate["post_training"] = {k: ptq_gate[k] for k in ("drop_points", "passed")}
         timings["qat_s"] = time.perf_counter() - t
     gate["forced"] = bool(not gate["passed"] and opts.force)
     if not gate["passed"] and not opts.force:

@@ -325,6 +325,11 @@ def test_qat_for_a_backbone_the_trainer_cannot_rebuild(tiny_convert_run, tmp_pat
                    "--calibration-images", "8", "--qat-images", "8", check=False)
     assert proc.returncode == 1 and "quantization-aware training failed" in proc.stderr
     assert "unknown backbone 'tiny-cnn'" in proc.stderr and not out.exists()
+    # --qat auto: the gate's numbers stay in the message, with the reason QAT could not help.
+    proc = run_cli("convert", "--run", str(tiny_convert_run), "--out", str(out), "--qat", "auto", "--max-drop", "-50",
+                   "--calibration-images", "8", "--qat-images", "8", check=False)
+    assert proc.returncode == 1 and "accuracy gate failed" in proc.stderr and "leaf" in proc.stderr
+    assert "--qat auto could not run quantization-aware training" in proc.stderr and not out.exists()
 
 
 def test_help_lists_the_options():
