@@ -67,9 +67,9 @@ def evaluate(data: str | Path, out: Path, run_dir: Path | None = None, bundle_pa
         taxonomy, spec, thresholds = bundle.taxonomy, bundle.manifest.input, dict(bundle.manifest.thresholds)
         source = {"kind": "bundle", "bundle": str(Path(bundle_path).resolve()), **bundle.describe(),
                   "quantization": bundle.manifest.quantization.mode}
-    y_true = data_mod.leaf_indices(taxonomy, samples, str(data))
+    data_mod.leaf_indices(taxonomy, samples, str(data))  # unknown labels fail before any image is decoded
     images, kept, errors = data_mod.load_images(samples, spec, "eval images")
-    y_true = data_mod.leaf_indices(taxonomy, kept, str(data)) if len(kept) != len(samples) else y_true
+    y_true = data_mod.leaf_indices(taxonomy, kept, str(data))
     probs = predict_run(Path(run_dir), images) if classifier is None else predict_bundle(classifier, images)
     metrics = compute_metrics(taxonomy, y_true, probs, thresholds)
     metrics["source"] = {**source, "data": str(Path(data).resolve()), "skipped_images": errors}
