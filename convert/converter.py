@@ -132,6 +132,15 @@ def convert(opts: Options) -> Result:
     if not gate["passed"]:
         log.warning("writing the bundle despite the gate (--force): %s", gate["message"])
 
+    # The device decides on the quantized model's outputs: choose its back-off thresholds on those, so the
+    # published labels reach the target precision as deployed, not only in float.
+    thresholds = deployed_thresholds(run, val_y, quant_probs)
+    gate["metrics"]["thresholds"] = {"float_calibration": run.thresholds, "deployed": thresholds,
+                                     "target_precision": run.target_precision}
+    from taxonedge.train.metrics import backoff
+
+    gate["metrics"]["backoff_deployed"] = backoff(run.taxonomy, quant_probs, val_y, thresholds)
+
     t = time.perf_counter()
     report, compiled = tpu.edgetpu_report(tflite, opts.mode, run.backbone, opts.edgetpu, opts.compiler)
     timings["edgetpu_s"] = time.perf_counter() - t
@@ -156,16 +165,27 @@ def convert(opts: Options) -> Result:
                                     + (", quantization-aware" if qat_used else "") + ")"),
         taxonomy=run.taxonomy, input_spec=InputSpec.model_validate(spec.model_dump()), output=output, files=files,
         quantization=Quantization(mode=opts.mode, qat=qat_used, calibration_images=len(calib)),
-        thresholds=run.thresholds, temperature=run.temperature,
+        thresholds=thresholds, temperature=run.temperature,
         metrics=gate["metrics"],
         edgetpu=report,
         golden={"file": GOLDEN, "count": int(len(golden_inputs)),
                 # CPU interpreters must reproduce integer outputs exactly; float outputs within rounding.
                 "tolerance": 0 if integer else 1e-4, "unit": "quantized steps" if integer else "probability"},
     )
+    if sign_key is not None:  # write_bundle records the key id in what it writes; say it here too
+        from taxonedge.edge.signing import key_id
+
+        manifest = manifest.model_copy(update={"signing_key_id": key_id(sign_key.public_key())})
     write_bundle(opts.out, manifest, files, sign_key=sign_key)
     timings["total_s"] = time.perf_counter() - started
     return Result(Path(opts.out), manifest, gate, report, timings)
+
+
+def deployed_thresholds(run: Run, true_leaf: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Per-depth thresholds re-chosen on the converted model's validation outputs (same rule as training)."""
+    from taxonedge.train.calibrate import choose_thresholds
+
+    return choose_thresholds(run.taxonomy, probs, true_leaf, run.target_precision)
 
 
 def accuracy_gate(run: Run, true_leaf: np.ndarray, float_probs: np.ndarray, quant_probs: np.ndarray,

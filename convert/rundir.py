@@ -33,6 +33,7 @@ class Run:
     thresholds: dict[str, float]
     train: list[tuple[str, int]]  # (image path, leaf index)
     val: list[tuple[str, int]]
+    target_precision: float = 0.98  # what the thresholds were chosen to reach; convert re-chooses on int8
 
     @property
     def model_path(self) -> Path:
@@ -62,7 +63,7 @@ def load_run(path: str | Path) -> Run:
     config = _json(path / "config.json")
     if not isinstance(config, dict):
         raise RunDirError(f"{path / 'config.json'}: expected a JSON object")
-    temperature, thresholds = _calibration(path / "calibration.json", taxonomy)
+    temperature, thresholds, target_precision = _calibration(path / "calibration.json", taxonomy)
     splits = _json(path / "splits.json")
     if not isinstance(splits, dict):
         raise RunDirError(f"{path / 'splits.json'}: expected an object with 'train' and 'val' lists")
@@ -72,7 +73,7 @@ def load_run(path: str | Path) -> Run:
         raise RunDirError(f"{path / 'splits.json'}: the train list is empty (calibration images come from it)")
     if not val:
         raise RunDirError(f"{path / 'splits.json'}: the val list is empty (the accuracy gate needs it)")
-    return Run(path, taxonomy, spec, config, temperature, thresholds, train, val)
+    return Run(path, taxonomy, spec, config, temperature, thresholds, train, val, target_precision)
 
 
 def _json(file: Path) -> Any:
@@ -84,7 +85,7 @@ def _json(file: Path) -> Any:
         raise RunDirError(f"{file}: cannot read: {exc}") from None
 
 
-def _calibration(file: Path, taxonomy: Taxonomy) -> tuple[float, dict[str, float]]:
+def _calibration(file: Path, taxonomy: Taxonomy) -> tuple[float, dict[str, float], float]:
     data = _json(file)
     if not isinstance(data, dict):
         raise RunDirError(f"{file}: expected an object with 'temperature' and 'thresholds'")
@@ -100,7 +101,10 @@ def _calibration(file: Path, taxonomy: Taxonomy) -> tuple[float, dict[str, float
             raise RunDirError(f"{file}: threshold key '{key}' is not depth_1..depth_{taxonomy.depth}")
         if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise RunDirError(f"{file}: threshold {key}={value!r} is not a number in [0, 1]")
-    return float(temperature), {k: float(v) for k, v in thresholds.items()}
+    target = data.get("target_precision", 0.98)
+    if not isinstance(target, (int, float)) or not 0.0 < target <= 1.0:
+        raise RunDirError(f"{file}: target_precision must be a number in (0, 1], got {target!r}")
+    return float(temperature), {k: float(v) for k, v in thresholds.items()}, float(target)
 
 
 def _split(splits: dict, key: str, taxonomy: Taxonomy, file: Path) -> list[tuple[str, int]]:

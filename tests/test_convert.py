@@ -94,7 +94,15 @@ def test_ptq_int8_bundle_is_complete_and_runs_like_the_float_model(converted, ti
     # Input spec from the converted tensor: raw uint8 pixels (scale 1, zero point 0), as the device feeds them.
     assert (m.input.dtype, m.input.scale, m.input.zero_point) == ("uint8", 1.0, 0)
     assert m.output.name == "output_0" and m.output.dtype == "uint8" and m.output.scale == pytest.approx(1 / 256)
-    assert m.thresholds == {"depth_1": 0.5} and m.temperature == 1.0
+    assert m.temperature == 1.0
+    # Back-off thresholds are re-chosen on the int8 outputs (what the device decides on); the float
+    # calibration is kept for the record, and every published depth reaches the target precision on val.
+    chosen = m.metrics["thresholds"]
+    assert chosen["float_calibration"] == {"depth_1": 0.5} and chosen["deployed"] == m.thresholds
+    assert set(m.thresholds) == {"depth_1", "depth_2", "depth_3"}
+    for depth, row in m.metrics["backoff_deployed"].items():
+        if depth.startswith("depth_") and row["count"]:
+            assert row["precision"] >= chosen["target_precision"] or m.thresholds[depth] == 1.0, (depth, row)
     levels = m.metrics["per_level"]
     assert set(levels) == {"depth_1", "depth_2", "leaf"}  # the deepest level is "leaf"
     for values in levels.values():
@@ -104,6 +112,7 @@ def test_ptq_int8_bundle_is_complete_and_runs_like_the_float_model(converted, ti
     assert m.edgetpu["status"] == "compiler not found" and "not on PATH" in m.edgetpu["summary"]
     assert m.edgetpu["static"]["compatible"], m.edgetpu["static"]
     assert MODEL_EDGETPU not in bundle.files and "not on PATH" in proc.stdout
+    assert f"signed by {m.signing_key_id}" in proc.stdout and m.signing_key_id
     # The private key is in no file of the bundle and in no output.
     secret = (pub.parent / "k.key").read_text().splitlines()[1]
     assert secret.encode() not in bundle_path.read_bytes() and secret not in proc.stdout + proc.stderr

@@ -44,7 +44,8 @@ def test_a_run_written_by_taxonedge_train_converts(tiny_run, tmp_path):  # noqa:
     run_cli("convert", "--run", str(tiny_run), "--out", str(out), "--calibration-images", "32", "--max-drop", "25")
     m = read_bundle(out).manifest
     calibration = json.loads((tiny_run / "calibration.json").read_text())
-    assert m.thresholds == pytest.approx(calibration["thresholds"])
+    assert m.metrics["thresholds"]["float_calibration"] == pytest.approx(calibration["thresholds"])
+    assert m.metrics["thresholds"]["target_precision"] == calibration["target_precision"]
     assert m.temperature == pytest.approx(calibration["temperature"])
     assert m.taxonomy_hash == Taxonomy.from_dict(json.loads((tiny_run / "taxonomy.json").read_text())).hash
     assert (m.input.height, m.input.width, m.input.dtype, m.input.scale) == (64, 64, "uint8", 1.0)
