@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -73,3 +75,31 @@ def test_corrupt_and_bad_frames_are_rejected_clearly(tmp_path):
         preprocess(np.zeros((10, 10, 3), np.float32), InputSpec())
     with pytest.raises(ImageError, match="empty"):
         decode_image(b"")
+
+
+def test_training_loader_and_device_folder_source_give_identical_tensors(tmp_path):
+    """The real host path (taxonedge.train.data.load_images, used by training, calibration, evaluation)
+    and the real device path (the daemon's folder source + preprocess) on the same files."""
+    from taxonedge.edge.config import FolderSource
+    from taxonedge.edge.source import SourceEnded, make_reader
+    from taxonedge.train.data import load_images, read_samples
+
+    from .conftest import write_image_tree
+
+    root = write_image_tree(tmp_path / "photos", ["Fruit/Apple", "Fruit/Kiwi"], per_class=3, size=90, seed=5)
+    spec = InputSpec(height=40, width=40)
+    samples = sorted(read_samples(root), key=lambda s: s.path)
+    host, kept, errors = load_images(samples, spec)
+    assert not errors and len(kept) == 6
+    for sample, host_tensor in zip(kept, host, strict=True):
+        path = Path(sample.path)
+        reader = make_reader(FolderSource(type="folder", path=path.parent))
+        reader.open()
+        frames = {}
+        while True:
+            try:
+                image, name = reader.read()
+            except SourceEnded:
+                break
+            frames[name] = image
+        assert np.array_equal(preprocess(frames[path.name], spec), host_tensor)
