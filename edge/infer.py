@@ -53,9 +53,9 @@ class WorkerInfo:
 def _worker_main(conn: Any, bundle: Bundle, backend: str, device: str | None, num_threads: int | None,
                  warmup_runs: int) -> None:
     """The child: load, warm up, answer ('ready', info) then serve ('infer', image) until EOF."""
-    from .runtime import Classifier, EdgeTpuUnavailable, ModelError, interpreter_module
+    from .runtime import Classifier, EdgeTpuUnavailable, ModelError, interpreter_module, quiet_failed_delegate
 
-    sys.unraisablehook = _quiet_failed_delegate
+    sys.unraisablehook = quiet_failed_delegate
     abort_at = int(os.environ.get(ABORT_AT_ENV, "0") or 0)
     hang_at = int(os.environ.get(HANG_AT_ENV, "0") or 0)
     degraded = None
@@ -106,14 +106,6 @@ def _worker_main(conn: Any, bundle: Bundle, backend: str, device: str | None, nu
             conn.send(("ok", probs, time.perf_counter() - t0))
         except (ValueError, RuntimeError) as exc:
             conn.send(("error", f"{type(exc).__name__}: {exc}", time.perf_counter() - t0))
-
-
-def _quiet_failed_delegate(unraisable: Any) -> None:
-    # ai_edge_litert's Delegate.__del__ raises AttributeError when load_delegate failed (no libedgetpu):
-    # a traceback on every re-probe would bury the one clear line the daemon logs for that failure.
-    if isinstance(unraisable.exc_value, AttributeError) and "Delegate" in repr(unraisable.object):
-        return
-    sys.__unraisablehook__(unraisable)
 
 
 class InferenceWorker:

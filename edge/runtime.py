@@ -6,7 +6,9 @@ comes from `tflite_runtime` (old images, numpy 1) or `ai_edge_litert` (its succe
 
 from __future__ import annotations
 
+import gc
 import importlib
+import sys
 from functools import cache
 from typing import Any
 
@@ -46,10 +48,28 @@ def load_edgetpu_delegate(device: str | None = None, library: str = EDGETPU_LIBR
     """The Edge TPU delegate for `device` ("usb", "usb:0", "pci:0" or None for the first one found)."""
     module, _ = interpreter_module()
     options = {"device": device} if device else {}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, quiet_failed_delegate
     try:
-        return module.load_delegate(library, options)
-    except (OSError, ValueError, RuntimeError) as exc:  # OSError: library absent; ValueError: older runtimes
-        raise EdgeTpuUnavailable(f"Edge TPU delegate {library} ({device or 'any device'}): {exc}") from exc
+        try:
+            return module.load_delegate(library, options)
+        except (OSError, ValueError, RuntimeError) as exc:  # OSError: library absent; ValueError: older runtimes
+            message = f"Edge TPU delegate {library} ({device or 'any device'}): {exc}"
+        # Raised outside the except block so the half-built Delegate is freed now, under the quiet hook.
+        gc.collect()
+        raise EdgeTpuUnavailable(message)
+    finally:
+        sys.unraisablehook = previous_hook
+
+
+def quiet_failed_delegate(unraisable: Any) -> None:
+    """sys.unraisablehook that drops one known error and passes on the rest.
+
+    ai_edge_litert's Delegate.__del__ raises AttributeError when load_delegate failed (no libedgetpu): a
+    traceback on every probe would bury the one clear line the daemon logs for that failure.
+    """
+    if isinstance(unraisable.exc_value, AttributeError) and "Delegate" in repr(unraisable.object):
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def make_interpreter(model: bytes, num_threads: int | None = None, delegate: Any = None) -> Any:
