@@ -1,0 +1,1 @@
+"""JSON Schemas of the messages the daemon publishes (package data)."""
