@@ -9,6 +9,7 @@ import json
 import tarfile
 
 import pytest
+from taxonedge.edge.bundle import read_bundle
 
 from .conftest import run_cli
 from .test_convert import converted, tiny_convert_run  # noqa: F401  (session fixtures)
@@ -24,7 +25,8 @@ def test_readable_output_shows_everything_a_person_checks(converted):  # noqa: F
     assert "tiny: 4 leaves, max depth 3" in out
     assert "input      32x32x3 RGB uint8 (scale 1, zero point 0" in out
     assert "output     'output_0' leaf_probabilities x4 uint8" in out
-    assert "thresholds depth_1 0.500" in out
+    thresholds = read_bundle(bundle).manifest.thresholds  # chosen by convert on the int8 outputs
+    assert "thresholds " + ", ".join(f"{k} {v:.3f}" for k, v in thresholds.items()) in out
     assert "edge tpu   compiler not found - edgetpu_compiler not on PATH" in out and "no Edge TPU model (CPU only)" in out
     assert "golden     8 self-test images, tolerance 0 quantized steps" in out
     ops_line = next(line for line in out.splitlines() if line.startswith("ops "))
