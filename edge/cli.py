@@ -53,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     deploy.add_argument("bundle", metavar="BUNDLE", help="signed bundle file (.tebundle)")
-    deploy.add_argument("--broker", required=True, metavar="HOST[:PORT]", help="MQTT broker (port 1883 by default)")
+    deploy.add_argument("--broker", required=True, type=_broker, metavar="HOST[:PORT]",
+                        help="MQTT broker (port 1883 by default)")
     deploy.add_argument("--target", "-t", required=True, action="append", metavar="SITE/LINE/DEVICE|groups/NAME",
                         help="device or fleet group; repeat for several")
     deploy.add_argument("--prefix", default="taxonedge", help="topic prefix the devices use (mqtt.prefix)")
@@ -97,6 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     listen.add_argument("--timeout", type=float, metavar="S", help="stop after S seconds")
     listen.add_argument("--username", help="broker user name")
     listen.add_argument("--password-file", metavar="FILE", help="file holding the broker password")
+    listen.add_argument("--password-env", metavar="VAR", help="environment variable holding the broker password")
     listen.add_argument("--ca-file", metavar="FILE", help="CA certificate for a TLS broker")
     listen.set_defaults(func=_listen)
 

@@ -89,11 +89,11 @@ def deploy_command(args: Any) -> int:
     request = make_request(data, deployment_id, args.chunk_size, args.url)
     chunks = request.get("chunks", 0)
 
-    host, _, port = args.broker.partition(":")
+    host, port = args.broker
     client_id = f"taxonedge-deploy-{uuid.uuid4().hex[:8]}"
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     if args.username:
-        client.username_pw_set(args.username, _password(args))
+        client.username_pw_set(args.username, password_from_args(args))
     if args.ca_file:
         client.tls_set(ca_certs=args.ca_file)
     inbox: queue.Queue = queue.Queue()
@@ -113,14 +113,14 @@ def deploy_command(args: Any) -> int:
     client.on_connect = on_connect
     client.on_message = lambda c, u, msg: inbox.put(msg)
     try:
-        client.connect(host, int(port or 1883))
+        client.connect(host, port)
     except OSError as exc:
-        raise CliError(f"cannot connect to the broker {args.broker}: {exc}", EXIT_FAILED) from None
+        raise CliError(f"cannot connect to the broker {host}:{port}: {exc}", EXIT_FAILED) from None
     client.loop_start()
     try:
         error = connected.get(timeout=10)
         if error:
-            raise CliError(f"the broker {args.broker} refused the connection: {error}", EXIT_FAILED)
+            raise CliError(f"the broker {host}:{port} refused the connection: {error}", EXIT_FAILED)
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = response_topic
         props.CorrelationData = deployment_id.encode()
@@ -219,7 +219,8 @@ def _summary(states: dict[str, dict], prefix: str) -> None:
         print(_line(device, payload, prefix))
 
 
-def _password(args: Any) -> str | None:
+def password_from_args(args: Any) -> str | None:
+    """The broker password of an operator command, from --password-file or --password-env (never argv)."""
     import os
 
     if args.password_file:

@@ -96,10 +96,9 @@ def listen_command(args: argparse.Namespace) -> int:
     host, port = args.broker
     base = f"{args.prefix}/{args.site}/{args.line}/{args.device}"
     topics = args.topic or [f"{base}/labels", f"{base}/status"]
-    password = None
-    if args.password_file:
-        with open(args.password_file, encoding="utf-8") as fh:
-            password = fh.read().strip()
+    from .deploy import password_from_args
+
+    password = password_from_args(args)
     started = time.monotonic()
     code = listen(host, port, topics, as_json=args.json, count=args.count, timeout=args.timeout,
                   username=args.username, password=password, ca_file=args.ca_file)
