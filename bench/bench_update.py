@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from taxonedge.edge.bundle import read_bundle  # noqa: E402
 
-from tests.conftest import TINY_LABELS, Broker, free_port, write_image_tree  # noqa: E402
+from tests.conftest import Broker, free_port, write_frames_folder  # noqa: E402
 from tests.daemonkit import DaemonProcess  # noqa: E402
 from tests.update_host import Observer, signed_bundles, write_config  # noqa: E402
 
@@ -36,12 +36,7 @@ PHASES = ["received", "verifying", "staged", "warming", "self_test", "switched",
 
 
 def frames_folder(root: Path) -> Path:
-    tree = write_image_tree(root / "tree", TINY_LABELS, per_class=3, seed=5)
-    flat = root / "frames"
-    flat.mkdir()
-    for i, path in enumerate(sorted(tree.rglob("*.jpg"))):
-        shutil.copy(path, flat / f"{i:03d}.jpg")
-    return flat
+    return write_frames_folder(root, per_class=3, seed=5)
 
 
 def wait_labels(observer: Observer, n: int) -> None:

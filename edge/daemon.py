@@ -37,7 +37,8 @@ import numpy as np
 from taxonedge import __version__
 from taxonedge.cli import CliError
 
-from .bundle import Bundle, BundleError, atomic_write, read_bundle
+from . import update
+from .bundle import Bundle, BundleError, atomic_write
 from .config import Config, ConfigError, load_config
 from .decode import Decision, Decoder
 from .infer import InferenceWorker, WorkerDied, WorkerError, WorkerInfo
@@ -45,6 +46,7 @@ from .mqtt import MqttLink, client_id_for, json_bytes
 from .notify import sd_notify
 from .outbox import Outbox
 from .preprocess import ImageError, preprocess
+from .slots import read_verified, startup_bundle
 from .source import Capture, Frame
 from .trigger import ItemResult, ItemTrigger
 
@@ -93,19 +95,6 @@ class _Pending:
 
 def utc_ms(wall: float) -> str:
     return datetime.fromtimestamp(wall, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _read_bundle(path: Path, config: Config) -> Bundle:
-    """Read with the config's signature policy (the deploy engineer's `slots.read_verified` when present)."""
-    try:
-        from .slots import read_verified
-    except ImportError:
-        from .signing import load_public_key
-
-        key = load_public_key(config.model.public_key) if config.model.public_key else None
-        return read_bundle(path, public_key=key, require_signature=config.model.require_signature,
-                           max_bytes=config.model.max_bundle_bytes)
-    return read_verified(path, config.model)
 
 
 class Daemon:
@@ -286,18 +275,11 @@ class Daemon:
 
     # ---- start-up helpers -----------------------------------------------------------------------------
     def _initial_bundle(self) -> Bundle:
-        path = None
-        try:
-            from .slots import startup_bundle
-        except ImportError:
-            startup_bundle = None
-        if startup_bundle is not None:
-            path = startup_bundle(self.config)
-        path = path or self.config.model.bundle
+        path = startup_bundle(self.config) or self.config.model.bundle
         if path is None:
             raise CliError("no model: set model.bundle in the config (or deploy one)", 2)
         try:
-            return _read_bundle(Path(path), self.config)
+            return read_verified(Path(path), self.config.model)
         except (BundleError, ValueError) as exc:
             raise CliError(f"model bundle: {exc}", 2) from None
 
@@ -314,10 +296,6 @@ class Daemon:
         return Decoder(bundle.taxonomy, thresholds, self.config.model.top_k)
 
     def _attach_plugin(self) -> None:
-        try:
-            from . import update
-        except ImportError:
-            return
         try:
             update.attach(self)
             self._plugin = update
@@ -883,7 +861,7 @@ def validate(config: Config) -> list[str]:
     problems = []
     if config.model.bundle is not None:
         try:
-            _read_bundle(config.model.bundle, config)
+            read_verified(config.model.bundle, config.model)
         except (BundleError, ValueError) as exc:
             problems.append(f"model.bundle: {exc}")
     try:

@@ -122,6 +122,16 @@ def write_image_tree(root: Path, labels: list[str], per_class: int = 12, size: i
     return root
 
 
+def write_frames_folder(root: Path, per_class: int = 3, seed: int = 0) -> Path:
+    """A flat folder `root/frames` of JPEGs named 000.jpg, 001.jpg, ... in class order, as a folder source reads."""
+    tree = write_image_tree(root / "tree", TINY_LABELS, per_class=per_class, seed=seed)
+    flat = root / "frames"
+    flat.mkdir()
+    for i, path in enumerate(sorted(tree.rglob("*.jpg"))):
+        shutil.copy(path, flat / f"{i:03d}.jpg")
+    return flat
+
+
 # Uneven depth on purpose: Fruit/Avocado is a leaf at depth 2 beside depth-3 apples.
 TINY_LABELS = ["Fruit/Apple/Granny-Smith", "Fruit/Apple/Pink-Lady", "Fruit/Avocado", "Vegetables/Carrot"]
 

@@ -338,16 +338,12 @@ def test_daemon_refused_then_admitted_keeps_every_label(pki: Pki, secure_broker:
     """`taxonedge run` with TLS, a client certificate and its password as a systemd credential: a wrong
     password is reported in one clear line, the daemon keeps classifying into its outbox and retrying, and
     once the broker accepts it every label arrives."""
-    from .conftest import TINY_LABELS, write_image_tree
+    from .conftest import write_frames_folder
     from .daemonkit import DEVICE, DaemonProcess, write_config
     from .tinymodels import write_tiny_bundle
 
     bundle = write_tiny_bundle(tmp_path / "tiny.tebundle")
-    frames = write_image_tree(tmp_path / "tree", TINY_LABELS, per_class=2)
-    flat = tmp_path / "frames"
-    flat.mkdir()
-    for i, path in enumerate(sorted(frames.rglob("*.jpg"))):
-        shutil.copy(path, flat / f"{i:03d}.jpg")
+    flat = write_frames_folder(tmp_path, per_class=2)
     credentials = tmp_path / "credentials"
     credentials.mkdir()
     (credentials / "mqtt-password").write_text("not-the-password\n")

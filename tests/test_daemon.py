@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from .conftest import TINY_LABELS, write_image_tree
+from .conftest import TINY_LABELS, write_frames_folder
 from .daemonkit import BASE, DaemonProcess, Recorder, labels_of, write_config
 from .tinymodels import write_tiny_bundle
 
@@ -26,12 +25,7 @@ def bundle(tmp_path_factory) -> Path:
 @pytest.fixture
 def images(tmp_path) -> Path:
     """A flat folder of 12 JPEGs (3 per class) in class order."""
-    tree = write_image_tree(tmp_path / "tree", TINY_LABELS, per_class=3, seed=5)
-    flat = tmp_path / "frames"
-    flat.mkdir()
-    for i, path in enumerate(sorted(tree.rglob("*.jpg"))):
-        shutil.copy(path, flat / f"{i:03d}.jpg")
-    return flat
+    return write_frames_folder(tmp_path, per_class=3, seed=5)
 
 
 @pytest.fixture

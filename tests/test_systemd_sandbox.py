@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import TINY_LABELS, write_image_tree
+from .conftest import write_frames_folder
 from .daemonkit import Recorder, labels_of, write_config
 from .security import sandboxed_command
 from .test_systemd import UNIT
@@ -95,10 +95,7 @@ def proc_status(pid: int) -> dict[str, str]:
 
 def test_daemon_runs_notifies_and_stops_cleanly_inside_the_units_sandbox(tmp_path: Path, broker, notify) -> None:
     bundle = write_tiny_bundle(tmp_path / "tiny.tebundle")
-    frames = tmp_path / "frames"
-    frames.mkdir()
-    for i, path in enumerate(sorted(write_image_tree(tmp_path / "tree", TINY_LABELS, per_class=2).rglob("*.jpg"))):
-        shutil.copy(path, frames / f"{i:03d}.jpg")
+    frames = write_frames_folder(tmp_path, per_class=2)
     source = f'type = "folder"\npath = "{frames}"\nloop = true\npacing = "realtime"\nfps = 20'
     config = write_config(tmp_path / "config.toml", broker, bundle, source, tmp_path / "state")
     recorder = Recorder(broker.port)

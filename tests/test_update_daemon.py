@@ -6,7 +6,6 @@ running a valid model (the old one before the commit, the new one after), never 
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from taxonedge.edge.config import load_config
 from taxonedge.edge.slots import SLOTS, Slots, read_verified
 from taxonedge.edge.update import PAUSE_ENV
 
-from .conftest import TINY_LABELS, write_image_tree
+from .conftest import write_frames_folder
 from .daemonkit import DaemonProcess
 from .update_host import Observer, signed_bundles, write_config
 
@@ -27,11 +26,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def setup(tmp_path, broker):
     made = signed_bundles()
-    tree = write_image_tree(tmp_path / "tree", TINY_LABELS, per_class=3, seed=5)
-    frames = tmp_path / "frames"
-    frames.mkdir()
-    for i, path in enumerate(sorted(tree.rglob("*.jpg"))):
-        shutil.copy(path, frames / f"{i:03d}.jpg")
+    frames = write_frames_folder(tmp_path, per_class=3, seed=5)
     old = tmp_path / "old.tebundle"
     old.write_bytes(made["old"])
     for name in ("new", "unsigned", "all_unknown"):
