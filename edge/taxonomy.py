@@ -309,9 +309,6 @@ class Taxonomy:
             return node
         return self.by_label["/".join(node.path[:depth])]
 
-    def children_of(self, node: Node | None) -> list[Node]:
-        return self.roots if node is None else node.children
-
     @cached_property
     def hash(self) -> str:
         """sha256 of the canonical tree (names, ids, slugs, order): equal hashes mean interchangeable models."""
