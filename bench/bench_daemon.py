@@ -1,6 +1,6 @@
 """End-to-end daemon throughput and latency against invoke-only and decode-only, same model, one run.
 
-    .venv/bin/python bench/bench_daemon.py [--frames 600] [--threads 2]
+    .venv/bin/python bench/bench_daemon.py [--frames 600] [--threads 1 2]
 
 1. decode-only: read every frame of a 640x480 MJPG video with OpenCV (what the capture thread does).
 2. invoke-only: the interpreter alone on one preprocessed frame, `--frames` times (median and fps).
@@ -80,21 +80,23 @@ def write_video(path: Path, frames: int) -> Path:
     return path
 
 
-def decode_only(video: Path) -> tuple[float, int]:
+def decode_only(video: Path) -> tuple[float, int, float]:
+    """(fps, frames, CPU seconds per frame) reading every frame as the capture thread does."""
     cap = cv2.VideoCapture(str(video))
     n = 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     while True:
         ok, _ = cap.read()
         if not ok:
             break
         n += 1
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     cap.release()
-    return n / elapsed, n
+    return n / elapsed, n, cpu / n
 
 
-def invoke_only(bundle_path: Path, video: Path, runs: int, threads: int) -> tuple[float, float]:
+def invoke_only(bundle_path: Path, video: Path, runs: int, threads: int) -> tuple[float, float, float]:
+    """(fps, median seconds, CPU seconds per invoke over all interpreter threads)."""
     bundle = read_bundle(bundle_path)
     classifier = Classifier(bundle, num_threads=threads)
     cap = cv2.VideoCapture(str(video))
@@ -104,12 +106,13 @@ def invoke_only(bundle_path: Path, video: Path, runs: int, threads: int) -> tupl
     for _ in range(10):
         classifier.raw(image)
     times = []
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(runs):
         t0 = time.perf_counter()
         classifier.raw(image)
         times.append(time.perf_counter() - t0)
-    return runs / (time.perf_counter() - start), statistics.median(times)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return runs / elapsed, statistics.median(times), cpu / runs
 
 
 def _children(pid: int) -> list[int]:
@@ -136,9 +139,52 @@ def _maps_tensorflow(pid: int) -> bool:
         return False
 
 
+_TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_ticks(pid: int) -> int:
+    """user + system CPU ticks of a whole process."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
+def _thread_ticks(pid: int, process: str) -> dict[tuple[str, int], tuple[str, int]]:
+    """(process, tid) -> (OS thread name, user + system ticks) for every thread of `pid`."""
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            text = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1:text.rindex(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        out[(process, int(tid))] = (name, int(fields[11]) + int(fields[12]))
+    return out
+
+
+def _per_frame(cpu: dict[tuple[str, int], tuple[str, int]], broker_ticks: int, frames: int,
+               first: tuple[dict, int, int] | None) -> dict[str, float]:
+    """CPU milliseconds per frame by process/thread name (the daemon names its threads in the OS), from
+    the first label received to the end (the last sample may miss the final 20 ms)."""
+    start_cpu, start_broker, start_frames = first or ({}, 0, 0)
+    totals: dict[str, int] = {"broker (mosquitto)": broker_ticks - start_broker}
+    for key, (name, ticks) in cpu.items():
+        label = f"{key[0]}/{name}"
+        totals[label] = totals.get(label, 0) + ticks - start_cpu.get(key, (name, 0))[1]
+    frames = max(1, frames - start_frames)
+    return {k: v * _TICK_S * 1000 / frames for k, v in sorted(totals.items(), key=lambda kv: -kv[1]) if v}
+
+
 def end_to_end(bundle: Path, video: Path, threads: int, work: Path, in_flight: int) -> dict:
     work = work / f"e2e-{in_flight}"
-    work.mkdir()
+    work.mkdir(parents=True)
     broker = Broker(port=free_port(), workdir=work / "broker")
     broker.workdir.mkdir()
     broker.start()
@@ -163,13 +209,21 @@ def end_to_end(bundle: Path, video: Path, threads: int, work: Path, in_flight: i
                                     stdout=subprocess.DEVNULL, stderr=log)
         peak = {"daemon": 0, "worker": 0}
         tf_mapped = False
+        # CPU per thread, counted from the first label received (start-up and warm-up are not per frame)
+        cpu: dict[tuple[str, int], tuple[str, int]] = {}  # (process, tid) -> (thread name, CPU ticks)
+        first: tuple[dict, int, int] | None = None  # cpu, broker ticks, labels at the first label
         while proc.poll() is None:
             peak["daemon"] = max(peak["daemon"], _vm_hwm_kb(proc.pid))
             tf_mapped |= _maps_tensorflow(proc.pid)
+            cpu.update(_thread_ticks(proc.pid, "daemon"))
             for child in _children(proc.pid):
                 peak["worker"] = max(peak["worker"], _vm_hwm_kb(child))
                 tf_mapped |= _maps_tensorflow(child)
-            time.sleep(0.05)
+                cpu.update(_thread_ticks(child, "worker"))
+            if first is None and receipts:
+                first = dict(cpu), _cpu_ticks(broker.process.pid), len(receipts)
+            time.sleep(0.02)
+        broker_ticks = _cpu_ticks(broker.process.pid)
         time.sleep(0.5)
         labels = labels_of(rec)
         rec.close()
@@ -195,14 +249,22 @@ def end_to_end(bundle: Path, video: Path, threads: int, work: Path, in_flight: i
         "peak_rss_worker_mb": peak["worker"] / 1024,
         "tensorflow_mapped": tf_mapped,
         "devices": {lb["device"] for lb in labels} == {DEVICE},
+        "cpu_ms_per_frame": _per_frame(cpu, broker_ticks, len(labels), first),
     }
+
+
+def _mean(a: tuple, b: tuple) -> tuple:
+    return tuple((x + y) / 2 for x, y in zip(a, b, strict=True))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=600, help="frames in the test video (default 600)")
-    parser.add_argument("--threads", type=int, default=2, help="interpreter threads, same for both runs")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                        help="interpreter thread counts to measure, each against its own invoke-only run "
+                             "(default: 1 2)")
     args = parser.parse_args()
+    cpus = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if REFERENCE_MODEL.exists():
@@ -210,30 +272,43 @@ def main() -> None:
         else:
             bundle, model = tiny_bundle(work / "tiny.tebundle"), "tiny CNN 96x96 int8 (../shared absent)"
         video = write_video(work / "frames.avi", args.frames)
-        # The baselines run right before and right after the daemon and are averaged, so that load from
-        # other processes on a shared machine hits both sides of the ratio alike.
-        before = decode_only(video), invoke_only(bundle, video, args.frames, args.threads)
-        runs = {depth: end_to_end(bundle, video, args.threads, work, depth) for depth in (1, 2)}
-        after = decode_only(video), invoke_only(bundle, video, args.frames, args.threads)
-    n = before[0][1]
-    dec_fps = (before[0][0] + after[0][0]) / 2
-    inv_fps = (before[1][0] + after[1][0]) / 2
-    inv_median = (before[1][1] + after[1][1]) / 2
+        print(f"model: {model}; video: {args.frames} frames 640x480 MJPG; {cpus} CPUs; "
+              f"load average {os.getloadavg()[0]:.1f}")
+        for threads in args.threads:
+            # The baselines run right before and right after the daemon and are averaged, so that load from
+            # other processes on a shared machine hits both sides of the ratio alike.
+            dec_b, inv_b = decode_only(video), invoke_only(bundle, video, args.frames, threads)
+            runs = {}
+            for depth in (1, 2):
+                runs[depth] = end_to_end(bundle, video, threads, work / f"t{threads}", depth)
+            dec_a, inv_a = decode_only(video), invoke_only(bundle, video, args.frames, threads)
+            report(threads, cpus, _mean(dec_b, dec_a), _mean(inv_b, inv_a), runs)
+
+
+def report(threads: int, cpus: int, dec: tuple, inv: tuple, runs: dict[int, dict]) -> None:
+    dec_fps, _, dec_cpu = dec
+    inv_fps, inv_median, inv_cpu = inv
     floor = min(dec_fps, inv_fps)
-    print(f"model: {model}; video: {n} frames 640x480 MJPG; {args.threads} interpreter threads; "
-          f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
-    print(f"decode-only      {dec_fps:8.1f} fps   (before {before[0][0]:.1f}, after {after[0][0]:.1f})")
-    print(f"invoke-only      {inv_fps:8.1f} fps   median {inv_median * 1000:.2f} ms "
-          f"(before {before[1][1] * 1000:.2f}, after {after[1][1] * 1000:.2f})")
+    # No pipeline can beat the CPU: every frame needs at least its decode and its invoke CPU time.
+    ceiling = min(floor, cpus / (dec_cpu + inv_cpu))
+    print(f"\n== {threads} interpreter thread{'s' if threads > 1 else ''} ==")
+    print(f"decode-only      {dec_fps:8.1f} fps   {dec_cpu * 1000:.2f} ms CPU/frame")
+    print(f"invoke-only      {inv_fps:8.1f} fps   median {inv_median * 1000:.2f} ms, {inv_cpu * 1000:.2f} ms CPU/frame")
+    print(f"CPU ceiling      {ceiling:8.1f} fps   = min(decode, invoke, {cpus} CPUs / (decode + invoke CPU)) "
+          f"= {ceiling / floor:.3f} of min(decode, invoke)")
     for depth, e2e in runs.items():
         print(f"end-to-end, max_in_flight = {depth} ({e2e['labels']} labels received)")
-        print(f"  {e2e['fps']:8.1f} fps   ratio e2e / min(decode, invoke) = {e2e['fps'] / floor:.3f}   (target >= 0.9)")
+        print(f"  {e2e['fps']:8.1f} fps   ratio e2e / min(decode, invoke) = {e2e['fps'] / floor:.3f}   (target >= 0.9);"
+              f"  e2e / CPU ceiling = {e2e['fps'] / ceiling:.3f}")
         print(f"  capture->subscriber latency p50 {e2e['latency_p50'] * 1000:.2f} ms  p99 {e2e['latency_p99'] * 1000:.2f} ms"
               f"   p99 / invoke median = {e2e['latency_p99'] / inv_median:.2f}   (target <= 2)")
         print(f"  capture->outbox latency     p50 {e2e['internal_p50'] * 1000:.2f} ms  p99 {e2e['internal_p99'] * 1000:.2f} ms;"
               f"  invoke in the daemon's worker: median {e2e['invoke_p50'] * 1000:.2f} ms")
         print(f"  peak RSS: daemon {e2e['peak_rss_daemon_mb']:.1f} MB, inference worker {e2e['peak_rss_worker_mb']:.1f} MB"
               f" (target <= 120 MB); TensorFlow mapped: {e2e['tensorflow_mapped']}")
+        parts = e2e["cpu_ms_per_frame"]
+        print(f"  CPU ms per frame: {sum(parts.values()):.2f} in all: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in parts.items() if v >= 0.02))
 
 
 if __name__ == "__main__":

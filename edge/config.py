@@ -178,10 +178,19 @@ class InferenceConfig(_Strict):
     reprobe_interval_s: float = Field(60.0, gt=0)
     invoke_timeout_s: float = Field(5.0, gt=0)
     warmup_runs: int = Field(3, ge=0)
-    # Frames at the worker at once in continuous mode. 1: lowest capture-to-label latency. 2: the next
-    # frame waits at the worker while one is inferred, so the accelerator never idles (throughput, for an
-    # Edge TPU or spare CPU cores), at up to one more invoke of latency. Item mode always uses 1.
+    # Frames at the worker at once in continuous mode. 1: the next frame is decoded and preprocessed while
+    # one is inferred and handed over as soon as the answer is back (the worker idles only for the pipe).
+    # 2: it waits at the worker instead, so an accelerator never idles at all, at up to one more invoke of
+    # latency. Item mode always uses 1.
     max_in_flight: int = Field(1, ge=1, le=2)
+
+    def interpreter_threads(self) -> int:
+        """num_threads, else one less than the CPUs this process may use (at least 1): capture, preprocessing
+        and MQTT need a core of their own, or they take it from the interpreter at a worse moment
+        (bench/bench_daemon.py measures both on the same machine)."""
+        if self.num_threads is not None:
+            return self.num_threads
+        return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 class TlsConfig(_Strict):

@@ -44,6 +44,7 @@ from .decode import Decision, Decoder
 from .infer import InferenceWorker, WorkerDied, WorkerError, WorkerInfo
 from .mqtt import MqttLink, client_id_for, json_bytes
 from .notify import sd_notify
+from .osthread import start_thread
 from .outbox import Outbox
 from .preprocess import ImageError, preprocess
 from .slots import read_verified, startup_bundle
@@ -77,6 +78,17 @@ class InferenceResult:
 
 
 @dataclass(frozen=True)
+class _Ready:
+    """A frame preprocessed for `bundle`, waiting to go to the worker."""
+
+    frame: Frame
+    item_id: str | None
+    bundle: Bundle
+    decoder: Decoder
+    image: np.ndarray
+
+
+@dataclass(frozen=True)
 class _InFlight:
     """A frame at the worker, with the model and decoder it was sent to (a switch may happen meanwhile)."""
 
@@ -84,6 +96,7 @@ class _InFlight:
     item_id: str | None
     bundle: Bundle
     decoder: Decoder
+    sent: float  # time.monotonic() when it went to the worker
 
 
 @dataclass
@@ -130,6 +143,7 @@ class Daemon:
         self.invokes: deque[float] = deque(maxlen=2000)
         self.last_inference_wall: float | None = None
         self._invoke_avg = 0.0  # moving average of invoke seconds
+        self._prepare_avg = 0.0  # moving average of seconds from asking for a frame to having it preprocessed
         self._restarting = False
         self.failed = False
         self._last_error: str | None = None
@@ -182,7 +196,7 @@ class Daemon:
                 return
             self._set_pending(_Pending(worker, bundle, future))
 
-        threading.Thread(target=prepare, name="switch-model", daemon=True).start()
+        start_thread(prepare, "switch-model")
         return future
 
     # ---- lifecycle ----------------------------------------------------------------------------------
@@ -215,9 +229,7 @@ class Daemon:
         self.link.start()
         for name, target in (("inference", self._inference_loop), ("control", self._control_loop),
                              ("health", self._health_loop)):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            self._threads.append(start_thread(target, name))
         self._start_metrics()
         # Plugins attach once MQTT is up (subscriptions are redone on every reconnect anyway), but a
         # broker that is down must not hold up labels: they wait in the outbox.
@@ -286,7 +298,7 @@ class Daemon:
     def _new_worker(self, bundle: Bundle, backend: str | None = None) -> InferenceWorker:
         inf = self.config.inference
         worker = InferenceWorker(bundle, backend=backend or inf.backend, device=inf.edgetpu_device,
-                                 num_threads=inf.num_threads, warmup_runs=inf.warmup_runs,
+                                 num_threads=inf.interpreter_threads(), warmup_runs=inf.warmup_runs,
                                  invoke_timeout_s=inf.invoke_timeout_s)
         worker.start()
         return worker
@@ -323,11 +335,15 @@ class Daemon:
         interval = 1.0 / self.config.trigger.max_rate_hz
         next_at = 0.0
         slot = self.capture.slot
-        # Continuous mode may keep two frames at the worker (inference.max_in_flight = 2): the next one is
-        # queued while the current one is inferred, so the worker never waits for us. Item mode keeps one,
+        # Continuous mode decodes and preprocesses the next frame while the worker infers the current one,
+        # and hands it over the moment the answer is back, before that answer is decoded and published: the
+        # worker waits only for the pipe, and the frame is taken as late as that allows (fresh, so low
+        # latency). inference.max_in_flight = 2 also queues it at the worker (for an accelerator whose
+        # invoke the CPU work cannot hide; one invoke more latency). Item mode keeps one frame at a time,
         # so that an item never gets more frames than it votes on.
         depth = 1 if trig is not None else self.config.inference.max_in_flight
         inflight: deque[_InFlight] = deque()
+        ready: _Ready | None = None  # the next frame, preprocessed, not yet at the worker
         while True:
             if not inflight:
                 busy = trig is not None and trig.busy
@@ -335,56 +351,95 @@ class Daemon:
                     break
                 if not busy:
                     self._maybe_swap()
-                item_id = None
-                if trig is not None:
-                    expired = trig.expire()
-                    if expired is not None:
-                        self._publish_item(expired, self._last_frame)
-                    item_id = trig.want_frame()
-                    if item_id is None:
-                        self._item_event.wait(0.05)
-                        self._item_event.clear()
-                        continue
-                else:
-                    wait = next_at - time.monotonic()
-                    if wait > 0:
-                        self.stopping.wait(wait)
                 if self.paused.is_set():
+                    ready = self._drop(ready)
                     self.paused_wait()
                     continue
-                frame = slot.take(timeout=0.25)
-                if frame is None:
-                    if self.capture.finished.is_set():
-                        log.info("the source has ended")
-                        break
+                if ready is not None and ready.bundle is not self._bundle:  # a model switch came between
+                    ready = self._prepare(ready.frame, ready.item_id)
+                if ready is None:
+                    item_id = None
+                    if trig is not None:
+                        expired = trig.expire()
+                        if expired is not None:
+                            self._publish_item(expired, self._last_frame)
+                        item_id = trig.want_frame()
+                        if item_id is None:
+                            self._item_event.wait(0.05)
+                            self._item_event.clear()
+                            continue
+                    else:
+                        wait = next_at - time.monotonic()
+                        if wait > 0:
+                            self.stopping.wait(wait)
+                    frame = slot.take(timeout=0.25)
+                    if frame is None:
+                        if self.capture.finished.is_set():
+                            log.info("the source has ended")
+                            break
+                        continue
+                    next_at = time.monotonic() + interval
+                    ready = self._prepare(frame, item_id)
+                    if ready is None:
+                        continue
+            if ready is not None and len(inflight) < depth and self._pending is None:
+                self._send(ready, inflight)
+                ready = None
+                if not inflight:  # the worker died on it and was replaced
                     continue
-                next_at = time.monotonic() + interval
-                self._submit(frame, item_id, inflight)
-                if not inflight:
-                    continue
-            # An unpaced file decodes its next frame only when asked: ask halfway through this invoke, so
-            # decoding overlaps inference but the frame does not wait long for the worker.
-            half = 0.5 * self._invoke_avg
-            self._worker.ready(half)
-            slot.request()
-            if (len(inflight) < depth and not self.paused.is_set() and not self.stopping.is_set()
-                    and self._pending is None and time.monotonic() >= next_at - half
-                    and not (self.max_frames and self.classified + len(inflight) >= self.max_frames)):
-                frame = slot.take(timeout=half)
-                if frame is not None:
+            if trig is None and ready is None and self._may_prepare(inflight, next_at):
+                ready = self._prepare_next(inflight)
+                if ready is not None:
                     next_at = max(next_at + interval, time.monotonic())
-                    self._submit(frame, None, inflight)
             if inflight:
-                self._finish(inflight)
+                answer = self._collect(inflight)
+                if ready is not None and len(inflight) < depth and self._pending is None:
+                    self._send(ready, inflight)
+                    ready = None
+                if answer is not None:
+                    self._complete(*answer)
             if self.max_frames and self.classified >= self.max_frames and not (trig is not None and trig.busy):
                 break
         while inflight:
-            self._finish(inflight)
+            answer = self._collect(inflight)
+            if answer is not None:
+                self._complete(*answer)
+        self._drop(ready)
         if trig is not None and trig.busy:
             result = trig.expire() or trig.flush()
             if result is not None:
                 self._publish_item(result, self._last_frame)
         self.request_stop()
+
+    def _may_prepare(self, inflight: deque[_InFlight], next_at: float) -> bool:
+        """Take the next frame now, while the worker is busy?"""
+        lead = self._invoke_avg * len(inflight)
+        return not (self.paused.is_set() or self.stopping.is_set() or self._pending is not None
+                    or time.monotonic() < next_at - lead
+                    or (self.max_frames and self.classified + len(inflight) + 1 > self.max_frames))
+
+    def _prepare_next(self, inflight: deque[_InFlight]) -> _Ready | None:
+        """The next frame, asked for so that it is decoded and preprocessed just when the worker is free."""
+        busy_until = inflight[0].sent + self._invoke_avg * len(inflight)
+        # Asked for a little early: a frame 0.5 ms older costs less than a worker idling while it waits.
+        wait = busy_until - 1.5 * self._prepare_avg - 0.0005 - time.monotonic()
+        if wait > 0 and self._worker.ready(wait):
+            busy_until = 0.0  # the answer is already back: do not hold it up waiting for a frame
+        slot = self.capture.slot
+        slot.request()
+        start = time.monotonic()
+        # Wait past the answer by at most one prepare time: a little idle worker, but never a stale answer.
+        frame = slot.take(timeout=max(0.0, busy_until - start) + max(self._prepare_avg, 0.001))
+        if frame is None:  # not in time: the answer goes first, the frame is taken afterwards
+            return None
+        ready = self._prepare(frame, None)
+        self._prepare_avg += 0.1 * (time.monotonic() - start - self._prepare_avg)
+        return ready
+
+    def _drop(self, ready: _Ready | None) -> None:
+        """A prepared frame that will not be classified (paused or stopping) counts as dropped."""
+        if ready is not None:
+            self.capture.slot.dropped += 1
 
     def paused_wait(self) -> None:
         """Paused: keep the newest live frame for snapshots, leave an unpaced file where it is."""
@@ -394,8 +449,8 @@ class Daemon:
         else:
             self.stopping.wait(0.05)
 
-    def _submit(self, frame: Frame, item_id: str | None, inflight: deque[_InFlight]) -> None:
-        """Preprocess `frame` and hand it to the worker; it joins `inflight` (oldest first)."""
+    def _prepare(self, frame: Frame, item_id: str | None) -> _Ready | None:
+        """Preprocess `frame` for the active model (None when it cannot be: counted and logged)."""
         self._last_frame = frame
         bundle = self._bundle
         try:
@@ -403,36 +458,42 @@ class Daemon:
         except ImageError as exc:
             self.preprocess_errors += 1
             log.warning("frame %s: %s", frame.origin, exc)
-            return
-        entry = _InFlight(frame, item_id, bundle, self._decoder)
-        try:
-            self._worker.submit(image)
-        except WorkerDied as exc:
-            inflight.append(entry)
-            self._worker_died(exc, inflight)
-            return
-        inflight.append(entry)
+            return None
+        return _Ready(frame, item_id, bundle, self._decoder, image)
 
-    def _finish(self, inflight: deque[_InFlight]) -> None:
-        """Wait for the oldest frame's answer, decode it, tell listeners, publish (or vote)."""
+    def _send(self, ready: _Ready, inflight: deque[_InFlight]) -> None:
+        """Hand a prepared frame to the worker; it joins `inflight` (oldest first)."""
+        entry = _InFlight(ready.frame, ready.item_id, ready.bundle, ready.decoder, time.monotonic())
+        inflight.append(entry)
+        try:
+            self._worker.submit(ready.image)
+        except WorkerDied as exc:
+            self._worker_died(exc, inflight)
+
+    def _collect(self, inflight: deque[_InFlight]) -> tuple[_InFlight, np.ndarray | None, float, str | None] | None:
+        """Wait for the oldest frame's answer: (entry, leaf probabilities or None, invoke s, error)."""
         entry = inflight[0]
         try:
             probs, invoke_s = self._worker.result()
         except WorkerDied as exc:
             self._worker_died(exc, inflight)
-            return
+            return None
         except WorkerError as exc:
             inflight.popleft()
-            self._done(entry, None, f"inference failed: {exc}", 0.0)
-            return
+            return entry, None, 0.0, f"inference failed: {exc}"
         inflight.popleft()
         self._invoke_avg += 0.1 * (invoke_s - self._invoke_avg)
-        try:
-            decision = entry.decoder.decode(probs)
-        except ValueError as exc:  # NaN or wrong shape: a broken model, not a broken daemon
-            self._done(entry, None, f"inference failed: {exc}", invoke_s)
-            return
-        self._done(entry, decision, None, invoke_s)
+        return entry, probs, invoke_s, None
+
+    def _complete(self, entry: _InFlight, probs: np.ndarray | None, invoke_s: float, error: str | None) -> None:
+        """Decode an answer, tell listeners, publish (or vote)."""
+        decision = None
+        if probs is not None:
+            try:
+                decision = entry.decoder.decode(probs)
+            except ValueError as exc:  # NaN or wrong shape: a broken model, not a broken daemon
+                error = f"inference failed: {exc}"
+        self._done(entry, decision, error, invoke_s)
 
     def _worker_died(self, exc: WorkerError, inflight: deque[_InFlight]) -> None:
         """Every frame the dead worker held fails; a new worker takes over."""
@@ -510,7 +571,7 @@ class Daemon:
         self._decoder = self._make_decoder(pending.bundle)
         if self.trigger is not None:
             self.trigger.taxonomy = pending.bundle.taxonomy
-        threading.Thread(target=old.stop, name="old-worker-stop", daemon=True).start()
+        start_thread(old.stop, "old-worker-stop")
         info = self._worker.info
         log.info("now serving %s %s (%s) on %s", pending.bundle.name, pending.bundle.version,
                  pending.bundle.sha256[:12], info.backend if info else "?")
@@ -828,7 +889,7 @@ class Daemon:
             finally:
                 self._probing = False
 
-        threading.Thread(target=probe, name="edgetpu-probe", daemon=True).start()
+        start_thread(probe, "edgetpu-probe")
 
     def _start_metrics(self) -> None:
         port = self.config.health.prometheus_port

@@ -53,8 +53,10 @@ class WorkerInfo:
 def _worker_main(conn: Any, bundle: Bundle, backend: str, device: str | None, num_threads: int | None,
                  warmup_runs: int) -> None:
     """The child: load, warm up, answer ('ready', info) then serve ('infer', image) until EOF."""
+    from .osthread import name_this_thread
     from .runtime import Classifier, EdgeTpuUnavailable, ModelError, interpreter_module, quiet_failed_delegate
 
+    name_this_thread("infer-worker")
     sys.unraisablehook = quiet_failed_delegate
     abort_at = int(os.environ.get(ABORT_AT_ENV, "0") or 0)
     hang_at = int(os.environ.get(HANG_AT_ENV, "0") or 0)

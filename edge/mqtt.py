@@ -26,6 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from .config import MqttConfig
+from .osthread import start_thread
 from .outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -125,9 +126,7 @@ class MqttLink:
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         for name, target in (("mqtt-net", self._network_loop), ("mqtt-send", self._send_loop)):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            self._threads.append(start_thread(target, name))
 
     def stop(self) -> None:
         """Disconnect cleanly (no last will) and end the threads."""

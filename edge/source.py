@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from .config import CameraSource, FolderSource, SourceConfig, SourceType, StreamSource, VideoSource
+from .osthread import start_thread
 from .preprocess import ImageError, read_image
 from .taxonomy import IMAGE_SUFFIXES
 
@@ -256,8 +257,7 @@ class Capture:
     def start(self) -> None:
         self._generation += 1
         self._last_frame_mono = time.monotonic()
-        self._thread = threading.Thread(target=self._run, args=(self._generation,), name="capture", daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._run, "capture", (self._generation,))
 
     def stop(self) -> None:
         self._stop.set()

@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from taxonedge import __version__
 
 from .bundle import Bundle, BundleError, atomic_write, utc_now
+from .osthread import start_thread
 from .runtime import Classifier, EdgeTpuUnavailable, ModelError
 from .signing import SigningKeyError
 from .slots import Slots, read_verified
@@ -232,9 +233,7 @@ class Updater:
             thread.join(timeout=5)
 
     def _spawn(self, target: Any, name: str) -> None:
-        thread = threading.Thread(target=target, name=name, daemon=True)
-        thread.start()
-        self._threads.append(thread)
+        self._threads.append(start_thread(target, name))
 
     # ---- MQTT handlers (control thread: quick, never block) -------------------------------------------
     def _on_request(self, topic: str, payload: bytes, properties: Any) -> None:
@@ -457,12 +456,12 @@ class Updater:
         want_tpu = inference.backend == "edgetpu" or (inference.backend == "auto" and bundle.has_edgetpu_model)
         try:
             try:
-                clf = Classifier(bundle, edgetpu=want_tpu, num_threads=inference.num_threads,
+                clf = Classifier(bundle, edgetpu=want_tpu, num_threads=inference.interpreter_threads(),
                                  edgetpu_device=inference.edgetpu_device)
             except EdgeTpuUnavailable as exc:
                 if inference.backend == "edgetpu":
                     raise Failed("rejected", f"warming: {exc}") from None
-                clf = Classifier(bundle, num_threads=inference.num_threads)
+                clf = Classifier(bundle, num_threads=inference.interpreter_threads())
         except ModelError as exc:
             raise Failed("rejected", f"input/output: {exc}") from None
         golden = bundle.golden()
