@@ -176,21 +176,23 @@ class MqttLink:
                 self._drain_acks()
 
     def _drain_acks(self) -> None:
+        acked: list[int] = []
         while True:
             try:
                 mid, ok, reason = self._acks.get_nowait()
             except queue.Empty:
-                return
+                break
             row = self._sent.pop(mid, None)
             if row is None:
                 continue
             if ok:
-                self.outbox.ack(row)
+                acked.append(row)
             else:
                 # Kept in the outbox: it is replayed on the next start, after the broker's ACL is fixed.
                 self.refused_acks += 1
                 log.error("the broker refused label row %d (%s): check the ACL for this client's topics",
                           row, reason)
+        self.outbox.ack(*acked)
 
     # ---- network loop ----------------------------------------------------------------------------
     def _network_loop(self) -> None:

@@ -50,6 +50,7 @@ class Outbox:
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
         self._depth = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        self._expired_at = 0.0  # when expired rows were last deleted
 
     def put(self, topic: str, payload: bytes, qos: int = 1, expiry_s: float | None = None) -> int:
         """Store one message; returns its id (ids grow: they are the replay order)."""
@@ -79,21 +80,28 @@ class Outbox:
         """Unacknowledged messages with id > after_id, oldest first. Expired ones are deleted, not returned."""
         now = time.time()
         with self._lock:
-            cur = self._db.execute("DELETE FROM outbox WHERE expires_at IS NOT NULL AND expires_at < ?", (now,))
-            if cur.rowcount > 0:
-                self._bump("expired", cur.rowcount)
-                self._depth -= cur.rowcount
+            if now - self._expired_at >= 1.0:  # a write transaction: once a second, not once per label
+                self._expired_at = now
+                cur = self._db.execute("DELETE FROM outbox WHERE expires_at IS NOT NULL AND expires_at < ?", (now,))
+                if cur.rowcount > 0:
+                    self._bump("expired", cur.rowcount)
+                    self._depth -= cur.rowcount
             rows = self._db.execute(
-                "SELECT id, topic, payload, qos, expires_at FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
-                (after_id, limit),
+                "SELECT id, topic, payload, qos, expires_at FROM outbox WHERE id > ? "
+                "AND (expires_at IS NULL OR expires_at >= ?) ORDER BY id LIMIT ?",
+                (after_id, now, limit),
             ).fetchall()
         return [OutboxMessage(r[0], r[1], bytes(r[2]), r[3], r[4]) for r in rows]
 
-    def ack(self, message_id: int) -> None:
-        """The broker has the message: remove it."""
+    def ack(self, *message_ids: int) -> None:
+        """The broker has these messages: remove them (one transaction for all, not one per label)."""
+        if not message_ids:
+            return
         with self._lock:
-            cur = self._db.execute("DELETE FROM outbox WHERE id = ?", (message_id,))
-            self._depth -= cur.rowcount
+            for start in range(0, len(message_ids), 500):
+                chunk = message_ids[start:start + 500]
+                cur = self._db.execute(f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+                self._depth -= cur.rowcount
 
     def depth(self) -> int:
         return self._depth

@@ -52,3 +52,24 @@ def test_expired_messages_are_not_replayed(tmp_path):
     assert box.counter("expired") == 1
     assert 58 <= pending[0].remaining_s() <= 60
     assert pending[1].remaining_s() is None
+
+
+def test_a_message_expiring_between_sweeps_is_still_never_returned(tmp_path):
+    box = Outbox(tmp_path / "o.sqlite")
+    box.put("t", b"soon", expiry_s=0.2)
+    box.put("t", b"stays")
+    assert [m.payload for m in box.pending()] == [b"soon", b"stays"]  # this call swept expired rows
+    time.sleep(0.3)
+    assert [m.payload for m in box.pending()] == [b"stays"]  # swept at most once a second, filtered always
+
+
+def test_acks_in_one_call_survive_a_reopen(tmp_path):
+    box = Outbox(tmp_path / "o.sqlite")
+    ids = [box.put("t", str(i).encode()) for i in range(600)]
+    box.ack(*ids[:550])  # more than one chunk
+    box.ack()  # nothing to do
+    assert box.depth() == 50
+    box.close()
+    again = Outbox(tmp_path / "o.sqlite")
+    assert again.depth() == 50
+    assert [m.payload for m in again.pending(limit=1000)] == [str(i).encode() for i in range(550, 600)]
