@@ -352,7 +352,8 @@ class Daemon:
                 if not busy:
                     self._maybe_swap()
                 if self.paused.is_set():
-                    ready = self._drop(ready)
+                    self._drop(ready)
+                    ready = None
                     self.paused_wait()
                     continue
                 if ready is not None and ready.bundle is not self._bundle:  # a model switch came between
@@ -382,7 +383,7 @@ class Daemon:
                     ready = self._prepare(frame, item_id)
                     if ready is None:
                         continue
-            if ready is not None and len(inflight) < depth and self._pending is None:
+            if ready is not None and self._may_send(inflight, depth):
                 self._send(ready, inflight)
                 ready = None
                 if not inflight:  # the worker died on it and was replaced
@@ -393,7 +394,7 @@ class Daemon:
                     next_at = max(next_at + interval, time.monotonic())
             if inflight:
                 answer = self._collect(inflight)
-                if ready is not None and len(inflight) < depth and self._pending is None:
+                if ready is not None and self._may_send(inflight, depth):
                     self._send(ready, inflight)
                     ready = None
                 if answer is not None:
@@ -410,6 +411,11 @@ class Daemon:
             if result is not None:
                 self._publish_item(result, self._last_frame)
         self.request_stop()
+
+    def _may_send(self, inflight: deque[_InFlight], depth: int) -> bool:
+        """Hand the prepared frame over now? Not while paused (it is dropped) or before a model switch
+        (it is preprocessed again for the new model)."""
+        return len(inflight) < depth and self._pending is None and not self.paused.is_set()
 
     def _may_prepare(self, inflight: deque[_InFlight], next_at: float) -> bool:
         """Take the next frame now, while the worker is busy?"""
