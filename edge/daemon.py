@@ -434,8 +434,12 @@ class Daemon:
         slot = self.capture.slot
         slot.request()
         start = time.monotonic()
-        # Wait past the answer by at most one prepare time: a little idle worker, but never a stale answer.
-        frame = slot.take(timeout=max(0.0, busy_until - start) + max(self._prepare_avg, 0.001))
+        timeout = max(0.0, busy_until - start)
+        if not self.capture.reader.live:
+            # A file decodes on request: wait past the answer by at most one prepare time (a little idle
+            # worker, never a stale answer). A live source's frame comes when it comes: never wait past it.
+            timeout += max(self._prepare_avg, 0.001)
+        frame = slot.take(timeout=timeout)
         if frame is None:  # not in time: the answer goes first, the frame is taken afterwards
             return None
         ready = self._prepare(frame, None)
