@@ -7,6 +7,7 @@ messages after a reconnect; after a restart the sender replays whatever the outb
 
 The network loop is ours (not `loop_start`) so that a refused connection is reported with what to fix
 (wrong password, ACL, TLS certificate, host down) and retried with backoff, instead of being swallowed.
+It is also the only thread that writes to the socket (see `on_socket_register_write` below).
 """
 
 from __future__ import annotations
@@ -102,6 +103,11 @@ class MqttLink:
             self.client.tls_set(ca_certs=str(cfg.tls.ca_file),
                                 certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
                                 keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None)
+        # Every socket write happens on the network thread. Without a loop_start() thread paho writes from
+        # whichever thread calls publish(), and two threads popping its packet queue reorder packets (seen:
+        # label seq 2 before seq 1) or interleave their bytes. With this hook set (paho's external-loop API)
+        # publish() only queues and wakes the network loop through paho's socket pair.
+        self.client.on_socket_register_write = lambda client, userdata, sock: None
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish

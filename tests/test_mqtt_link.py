@@ -1,0 +1,69 @@
+"""The daemon's MQTT link on a real broker: labels leave the outbox in order, whatever the network thread is doing."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import paho.mqtt.client as paho
+from taxonedge.edge.config import MqttConfig
+from taxonedge.edge.mqtt import MqttLink
+from taxonedge.edge.outbox import Outbox
+
+LABELS = 3000
+
+
+def client(port: int, name: str) -> paho.Client:
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"{name}-{time.monotonic_ns()}", protocol=paho.MQTTv5)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    return c
+
+
+def test_labels_keep_their_order_while_the_network_thread_is_busy(tmp_path, broker):
+    """The sender thread publishes while the network thread reads a flood of incoming messages and runs
+    their callbacks. paho writes from the publishing thread unless told not to; two threads popping its
+    packet queue reorder labels (seen: seq 2 before seq 1) or interleave their bytes."""
+    received: list[int] = []
+    done = threading.Event()
+
+    def on_label(c, userdata, msg) -> None:
+        received.append(int(msg.payload))
+        if len(received) >= LABELS:
+            done.set()
+
+    subscriber = client(broker.port, "sub")
+    subscriber.on_message = on_label
+    subscriber.subscribe("t/labels", qos=1)
+    outbox = Outbox(tmp_path / "o.sqlite")
+    link = MqttLink(MqttConfig(port=broker.port), "link-test", outbox, "t/status", b"offline",
+                    on_connected=lambda: link.client.subscribe("t/cmd", qos=0), on_message=lambda *a: None)
+    flooder = client(broker.port, "flood")
+    stop = threading.Event()
+
+    def flood() -> None:
+        while not stop.is_set():
+            flooder.publish("t/cmd", b"x" * 200, qos=0)
+            time.sleep(0.0002)
+
+    link.start()
+    try:
+        assert link.connected.wait(10)
+        time.sleep(0.3)  # the link's subscription is in place
+        threading.Thread(target=flood, daemon=True).start()
+        for i in range(LABELS):
+            outbox.put("t/labels", str(i).encode())
+            link.notify_outbox()
+        assert done.wait(60), f"{len(received)} of {LABELS} labels arrived"
+        assert received == list(range(LABELS))
+        deadline = time.monotonic() + 10
+        while outbox.depth() and time.monotonic() < deadline:  # every row leaves only on its PUBACK
+            time.sleep(0.05)
+        assert outbox.depth() == 0
+    finally:
+        stop.set()
+        link.stop()
+        for c in (subscriber, flooder):
+            c.loop_stop()
+            c.disconnect()
+        outbox.close()
