@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import socket
 import ssl
 import threading
 import time
@@ -212,6 +213,7 @@ class MqttLink:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
+            self._no_delay()
             started = time.monotonic()
             self._connack = False
             while not self._stop.is_set():
@@ -236,6 +238,16 @@ class MqttLink:
                 backoff = 0.5
             self._stop.wait(backoff)
             backoff = min(backoff * 2, 30.0)
+
+    def _no_delay(self) -> None:
+        """Labels are small writes that must go out at once: with Nagle's algorithm on, a label written while
+        the broker's ACK of a QoS 0 message (stats) is still delayed waits for it (seen: 8-20 ms, p99)."""
+        sock = self.client.socket()
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError as exc:  # not TCP (a unix socket): nothing to switch off
+                log.debug("TCP_NODELAY not set: %s", exc)
 
     def _report(self, message: str, backoff: float) -> None:
         if message != self.last_error:
