@@ -449,7 +449,7 @@ class Daemon:
     def _drop(self, ready: _Ready | None) -> None:
         """A prepared frame that will not be classified (paused or stopping) counts as dropped."""
         if ready is not None:
-            self.capture.slot.dropped += 1
+            self.capture.slot.count_dropped()  # under the slot's lock: the capture thread counts there too
 
     def paused_wait(self) -> None:
         """Paused: keep the newest live frame for snapshots, leave an unpaced file where it is."""

@@ -70,6 +70,11 @@ class LatestFrame:
                 self._cond.wait(timeout)
             return self._wanted
 
+    def count_dropped(self) -> None:
+        """A frame taken from this slot that will not be classified after all (paused or stopping)."""
+        with self._cond:
+            self.dropped += 1
+
     def request(self) -> None:
         """Inference will want a frame soon: let an unpaced file source decode the next one now."""
         with self._cond:
