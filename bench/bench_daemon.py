@@ -148,31 +148,30 @@ def _maps_tensorflow(pid: int) -> bool:
 _TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
 
+def _stat(path: str) -> tuple[str, int] | None:
+    """(name, user + system CPU ticks) from a /proc stat file, None when it is gone."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    return text[text.index("(") + 1:text.rindex(")")], int(fields[11]) + int(fields[12])
+
+
 def _cpu_ticks(pid: int) -> int:
     """user + system CPU ticks of a whole process."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0
-    return int(fields[11]) + int(fields[12])
+    stat = _stat(f"/proc/{pid}/stat")
+    return stat[1] if stat else 0
 
 
 def _thread_ticks(pid: int, process: str) -> dict[tuple[str, int], tuple[str, int]]:
     """(process, tid) -> (OS thread name, user + system ticks) for every thread of `pid`."""
-    out = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return out
-    for tid in tids:
-        try:
-            text = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except OSError:
-            continue
-        name = text[text.index("(") + 1:text.rindex(")")]
-        fields = text.rsplit(")", 1)[1].split()
-        out[(process, int(tid))] = (name, int(fields[11]) + int(fields[12]))
-    return out
+        return {}
+    stats = {(process, int(tid)): _stat(f"/proc/{pid}/task/{tid}/stat") for tid in tids}
+    return {key: stat for key, stat in stats.items() if stat is not None}
 
 
 def _per_frame(cpu: dict[tuple[str, int], tuple[str, int]], broker_ticks: int, frames: int,
