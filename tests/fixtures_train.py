@@ -24,5 +24,6 @@ TINY_TRAIN_ARGS = (
 def tiny_run(tiny_tree: Path, tiny_val_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """RUN_DIR of `taxonedge train` on the tiny uneven-depth tree, validated on the tiny val tree."""
     out = tmp_path_factory.mktemp("tiny_run") / "run"
-    run_cli("train", "--data", str(tiny_tree), "--val", str(tiny_val_tree), "--out", str(out), *TINY_TRAIN_ARGS)
+    run_cli("train", "--data", str(tiny_tree), "--val", str(tiny_val_tree), "--out", str(out), *TINY_TRAIN_ARGS,
+            "--taxonomy-name", "tiny-goods")
     return out

@@ -40,10 +40,12 @@ def test_run_directory_contract(tiny_run: Path, tiny_tree: Path, tiny_val_tree: 
     assert (tiny_run / "checkpoints" / "best.weights.h5").is_file()
     tax = Taxonomy.from_dict(json.loads((tiny_run / "taxonomy.json").read_text()))
     assert tax.leaf_labels == sorted(TINY_LABELS)
+    assert tax.name == "tiny-goods"  # --taxonomy-name, not the data folder's name
     spec = InputSpec.model_validate(json.loads((tiny_run / "input_spec.json").read_text()))
     assert (spec.height, spec.width, spec.dtype) == (64, 64, "uint8")
     config = json.loads((tiny_run / "config.json").read_text())
     assert {k: config[k] for k in TINY_CONFIG} == TINY_CONFIG and config["seed"] == 1
+    assert config["taxonomy_name"] == "tiny-goods"
     calibration = json.loads((tiny_run / "calibration.json").read_text())
     assert set(calibration["thresholds"]) == {"depth_1", "depth_2", "depth_3"}
     assert calibration["temperature"] > 0 and calibration["target_precision"] == 0.98

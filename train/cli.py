@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="separate validation images (same formats); default: a seeded stratified "
                             "--holdout slice of the training data (optimistic when shot on the same occasions)")
     train.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
+    train.add_argument("--taxonomy-name", metavar="NAME",
+                       help="name of the taxonomy in the run and its bundles (default: the data folder's name; "
+                            "for a list file, the name of the folder holding it)")
     train.add_argument("--holdout", type=float, default=0.15, help="share of each class held out when no --val")
     train.add_argument("--backbone", default="mobilenet_v2",
                        choices=["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "vgg16"],
@@ -95,6 +98,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         config = TrainConfig(
             data=str(Path(args.data).resolve()), val=str(Path(args.val).resolve()) if args.val else None,
+            taxonomy_name=args.taxonomy_name,
             holdout=args.holdout, backbone=args.backbone, alpha=args.alpha, input_size=args.input_size,
             weights=weights, dropout=args.dropout, aux_parent=args.aux_parent, head_epochs=args.head_epochs,
             head_lr=args.head_lr, epochs=args.epochs, unfreeze=args.unfreeze, lr=args.lr,

@@ -42,6 +42,9 @@ class TrainConfig(BaseModel):
 
     data: str
     val: str | None = None
+    # The taxonomy's name in the run and every bundle made from it; None: the data folder's name
+    # (for a list file, the folder holding it).
+    taxonomy_name: str | None = Field(None, min_length=1, max_length=64)
     holdout: float = Field(0.15, ge=0.0, lt=1.0)
     backbone: str = "mobilenet_v2"
     alpha: float = 1.0
@@ -87,8 +90,9 @@ def train(config: TrainConfig, out: Path) -> dict:
 
     # ---- data ------------------------------------------------------------------------------------
     samples = data_mod.read_samples(config.data)
-    taxonomy = data_mod.taxonomy_from_samples(samples, name=Path(config.data).resolve().parent.name
-                                              if Path(config.data).is_file() else Path(config.data).name)
+    data_path = Path(config.data).resolve()
+    name = config.taxonomy_name or (data_path.parent.name if data_path.is_file() else data_path.name)
+    taxonomy = data_mod.taxonomy_from_samples(samples, name=name)
     if config.val:
         train_samples = samples
         val_samples = data_mod.read_samples(config.val)
