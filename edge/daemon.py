@@ -622,9 +622,9 @@ class Daemon:
     def _publish_label(self, frame: Frame | None, decision: Decision, latency_s: float, invoke_s: float,
                        item: ItemResult | None = None, bundle: Bundle | None = None) -> None:
         payload = self.label_payload(frame, decision, latency_s, invoke_s, item, bundle)
-        self.outbox.put(f"{self.topic_base}/labels", json_bytes(payload), qos=1,
-                        expiry_s=self.config.mqtt.label_expiry_s)
-        self.link.notify_outbox()
+        message = self.outbox.put(f"{self.topic_base}/labels", json_bytes(payload), qos=1,
+                                  expiry_s=self.config.mqtt.label_expiry_s)
+        self.link.notify_outbox(message)
         self.labels += 1
         self.latencies.append(latency_s)
 

@@ -1,9 +1,13 @@
 """The daemon's MQTT side: one paho client, its network loop, and the sender that drains the outbox.
 
 Labels never go straight to paho (its queue drops the newest message when full and forgets everything
-on exit): the sender publishes outbox rows in id order while connected, keeps at most `window` of them
-unacknowledged, and deletes a row only when its PUBACK arrives. paho itself re-sends its unacknowledged
-messages after a reconnect; after a restart the sender replays whatever the outbox still holds.
+on exit): outbox rows are published in id order while connected, at most `window` of them unacknowledged,
+and a row is deleted only when its PUBACK arrives. paho itself re-sends its unacknowledged messages after a
+reconnect; after a restart the sender replays whatever the outbox still holds.
+
+A row just stored is published by the thread that stored it when nothing older is waiting (the steady
+state: one thread hand-off and one outbox read less per label); otherwise the sender thread publishes it
+in its turn. One lock keeps the two from overtaking each other.
 
 The network loop is ours (not `loop_start`) so that a refused connection is reported with what to fix
 (wrong password, ACL, TLS certificate, host down) and retried with backoff, instead of being swallowed.
@@ -29,7 +33,7 @@ from paho.mqtt.properties import Properties
 
 from .config import MqttConfig
 from .osthread import start_thread
-from .outbox import Outbox
+from .outbox import Outbox, OutboxMessage
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +130,9 @@ class MqttLink:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._acks: queue.SimpleQueue[tuple[int, bool, str]] = queue.SimpleQueue()
-        self._sent: dict[int, int] = {}  # paho mid -> outbox id, touched only by the sender thread
-        self._last_sent_id = 0
+        self._send_lock = threading.Lock()  # held while publishing rows and settling their acks
+        self._sent: dict[int, int] = {}  # paho mid -> outbox id (under _send_lock)
+        self._last_sent_id = 0  # (under _send_lock)
         self._threads: list[threading.Thread] = []
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -143,8 +148,14 @@ class MqttLink:
         for thread in self._threads:
             thread.join(timeout=3)
 
-    def notify_outbox(self) -> None:
-        """A new row is in the outbox."""
+    def notify_outbox(self, message: OutboxMessage | None = None) -> None:
+        """A new row is in the outbox: published here and now when it is next in line, else by the sender."""
+        if message is not None and self.connected.is_set():
+            with self._send_lock:
+                if (message.id == self._last_sent_id + 1 and len(self._sent) < self.window
+                        and self.connected.is_set()):
+                    self._publish_row(message)
+                    return
         self._wake.set()
 
     def unacked(self) -> int:
@@ -164,25 +175,30 @@ class MqttLink:
         while not self._stop.is_set():
             self._wake.wait(0.2)
             self._wake.clear()
-            self._drain_acks()
-            while self.connected.is_set() and len(self._sent) < self.window and not self._stop.is_set():
-                batch = self.outbox.pending(self._last_sent_id, limit=self.window - len(self._sent))
-                if not batch:
-                    break
-                for message in batch:
-                    props = None
-                    if self.v5 and message.expires_at is not None:
-                        props = Properties(PacketTypes.PUBLISH)
-                        props.MessageExpiryInterval = message.remaining_s()
-                    info = self.client.publish(message.topic, message.payload, qos=message.qos, properties=props)
-                    if info.rc != paho.MQTT_ERR_SUCCESS and info.rc != paho.MQTT_ERR_NO_CONN:
-                        log.warning("publishing outbox row %d failed: %s", message.id, paho.error_string(info.rc))
-                        break
-                    self._sent[info.mid] = message.id
-                    self._last_sent_id = message.id
+            with self._send_lock:
                 self._drain_acks()
+                while self.connected.is_set() and len(self._sent) < self.window and not self._stop.is_set():
+                    batch = self.outbox.pending(self._last_sent_id, limit=self.window - len(self._sent))
+                    if not batch or not all(self._publish_row(message) for message in batch):
+                        break
+                    self._drain_acks()
+
+    def _publish_row(self, message: OutboxMessage) -> bool:
+        """Hand one outbox row to paho (under _send_lock); False when paho refused it (it stays stored)."""
+        props = None
+        if self.v5 and message.expires_at is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            props.MessageExpiryInterval = message.remaining_s()
+        info = self.client.publish(message.topic, message.payload, qos=message.qos, properties=props)
+        if info.rc != paho.MQTT_ERR_SUCCESS and info.rc != paho.MQTT_ERR_NO_CONN:
+            log.warning("publishing outbox row %d failed: %s", message.id, paho.error_string(info.rc))
+            return False
+        self._sent[info.mid] = message.id
+        self._last_sent_id = message.id
+        return True
 
     def _drain_acks(self) -> None:
+        """Settle the PUBACKs that came in (under _send_lock, so that every mid is recorded before its ack)."""
         acked: list[int] = []
         while True:
             try:

@@ -52,8 +52,8 @@ class Outbox:
         self._depth = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         self._expired_at = 0.0  # when expired rows were last deleted
 
-    def put(self, topic: str, payload: bytes, qos: int = 1, expiry_s: float | None = None) -> int:
-        """Store one message; returns its id (ids grow: they are the replay order)."""
+    def put(self, topic: str, payload: bytes, qos: int = 1, expiry_s: float | None = None) -> OutboxMessage:
+        """Store one message; returns it with its id (ids grow: they are the replay order)."""
         now = time.time()
         expires_at = now + expiry_s if expiry_s else None
         with self._lock:
@@ -74,7 +74,7 @@ class Outbox:
                 self._db.execute("ROLLBACK")
                 raise
             self._depth += 1
-            return int(cur.lastrowid)
+            return OutboxMessage(int(cur.lastrowid), topic, payload, qos, expires_at)
 
     def pending(self, after_id: int = 0, limit: int = 100) -> list[OutboxMessage]:
         """Unacknowledged messages with id > after_id, oldest first. Expired ones are deleted, not returned."""

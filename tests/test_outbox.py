@@ -10,8 +10,11 @@ from taxonedge.edge.outbox import Outbox
 
 def test_pending_in_order_and_ack_removes(tmp_path):
     box = Outbox(tmp_path / "o.sqlite")
-    ids = [box.put("t", f"m{i}".encode()) for i in range(5)]
+    stored = [box.put("t", f"m{i}".encode(), expiry_s=60 if i == 0 else None) for i in range(5)]
+    ids = [m.id for m in stored]
     assert ids == sorted(ids)
+    assert stored[1].payload == b"m1" and stored[1].expires_at is None
+    assert stored[0].expires_at == box.pending()[0].expires_at  # put returns the row as pending reads it
     assert [m.payload for m in box.pending()] == [b"m0", b"m1", b"m2", b"m3", b"m4"]
     box.ack(ids[1])
     assert [m.payload for m in box.pending()] == [b"m0", b"m2", b"m3", b"m4"]
@@ -65,7 +68,7 @@ def test_a_message_expiring_between_sweeps_is_still_never_returned(tmp_path):
 
 def test_acks_in_one_call_survive_a_reopen(tmp_path):
     box = Outbox(tmp_path / "o.sqlite")
-    ids = [box.put("t", str(i).encode()) for i in range(600)]
+    ids = [box.put("t", str(i).encode()).id for i in range(600)]
     box.ack(*ids[:550])  # more than one chunk
     box.ack()  # nothing to do
     assert box.depth() == 50
