@@ -168,6 +168,28 @@ def test_holdout_validation_and_corrupt_images(tiny_tree: Path, tmp_path: Path,
     assert metrics["n"] == len(val_paths) == 16
 
 
+def test_train_on_val_moves_part_of_val_and_evaluate_reads_the_runs_split(tiny_tree: Path, tiny_val_tree: Path,
+                                                                          tmp_path: Path) -> None:
+    from taxonedge.train.trainer import TrainConfig, train
+
+    config = TrainConfig(data=str(tiny_tree), val=str(tiny_val_tree), train_on_val=0.5, head_epochs=3, epochs=0,
+                         batch_size=16, **TINY_CONFIG)
+    metrics = train(config, tmp_path / "run")
+    splits = json.loads((tmp_path / "run" / "splits.json").read_text())
+    train_paths = {p for p, _ in splits["train"]}
+    val_paths = {p for p, _ in splits["val"]}
+    moved = {p for p in train_paths if Path(p).is_relative_to(tiny_val_tree)}
+    assert len(moved) == 12 and len(val_paths) == 12 and len(train_paths) == 64 + 12  # 6 per class: 3 and 3
+    assert not train_paths & val_paths and moved | val_paths == {str(p) for p in tiny_val_tree.rglob("*.jpg")}
+    assert {label for _, label in splits["val"]} == set(TINY_LABELS)  # every class still validates
+    assert "moved to training" in splits["val_source"] and metrics["n"] == 12
+    out = tmp_path / "eval"
+    run_cli("evaluate", "--model", str(tmp_path / "run"), "--data", str(tmp_path / "run" / "splits.json"),
+            "--out", str(out))
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["n"] == 12 and again["accuracy"] == metrics["accuracy"]
+
+
 def test_cli_errors_are_one_line(tmp_path: Path, tiny_tree: Path) -> None:
     proc = run_cli("train", "--data", str(tiny_tree), "--out", str(tmp_path / "r"), "--weights",
                    str(tmp_path / "nope.h5"), check=False)
@@ -176,3 +198,6 @@ def test_cli_errors_are_one_line(tmp_path: Path, tiny_tree: Path) -> None:
     assert proc.returncode == 2 and "no such folder or list file" in proc.stderr
     proc = run_cli("train", "--data", str(tiny_tree), "--out", str(tmp_path / "r"), "--holdout", "1.5", check=False)
     assert proc.returncode == 2 and "--holdout" in proc.stderr
+    proc = run_cli("train", "--data", str(tiny_tree), "--out", str(tmp_path / "r"), "--train-on-val", "0.5",
+                   check=False)
+    assert proc.returncode == 2 and "pass --val too" in proc.stderr

@@ -32,6 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="name of the taxonomy in the run and its bundles (default: the data folder's name; "
                             "for a list file, the name of the folder holding it)")
     train.add_argument("--holdout", type=float, default=0.15, help="share of each class held out when no --val")
+    train.add_argument("--train-on-val", type=float, default=0.0, metavar="SHARE",
+                       help="for a final model: move this seeded, stratified share of each class of --val into "
+                            "training (val is shot on the occasions a deployment looks like); the rest still "
+                            "selects the epoch, calibrates and gates. Evaluate on the rest with "
+                            "--data RUN_DIR/splits.json")
     train.add_argument("--backbone", default="mobilenet_v2",
                        choices=["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "vgg16"],
                        help="mobilenet_v3 uses hard-swish, which splits an Edge TPU graph; vgg16 does not fit "
@@ -76,7 +81,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     which = evaluate.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", metavar="RUN_DIR", help="a run directory written by `taxonedge train`")
     which.add_argument("--bundle", metavar="FILE", help="a model bundle written by `taxonedge convert`")
-    evaluate.add_argument("--data", required=True, metavar="DIR_OR_LIST", help="labelled images: " + DATA_HELP)
+    evaluate.add_argument("--data", required=True, metavar="DIR_OR_LIST",
+                          help="labelled images: " + DATA_HELP + ", or RUN_DIR/splits.json: the images that run "
+                               "validated on")
     evaluate.add_argument("--out", required=True, metavar="DIR", help="folder for the reports")
     evaluate.add_argument("--threads", type=int, default=None, help="LiteRT threads for --bundle")
     evaluate.set_defaults(func=_evaluate)
@@ -90,6 +97,8 @@ def _train(args: argparse.Namespace) -> int:
     from .data import DataError
     from .trainer import TrainConfig, train
 
+    if args.train_on_val and not args.val:
+        raise CliError("--train-on-val moves part of --val into training: pass --val too")
     weights = args.weights
     if weights not in ("imagenet", "none") and not Path(weights).is_file():
         raise CliError(f"--weights {weights}: no such file (use 'imagenet', 'none' or a weights file path)")
@@ -98,7 +107,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         config = TrainConfig(
             data=str(Path(args.data).resolve()), val=str(Path(args.val).resolve()) if args.val else None,
-            taxonomy_name=args.taxonomy_name,
+            taxonomy_name=args.taxonomy_name, train_on_val=args.train_on_val,
             holdout=args.holdout, backbone=args.backbone, alpha=args.alpha, input_size=args.input_size,
             weights=weights, dropout=args.dropout, aux_parent=args.aux_parent, head_epochs=args.head_epochs,
             head_lr=args.head_lr, epochs=args.epochs, unfreeze=args.unfreeze, lr=args.lr,

@@ -3,6 +3,8 @@
 One loader for `taxonedge train` and `taxonedge evaluate`:
 
 - a folder tree: every folder that directly holds images is a leaf, its relative path is the label;
+- a run directory's `splits.json`: the images that run validated on (its "val" list), so that a model is
+  evaluated on exactly the images its run held out;
 - a list file of `path, fine_id, coarse_id` lines (paths relative to the list file's folder), optionally
   with a `classes.csv` beside it. The label of a line is the folder path of its image without the first
   component (the split folder): `train/Fruit/Apple/Golden-Delicious/x.jpg` -> `Fruit/Apple/Golden-Delicious`,
@@ -15,6 +17,7 @@ Images are decoded with the shared `load_image`; unreadable ones are reported by
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
@@ -42,6 +45,8 @@ def read_samples(source: str | Path) -> list[Sample]:
     source = Path(source)
     if source.is_dir():
         return _folder_samples(source)
+    if source.is_file() and source.name == "splits.json":
+        return _run_val_samples(source)
     if source.is_file():
         return _list_samples(source)
     raise DataError(f"{source}: no such folder or list file")
@@ -55,6 +60,17 @@ def _folder_samples(root: Path) -> list[Sample]:
     ]
     if not samples:
         raise DataError(f"{root}: no images in subfolders (expected ROOT/Label/Sub-label/image.jpg)")
+    return samples
+
+
+def _run_val_samples(splits_file: Path) -> list[Sample]:
+    try:
+        items = json.loads(splits_file.read_text(encoding="utf-8"))["val"]
+        samples = [Sample(str(path), str(label)) for path, label in items]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{splits_file}: not a run's splits.json with a 'val' list of [path, label] ({exc})") from None
+    if not samples:
+        raise DataError(f"{splits_file}: the 'val' list is empty")
     return samples
 
 

@@ -46,6 +46,9 @@ class TrainConfig(BaseModel):
     # (for a list file, the folder holding it).
     taxonomy_name: str | None = Field(None, min_length=1, max_length=64)
     holdout: float = Field(0.15, ge=0.0, lt=1.0)
+    # Share of each class of --val moved into training (a final model: val is shot on the occasions a
+    # deployment looks like); the rest still selects the epoch, calibrates and gates the int8 model.
+    train_on_val: float = Field(0.0, ge=0.0, lt=1.0)
     backbone: str = "mobilenet_v2"
     alpha: float = 1.0
     input_size: int = Field(224, ge=32, le=1024)
@@ -97,6 +100,12 @@ def train(config: TrainConfig, out: Path) -> dict:
         train_samples = samples
         val_samples = data_mod.read_samples(config.val)
         val_source = "separate"
+        if config.train_on_val:
+            val_samples, moved = data_mod.stratified_split(val_samples, config.train_on_val, config.seed)
+            train_samples = samples + moved
+            val_source = f"separate, {len(moved)} of its images moved to training"
+            log.info("--train-on-val %.2f: %d val images train, %d still validate", config.train_on_val,
+                     len(moved), len(val_samples))
     else:
         train_samples, val_samples = data_mod.stratified_split(samples, config.holdout, config.seed)
         val_source = "holdout"
