@@ -6,7 +6,8 @@
 Every phase runs as the user would run it, through the CLI in a subprocess:
 1. `taxonedge keygen`, 2. `taxonedge train` (its own timings: image loading, cached features, head,
 fine-tuning), 3. `taxonedge convert` (full int8, signed), 4. `taxonedge evaluate --model` (float) and
-5. `taxonedge evaluate --bundle` (int8 through LiteRT), both on the val set. Prints the wall time of each
+5. `taxonedge evaluate --bundle` (int8 through LiteRT), both on the images the run held out (its
+splits.json: the val set, less the share `--train-on-val` moved into training). Prints the wall time of each
 phase, the per-level top-1 of float and int8 side by side, their top-1 agreement, and the bundle size.
 
 Data: the Grocery Store train/val lists from ../shared with the ImageNet weights there (the full recipe,
@@ -75,7 +76,7 @@ def main() -> None:
     times["train"] = cli("train", "--data", data, *(["--val", val] if val else []), "--out", str(run), *train_args)
     times["convert"] = cli("convert", "--run", str(run), "--out", str(bundle), "--sign-key", f"{key}.key",
                            "--edgetpu", "skip", "--force")
-    eval_data = val or data
+    eval_data = str(run / "splits.json")  # the images the run held out (all of val, less any --train-on-val share)
     times["evaluate float"] = cli("evaluate", "--model", str(run), "--data", eval_data, "--out", str(work / "eval_float"))
     times["evaluate int8"] = cli("evaluate", "--bundle", str(bundle), "--data", eval_data,
                                  "--out", str(work / "eval_int8"))

@@ -24,7 +24,13 @@ if [ ! -x .venv-edge/bin/taxonedge ]; then
   echo "== creating the device environment .venv-edge (no TensorFlow)"
   python3 -m venv .venv-edge
   .venv-edge/bin/python -m pip install -q --upgrade pip
-  .venv-edge/bin/python -m pip install -q ".[edge]"
+fi
+# Editable, so that the demo runs this checkout's code: a plain install keeps running the code of the day
+# the environment was made, whatever was pulled since.
+# (Checked from / so that the checkout's own taxonedge/ folder does not answer for the installed one.)
+if ! (cd / && "$ROOT/.venv-edge/bin/python" -c "import sys, taxonedge.edge as e; sys.exit(not e.__file__.startswith('$ROOT/edge/'))") 2>/dev/null; then
+  echo "== installing this checkout into .venv-edge (editable, no TensorFlow)"
+  .venv-edge/bin/python -m pip install -q -e ".[edge]"
 fi
 TE=.venv-edge/bin/taxonedge
 
