@@ -61,7 +61,7 @@ def _slot_views(buffer: Any, spec: Any, slots: int) -> list[np.ndarray]:
 
 
 def _worker_main(conn: Any, bundle: Bundle, backend: str, device: str | None, num_threads: int | None,
-                 warmup_runs: int, buffer: Any, slots: int) -> None:
+                 warmup_runs: int, buffer: Any | None, slots: int) -> None:
     """The child: load, warm up, answer ('ready', info), then for each message (a slot number of the shared
     buffer, or an image sent whole) answer ('ok', probabilities, invoke s) or ('error', text, s) until EOF."""
     from .osthread import name_this_thread
@@ -99,7 +99,7 @@ def _worker_main(conn: Any, bundle: Bundle, backend: str, device: str | None, nu
     except (EdgeTpuUnavailable, ModelError, ImportError, OSError, ValueError, RuntimeError) as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
-    images = _slot_views(buffer, bundle.manifest.input, slots)
+    images = _slot_views(buffer, bundle.manifest.input, slots) if buffer is not None else []
     count = 0
     while True:
         try:
@@ -152,8 +152,12 @@ class InferenceWorker:
         parent, child = ctx.Pipe()
         spec = self.bundle.manifest.input
         # Shared memory the spawned child inherits (no name to leak or clean up): freed with both processes.
-        buffer = ctx.RawArray("B", spec.height * spec.width * 3 * np.dtype(spec.dtype).itemsize * self.slots)
-        self._images = _slot_views(buffer, spec, self.slots)
+        try:
+            buffer = ctx.RawArray("B", spec.height * spec.width * 3 * np.dtype(spec.dtype).itemsize * self.slots)
+            self._images = _slot_views(buffer, spec, self.slots)
+        except OSError as exc:  # no usable /dev/shm (some containers): slower, but it works
+            log.warning("no shared memory for the inference worker (%s): images go through the pipe", exc)
+            buffer, self._images = None, []
         self._next_slot = 0
         self._process = ctx.Process(
             target=_worker_main, name="taxonedge-infer", daemon=True,

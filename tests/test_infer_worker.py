@@ -63,3 +63,23 @@ def test_an_image_of_the_wrong_shape_fails_alone_and_the_worker_keeps_serving(bu
     worker.submit(frame)
     np.testing.assert_array_equal(worker.result()[0], Classifier(bundle).probabilities(frame))
     assert worker.alive()
+
+
+def test_without_shared_memory_images_go_through_the_pipe(bundle, monkeypatch, caplog):
+    import multiprocessing.context
+
+    def no_shm(self, *args):
+        raise FileNotFoundError(2, "No such file or directory", "/dev/shm")  # what a container without it gives
+
+    monkeypatch.setattr(multiprocessing.context.BaseContext, "RawArray", no_shm)
+    worker = InferenceWorker(bundle, backend="cpu", warmup_runs=1)
+    worker.start()
+    try:
+        assert "images go through the pipe" in caplog.text
+        frames = images(bundle, 3)
+        worker.submit(frames[0])
+        worker.submit(frames[1])
+        np.testing.assert_array_equal(worker.result()[0], Classifier(bundle).probabilities(frames[0]))
+        np.testing.assert_array_equal(worker.result()[0], Classifier(bundle).probabilities(frames[1]))
+    finally:
+        worker.stop()
