@@ -150,12 +150,16 @@ class MqttLink:
 
     def notify_outbox(self, message: OutboxMessage | None = None) -> None:
         """A new row is in the outbox: published here and now when it is next in line, else by the sender."""
-        if message is not None and self.connected.is_set():
-            with self._send_lock:
+        # Never wait for the lock: the sender may hold it through a long replay, and the inference thread
+        # calling this must not stall behind it (the row is stored; the sender gets to it in its turn).
+        if message is not None and self.connected.is_set() and self._send_lock.acquire(blocking=False):
+            try:
                 if (message.id == self._last_sent_id + 1 and len(self._sent) < self.window
                         and self.connected.is_set()):
                     self._publish_row(message)
                     return
+            finally:
+                self._send_lock.release()
         self._wake.set()
 
     def unacked(self) -> int:

@@ -74,3 +74,35 @@ def test_labels_keep_their_order_while_the_network_thread_is_busy(tmp_path, brok
             c.loop_stop()
             c.disconnect()
         outbox.close()
+
+
+def test_a_label_offered_while_the_sender_holds_the_line_does_not_wait(tmp_path, broker):
+    """The inference thread offers each label as it stores it; while the sender holds the publishing lock
+    (as through a long replay after an outage) the offer returns at once and the sender publishes the row."""
+    received: list[bytes] = []
+    subscriber = client(broker.port, "sub2")
+    subscriber.on_message = lambda c, u, msg: received.append(msg.payload)
+    subscriber.subscribe("t/labels", qos=1)
+    outbox = Outbox(tmp_path / "o.sqlite")
+    link = MqttLink(MqttConfig(port=broker.port), "link-test-2", outbox, "t/status", b"offline",
+                    on_connected=lambda: None, on_message=lambda *a: None)
+    link.start()
+    try:
+        assert link.connected.wait(10)
+        time.sleep(0.3)
+        with link._send_lock:  # the sender, mid-replay
+            offer = threading.Thread(target=link.notify_outbox, args=(outbox.put("t/labels", b"held"),))
+            offer.start()
+            offer.join(5)
+            assert not offer.is_alive(), "notify_outbox waited for the sender's lock"
+            time.sleep(0.3)
+            assert received == []  # nobody published it while the lock was held
+        deadline = time.monotonic() + 10
+        while (received != [b"held"] or outbox.depth()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert received == [b"held"] and outbox.depth() == 0
+    finally:
+        link.stop()
+        subscriber.loop_stop()
+        subscriber.disconnect()
+        outbox.close()
