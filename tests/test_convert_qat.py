@@ -39,3 +39,25 @@ def test_qat_auto_runs_after_the_gate_fails_and_makes_a_full_int8_bundle(tmp_pat
     for image, expected in zip(inputs, outputs, strict=True):
         np.testing.assert_array_equal(classifier.raw(image), expected)
         assert classifier.probabilities(image).sum() == pytest.approx(1.0, abs=0.05)  # a real softmax output
+    # Depthwise kernels are quantized per channel, as in post-training int8: each channel's largest weight
+    # uses the full int8 range. (tfmot alone gives a depthwise kernel one range for all channels,
+    # tensorflow/model-optimization#808: the converter still writes per-channel scales, all equal, and
+    # channels with small weights keep only a few levels.)
+    filters = depthwise_filters(bundle.model_bytes())
+    assert filters
+    for peaks in filters:
+        assert len(peaks) > 1 and (peaks[peaks > 0] >= 126).all(), peaks
+
+
+def depthwise_filters(model: bytes) -> list[np.ndarray]:
+    """For every DEPTHWISE_CONV_2D filter of a TFLite model, the largest |int8 weight| of each channel."""
+    from taxonedge.edge.runtime import interpreter_module
+
+    module, _ = interpreter_module()
+    interpreter = module.Interpreter(model_content=model)
+    found = []
+    for op in interpreter._get_ops_details():
+        if op["op_name"] == "DEPTHWISE_CONV_2D":
+            weights = interpreter.get_tensor(op["inputs"][1]).astype(np.int32)  # (1, h, w, channels)
+            found.append(np.abs(weights).max(axis=(0, 1, 2)))
+    return found
