@@ -221,9 +221,10 @@ def end_to_end(bundle: Path, video: Path, threads: int, work: Path, in_flight: i
         # CPU per thread, counted from the first label received (start-up and warm-up are not per frame)
         cpu: dict[tuple[str, int], tuple[str, int]] = {}  # (process, tid) -> (thread name, CPU ticks)
         first: tuple[dict, int, int] | None = None  # cpu, broker ticks, labels at the first label
-        while proc.poll() is None and not sample:
-            time.sleep(0.05)
         while proc.poll() is None:
+            if not sample:
+                time.sleep(0.05)
+                continue
             peak["daemon"] = max(peak["daemon"], _vm_hwm_kb(proc.pid))
             tf_mapped |= _maps_tensorflow(proc.pid)
             cpu.update(_thread_ticks(proc.pid, "daemon"))

@@ -114,8 +114,9 @@ def _per_channel_depthwise() -> None:
     (tensorflow/model-optimization#808). The converter then writes per-channel scales that are all equal,
     so a channel with small weights keeps only a few int8 levels, far coarser than post-training int8
     (measured on the 288 px Grocery model, QAT with no fine-tuning epoch: 77.4 % leaf before this,
-    84.1 % after, as post-training int8's 84.5 %). Here a depthwise kernel gets one range per channel: the kernel is seen as
-    (h, w, 1, channels) for the fake quantization, as tfmot's own Conv2DTranspose quantizer transposes.
+    84.1 % after, as post-training int8's 84.5 %). Here a depthwise kernel gets one range per channel:
+    the kernel is seen as (h, w, 1, channels) for the fake quantization, as tfmot's own Conv2DTranspose
+    quantizer transposes.
     """
     from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
         default_8bit_quantizers,
@@ -134,9 +135,7 @@ def _per_channel_depthwise() -> None:
     def per_channel_call(self: Any, inputs: Any, training: Any, weights: Any, **kwargs: Any) -> Any:
         import tensorflow as tf
 
-        depthwise = (inputs.shape.rank == 4 and inputs.shape[-1] == 1 and inputs.shape[-2] != 1
-                     and weights["min_var"].shape[0] == inputs.shape[-2])
-        if not depthwise:
+        if weights["min_var"].shape[0] == inputs.shape[-1]:  # ranges along the last axis: not a depthwise kernel
             return call(self, inputs, training, weights, **kwargs)
         outputs = call(self, tf.transpose(inputs, (0, 1, 3, 2)), training, weights, **kwargs)
         return tf.transpose(outputs, (0, 1, 3, 2))

@@ -52,12 +52,16 @@ class WorkerInfo:
     warmup_s: float
 
 
+def _slot_bytes(spec: Any) -> int:
+    """Bytes of one input image (HxWx3 in the model's input dtype): one slot of the shared buffer."""
+    return spec.height * spec.width * 3 * np.dtype(spec.dtype).itemsize
+
+
 def _slot_views(buffer: Any, spec: Any, slots: int) -> list[np.ndarray]:
-    """The shared buffer as `slots` input images (HxWx3 in the model's input dtype), daemon and worker alike."""
-    shape, dtype = (spec.height, spec.width, 3), np.dtype(spec.dtype)
-    count = spec.height * spec.width * 3
-    return [np.frombuffer(buffer, dtype=dtype, count=count, offset=i * count * dtype.itemsize).reshape(shape)
-            for i in range(slots)]
+    """The shared buffer as `slots` input images, daemon and worker alike."""
+    shape, size = (spec.height, spec.width, 3), _slot_bytes(spec)
+    return [np.frombuffer(buffer, dtype=spec.dtype, count=size // np.dtype(spec.dtype).itemsize,
+                          offset=i * size).reshape(shape) for i in range(slots)]
 
 
 def _worker_main(conn: Any, bundle: Bundle, backend: str, device: str | None, num_threads: int | None,
@@ -153,7 +157,7 @@ class InferenceWorker:
         spec = self.bundle.manifest.input
         # Shared memory the spawned child inherits (no name to leak or clean up): freed with both processes.
         try:
-            buffer = ctx.RawArray("B", spec.height * spec.width * 3 * np.dtype(spec.dtype).itemsize * self.slots)
+            buffer = ctx.RawArray("B", _slot_bytes(spec) * self.slots)
             self._images = _slot_views(buffer, spec, self.slots)
         except OSError as exc:  # no usable /dev/shm (some containers): slower, but it works
             log.warning("no shared memory for the inference worker (%s): images go through the pipe", exc)
