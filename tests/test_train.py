@@ -201,3 +201,11 @@ def test_cli_errors_are_one_line(tmp_path: Path, tiny_tree: Path) -> None:
     proc = run_cli("train", "--data", str(tiny_tree), "--out", str(tmp_path / "r"), "--train-on-val", "0.5",
                    check=False)
     assert proc.returncode == 2 and "pass --val too" in proc.stderr
+
+
+def test_train_help_shows_real_defaults_only():
+    out = " ".join(run_cli("train", "--help").stdout.split())  # argparse wraps lines
+    assert "(default: None)" not in out  # options without a default say what happens instead
+    assert "--no-flip no horizontal flips (default" not in out  # a flag's stored default misleads
+    assert "--holdout HOLDOUT share of each class held out when no --val (default: 0.15)" in out
+    assert "--unfreeze UNFREEZE backbone layers unfrozen in phase 2 (default: 48)" in out

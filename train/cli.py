@@ -10,6 +10,16 @@ DATA_HELP = ("a folder tree (ROOT/Fruit/Apple/Granny-Smith/*.jpg; the taxonomy c
              "list file of 'path, fine_id, coarse_id' lines with classes.csv beside it (Grocery Store format)")
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only for options that take a value, have a default, and don't already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.nargs == 0 or action.default in (None, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser(
         "train",
@@ -21,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "best epoch on the validation set. Then a temperature and per-level back-off thresholds are "
             "fitted on validation data. Writes a run directory for `taxonedge convert`."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
     train.add_argument("--data", required=True, metavar="DIR_OR_LIST", help="training images: " + DATA_HELP)
     train.add_argument("--val", metavar="DIR_OR_LIST",
