@@ -69,3 +69,45 @@ def test_evaluate_skips_corrupt_images_and_rejects_unknown_labels(tiny_run: Path
     assert proc.returncode == 2 and "no model.keras" in proc.stderr
     proc = run_cli("evaluate", "--bundle", str(broken), "--data", str(data), "--out", str(out), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_evaluate_fits_thresholds_for_the_device_config(tiny_run: Path, tiny_val_tree: Path, tmp_path: Path) -> None:  # noqa: F811
+    import numpy as np
+    from taxonedge.edge.config import ModelConfig, tomllib
+    from taxonedge.edge.taxonomy import Taxonomy
+    from taxonedge.train.calibrate import choose_thresholds
+
+    out = tmp_path / "eval"
+    proc = run_cli("evaluate", "--model", str(tiny_run), "--data", str(tiny_val_tree), "--out", str(out),
+                   "--fit-thresholds", "0.9")
+    fitted = _metrics(out)["fitted_thresholds"]
+    assert fitted["target_precision"] == 0.9 and list(fitted["thresholds"]) == ["depth_1", "depth_2", "depth_3"]
+    # the same rule as training and convert, on the probabilities evaluate saw
+    saved = np.load(out / "predictions.npz")
+    taxonomy = Taxonomy.from_dict(json.loads((tiny_run / "taxonomy.json").read_text()))
+    assert fitted["thresholds"] == choose_thresholds(taxonomy, saved["probs"].astype(np.float64),
+                                                     saved["true_leaf"], 0.9)
+    for key, threshold in fitted["thresholds"].items():
+        here = fitted["on_these_images"][key]
+        assert threshold == 1.0 or here["precision"] >= 0.9, key  # reached here, or never published
+        check = fitted["two_fold"][key]
+        assert 0.0 <= check["coverage"] <= 1.0 and (check["precision"] is None or 0.0 <= check["precision"] <= 1.0)
+    # what it prints is a device config fragment that puts exactly these thresholds in force
+    fragment = proc.stdout[proc.stdout.index("[model]"):]
+    model = ModelConfig(**tomllib.loads(fragment)["model"], require_signature=False)
+    assert model.thresholds == fitted["thresholds"]
+    assert "Thresholds fitted on these images" in (out / "report.md").read_text()
+
+    proc = run_cli("evaluate", "--model", str(tiny_run), "--data", str(tiny_val_tree), "--out", str(out),
+                   "--fit-thresholds", "1.5", check=False)
+    assert proc.returncode == 2 and "between 0 and 1" in proc.stderr
+
+
+def test_stratified_half_takes_half_of_each_class() -> None:
+    import numpy as np
+    from taxonedge.train.evaluate import _stratified_half
+
+    y = np.array([0] * 6 + [1] * 5 + [2])
+    half = _stratified_half(y, seed=3)
+    assert [int(half[y == c].sum()) for c in (0, 1, 2)] == [3, 2, 0]
+    assert (half == _stratified_half(y, seed=3)).all() and not (half == _stratified_half(y, seed=4)).all()

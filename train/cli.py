@@ -96,6 +96,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                "validated on")
     evaluate.add_argument("--out", required=True, metavar="DIR", help="folder for the reports")
     evaluate.add_argument("--threads", type=int, default=None, help="LiteRT threads for --bundle")
+    evaluate.add_argument("--fit-thresholds", type=_precision, metavar="PRECISION",
+                          help="also choose per-depth back-off thresholds on these images to reach PRECISION "
+                               "(e.g. 0.98), check them two-fold, and print the device config lines that put "
+                               "them in force. For photos from the line a device will serve: thresholds "
+                               "chosen on other occasions can promise more precision than they give there")
     evaluate.set_defaults(func=_evaluate)
 
 
@@ -141,21 +146,41 @@ def _summary(metrics: dict, where: str) -> str:
     return f"val ({metrics['n']} images): {acc}; wrote {where}"
 
 
+def _precision(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a precision between 0 and 1, such as 0.98")
+    return value
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from taxonedge.edge.bundle import BundleError
 
     from taxonedge.cli import CliError
 
     from .data import DataError
-    from .evaluate import evaluate
+    from .evaluate import evaluate, thresholds_toml
 
     run_dir = Path(args.model) if args.model else None
     if run_dir is not None and not (run_dir / "model.keras").is_file():
         raise CliError(f"--model {run_dir}: no model.keras there (pass a run directory from `taxonedge train`)")
     try:
         metrics = evaluate(args.data, Path(args.out), run_dir=run_dir,
-                           bundle_path=Path(args.bundle) if args.bundle else None, num_threads=args.threads)
+                           bundle_path=Path(args.bundle) if args.bundle else None, num_threads=args.threads,
+                           fit_precision=args.fit_thresholds)
     except (DataError, BundleError) as exc:
         raise CliError(str(exc)) from None
     print(_summary(metrics, args.out))
+    fitted = metrics.get("fitted_thresholds")
+    if fitted:
+        check = ", ".join(f"{key} {_percent(row['precision'])}" for key, row in fitted["two_fold"].items())
+        print(f"thresholds for precision {fitted['target_precision']} on these images (two-fold check: {check}); "
+              f"for the device config:\n{thresholds_toml(fitted['thresholds'])}")
     return 0
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
