@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from taxonedge.cli import precision_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     convert = sub.add_parser(
@@ -38,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     convert.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
                          help="largest accuracy loss allowed at any taxonomy level, in percentage points "
                               "(default 1.0)")
+    convert.add_argument("--target-precision", type=precision_arg, metavar="PRECISION",
+                         help="precision per level the back-off thresholds are chosen to reach on the int8 "
+                              "model's validation outputs (default: the run's, from `train --target-precision`)")
     convert.add_argument("--force", action="store_true", help="write the bundle even when the accuracy gate fails")
     convert.add_argument("--edgetpu", choices=("auto", "require", "skip"), default="auto",
                          help="auto: compile when edgetpu_compiler is on PATH, else ship the CPU model; "
@@ -87,6 +92,7 @@ def _convert(args: argparse.Namespace) -> int:
 
     opts = Options(run=Path(args.run), out=Path(args.out), mode=args.mode, qat=args.qat,
                    calibration_images=args.calibration_images, max_drop=args.max_drop, force=args.force,
+                   target_precision=args.target_precision,
                    edgetpu=args.edgetpu, name=args.name, version=args.version,
                    sign_key=Path(args.sign_key) if args.sign_key else None, qat_epochs=args.qat_epochs,
                    qat_images=args.qat_images, seed=args.seed)

@@ -51,6 +51,7 @@ class Options:
     qat: str = "no"  # no | yes | auto
     calibration_images: int = 300
     max_drop: float = 1.0  # percentage points, per level
+    target_precision: float | None = None  # for the deployed thresholds; None: the run's
     force: bool = False
     edgetpu: str = "auto"  # auto | require | skip
     name: str | None = None
@@ -134,9 +135,10 @@ def convert(opts: Options) -> Result:
 
     # The device decides on the quantized model's outputs: choose its back-off thresholds on those, so the
     # published labels reach the target precision as deployed, not only in float.
-    thresholds = deployed_thresholds(run, val_y, quant_probs)
+    target = opts.target_precision or run.target_precision
+    thresholds = deployed_thresholds(run, val_y, quant_probs, target)
     gate["metrics"]["thresholds"] = {"float_calibration": run.thresholds, "deployed": thresholds,
-                                     "target_precision": run.target_precision}
+                                     "target_precision": target}
     from taxonedge.train.metrics import backoff
 
     gate["metrics"]["backoff_deployed"] = backoff(run.taxonomy, quant_probs, val_y, thresholds)
@@ -181,11 +183,12 @@ def convert(opts: Options) -> Result:
     return Result(Path(opts.out), manifest, gate, report, timings)
 
 
-def deployed_thresholds(run: Run, true_leaf: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+def deployed_thresholds(run: Run, true_leaf: np.ndarray, probs: np.ndarray, target_precision: float
+                        ) -> dict[str, float]:
     """Per-depth thresholds re-chosen on the converted model's validation outputs (same rule as training)."""
     from taxonedge.train.calibrate import choose_thresholds
 
-    return choose_thresholds(run.taxonomy, probs, true_leaf, run.target_precision)
+    return choose_thresholds(run.taxonomy, probs, true_leaf, target_precision)
 
 
 def accuracy_gate(run: Run, true_leaf: np.ndarray, float_probs: np.ndarray, quant_probs: np.ndarray,

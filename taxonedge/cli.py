@@ -19,6 +19,17 @@ class CliError(Exception):
         self.code = code
 
 
+def precision_arg(text: str) -> float:
+    """argparse type for a target precision (train, convert, evaluate): a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a precision between 0 and 1, such as 0.98")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from taxonedge.convert import cli as convert_cli
     from taxonedge.edge import cli as edge_cli

@@ -341,6 +341,24 @@ def test_qat_for_a_backbone_the_trainer_cannot_rebuild(tiny_convert_run, tmp_pat
     assert "--qat auto could not run quantization-aware training" in proc.stderr and not out.exists()
 
 
+def test_target_precision_overrides_the_runs_for_the_deployed_thresholds(converted, tiny_convert_run, tmp_path):
+    default = read_bundle(converted[0]).manifest
+    out = tmp_path / "strict.tebundle"
+    run_cli("convert", "--run", str(tiny_convert_run), "--out", str(out), "--calibration-images", "32",
+            "--edgetpu", "skip", "--target-precision", "1.0")
+    strict = read_bundle(out).manifest
+    assert strict.metrics["thresholds"]["target_precision"] == 1.0
+    assert default.metrics["thresholds"]["target_precision"] == 0.98  # the run's, when not given
+    for depth, row in strict.metrics["backoff_deployed"].items():
+        if depth.startswith("depth_") and row["count"]:
+            assert row["precision"] == 1.0 or strict.thresholds[depth] == 1.0, (depth, row)
+    # same int8 model and validation outputs: a stricter target never lowers a threshold
+    assert all(strict.thresholds[d] >= default.thresholds[d] for d in default.thresholds)
+    proc = run_cli("convert", "--run", str(tiny_convert_run), "--out", str(tmp_path / "x.tebundle"),
+                   "--target-precision", "0", check=False)
+    assert proc.returncode == 2 and "between 0 and 1" in proc.stderr and not (tmp_path / "x.tebundle").exists()
+
+
 def test_help_lists_the_options():
     out = run_cli("convert", "--help").stdout
     for option in ("--run", "--out", "--mode", "--qat", "--calibration-images", "--max-drop", "--force",

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from taxonedge.cli import precision_arg
+
 DATA_HELP = ("a folder tree (ROOT/Fruit/Apple/Granny-Smith/*.jpg; the taxonomy comes from the folders) or a "
              "list file of 'path, fine_id, coarse_id' lines with classes.csv beside it (Grocery Store format)")
 
@@ -73,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--crop-scale", type=float, default=0.35,
                        help="smallest random resized crop as a share of the image area (1: no crops)")
     train.add_argument("--color-jitter", type=float, default=0.2, help="brightness/contrast/saturation (0: off)")
-    train.add_argument("--target-precision", type=float, default=0.98,
+    train.add_argument("--target-precision", type=precision_arg, default=0.98,
                        help="precision per level that the back-off thresholds are chosen to reach on val")
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=_train)
@@ -96,7 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                "validated on")
     evaluate.add_argument("--out", required=True, metavar="DIR", help="folder for the reports")
     evaluate.add_argument("--threads", type=int, default=None, help="LiteRT threads for --bundle")
-    evaluate.add_argument("--fit-thresholds", type=_precision, metavar="PRECISION",
+    evaluate.add_argument("--fit-thresholds", type=precision_arg, metavar="PRECISION",
                           help="also choose per-depth back-off thresholds on these images to reach PRECISION "
                                "(e.g. 0.98), check them two-fold, and print the device config lines that put "
                                "them in force. For photos from the line a device will serve: thresholds "
@@ -144,16 +146,6 @@ def _train(args: argparse.Namespace) -> int:
 def _summary(metrics: dict, where: str) -> str:
     acc = ", ".join(f"{k} {100 * v:.1f} %" for k, v in metrics["accuracy"].items())
     return f"val ({metrics['n']} images): {acc}; wrote {where}"
-
-
-def _precision(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a precision between 0 and 1, such as 0.98")
-    return value
 
 
 def _evaluate(args: argparse.Namespace) -> int:
