@@ -31,6 +31,7 @@ from taxonedge.edge.bundle import (
 )
 from taxonedge.edge.preprocess import InputSpec
 from taxonedge.edge.runtime import dequantize
+from taxonedge.train.calibrate import check_thresholds, choose_thresholds
 
 from .qat import QatError
 from .rundir import Run, RunDirError, load_run
@@ -137,8 +138,16 @@ def convert(opts: Options) -> Result:
     # published labels reach the target precision as deployed, not only in float.
     target = opts.target_precision or run.target_precision
     thresholds = deployed_thresholds(run, val_y, quant_probs, target)
+    check = check_thresholds(run.taxonomy, quant_probs, val_y, target)
     gate["metrics"]["thresholds"] = {"float_calibration": run.thresholds, "deployed": thresholds,
-                                     "target_precision": target}
+                                     "target_precision": target, "two_fold_check": check}
+    short = {d: row["precision"] for d, row in check.items()
+             if row["precision"] is not None and row["precision"] < target}
+    if short:
+        log.warning("back-off thresholds: chosen on %d validation images for %.3f precision, a two-fold check "
+                    "gives %s on new images of the same kind; more validation images or a higher "
+                    "--target-precision make them hold", len(val_y), target,
+                    ", ".join(f"{d} {100 * p:.1f} %" for d, p in short.items()))
     from taxonedge.train.metrics import backoff
 
     gate["metrics"]["backoff_deployed"] = backoff(run.taxonomy, quant_probs, val_y, thresholds)
@@ -186,8 +195,6 @@ def convert(opts: Options) -> Result:
 def deployed_thresholds(run: Run, true_leaf: np.ndarray, probs: np.ndarray, target_precision: float
                         ) -> dict[str, float]:
     """Per-depth thresholds re-chosen on the converted model's validation outputs (same rule as training)."""
-    from taxonedge.train.calibrate import choose_thresholds
-
     return choose_thresholds(run.taxonomy, probs, true_leaf, target_precision)
 
 

@@ -94,7 +94,8 @@ def render(info: dict[str, Any]) -> str:
         f"quantized  {q['mode']}" + (" (quantization-aware)" if q["qat"] else "")
         + (f", {q['calibration_images']} calibration images" if q["calibration_images"] else "")
         + f", temperature {m['temperature']:g}",
-        "thresholds " + (", ".join(f"{k} {v:.3f}" for k, v in m["thresholds"].items()) or "none (accept all)"),
+        "thresholds " + (", ".join(f"{k} {v:.3f}" for k, v in m["thresholds"].items()) or "none (accept all)")
+        + _threshold_note((m.get("metrics") or {}).get("thresholds") or {}),
         "files      " + ", ".join(f"{n} {s / 1e6:.2f} MB" for n, s in info["file_sizes"].items()),
     ]
     ops = info.get("model", {})
@@ -112,6 +113,18 @@ def render(info: dict[str, Any]) -> str:
                      f"{g.get('unit', '')}".rstrip())
     lines.extend(_metrics_lines(m["metrics"]))
     return "\n".join(lines)
+
+
+def _threshold_note(chosen: dict[str, Any]) -> str:
+    """What the converter chose the thresholds for, and what its two-fold check says they give."""
+    if "target_precision" not in chosen:
+        return ""
+    note = f"  (for {chosen['target_precision']:g} precision"
+    check = chosen.get("two_fold_check")
+    if check:
+        note += "; two-fold check " + " / ".join(
+            "-" if row["precision"] is None else f"{100 * row['precision']:.1f}" for row in check.values()) + " %"
+    return note + ")"
 
 
 def _metrics_lines(metrics: dict[str, Any]) -> list[str]:

@@ -99,6 +99,9 @@ def test_ptq_int8_bundle_is_complete_and_runs_like_the_float_model(converted, ti
     # calibration is kept for the record, and every published depth reaches the target precision on val.
     chosen = m.metrics["thresholds"]
     assert chosen["float_calibration"] == {"depth_1": 0.5} and chosen["deployed"] == m.thresholds
+    # with what they are worth on new images of the same kind (calibrate.check_thresholds, tested there)
+    assert set(chosen["two_fold_check"]) == set(m.thresholds)
+    assert all(row["precision"] is None or 0.0 <= row["precision"] <= 1.0 for row in chosen["two_fold_check"].values())
     assert set(m.thresholds) == {"depth_1", "depth_2", "depth_3"}
     for depth, row in m.metrics["backoff_deployed"].items():
         if depth.startswith("depth_") and row["count"]:

@@ -102,12 +102,3 @@ def test_evaluate_fits_thresholds_for_the_device_config(tiny_run: Path, tiny_val
                    "--fit-thresholds", "1.5", check=False)
     assert proc.returncode == 2 and "between 0 and 1" in proc.stderr
 
-
-def test_stratified_half_takes_half_of_each_class() -> None:
-    import numpy as np
-    from taxonedge.train.evaluate import _stratified_half
-
-    y = np.array([0] * 6 + [1] * 5 + [2])
-    half = _stratified_half(y, seed=3)
-    assert [int(half[y == c].sum()) for c in (0, 1, 2)] == [3, 2, 0]
-    assert (half == _stratified_half(y, seed=3)).all() and not (half == _stratified_half(y, seed=4)).all()

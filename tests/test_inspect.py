@@ -27,6 +27,9 @@ def test_readable_output_shows_everything_a_person_checks(converted):  # noqa: F
     assert "output     'output_0' leaf_probabilities x4 uint8" in out
     thresholds = read_bundle(bundle).manifest.thresholds  # chosen by convert on the int8 outputs
     assert "thresholds " + ", ".join(f"{k} {v:.3f}" for k, v in thresholds.items()) in out
+    check = read_bundle(bundle).manifest.metrics["thresholds"]["two_fold_check"]
+    assert "(for 0.98 precision; two-fold check " + " / ".join(
+        "-" if r["precision"] is None else f"{100 * r['precision']:.1f}" for r in check.values()) + " %)" in out
     assert "edge tpu   compiler not found - edgetpu_compiler not on PATH" in out and "no Edge TPU model (CPU only)" in out
     assert "golden     8 self-test images, tolerance 0 quantized steps" in out
     ops_line = next(line for line in out.splitlines() if line.startswith("ops "))

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from taxonedge.edge.decode import Decoder
 from taxonedge.edge.taxonomy import Taxonomy
-from taxonedge.train.calibrate import choose_thresholds, fit_temperature, softmax
+from taxonedge.train.calibrate import (
+    check_thresholds,
+    choose_thresholds,
+    fit_temperature,
+    softmax,
+    stratified_half,
+)
+from taxonedge.train.metrics import backoff
 
 LABELS = ["Fruit/Apple/Granny-Smith", "Fruit/Apple/Pink-Lady", "Fruit/Avocado", "Vegetables/Carrot",
           "Vegetables/Pepper/Green", "Vegetables/Pepper/Red"]
@@ -105,3 +112,30 @@ def test_perfect_predictions_need_no_threshold() -> None:
     probs = np.full((30, 6), 0.02)
     probs[np.arange(30), truth] = 0.9
     assert choose_thresholds(tax, probs, truth) == {"depth_1": 0.0, "depth_2": 0.0, "depth_3": 0.0}
+
+
+def test_check_thresholds_shows_what_in_sample_precision_hides() -> None:
+    """Thresholds chosen on 200 images, measured on them, on 50,000 fresh ones and by the two-fold check."""
+    tax = Taxonomy.from_paths(LABELS, name="t")
+    here, fresh, check = [], [], []
+    for seed in range(6):
+        probs, truth = _noisy_probs(tax, 200, seed=seed)
+        thresholds = choose_thresholds(tax, probs, truth, target_precision=0.95)
+        new_probs, new_truth = _noisy_probs(tax, 50_000, seed=100 + seed)
+        in_sample, on_new = backoff(tax, probs, truth, thresholds), backoff(tax, new_probs, new_truth, thresholds)
+        checked = check_thresholds(tax, probs, truth, 0.95)
+        for key in thresholds:
+            here.append(in_sample[key]["precision"])
+            fresh.append(on_new[key]["precision"])
+            check.append(checked[key]["precision"])
+            assert 0.0 < checked[key]["coverage"] <= 1.0
+    # in-sample precision overstates what new images get; the check does not, and stays close to it
+    assert np.mean(here) > np.mean(fresh) and np.mean(here) > np.mean(check)
+    assert abs(np.mean(check) - np.mean(fresh)) < 0.02
+
+
+def test_stratified_half_takes_half_of_each_class() -> None:
+    y = np.array([0] * 6 + [1] * 5 + [2])
+    half = stratified_half(y, seed=3)
+    assert [int(half[y == c].sum()) for c in (0, 1, 2)] == [3, 2, 0]
+    assert (half == stratified_half(y, seed=3)).all() and not (half == stratified_half(y, seed=4)).all()

@@ -14,7 +14,7 @@ import math
 import numpy as np
 from taxonedge.edge.taxonomy import Taxonomy
 
-from .metrics import greedy_walk
+from .metrics import backoff, greedy_walk
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, low: float = 0.05, h
 
 def choose_thresholds(taxonomy: Taxonomy, probs: np.ndarray, true_leaf: np.ndarray,
                       target_precision: float = DEFAULT_TARGET_PRECISION,
-                      min_count: int = DEFAULT_MIN_COUNT) -> dict[str, float]:
+                      min_count: int = DEFAULT_MIN_COUNT, warn: bool = True) -> dict[str, float]:
     """Per depth, the lowest threshold at which the label the device publishes there is right at least
     `target_precision` of the time on this data. A threshold must let at least `min_count` images through
     (or all that reach the depth, when fewer do): a precision measured on two or three images means nothing.
@@ -92,8 +92,47 @@ def choose_thresholds(taxonomy: Taxonomy, probs: np.ndarray, true_leaf: np.ndarr
                 lowest = np.flatnonzero(ok).max()
                 threshold = 0.0 if lowest == len(s_sorted) - 1 else float(s_sorted[lowest])
         if threshold >= 1.0:
-            log.warning("depth %d: no threshold reaches precision %.3f on %d images; it is set to 1.0 "
+            (log.warning if warn else log.debug)("depth %d: no threshold reaches precision %.3f on %d images; it is set to 1.0 "
                         "(labels stop at depth %d)", d, target_precision, int(candidates.sum()), d - 1)
         thresholds[f"depth_{d}"] = threshold
         reaching = candidates & (np.nan_to_num(score, nan=-1.0) >= threshold)
     return thresholds
+
+
+def check_thresholds(taxonomy: Taxonomy, probs: np.ndarray, true_leaf: np.ndarray, target_precision: float,
+                     repeats: int = 5) -> dict[str, dict[str, float | None]]:
+    """What thresholds chosen on these images give on new images of the same kind, per depth.
+
+    Chosen on a few hundred images, thresholds promise more than they give: each threshold is the lowest
+    that reaches the target here, so it sits where the luck of this sample helps most. The check chooses
+    on one stratified half and measures on the other, both ways, pooled over `repeats` random halvings
+    (one halving of 169 Grocery images gave anything from 96.7 to 98.7 % at the leaf). Thresholds from
+    half the images are noisier than from all of them, so the check errs on the pessimistic side.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    true_leaf = np.asarray(true_leaf, dtype=np.int64)
+    right = np.zeros(taxonomy.depth)
+    count = np.zeros(taxonomy.depth)
+    for seed in range(repeats):
+        first = stratified_half(true_leaf, seed)
+        for fit, check in ((first, ~first), (~first, first)):
+            chosen = choose_thresholds(taxonomy, probs[fit], true_leaf[fit], target_precision, warn=False)
+            held = backoff(taxonomy, probs[check], true_leaf[check], chosen)
+            for d in range(1, taxonomy.depth + 1):
+                row = held[f"depth_{d}"]
+                count[d - 1] += row["count"]
+                right[d - 1] += round((row["precision"] or 0.0) * row["count"])
+    n = len(true_leaf) * repeats
+    return {f"depth_{d}": {"coverage": float(count[d - 1] / n) if n else 0.0,
+                           "precision": float(right[d - 1] / count[d - 1]) if count[d - 1] else None}
+            for d in range(1, taxonomy.depth + 1)}
+
+
+def stratified_half(true_leaf: np.ndarray, seed: int) -> np.ndarray:
+    """A mask holding half of each class's images (the smaller half of an odd class), drawn with `seed`."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(true_leaf), dtype=bool)
+    for leaf in np.unique(true_leaf):
+        idx = rng.permutation(np.flatnonzero(true_leaf == leaf))
+        mask[idx[: len(idx) // 2]] = True
+    return mask
