@@ -92,8 +92,9 @@ def choose_thresholds(taxonomy: Taxonomy, probs: np.ndarray, true_leaf: np.ndarr
                 lowest = np.flatnonzero(ok).max()
                 threshold = 0.0 if lowest == len(s_sorted) - 1 else float(s_sorted[lowest])
         if threshold >= 1.0:
-            (log.warning if warn else log.debug)("depth %d: no threshold reaches precision %.3f on %d images; it is set to 1.0 "
-                        "(labels stop at depth %d)", d, target_precision, int(candidates.sum()), d - 1)
+            report = log.warning if warn else log.debug  # the two-fold check's halves stay quiet
+            report("depth %d: no threshold reaches precision %.3f on %d images; it is set to 1.0 (labels stop at "
+                   "depth %d)", d, target_precision, int(candidates.sum()), d - 1)
         thresholds[f"depth_{d}"] = threshold
         reaching = candidates & (np.nan_to_num(score, nan=-1.0) >= threshold)
     return thresholds
