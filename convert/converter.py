@@ -31,7 +31,7 @@ from taxonedge.edge.bundle import (
 )
 from taxonedge.edge.preprocess import InputSpec
 from taxonedge.edge.runtime import dequantize
-from taxonedge.train.calibrate import check_thresholds, choose_thresholds
+from taxonedge.train.calibrate import check_thresholds, choose_thresholds, warn_if_short
 
 from .qat import QatError
 from .rundir import Run, RunDirError, load_run
@@ -141,13 +141,7 @@ def convert(opts: Options) -> Result:
     check = check_thresholds(run.taxonomy, quant_probs, val_y, target)
     gate["metrics"]["thresholds"] = {"float_calibration": run.thresholds, "deployed": thresholds,
                                      "target_precision": target, "two_fold_check": check}
-    short = {d: row["precision"] for d, row in check.items()
-             if row["precision"] is not None and row["precision"] < target}
-    if short:
-        log.warning("back-off thresholds: chosen on %d validation images for %.3f precision, a two-fold check "
-                    "gives %s on new images of the same kind; more validation images or a higher "
-                    "--target-precision make them hold", len(val_y), target,
-                    ", ".join(f"{d} {100 * p:.1f} %" for d, p in short.items()))
+    warn_if_short(check, target, len(val_y))
     from taxonedge.train.metrics import backoff
 
     gate["metrics"]["backoff_deployed"] = backoff(run.taxonomy, quant_probs, val_y, thresholds)

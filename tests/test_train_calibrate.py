@@ -14,6 +14,7 @@ from taxonedge.train.calibrate import (
     fit_temperature,
     softmax,
     stratified_half,
+    warn_if_short,
 )
 from taxonedge.train.metrics import backoff
 
@@ -139,3 +140,16 @@ def test_stratified_half_takes_half_of_each_class() -> None:
     half = stratified_half(y, seed=3)
     assert [int(half[y == c].sum()) for c in (0, 1, 2)] == [3, 2, 0]
     assert (half == stratified_half(y, seed=3)).all() and not (half == stratified_half(y, seed=4)).all()
+
+
+def test_a_check_short_of_the_target_is_reported_with_what_to_do(caplog: pytest.LogCaptureFixture) -> None:
+    check = {"depth_1": {"coverage": 1.0, "precision": 1.0}, "depth_2": {"coverage": 0.9, "precision": 0.974},
+             "depth_3": {"coverage": 0.0, "precision": None}}
+    with caplog.at_level(logging.WARNING):
+        warn_if_short(check, 0.98, 169)
+    assert "169 validation images" in caplog.text and "depth_2 97.4 %" in caplog.text
+    assert "depth_1" not in caplog.text and "depth_3" not in caplog.text and "more validation images" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        warn_if_short(check, 0.97, 169)
+    assert caplog.text == ""

@@ -129,6 +129,17 @@ def check_thresholds(taxonomy: Taxonomy, probs: np.ndarray, true_leaf: np.ndarra
             for d in range(1, taxonomy.depth + 1)}
 
 
+def warn_if_short(check: dict[str, dict[str, float | None]], target_precision: float, images: int) -> None:
+    """Log a warning naming the depths whose two-fold check falls short of the target, and what to do."""
+    short = {d: row["precision"] for d, row in check.items()
+             if row["precision"] is not None and row["precision"] < target_precision}
+    if short:
+        log.warning("back-off thresholds: chosen on %d validation images for %.3f precision, a two-fold check "
+                    "gives %s on new images of the same kind; more validation images or a higher target "
+                    "precision make them hold", images, target_precision,
+                    ", ".join(f"{d} {100 * p:.1f} %" for d, p in short.items()))
+
+
 def stratified_half(true_leaf: np.ndarray, seed: int) -> np.ndarray:
     """A mask holding half of each class's images (the smaller half of an odd class), drawn with `seed`."""
     rng = np.random.default_rng(seed)
