@@ -31,7 +31,8 @@ from taxonedge.edge.bundle import (
 )
 from taxonedge.edge.preprocess import InputSpec
 from taxonedge.edge.runtime import dequantize
-from taxonedge.train.calibrate import check_thresholds, choose_thresholds, warn_if_short
+from taxonedge.train.calibrate import choose_and_check_thresholds
+from taxonedge.train.metrics import agreement, backoff, compute_metrics
 
 from .qat import QatError
 from .rundir import Run, RunDirError, load_run
@@ -137,13 +138,9 @@ def convert(opts: Options) -> Result:
     # The device decides on the quantized model's outputs: choose its back-off thresholds on those, so the
     # published labels reach the target precision as deployed, not only in float.
     target = opts.target_precision or run.target_precision
-    thresholds = deployed_thresholds(run, val_y, quant_probs, target)
-    check = check_thresholds(run.taxonomy, quant_probs, val_y, target)
+    thresholds, check = choose_and_check_thresholds(run.taxonomy, quant_probs, val_y, target)
     gate["metrics"]["thresholds"] = {"float_calibration": run.thresholds, "deployed": thresholds,
                                      "target_precision": target, "two_fold_check": check}
-    warn_if_short(check, target, len(val_y))
-    from taxonedge.train.metrics import backoff
-
     gate["metrics"]["backoff_deployed"] = backoff(run.taxonomy, quant_probs, val_y, thresholds)
 
     t = time.perf_counter()
@@ -186,17 +183,9 @@ def convert(opts: Options) -> Result:
     return Result(Path(opts.out), manifest, gate, report, timings)
 
 
-def deployed_thresholds(run: Run, true_leaf: np.ndarray, probs: np.ndarray, target_precision: float
-                        ) -> dict[str, float]:
-    """Per-depth thresholds re-chosen on the converted model's validation outputs (same rule as training)."""
-    return choose_thresholds(run.taxonomy, probs, true_leaf, target_precision)
-
-
 def accuracy_gate(run: Run, true_leaf: np.ndarray, float_probs: np.ndarray, quant_probs: np.ndarray,
                   max_drop: float, mode: str) -> dict[str, Any]:
     """Float vs quantized per-level accuracy with the metrics code of `taxonedge evaluate`."""
-    from taxonedge.train.metrics import agreement, compute_metrics
-
     if not np.all(np.isfinite(quant_probs)):
         raise GateError(f"the {mode} model gives NaN or infinite outputs on validation images")
     slim = ("n", "accuracy", "accuracy_summed", "top5", "macro_f1", "hierarchical", "mistake_severity", "nll")

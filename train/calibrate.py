@@ -129,6 +129,16 @@ def check_thresholds(taxonomy: Taxonomy, probs: np.ndarray, true_leaf: np.ndarra
             for d in range(1, taxonomy.depth + 1)}
 
 
+def choose_and_check_thresholds(taxonomy: Taxonomy, probs: np.ndarray, true_leaf: np.ndarray,
+                                target_precision: float) -> tuple[dict[str, float], dict[str, dict[str, float | None]]]:
+    """`choose_thresholds` and its `check_thresholds`, with a warning when the check misses the target:
+    what train and convert record for the thresholds they ship."""
+    thresholds = choose_thresholds(taxonomy, probs, true_leaf, target_precision)
+    check = check_thresholds(taxonomy, probs, true_leaf, target_precision)
+    warn_if_short(check, target_precision, len(true_leaf))
+    return thresholds, check
+
+
 def warn_if_short(check: dict[str, dict[str, float | None]], target_precision: float, images: int) -> None:
     """Log a warning naming the depths whose two-fold check falls short of the target, and what to do."""
     short = {d: row["precision"] for d, row in check.items()

@@ -154,7 +154,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from taxonedge.cli import CliError
 
     from .data import DataError
-    from .evaluate import evaluate, thresholds_toml
+    from .evaluate import evaluate, percent, thresholds_toml
 
     run_dir = Path(args.model) if args.model else None
     if run_dir is not None and not (run_dir / "model.keras").is_file():
@@ -168,11 +168,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(_summary(metrics, args.out))
     fitted = metrics.get("fitted_thresholds")
     if fitted:
-        check = ", ".join(f"{key} {_percent(row['precision'])}" for key, row in fitted["two_fold"].items())
+        check = ", ".join(f"{key} {percent(row['precision'])}" for key, row in fitted["two_fold"].items())
         print(f"thresholds for precision {fitted['target_precision']} on these images (two-fold check: {check}); "
               f"for the device config:\n{thresholds_toml(fitted['thresholds'])}")
     return 0
 
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f} %"

@@ -183,13 +183,13 @@ def _fitted_section(taxonomy: Taxonomy, fitted: dict | None) -> list[str]:
     here, check = fitted["on_these_images"], fitted["two_fold"]
     for d in range(1, taxonomy.depth + 1):
         key = f"depth_{d}"
-        lines.append(f"| {d} | {fitted['thresholds'][key]:.3f} | {_pct(here[key]['coverage'])} | "
-                     f"{_pct(here[key]['precision'])} | {_pct(check[key]['precision'])} |")
+        lines.append(f"| {d} | {fitted['thresholds'][key]:.3f} | {percent(here[key]['coverage'])} | "
+                     f"{percent(here[key]['precision'])} | {percent(check[key]['precision'])} |")
     lines += ["", "For the device config:", "", "```toml", thresholds_toml(fitted["thresholds"]), "```"]
     return lines
 
 
-def _pct(value: float | None) -> str:
+def percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f} %"
 
 
@@ -208,13 +208,13 @@ def markdown_report(taxonomy: Taxonomy, metrics: dict) -> str:
         "|---|---|---|---|",
     ]
     for key, depth in depth_keys(taxonomy):
-        lines.append(f"| {key} | {len(taxonomy.level_nodes(depth))} | {_pct(metrics['accuracy'][key])} | "
-                     f"{_pct(metrics['accuracy_summed'][key])} |")
+        lines.append(f"| {key} | {len(taxonomy.level_nodes(depth))} | {percent(metrics['accuracy'][key])} | "
+                     f"{percent(metrics['accuracy_summed'][key])} |")
     h = metrics["hierarchical"]
     sev = metrics["mistake_severity"]
     lines += [
         "",
-        f"Top-5: {_pct(metrics['top5'])}. Macro-F1 (classes present): {metrics['macro_f1']:.3f}. "
+        f"Top-5: {percent(metrics['top5'])}. Macro-F1 (classes present): {metrics['macro_f1']:.3f}. "
         f"Hierarchical P/R/F1: {h['precision']:.3f} / {h['recall']:.3f} / {h['f1']:.3f}. "
         f"Mistake severity: {sev['mean']:.2f} levels over {sev['mistakes']} mistakes. "
         f"NLL {metrics['nll']:.3f}, ECE {metrics['calibration']['ece']:.3f}.",
@@ -227,12 +227,12 @@ def markdown_report(taxonomy: Taxonomy, metrics: dict) -> str:
     backoff = metrics["backoff"]
     for d in range(1, taxonomy.depth + 1):
         row = backoff[f"depth_{d}"]
-        lines.append(f"| {d} | {row['threshold']:.3f} | {_pct(row['coverage'])} | {_pct(row['precision'])} |")
+        lines.append(f"| {d} | {row['threshold']:.3f} | {percent(row['coverage'])} | {percent(row['precision'])} |")
     dec = backoff["decisions"]
     lines += [
         "",
-        f"Decisions: accepted (leaf) {_pct(dec['accepted'])}, backed off {_pct(dec['backed_off'])}, unknown "
-        f"{_pct(dec['unknown'])}; precision of the published label {_pct(backoff['published_precision'])}.",
+        f"Decisions: accepted (leaf) {percent(dec['accepted'])}, backed off {percent(dec['backed_off'])}, unknown "
+        f"{percent(dec['unknown'])}; precision of the published label {percent(backoff['published_precision'])}.",
         *_fitted_section(taxonomy, metrics.get("fitted_thresholds")),
         "",
         "## Per class",
@@ -242,7 +242,7 @@ def markdown_report(taxonomy: Taxonomy, metrics: dict) -> str:
     ]
     for row in metrics["per_class"]:
         if row["support"]:
-            lines.append(f"| {row['label']} | {row['support']} | {_pct(row['precision'])} | {_pct(row['recall'])} "
+            lines.append(f"| {row['label']} | {row['support']} | {percent(row['precision'])} | {percent(row['recall'])} "
                          f"| {row['f1']:.3f} | {row.get('most_confused_with', '')} |")
     skipped = source.get("skipped_images") or []
     if skipped:

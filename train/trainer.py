@@ -25,14 +25,7 @@ from taxonedge.edge.bundle import atomic_write
 from taxonedge.edge.preprocess import InputSpec
 
 from . import data as data_mod
-from .calibrate import (
-    DEFAULT_TARGET_PRECISION,
-    check_thresholds,
-    choose_thresholds,
-    fit_temperature,
-    softmax,
-    warn_if_short,
-)
+from .calibrate import DEFAULT_TARGET_PRECISION, choose_and_check_thresholds, fit_temperature, softmax
 from .metrics import compute_metrics
 
 log = logging.getLogger(__name__)
@@ -186,9 +179,7 @@ def train(config: TrainConfig, out: Path) -> dict:
     val_logits = logits_model.predict(x_val.astype("float32"), batch_size=64, verbose=0)
     temperature = fit_temperature(val_logits, y_val)
     val_probs = softmax(val_logits, temperature)
-    thresholds = choose_thresholds(taxonomy, val_probs, y_val, config.target_precision)
-    check = check_thresholds(taxonomy, val_probs, y_val, config.target_precision)
-    warn_if_short(check, config.target_precision, len(y_val))
+    thresholds, check = choose_and_check_thresholds(taxonomy, val_probs, y_val, config.target_precision)
     _write_json(out / "calibration.json", {"temperature": temperature, "thresholds": thresholds,
                                            "target_precision": config.target_precision, "two_fold_check": check})
     final = inference_model(model, keras, temperature)
