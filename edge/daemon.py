@@ -47,6 +47,7 @@ from .notify import sd_notify
 from .osthread import start_thread
 from .outbox import Outbox
 from .preprocess import ImageError, preprocess
+from .runtime import edgetpu_devices
 from .slots import read_verified, startup_bundle
 from .source import Capture, Frame
 from .trigger import ItemResult, ItemTrigger
@@ -878,14 +879,20 @@ class Daemon:
         sd_notify(*lines)
 
     def _maybe_reprobe(self) -> None:
-        """On the CPU because auto found no Edge TPU: try again now and then, in a separate worker."""
+        """On the CPU because auto found no Edge TPU: try again now and then, in a separate worker, when the
+        kernel shows an accelerator (plugged in since)."""
         info = self._worker.info
         if (self.config.inference.backend != "auto" or info is None or info.backend != "cpu" or self._probing
                 or time.monotonic() < self._probe_due):
             return
-        self._probing = True
         self.reprobes += 1
         self._probe_due = time.monotonic() + self.config.inference.reprobe_interval_s
+        if not edgetpu_devices(self.config.inference.edgetpu_device):
+            log.log(logging.INFO if self.reprobes == 1 else logging.DEBUG,
+                    "Edge TPU re-probe: no Edge TPU device present (no /dev/apex_*, no Coral USB id); "
+                    "looking again every %.0f s", self.config.inference.reprobe_interval_s)
+            return
+        self._probing = True
         bundle = self._bundle
 
         def probe() -> None:

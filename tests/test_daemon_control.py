@@ -296,3 +296,38 @@ def test_next_frame_is_at_the_worker_before_an_answer_is_published(start, broker
         assert {"inference", "capture", "mqtt-net", "mqtt-send", "control", "health"} <= names
     finally:
         rec.close()
+
+
+def test_reprobe_spawns_a_probe_worker_only_when_an_edgetpu_shows(start, one_class_images, tmp_path, monkeypatch):
+    """On the CPU under backend auto, a re-probe costs a new worker process: it is spent only when the kernel
+    shows an accelerator. Here none is plugged in, then a USB Accelerator's ids appear (its library is
+    still absent, so the probe fails and the daemon stays on the CPU)."""
+    from taxonedge.edge import runtime
+
+    usb = tmp_path / "usb"
+    usb.mkdir()
+    monkeypatch.setattr(runtime, "USB_ROOT", usb)
+    monkeypatch.setattr(runtime, "DEV_ROOT", tmp_path / "dev")
+    daemon = start(live(one_class_images), edit=lambda t: t.replace('backend = "auto"',
+                                                                    'backend = "auto"\nreprobe_interval_s = 0.2'))
+    spawned: list[str] = []
+    new_worker = daemon._new_worker
+
+    def counting(bundle, backend=None):
+        spawned.append(backend)
+        return new_worker(bundle, backend)
+
+    daemon._new_worker = counting
+    deadline = time.monotonic() + 10
+    while daemon.reprobes < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert daemon.reprobes >= 2 and spawned == []  # looked twice, spawned nothing
+    (usb / "2-1").mkdir()
+    (usb / "2-1" / "idVendor").write_text("1a6e\n")
+    (usb / "2-1" / "idProduct").write_text("089a\n")
+    while "edgetpu" not in spawned and time.monotonic() < deadline + 10:
+        time.sleep(0.1)
+    assert "edgetpu" in spawned
+    while daemon._probing and time.monotonic() < deadline + 20:
+        time.sleep(0.1)
+    assert daemon.state()["backend"] == "cpu" and daemon.status_state() == "degraded"

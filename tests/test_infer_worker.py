@@ -83,3 +83,28 @@ def test_without_shared_memory_images_go_through_the_pipe(bundle, monkeypatch, c
         np.testing.assert_array_equal(worker.result()[0], Classifier(bundle).probabilities(frames[1]))
     finally:
         worker.stop()
+
+
+def _usb_device(root, name: str, vendor: str, product: str) -> None:
+    path = root / name
+    path.mkdir(parents=True)
+    (path / "idVendor").write_text(vendor + "\n")
+    (path / "idProduct").write_text(product + "\n")
+
+
+def test_edgetpu_devices_reads_usb_ids_and_apex_nodes_without_loading_libedgetpu(tmp_path, monkeypatch):
+    from taxonedge.edge import runtime
+
+    usb, dev = tmp_path / "usb", tmp_path / "dev"
+    dev.mkdir()
+    _usb_device(usb, "1-1", "046d", "0825")  # a webcam: not an Edge TPU
+    (usb / "1-1:1.0").mkdir()  # an interface: no ids
+    monkeypatch.setattr(runtime, "USB_ROOT", usb)
+    monkeypatch.setattr(runtime, "DEV_ROOT", dev)
+    assert runtime.edgetpu_devices() == []
+    _usb_device(usb, "2-1", "1a6e", "089a")  # USB Accelerator before its firmware is loaded
+    _usb_device(usb, "2-2", "18d1", "9302")  # and after
+    (dev / "apex_0").touch()  # a PCIe / M.2 card
+    assert runtime.edgetpu_devices() == ["pci:" + str(dev / "apex_0"), "usb:2-1", "usb:2-2"]
+    assert runtime.edgetpu_devices("usb:0") == ["usb:2-1", "usb:2-2"]
+    assert runtime.edgetpu_devices("pci:0") == ["pci:" + str(dev / "apex_0")]
