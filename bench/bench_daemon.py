@@ -13,6 +13,8 @@
 4. paced: the same daemon on a video played in real time at --camera-fps (a camera's rate) for
    --paced-seconds, for the latency a sorting line sees when inference keeps up; beside it the interpreter
    alone invoked at that rate, the floor no pipeline can go under.
+5. naive serial loop, unpaced and paced: the yardstick the issue measured before any work (one thread
+   reads, preprocesses, invokes, decodes and publishes; no isolation, no outbox), measured the same way.
 Each thread count in --threads gets its own invoke-only baseline. The CPU ceiling is what no pipeline
 can beat on this machine: every frame needs its decode and its invoke CPU time, and with N interpreter
 threads on N CPUs the two compete for the same cores.
@@ -27,27 +29,32 @@ import argparse
 import gc
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 
 import cv2
 import numpy as np
+import paho.mqtt.client as paho
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from taxonedge.edge.bundle import MODEL, ModelInfo, build_manifest, read_bundle, utc_now, write_bundle  # noqa: E402
+from taxonedge.edge.daemon import utc_ms  # noqa: E402
+from taxonedge.edge.decode import Decoder  # noqa: E402
 from taxonedge.edge.preprocess import InputSpec, preprocess  # noqa: E402
 from taxonedge.edge.runtime import Classifier  # noqa: E402
 from taxonedge.edge.taxonomy import Taxonomy  # noqa: E402
 
 from tests.conftest import GROCERY, REFERENCE, Broker, free_port  # noqa: E402
-from tests.daemonkit import DEVICE, Recorder, labels_of, write_config  # noqa: E402
+from tests.daemonkit import BASE, DEVICE, Recorder, labels_of, write_config  # noqa: E402
 
 REFERENCE_MODEL = REFERENCE / "mobilenet_v2_1.0_224_quant.tflite"
 
@@ -144,6 +151,75 @@ def invoke_paced(bundle_path: Path, video: Path, seconds: float, fps: float, thr
         classifier.raw(image)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), float(np.percentile(times, 99))
+
+
+def naive_loop(bundle_path: Path, video: Path, threads: int, work: Path, paced_fps: float | None = None) -> dict:
+    """The yardstick the issue measured before any work: one thread reads a frame, preprocesses it, invokes
+    the interpreter in-process, decodes and publishes (QoS 1, TCP_NODELAY, paho's network thread), with no
+    worker process, no outbox and no overlap. Measured like the daemon (the same subscriber, the same
+    millisecond timestamp), and also on exact clocks: capture to publish() returned, capture to subscriber."""
+    work.mkdir(parents=True)
+    bundle = read_bundle(bundle_path)
+    classifier = Classifier(bundle, num_threads=threads)
+    decoder = Decoder(bundle.taxonomy, bundle.manifest.thresholds)
+    broker = Broker(port=free_port(), workdir=work / "broker")
+    broker.workdir.mkdir()
+    broker.start()
+    gc.collect()
+    gc.disable()
+    try:
+        rec = Recorder(broker.port)
+        receipts: dict[str, float] = {}
+
+        def on_message(client, userdata, msg):
+            now = time.time()
+            rec._on_message(client, userdata, msg)
+            if msg.topic.endswith("/labels"):
+                receipts[json.loads(msg.payload)["msg_id"]] = now
+
+        rec.client.on_message = on_message
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"naive-{os.getpid()}", protocol=paho.MQTTv5)
+        client.connect("127.0.0.1", broker.port)
+        client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client.loop_start()
+        cap = cv2.VideoCapture(str(video))
+        to_publish: list[float] = []
+        due = time.perf_counter()
+        while True:
+            if paced_fps:
+                due += 1 / paced_fps
+                time.sleep(max(0.0, due - time.perf_counter()))
+            ok, frame = cap.read()
+            if not ok:
+                break
+            wall, start = time.time(), time.perf_counter()
+            decision = decoder.decode(classifier.probabilities(preprocess(frame, bundle.manifest.input)))
+            payload = {"msg_id": uuid.uuid4().hex, "timestamp": utc_ms(wall), "captured": wall, "device": DEVICE,
+                       "decision": decision.to_dict()}
+            client.publish(f"{BASE}/labels", json.dumps(payload, separators=(",", ":")), qos=1)
+            to_publish.append(time.perf_counter() - start)
+        cap.release()
+        deadline = time.monotonic() + 5
+        while len(receipts) < len(to_publish) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        labels = labels_of(rec)
+        client.loop_stop()
+        client.disconnect()
+        rec.close()
+    finally:
+        gc.enable()
+        broker.stop()
+    arrival = sorted(receipts[lb["msg_id"]] for lb in labels)
+    ms_clock = [receipts[lb["msg_id"]] - datetime.fromisoformat(lb["timestamp"].replace("Z", "+00:00")).timestamp()
+                for lb in labels]
+    exact = [receipts[lb["msg_id"]] - lb["captured"] for lb in labels]
+    return {
+        "labels": len(labels), "frames": len(to_publish),
+        "fps": (len(arrival) - 1) / (arrival[-1] - arrival[0]),
+        "latency_p50": float(np.percentile(ms_clock, 50)), "latency_p99": float(np.percentile(ms_clock, 99)),
+        "exact_p50": float(np.percentile(exact, 50)), "exact_p99": float(np.percentile(exact, 99)),
+        "publish_p50": float(np.percentile(to_publish, 50)), "publish_p99": float(np.percentile(to_publish, 99)),
+    }
 
 
 def _children(pid: int) -> list[int]:
@@ -342,13 +418,16 @@ def main() -> None:
             for depth in (1, 2):
                 runs[depth] = end_to_end(bundle, video, threads, work / f"t{threads}", depth)
             paced = end_to_end(bundle, camera, threads, work / f"t{threads}", 1, pacing="realtime", sample=False)
+            naive = naive_loop(bundle, video, threads, work / f"t{threads}" / "naive")
+            naive_paced = naive_loop(bundle, camera, threads, work / f"t{threads}" / "naive-paced", args.camera_fps)
             dec_a, inv_a = decode_only(video), invoke_only(bundle, video, args.frames, threads)
             floor = invoke_paced(bundle, video, args.paced_seconds, args.camera_fps, threads)
-            report(threads, cpus, _mean(dec_b, dec_a), _mean(inv_b, inv_a), runs, paced, floor, args.camera_fps)
+            report(threads, cpus, _mean(dec_b, dec_a), _mean(inv_b, inv_a), runs, paced, floor, args.camera_fps,
+                   naive, naive_paced)
 
 
 def report(threads: int, cpus: int, dec: tuple, inv: tuple, runs: dict[int, dict], paced: dict,
-           floor_paced: tuple[float, float], camera_fps: float) -> None:
+           floor_paced: tuple[float, float], camera_fps: float, naive: dict, naive_paced: dict) -> None:
     dec_fps, _, dec_cpu = dec
     inv_fps, inv_median, inv_cpu = inv
     floor = min(dec_fps, inv_fps)
@@ -373,6 +452,12 @@ def report(threads: int, cpus: int, dec: tuple, inv: tuple, runs: dict[int, dict
         print(f"  CPU ms per frame: {sum(parts.values()):.2f} in all: "
               + ", ".join(f"{k} {v:.2f}" for k, v in parts.items() if v >= 0.02))
 
+    print(f"naive serial loop, every frame ({naive['labels']} of {naive['frames']} labels received): one thread reads, "
+          "preprocesses, invokes, decodes, publishes; no worker process, no outbox")
+    print(f"  {naive['fps']:8.1f} fps   ratio naive / min(decode, invoke) = {naive['fps'] / floor:.3f}   "
+          "(the issue measured 0.70 with 2 threads before any work)")
+    _naive_latency(naive, inv_median)
+
     print(f"paced like a camera at {camera_fps:.0f} fps, max_in_flight = 1 ({paced['labels']} labels received, "
           f"{paced['fps']:.1f} fps)")
     print(f"  capture->subscriber latency p50 {paced['latency_p50'] * 1000:.2f} ms  p99 {paced['latency_p99'] * 1000:.2f} ms"
@@ -381,7 +466,17 @@ def report(threads: int, cpus: int, dec: tuple, inv: tuple, runs: dict[int, dict
           f"  invoke in the daemon's worker: median {paced['invoke_p50'] * 1000:.2f} ms, p99 {paced['invoke_p99'] * 1000:.2f} ms")
     print(f"  invoke-only at {camera_fps:.0f} fps, no pipeline: median {floor_paced[0] * 1000:.2f} ms  p99 "
           f"{floor_paced[1] * 1000:.2f} ms   p99 / invoke median = {floor_paced[1] / inv_median:.2f}   (the floor)")
+    print(f"  naive serial loop at {camera_fps:.0f} fps ({naive_paced['labels']} labels received):")
+    _naive_latency(naive_paced, inv_median)
     print("  (label timestamps carry milliseconds, so capture->subscriber reads 0-1 ms high, 0.5 ms on average)")
+
+
+def _naive_latency(naive: dict, inv_median: float) -> None:
+    print(f"  capture->subscriber latency p50 {naive['latency_p50'] * 1000:.2f} ms  p99 {naive['latency_p99'] * 1000:.2f} ms"
+          f"   p99 / invoke median = {naive['latency_p99'] / inv_median:.2f}")
+    print(f"  on exact clocks: capture->subscriber p99 {naive['exact_p99'] * 1000:.2f} ms "
+          f"({naive['exact_p99'] / inv_median:.2f}x), capture->publish() returned p50 {naive['publish_p50'] * 1000:.2f} ms"
+          f"  p99 {naive['publish_p99'] * 1000:.2f} ms ({naive['publish_p99'] / inv_median:.2f}x)")
 
 
 if __name__ == "__main__":
