@@ -393,8 +393,8 @@ def main() -> None:
     parser.add_argument("--camera-fps", type=float, default=30.0,
                         help="rate of the paced run, as a camera would deliver frames (default 30)")
     parser.add_argument("--paced-seconds", type=float, default=30.0,
-                        help="length of the paced run and of the paced invoke-only run (default 30: a p99 over "
-                             "900 frames at 30 fps)")
+                        help="length of each paced run: the daemon, the naive loop and the invoke alone "
+                             "(default 30: a p99 over 900 frames at 30 fps)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                         help="interpreter thread counts to measure, each against its own invoke-only run "
                              "(default: 1 2)")
