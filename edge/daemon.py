@@ -393,6 +393,9 @@ class Daemon:
                 ready = self._prepare_next(inflight)
                 if ready is not None:
                     next_at = max(next_at + interval, time.monotonic())
+                    if self._may_send(inflight, depth):  # max_in_flight = 2: queued at the worker now
+                        self._send(ready, inflight)
+                        ready = None
             if inflight:
                 answer = self._collect(inflight)
                 if ready is not None and self._may_send(inflight, depth):
