@@ -548,8 +548,8 @@ class Updater:
         target = path.parent / ("installed" if state == "committed" else "rejected")
         target.mkdir(exist_ok=True)
         os.replace(path, target / path.name)
-        if reason:
-            (target / f"{path.name}.reason.txt").write_text(reason + "\n")
+        if reason:  # written whole or not at all: whoever watches the folder never reads it half-written
+            atomic_write(target / f"{path.name}.reason.txt", (reason + "\n").encode())
 
     # ---- reporting -----------------------------------------------------------------------------------
     def _report(self, dep: Deployment, state: str, reason: str | None = None, record: bool = True,
