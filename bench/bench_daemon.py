@@ -26,6 +26,7 @@ when present, else a tiny model trained on the spot. Frames: Grocery photos when
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -36,6 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -110,8 +112,8 @@ def decode_only(video: Path) -> tuple[float, int, float]:
     return n / elapsed, n, cpu / n
 
 
-def invoke_only(bundle_path: Path, video: Path, runs: int, threads: int) -> tuple[float, float, float]:
-    """(fps, median seconds, CPU seconds per invoke over all interpreter threads)."""
+def _warm_classifier(bundle_path: Path, video: Path, threads: int) -> tuple[Classifier, np.ndarray]:
+    """The interpreter on the bundle, and the video's first frame preprocessed, after 10 warm-up invokes."""
     bundle = read_bundle(bundle_path)
     classifier = Classifier(bundle, num_threads=threads)
     cap = cv2.VideoCapture(str(video))
@@ -120,6 +122,12 @@ def invoke_only(bundle_path: Path, video: Path, runs: int, threads: int) -> tupl
     image = preprocess(frame, bundle.manifest.input)
     for _ in range(10):
         classifier.raw(image)
+    return classifier, image
+
+
+def invoke_only(bundle_path: Path, video: Path, runs: int, threads: int) -> tuple[float, float, float]:
+    """(fps, median seconds, CPU seconds per invoke over all interpreter threads)."""
+    classifier, image = _warm_classifier(bundle_path, video, threads)
     times = []
     start, cpu = time.perf_counter(), time.process_time()
     for _ in range(runs):
@@ -134,14 +142,7 @@ def invoke_paced(bundle_path: Path, video: Path, seconds: float, fps: float, thr
     """(median, p99 seconds) of the interpreter alone, invoked at a camera's rate: the floor under the paced
     run's latency. An invoke after 30 ms idle is slower and more variable than back to back (caches and
     the other processes on the cores), and no pipeline around it can have a lower p99."""
-    bundle = read_bundle(bundle_path)
-    classifier = Classifier(bundle, num_threads=threads)
-    cap = cv2.VideoCapture(str(video))
-    _, frame = cap.read()
-    cap.release()
-    image = preprocess(frame, bundle.manifest.input)
-    for _ in range(10):
-        classifier.raw(image)
+    classifier, image = _warm_classifier(bundle_path, video, threads)
     times = []
     due = time.perf_counter()
     for _ in range(int(seconds * fps)):
@@ -151,6 +152,64 @@ def invoke_paced(bundle_path: Path, video: Path, seconds: float, fps: float, thr
         classifier.raw(image)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), float(np.percentile(times, 99))
+
+
+@contextlib.contextmanager
+def _collector_off() -> Iterator[None]:
+    """This process is the subscriber that timestamps labels: a full garbage collection here (it holds the
+    earlier runs' labels and a TFLite interpreter) held receipts back by 30-150 ms once per run, which was
+    the whole "p99" of the max_in_flight = 2 run. Measured with the collector off instead."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _timestamp_labels(rec: Recorder) -> dict[str, float]:
+    """msg_id -> receipt time of every label `rec` gets, taken on arrival, before any parsing."""
+    receipts: dict[str, float] = {}
+
+    def on_message(client, userdata, msg):
+        now = time.time()
+        rec._on_message(client, userdata, msg)
+        if msg.topic.endswith("/labels"):
+            receipts[json.loads(msg.payload)["msg_id"]] = now
+
+    rec.client.on_message = on_message
+    return receipts
+
+
+def _fps_and_latency(labels: list[dict], receipts: dict[str, float]) -> tuple[float, list[float]]:
+    """Labels per second as received, and each label's receipt minus its (millisecond) capture timestamp."""
+    arrival = sorted(receipts[lb["msg_id"]] for lb in labels)
+    latency = [receipts[lb["msg_id"]] - datetime.fromisoformat(lb["timestamp"].replace("Z", "+00:00")).timestamp()
+               for lb in labels]
+    return (len(arrival) - 1) / (arrival[-1] - arrival[0]), latency
+
+
+def _naive_frames(video: Path, classifier: Classifier, decoder: Decoder, spec: InputSpec, client: paho.Client,
+                  paced_fps: float | None) -> list[float]:
+    """The naive loop itself, every frame of `video`: seconds from capture to publish() returned, per label."""
+    cap = cv2.VideoCapture(str(video))
+    to_publish: list[float] = []
+    due = time.perf_counter()
+    while True:
+        if paced_fps:
+            due += 1 / paced_fps
+            time.sleep(max(0.0, due - time.perf_counter()))
+        ok, frame = cap.read()
+        if not ok:
+            break
+        wall, start = time.time(), time.perf_counter()
+        decision = decoder.decode(classifier.probabilities(preprocess(frame, spec)))
+        payload = {"msg_id": uuid.uuid4().hex, "timestamp": utc_ms(wall), "captured": wall, "device": DEVICE,
+                   "decision": decision.to_dict()}
+        client.publish(f"{BASE}/labels", json.dumps(payload, separators=(",", ":")), qos=1)
+        to_publish.append(time.perf_counter() - start)
+    cap.release()
+    return to_publish
 
 
 def naive_loop(bundle_path: Path, video: Path, threads: int, work: Path, paced_fps: float | None = None) -> dict:
@@ -165,57 +224,28 @@ def naive_loop(bundle_path: Path, video: Path, threads: int, work: Path, paced_f
     broker = Broker(port=free_port(), workdir=work / "broker")
     broker.workdir.mkdir()
     broker.start()
-    gc.collect()
-    gc.disable()
     try:
-        rec = Recorder(broker.port)
-        receipts: dict[str, float] = {}
-
-        def on_message(client, userdata, msg):
-            now = time.time()
-            rec._on_message(client, userdata, msg)
-            if msg.topic.endswith("/labels"):
-                receipts[json.loads(msg.payload)["msg_id"]] = now
-
-        rec.client.on_message = on_message
-        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"naive-{os.getpid()}", protocol=paho.MQTTv5)
-        client.connect("127.0.0.1", broker.port)
-        client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client.loop_start()
-        cap = cv2.VideoCapture(str(video))
-        to_publish: list[float] = []
-        due = time.perf_counter()
-        while True:
-            if paced_fps:
-                due += 1 / paced_fps
-                time.sleep(max(0.0, due - time.perf_counter()))
-            ok, frame = cap.read()
-            if not ok:
-                break
-            wall, start = time.time(), time.perf_counter()
-            decision = decoder.decode(classifier.probabilities(preprocess(frame, bundle.manifest.input)))
-            payload = {"msg_id": uuid.uuid4().hex, "timestamp": utc_ms(wall), "captured": wall, "device": DEVICE,
-                       "decision": decision.to_dict()}
-            client.publish(f"{BASE}/labels", json.dumps(payload, separators=(",", ":")), qos=1)
-            to_publish.append(time.perf_counter() - start)
-        cap.release()
-        deadline = time.monotonic() + 5
-        while len(receipts) < len(to_publish) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        labels = labels_of(rec)
-        client.loop_stop()
-        client.disconnect()
-        rec.close()
+        with _collector_off():
+            rec = Recorder(broker.port)
+            receipts = _timestamp_labels(rec)
+            client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"naive-{os.getpid()}", protocol=paho.MQTTv5)
+            client.connect("127.0.0.1", broker.port)
+            client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client.loop_start()
+            to_publish = _naive_frames(video, classifier, decoder, bundle.manifest.input, client, paced_fps)
+            deadline = time.monotonic() + 5
+            while len(receipts) < len(to_publish) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            labels = labels_of(rec)
+            client.loop_stop()
+            client.disconnect()
+            rec.close()
     finally:
-        gc.enable()
         broker.stop()
-    arrival = sorted(receipts[lb["msg_id"]] for lb in labels)
-    ms_clock = [receipts[lb["msg_id"]] - datetime.fromisoformat(lb["timestamp"].replace("Z", "+00:00")).timestamp()
-                for lb in labels]
+    fps, ms_clock = _fps_and_latency(labels, receipts)
     exact = [receipts[lb["msg_id"]] - lb["captured"] for lb in labels]
     return {
-        "labels": len(labels), "frames": len(to_publish),
-        "fps": (len(arrival) - 1) / (arrival[-1] - arrival[0]),
+        "labels": len(labels), "frames": len(to_publish), "fps": fps,
         "latency_p50": float(np.percentile(ms_clock, 50)), "latency_p99": float(np.percentile(ms_clock, 99)),
         "exact_p50": float(np.percentile(exact, 50)), "exact_p99": float(np.percentile(exact, 99)),
         "publish_p50": float(np.percentile(to_publish, 50)), "publish_p99": float(np.percentile(to_publish, 99)),
@@ -295,15 +325,8 @@ def end_to_end(bundle: Path, video: Path, threads: int, work: Path, in_flight: i
     latency only, skips it)."""
     work = work / f"e2e-{in_flight}-{pacing}"
     work.mkdir(parents=True)
-    # This process is the subscriber that timestamps labels: a full garbage collection here (this process
-    # holds the earlier runs' labels and a TFLite interpreter) held receipts back by 30-150 ms once per
-    # run, which was the whole "p99" of the max_in_flight = 2 run. Measured with the collector off instead.
-    gc.collect()
-    gc.disable()
-    try:
+    with _collector_off():
         return _end_to_end(work, bundle, video, threads, in_flight, pacing, sample)
-    finally:
-        gc.enable()
 
 
 def _end_to_end(work: Path, bundle: Path, video: Path, threads: int, in_flight: int, pacing: str,
@@ -318,15 +341,7 @@ def _end_to_end(work: Path, bundle: Path, video: Path, threads: int, in_flight: 
                            '\n[trigger]\nmax_rate_hz = 100000\n')
         text = cfg.read_text().replace("warmup_runs = 1", f"warmup_runs = 10\nnum_threads = {threads}\nmax_in_flight = {in_flight}")
         cfg.write_text(text)
-        receipts: dict[str, float] = {}
-
-        def on_message(client, userdata, msg):  # receipt time taken on arrival, before any parsing
-            now = time.time()
-            rec._on_message(client, userdata, msg)
-            if msg.topic.endswith("/labels"):
-                receipts[json.loads(msg.payload)["msg_id"]] = now
-
-        rec.client.on_message = on_message
+        receipts = _timestamp_labels(rec)
         with open(work / "daemon.log", "wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "taxonedge", "run", "--config", str(cfg)],
                                     stdout=subprocess.DEVNULL, stderr=log)
@@ -358,14 +373,12 @@ def _end_to_end(work: Path, bundle: Path, video: Path, threads: int, in_flight: 
     if proc.returncode != 0 or len(labels) < 10:
         raise SystemExit(f"daemon run failed ({proc.returncode}, {len(labels)} labels):\n"
                          + (work / "daemon.log").read_text()[-3000:])
-    arrival = sorted(receipts[lb["msg_id"]] for lb in labels)
-    latency = [receipts[lb["msg_id"]] - datetime.fromisoformat(lb["timestamp"].replace("Z", "+00:00")).timestamp()
-               for lb in labels]
+    fps, latency = _fps_and_latency(labels, receipts)
     internal = [lb["latency_ms"] / 1000 for lb in labels]
     invokes = [lb["inference_ms"] / 1000 for lb in labels]
     return {
         "labels": len(labels),
-        "fps": (len(arrival) - 1) / (arrival[-1] - arrival[0]),
+        "fps": fps,
         "latency_p50": float(np.percentile(latency, 50)),
         "latency_p99": float(np.percentile(latency, 99)),
         "internal_p50": float(np.percentile(internal, 50)),

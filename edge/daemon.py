@@ -384,23 +384,19 @@ class Daemon:
                     ready = self._prepare(frame, item_id)
                     if ready is None:
                         continue
-            if ready is not None and self._may_send(inflight, depth):
-                self._send(ready, inflight)
-                ready = None
-                if not inflight:  # the worker died on it and was replaced
+            if ready is not None:
+                ready = self._hand_over(ready, inflight, depth)
+                if ready is None and not inflight:  # the worker died on it and was replaced
                     continue
             if trig is None and ready is None and self._may_prepare(inflight, next_at):
                 ready = self._prepare_next(inflight)
                 if ready is not None:
                     next_at = max(next_at + interval, time.monotonic())
-                    if self._may_send(inflight, depth):  # max_in_flight = 2: queued at the worker now
-                        self._send(ready, inflight)
-                        ready = None
+                    ready = self._hand_over(ready, inflight, depth)  # max_in_flight = 2: queued now
             if inflight:
                 answer = self._collect(inflight)
-                if ready is not None and self._may_send(inflight, depth):
-                    self._send(ready, inflight)
-                    ready = None
+                if ready is not None:
+                    ready = self._hand_over(ready, inflight, depth)
                 if answer is not None:
                     self._complete(*answer)
             if self.max_frames and self.classified >= self.max_frames and not (trig is not None and trig.busy):
@@ -420,6 +416,13 @@ class Daemon:
         """Hand the prepared frame over now? Not while paused (it is dropped) or before a model switch
         (it is preprocessed again for the new model)."""
         return len(inflight) < depth and self._pending is None and not self.paused.is_set()
+
+    def _hand_over(self, ready: _Ready, inflight: deque[_InFlight], depth: int) -> _Ready | None:
+        """Send `ready` to the worker if it may go now: None once sent, else `ready`, still waiting."""
+        if not self._may_send(inflight, depth):
+            return ready
+        self._send(ready, inflight)
+        return None
 
     def _may_prepare(self, inflight: deque[_InFlight], next_at: float) -> bool:
         """Take the next frame now, while the worker is busy?"""
