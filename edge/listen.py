@@ -57,6 +57,8 @@ def listen(host: str, port: int, topics: list[str], as_json: bool = False, count
 
     def on_message(client, userdata, message):  # noqa: ANN001 - paho callback
         nonlocal seen
+        if done.is_set():  # --count reached: paho's thread delivers until loop_stop(), print no more
+            return
         try:
             msg = json.loads(message.payload)
         except (ValueError, UnicodeDecodeError):
