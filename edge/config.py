@@ -29,6 +29,7 @@ class _Strict(BaseModel):
 
 
 _TOPIC_LEVEL = re.compile(r"^[A-Za-z0-9_.-]+$")
+AUTO_IN_FLIGHT_INVOKE_S = 0.010  # max_in_flight = "auto": 2 below this invoke time, 1 above
 
 
 def _topic_level(value: str) -> str:
@@ -179,10 +180,19 @@ class InferenceConfig(_Strict):
     invoke_timeout_s: float = Field(5.0, gt=0)
     warmup_runs: int = Field(3, ge=0)
     # Frames at the worker at once in continuous mode. 1: the next frame is decoded and preprocessed while
-    # one is inferred and handed over as soon as the answer is back (the worker idles only for the pipe).
-    # 2: it waits at the worker instead, so an accelerator never idles at all, at up to one more invoke of
-    # latency. Item mode always uses 1.
-    max_in_flight: int = Field(1, ge=1, le=2)
+    # one is inferred and handed over as soon as the answer is back (the worker idles for the pipe, 0.3-0.5
+    # ms a frame). 2: it waits at the worker instead, so the worker never idles, at up to one more invoke
+    # of latency when inference cannot keep up with the camera (none when it can). "auto": 2 while the
+    # invoke is short (under AUTO_IN_FLIGHT_INVOKE_S: an Edge TPU, a fast CPU), where that idle time is
+    # 5-15 % of the throughput and an invoke of latency is little; 1 for a slow invoke (a Pi's CPU), where
+    # it is the other way round. Item mode always uses 1.
+    max_in_flight: Literal[1, 2, "auto"] = "auto"
+
+    def in_flight_limit(self, invoke_s: float) -> int:
+        """Frames at the worker at once in continuous mode, given the invoke's moving average (0: none yet)."""
+        if self.max_in_flight != "auto":
+            return self.max_in_flight
+        return 2 if 0 < invoke_s < AUTO_IN_FLIGHT_INVOKE_S else 1
 
     def interpreter_threads(self) -> int:
         """num_threads, else one less than the CPUs this process may use (at least 1): capture, preprocessing

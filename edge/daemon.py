@@ -140,7 +140,9 @@ class Daemon:
         self.control_dropped = 0
         self.commands = 0
         self.reprobes = 0
-        self.latencies: deque[float] = deque(maxlen=2000)
+        self._stats_mark = (0, time.monotonic())  # frames classified and the time at the last stats message
+        self.latencies: deque[float] = deque(maxlen=2000)  # capture to decision
+        self.publish_latencies: deque[float] = deque(maxlen=2000)  # capture to handed to the broker
         self.invokes: deque[float] = deque(maxlen=2000)
         self.last_inference_wall: float | None = None
         self._invoke_avg = 0.0  # moving average of invoke seconds
@@ -272,6 +274,7 @@ class Daemon:
                         self.outbox.depth(), self.outbox.path)
         self._detach_plugin()
         if self.link.connected.is_set():
+            self._publish_stats(final=True)
             info = self.link.client.publish(f"{self.topic_base}/status", json_bytes(
                 {"state": "offline", "reason": "stopped", "boot_id": self.boot_id, "device": self.config.device.id}),
                 qos=1, retain=True)
@@ -339,13 +342,14 @@ class Daemon:
         # Continuous mode decodes and preprocesses the next frame while the worker infers the current one,
         # and hands it over the moment the answer is back, before that answer is decoded and published: the
         # worker waits only for the pipe, and the frame is taken as late as that allows (fresh, so low
-        # latency). inference.max_in_flight = 2 also queues it at the worker (for an accelerator whose
-        # invoke the CPU work cannot hide; one invoke more latency). Item mode keeps one frame at a time,
-        # so that an item never gets more frames than it votes on.
-        depth = 1 if trig is not None else self.config.inference.max_in_flight
+        # latency). inference.max_in_flight = 2 also queues it at the worker (so that a short invoke does
+        # not idle for the pipe; up to one invoke more latency when saturated). Item mode keeps one frame
+        # at a time, so that an item never gets more frames than it votes on.
         inflight: deque[_InFlight] = deque()
         ready: _Ready | None = None  # the next frame, preprocessed, not yet at the worker
         while True:
+            # "auto" follows the invoke time: it changes with a new model or backend
+            depth = 1 if trig is not None else self.config.inference.in_flight_limit(self._invoke_avg)
             if not inflight:
                 busy = trig is not None and trig.busy
                 if self.stopping.is_set() and not busy:
@@ -499,7 +503,7 @@ class Daemon:
             inflight.popleft()
             return entry, None, 0.0, f"inference failed: {exc}"
         inflight.popleft()
-        self._invoke_avg += 0.1 * (invoke_s - self._invoke_avg)
+        self._invoke_avg += (0.1 if self._invoke_avg else 1.0) * (invoke_s - self._invoke_avg)
         return entry, probs, invoke_s, None
 
     def _complete(self, entry: _InFlight, probs: np.ndarray | None, invoke_s: float, error: str | None) -> None:
@@ -631,9 +635,12 @@ class Daemon:
         payload = self.label_payload(frame, decision, latency_s, invoke_s, item, bundle)
         message = self.outbox.put(f"{self.topic_base}/labels", json_bytes(payload), qos=1,
                                   expiry_s=self.config.mqtt.label_expiry_s)
-        self.link.notify_outbox(message)
+        published = self.link.notify_outbox(message)
         self.labels += 1
         self.latencies.append(latency_s)
+        if published and frame is not None:
+            # Labels sent live only: one that waited out an outage shows in the outbox depth instead.
+            self.publish_latencies.append(time.monotonic() - frame.captured)
 
     def _publish_item(self, item: ItemResult, frame: Frame | None) -> None:
         latency = time.monotonic() - frame.captured if frame else 0.0
@@ -825,6 +832,7 @@ class Daemon:
         """Everything an operator wants at a glance: the `state` command, stats and metrics use it."""
         info = self._worker.info
         lat = np.array(self.latencies) * 1000 if self.latencies else np.zeros(1)
+        pub = np.array(self.publish_latencies) * 1000 if self.publish_latencies else np.zeros(1)
         inv = np.array(self.invokes) * 1000 if self.invokes else np.zeros(1)
         return {
             "state": self.status_state(), "reasons": self.state_reasons(), "boot_id": self.boot_id,
@@ -835,6 +843,8 @@ class Daemon:
             "frames_dropped": self.capture.slot.dropped, "frames_classified": self.classified, "labels": self.labels,
             "latency_ms_p50": round(float(np.percentile(lat, 50)), 3),
             "latency_ms_p99": round(float(np.percentile(lat, 99)), 3),
+            "publish_latency_ms_p50": round(float(np.percentile(pub, 50)), 3),
+            "publish_latency_ms_p99": round(float(np.percentile(pub, 99)), 3),
             "invoke_ms_p50": round(float(np.percentile(inv, 50)), 3),
             "inference_errors": self.inference_errors, "preprocess_errors": self.preprocess_errors,
             "worker_restarts": self.worker_restarts, "edgetpu_reprobes": self.reprobes,
@@ -855,22 +865,27 @@ class Daemon:
     def _health_loop(self) -> None:
         stats_every = self.config.mqtt.stats_interval_s
         next_stats = time.monotonic() + stats_every
-        last_count, last_time = 0, time.monotonic()
         while not self.stopping.wait(1.0):
             try:
                 self.capture.check_stall()
                 self._publish_status()
                 self._maybe_reprobe()
                 self._watchdog()
-                now = time.monotonic()
-                if now >= next_stats:
-                    fps = (self.classified - last_count) / (now - last_time)
-                    last_count, last_time = self.classified, now
-                    self.publish(f"{self.topic_base}/stats", {**self.state(), "fps": round(fps, 2),
-                                                              "time": utc_ms(time.time())}, qos=0)
-                    next_stats = now + stats_every
+                if time.monotonic() >= next_stats:
+                    self._publish_stats()
+                    next_stats = time.monotonic() + stats_every
             except Exception:  # noqa: BLE001 - health reporting must not stop the daemon
                 log.exception("health check failed")
+
+    def _publish_stats(self, final: bool = False) -> None:
+        """fps since the previous stats message. The final one (at shutdown, QoS 1, so that it arrives
+        before `offline`) closes the run's figures."""
+        now = time.monotonic()
+        count, since = self._stats_mark
+        self._stats_mark = self.classified, now
+        payload = {**self.state(), "fps": round((self.classified - count) / max(now - since, 1e-9), 2),
+                   "final": final, "time": utc_ms(time.time())}
+        self.publish(f"{self.topic_base}/stats", payload, qos=1 if final else 0)
 
     def _watchdog(self) -> None:
         """WATCHDOG=1 only while frames arrive and inference keeps up (or is idle by design)."""

@@ -148,19 +148,20 @@ class MqttLink:
         for thread in self._threads:
             thread.join(timeout=3)
 
-    def notify_outbox(self, message: OutboxMessage | None = None) -> None:
-        """A new row is in the outbox: published here and now when it is next in line, else by the sender."""
+    def notify_outbox(self, message: OutboxMessage | None = None) -> bool:
+        """A new row is in the outbox: published here and now when it is next in line (True), else by the
+        sender (False)."""
         # Never wait for the lock: the sender may hold it through a long replay, and the inference thread
         # calling this must not stall behind it (the row is stored; the sender gets to it in its turn).
         if message is not None and self.connected.is_set() and self._send_lock.acquire(blocking=False):
             try:
                 if (message.id == self._last_sent_id + 1 and len(self._sent) < self.window
-                        and self.connected.is_set()):
-                    self._publish_row(message)
-                    return
+                        and self.connected.is_set() and self._publish_row(message)):
+                    return True
             finally:
                 self._send_lock.release()
         self._wake.set()
+        return False
 
     def unacked(self) -> int:
         return len(self._sent)

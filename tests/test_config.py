@@ -86,3 +86,19 @@ def test_secrets_from_file_credentials_or_environment(tmp_path, monkeypatch):
 def test_not_toml():
     with pytest.raises(ConfigError, match="not valid TOML"):
         parse_config("[device\nid=")
+
+
+def test_max_in_flight_auto_follows_the_invoke_time():
+    """auto: a second frame waits at the worker only while the invoke is short (an Edge TPU, a fast CPU),
+    where the pipe between two invokes is a large share; a slow invoke keeps one (latency)."""
+    inference = parse_config(GOOD).inference
+    assert inference.max_in_flight == "auto"
+    assert inference.in_flight_limit(0.0) == 1  # no invoke measured yet
+    assert inference.in_flight_limit(0.003) == 2
+    assert inference.in_flight_limit(0.050) == 1
+    pinned = parse_config(GOOD + "\n[inference]\nmax_in_flight = 1\n").inference
+    assert pinned.in_flight_limit(0.003) == 1
+    for bad in ("3", '"fast"'):
+        text = GOOD + f"\n[inference]\nmax_in_flight = {bad}\n"
+        with pytest.raises(ConfigError, match=rf"config:{line_of(text, 'max_in_flight')}: inference.max_in_flight"):
+            parse_config(text)

@@ -184,11 +184,19 @@ def test_sigterm_publishes_offline_and_exits_zero(tmp_path, broker, bundle, imag
     cfg = write_config(tmp_path / "c.toml", broker, bundle, source, tmp_path / "st")
     daemon = DaemonProcess(cfg)
     assert recorder.wait(lambda r: len(labels_of(r)) >= 3 and r.on("stats"), 30), daemon.log
+    assert not any(s["final"] for s in recorder.on("stats"))
     assert daemon.terminate() == 0
     stats = recorder.on("stats")[-1]
     for key in ("fps", "latency_ms_p50", "latency_ms_p99", "backend", "outbox_depth", "last_frame_time",
                 "last_inference_time"):
         assert key in stats
+    # the final stats close the run's figures, and arrive before offline
+    order = [(t.rsplit("/", 1)[1], p) for t, p, _ in recorder.messages if t.endswith(("/stats", "/status"))]
+    assert [name for name, _ in order[-2:]] == ["stats", "status"]
+    assert stats["final"] is True and stats["labels"] == len(labels_of(recorder))
+    # capture to decision, then capture to handed to the broker: later, and measured on every live label
+    assert 0 < stats["latency_ms_p50"] < stats["publish_latency_ms_p50"] < 1000
+    assert stats["publish_latency_ms_p99"] >= stats["publish_latency_ms_p50"]
     status = recorder.on("status")[-1]
     assert status["state"] == "offline"
     # the retained status a newcomer sees is offline too

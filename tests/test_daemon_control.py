@@ -275,7 +275,8 @@ def test_next_frame_is_at_the_worker_before_an_answer_is_published(start, broker
     folder = write_image_tree(tmp_path / "many", TINY_LABELS[:1], per_class=60, seed=4)
     folder = next(p for p in folder.rglob("*.jpg")).parent
     rec = Recorder(broker.port)
-    daemon = start(f'type = "folder"\npath = "{folder}"\npacing = "fast"', "\n[trigger]\nmax_rate_hz = 100000\n")
+    daemon = start(f'type = "folder"\npath = "{folder}"\npacing = "fast"', "\n[trigger]\nmax_rate_hz = 100000\n",
+                   edit=lambda t: t.replace("warmup_runs = 1", "warmup_runs = 1\nmax_in_flight = 1"))
     at_worker: list[int] = []
     names: set[str] = set()
 
@@ -298,15 +299,16 @@ def test_next_frame_is_at_the_worker_before_an_answer_is_published(start, broker
         rec.close()
 
 
-def test_max_in_flight_2_queues_the_next_frame_at_the_worker_before_the_answer(start, broker, tmp_path):
+@pytest.mark.parametrize("setting", ["2", '"auto"'])
+def test_max_in_flight_2_queues_the_next_frame_at_the_worker_before_the_answer(start, broker, tmp_path, setting):
     """max_in_flight = 2: the next frame is handed over as soon as it is prepared, while the worker still
     infers the current one, so the worker never waits for the pipe (an accelerator's case); never more
-    than two at once, labels in order."""
+    than two at once, labels in order. "auto" (the default) does the same for a model this fast."""
     folder = write_image_tree(tmp_path / "many", TINY_LABELS[:1], per_class=60, seed=4)
     folder = next(p for p in folder.rglob("*.jpg")).parent
     rec = Recorder(broker.port)
     daemon = start(f'type = "folder"\npath = "{folder}"\npacing = "fast"', "\n[trigger]\nmax_rate_hz = 100000\n",
-                   edit=lambda t: t.replace("warmup_runs = 1", "warmup_runs = 1\nmax_in_flight = 2"))
+                   edit=lambda t: t.replace("warmup_runs = 1", f"warmup_runs = 1\nmax_in_flight = {setting}"))
     worker = daemon._worker
     outstanding: list[int] = []
     submit = worker.submit

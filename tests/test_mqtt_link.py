@@ -90,17 +90,26 @@ def test_a_label_offered_while_the_sender_holds_the_line_does_not_wait(tmp_path,
     try:
         assert link.connected.wait(10)
         time.sleep(0.3)
+        offered: list[bool] = []
         with link._send_lock:  # the sender, mid-replay
-            offer = threading.Thread(target=link.notify_outbox, args=(outbox.put("t/labels", b"held"),))
+            row = outbox.put("t/labels", b"held")
+            offer = threading.Thread(target=lambda: offered.append(link.notify_outbox(row)))
             offer.start()
             offer.join(5)
             assert not offer.is_alive(), "notify_outbox waited for the sender's lock"
+            assert offered == [False]  # not sent live: the daemon keeps it out of its publish latency
             time.sleep(0.3)
             assert received == []  # nobody published it while the lock was held
         deadline = time.monotonic() + 10
         while (received != [b"held"] or outbox.depth()) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert received == [b"held"] and outbox.depth() == 0
+        # next in line with the line free: published by the offer itself
+        assert link.notify_outbox(outbox.put("t/labels", b"live")) is True
+        deadline = time.monotonic() + 10
+        while received != [b"held", b"live"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert received == [b"held", b"live"]
     finally:
         link.stop()
         subscriber.loop_stop()
