@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gc
 import json
 import logging
 import queue
@@ -224,6 +225,11 @@ class Daemon:
             self.trigger = ItemTrigger(bundle.taxonomy, cfg.trigger.frames_per_item, cfg.trigger.vote_agreement,
                                        cfg.trigger.item_timeout_s)
         self.capture = Capture(cfg.source, cfg.capture)
+        # What start-up loaded (modules, config, bundle, taxonomy) lives as long as the process: frozen out
+        # of the garbage collector, a full collection while serving walks only what serving allocated
+        # (measured here: 20 ms with the GIL held, every thread stalled, against 0.8 ms).
+        gc.collect()
+        gc.freeze()
         will = json_bytes({"state": "offline", "reason": "connection lost", "boot_id": self.boot_id,
                            "device": cfg.device.id})
         self.link = MqttLink(cfg.mqtt, client_id_for(cfg.mqtt, cfg.device.id), self.outbox,
@@ -281,6 +287,7 @@ class Daemon:
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(2.0)
         self.done.set()
+        gc.unfreeze()  # for a daemon run inside another program (the tests): its heap is collectable again
         self.link.stop()
         self._worker.stop()
         with self._swap_lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
@@ -361,3 +362,21 @@ def test_reprobe_spawns_a_probe_worker_only_when_an_edgetpu_shows(start, one_cla
     while daemon._probing and time.monotonic() < deadline + 20:
         time.sleep(0.1)
     assert daemon.state()["backend"] == "cpu" and daemon.status_state() == "degraded"
+
+
+def test_the_start_up_heap_is_frozen_out_of_the_collector(start, one_class_images):
+    """A full garbage collection holds the GIL and so stalls every thread of the daemon: what start-up
+    loaded (modules, config, bundle) is frozen, so that one walks only what serving allocated. Objects
+    made while serving are still collected."""
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    start(live(one_class_images))
+    assert gc.get_freeze_count() > 10_000
+
+    class Node:
+        pass
+
+    a, b = Node(), Node()
+    a.other, b.other = b, a  # a reference cycle made after start-up
+    del a, b
+    assert gc.collect() >= 2
