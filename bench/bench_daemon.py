@@ -9,9 +9,9 @@
    fps from the first to the last label received; latency on the daemon's own monotonic clock, from
    its final stats message: capture to decision, and capture to publish (the label handed to the broker),
    over every label sent live; and capture to subscriber = time the label reached the subscriber minus
-   the frame's capture time in the label (through the broker, millisecond timestamps); peak RSS of the daemon and its inference
-   worker from /proc (VmHWM), and whether TensorFlow was ever mapped into either process; CPU per frame
-   of every daemon thread (named in the OS), the worker and the broker. Runs with max_in_flight 1 and 2
+   the frame's capture time in the label (through the broker, millisecond timestamps); peak RSS of the
+   daemon and its inference worker from /proc (VmHWM), and whether TensorFlow was ever mapped into either
+   process; CPU per frame of every daemon thread (named in the OS), the worker and the broker. Runs with max_in_flight 1 and 2
    (2 is what the default, "auto", picks for an invoke under 10 ms).
 4. paced: the same daemon on a video played in real time at --camera-fps (a camera's rate) for
    --paced-seconds, for the latency a sorting line sees when inference keeps up; beside it the interpreter
@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from taxonedge.edge.bundle import MODEL, ModelInfo, build_manifest, read_bundle, utc_now, write_bundle  # noqa: E402
+from taxonedge.edge.config import InferenceConfig  # noqa: E402
 from taxonedge.edge.daemon import utc_ms  # noqa: E402
 from taxonedge.edge.decode import Decoder  # noqa: E402
 from taxonedge.edge.preprocess import InputSpec, preprocess  # noqa: E402
@@ -462,13 +463,14 @@ def report(threads: int, cpus: int, dec: tuple, inv: tuple, runs: dict[int, dict
     floor = min(dec_fps, inv_fps)
     # No pipeline can beat the CPU: every frame needs at least its decode and its invoke CPU time.
     ceiling = min(floor, cpus / (dec_cpu + inv_cpu))
+    auto = InferenceConfig().in_flight_limit(inv_median)
     print(f"\n== {threads} interpreter thread{'s' if threads > 1 else ''} ==")
     print(f"decode-only      {dec_fps:8.1f} fps   {dec_cpu * 1000:.2f} ms CPU/frame")
     print(f"invoke-only      {inv_fps:8.1f} fps   median {inv_median * 1000:.2f} ms, {inv_cpu * 1000:.2f} ms CPU/frame")
     print(f"CPU ceiling      {ceiling:8.1f} fps   = min(decode, invoke, {cpus} CPUs / (decode + invoke CPU)) "
           f"= {ceiling / floor:.3f} of min(decode, invoke)")
     for depth, e2e in runs.items():
-        picks = " (what the default, auto, picks for an invoke under 10 ms)" if depth == 2 else ""
+        picks = " (what the default, auto, picks for this invoke)" if depth == auto else ""
         print(f"end-to-end, max_in_flight = {depth}{picks} ({e2e['labels']} labels received)")
         print(f"  {e2e['fps']:8.1f} fps   ratio e2e / min(decode, invoke) = {e2e['fps'] / floor:.3f}   (target >= 0.9);"
               f"  e2e / CPU ceiling = {e2e['fps'] / ceiling:.3f}")
