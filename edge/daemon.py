@@ -878,6 +878,7 @@ class Daemon:
                 self._publish_status()
                 self._maybe_reprobe()
                 self._watchdog()
+                self.outbox.checkpoint()  # here, not on a label's commit (edge/outbox.py)
                 if time.monotonic() >= next_stats:
                     self._publish_stats()
                     next_stats = time.monotonic() + stats_every

@@ -7,6 +7,12 @@ than none). The table is bounded: when full, the oldest row is evicted and count
 
 WAL with synchronous=NORMAL survives a killed process (the case that matters: SIGKILL, OOM, watchdog)
 without an fsync per label; only a power cut can lose the last few commits.
+
+Checkpoints (copying the WAL back into the database file, with an fsync) are not left to the commits:
+sqlite runs one on the commit that crosses 1000 WAL pages, every ~400 labels, and that commit took 3-5 ms
+here instead of 0.02 (far more on an SD card), holding up the label, or the acks and with them the next
+label. `checkpoint()` does it from another thread on its own connection, which never blocks the writer;
+the writer still checkpoints itself past WAL_SAFETY_PAGES, should nobody call `checkpoint()`.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+WAL_SAFETY_PAGES = 5000  # about 20 MB of WAL
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,10 @@ class Outbox:
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_SAFETY_PAGES}")
+        self._checkpointer: sqlite3.Connection | None = None
+        self._checkpoint_lock = threading.Lock()
+        self._closed = False
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, "
             "payload BLOB NOT NULL, qos INTEGER NOT NULL, expires_at REAL, created_at REAL NOT NULL)"
@@ -112,9 +124,25 @@ class Outbox:
             row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
         return int(row[0]) if row else 0
 
+    def checkpoint(self) -> tuple[int, int]:
+        """Copy the WAL into the database file, from the calling thread, without waiting for or blocking
+        the writer (PASSIVE). Returns (frames in the WAL, frames copied); (0, 0) once closed."""
+        with self._checkpoint_lock:
+            if self._closed:
+                return 0, 0
+            if self._checkpointer is None:
+                self._checkpointer = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            _, wal_frames, copied = self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            return wal_frames, copied
+
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        with self._checkpoint_lock:
+            if self._checkpointer is not None:
+                self._checkpointer.close()
+            self._checkpointer = None
+            self._closed = True
+            with self._lock:
+                self._db.close()
 
     def _bump(self, name: str, n: int) -> None:
         self._db.execute(

@@ -380,3 +380,27 @@ def test_the_start_up_heap_is_frozen_out_of_the_collector(start, one_class_image
     a.other, b.other = b, a  # a reference cycle made after start-up
     del a, b
     assert gc.collect() >= 2
+
+
+def test_the_health_thread_checkpoints_the_outbox(start, broker, one_class_images):
+    """The outbox's WAL checkpoints (an fsync) run on the health thread, every second, never on a label's
+    commit on the inference thread."""
+    rec = Recorder(broker.port)
+    daemon = start(live(one_class_images))
+    calls: list[str] = []
+    checkpoint = daemon.outbox.checkpoint
+
+    def recording_checkpoint():
+        calls.append(threading.current_thread().name)
+        return checkpoint()
+
+    daemon.outbox.checkpoint = recording_checkpoint
+    try:
+        assert rec.wait(lambda r: len(labels_of(r)) >= 5, 20)
+        deadline = time.monotonic() + 5
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(calls) >= 2 and set(calls) == {"health"}
+        assert daemon.outbox._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] > 1000
+    finally:
+        rec.close()

@@ -76,3 +76,22 @@ def test_acks_in_one_call_survive_a_reopen(tmp_path):
     again = Outbox(tmp_path / "o.sqlite")
     assert again.depth() == 50
     assert [m.payload for m in again.pending(limit=1000)] == [str(i).encode() for i in range(550, 600)]
+
+
+def test_checkpoints_are_left_to_checkpoint_not_to_a_labels_commit(tmp_path):
+    """sqlite checkpoints the WAL on the commit that crosses 1000 pages (milliseconds, with an fsync, on
+    the label path); the outbox leaves that to checkpoint(), called from another thread. Afterwards the
+    database file alone holds every row."""
+    box = Outbox(tmp_path / "o.sqlite")
+    for i in range(1200):
+        box.put("t", b"%04d" % i + b"x" * 900)
+    wal_frames, copied = box.checkpoint()
+    assert wal_frames > 1000  # no commit checkpointed (that would have started the WAL over)
+    assert copied == wal_frames
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "o.sqlite").write_bytes((tmp_path / "o.sqlite").read_bytes())  # without the WAL
+    db = sqlite3.connect(tmp_path / "copy" / "o.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 1200
+    db.close()
+    box.close()
+    assert box.checkpoint() == (0, 0)  # after close: nothing, no error (the health thread may be late)
