@@ -49,13 +49,12 @@ class Outbox:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_messages = max_messages
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db = self._connect()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_SAFETY_PAGES}")
-        self._checkpointer: sqlite3.Connection | None = None
+        self._checkpointer: sqlite3.Connection | None = self._connect()  # None once closed
         self._checkpoint_lock = threading.Lock()
-        self._closed = False
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, "
             "payload BLOB NOT NULL, qos INTEGER NOT NULL, expires_at REAL, created_at REAL NOT NULL)"
@@ -128,10 +127,8 @@ class Outbox:
         """Copy the WAL into the database file, from the calling thread, without waiting for or blocking
         the writer (PASSIVE). Returns (frames in the WAL, frames copied); (0, 0) once closed."""
         with self._checkpoint_lock:
-            if self._closed:
-                return 0, 0
             if self._checkpointer is None:
-                self._checkpointer = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+                return 0, 0
             _, wal_frames, copied = self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             return wal_frames, copied
 
@@ -140,9 +137,11 @@ class Outbox:
             if self._checkpointer is not None:
                 self._checkpointer.close()
             self._checkpointer = None
-            self._closed = True
             with self._lock:
                 self._db.close()
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
 
     def _bump(self, name: str, n: int) -> None:
         self._db.execute(
