@@ -17,9 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("--config", "-c", required=True, metavar="FILE", help="TOML configuration file")
-    run.add_argument("--validate-config", action="store_true",
-                     help="check the configuration (keys, types, files it names) and exit: 0 if valid")
+    run.add_argument("--config", "-c", metavar="FILE", help="TOML configuration file (required)")
+    run.add_argument("--validate-config", nargs="?", const=True, default=None, metavar="FILE",
+                     help="check the configuration (keys, types, files it names) and exit: 0 if valid. "
+                          "FILE, or the --config file when FILE is left out")
     run.add_argument("--max-frames", type=int, default=None, metavar="N",
                      help="stop after N classified frames (for demos and tests)")
     run.set_defaults(func=_run)
@@ -104,6 +105,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from taxonedge.cli import CliError
+
+    # `run --validate-config FILE` and `run --config FILE --validate-config` say the same thing
+    if isinstance(args.validate_config, str):
+        if args.config and args.config != args.validate_config:
+            raise CliError(f"--config {args.config} and --validate-config {args.validate_config} name two "
+                           "files: give one")
+        args.config, args.validate_config = args.validate_config, True
+    if not args.config:
+        raise CliError("--config FILE is required (see examples/config.toml for every key)")
     from .daemon import run_command
 
     return run_command(args)

@@ -135,6 +135,22 @@ def test_config_typo_names_key_and_line(tmp_path, broker, bundle, images):
     assert ok.returncode == 0 and "valid" in ok.stdout
 
 
+def test_validate_config_takes_the_file_itself(tmp_path, broker, bundle, images):
+    """`run --validate-config FILE`, the issue's spelling, is the same check as with --config FILE."""
+    cfg = write_config(tmp_path / "c.toml", broker, bundle, f'type = "folder"\npath = "{images}"', tmp_path / "st")
+    from .conftest import run_cli
+
+    ok = run_cli("run", "--validate-config", str(cfg), check=False)
+    assert ok.returncode == 0 and f"{cfg}: valid" in ok.stdout
+    cfg.write_text(cfg.read_text().replace("will_delay_s = 0", "will_delay = 0"))
+    bad = run_cli("run", "--validate-config", str(cfg), check=False)
+    assert bad.returncode == 2 and "mqtt.will_delay: unknown key" in bad.stderr
+    both = run_cli("run", "--config", str(tmp_path / "other.toml"), "--validate-config", str(cfg), check=False)
+    assert both.returncode == 2 and "give one" in both.stderr
+    missing = run_cli("run", check=False)
+    assert missing.returncode == 2 and "--config FILE is required" in missing.stderr
+
+
 def test_validate_config_checks_the_files_it_names(tmp_path, broker, images):
     cfg = write_config(tmp_path / "c.toml", broker, tmp_path / "missing.tebundle",
                        f'type = "folder"\npath = "{images}"', tmp_path / "st")
