@@ -391,6 +391,9 @@ class Daemon:
                             log.info("the source has ended")
                             break
                         continue
+                    if item_id is not None and trig.before_trigger(item_id, frame.captured):
+                        slot.count_dropped()  # the belt before the item: the next frame is the item's
+                        continue
                     next_at = time.monotonic() + interval
                     ready = self._prepare(frame, item_id)
                     if ready is None:

@@ -1,7 +1,7 @@
 """When to classify: every frame (`continuous`), or K frames per item announced by a trigger message.
 
 In `item` mode a photo-eye event (an MQTT message with an item id) starts a vote over the next
-`frames_per_item` classified frames; the item gets ONE result: the deepest label path that at least
+`frames_per_item` classified frames, all captured after the trigger arrived; the item gets ONE result: the deepest label path that at least
 `vote_agreement` of its frames agree on (agreement on a parent when the frames disagree below it),
 else `unknown`. Items arriving while one is being voted on wait in a bounded queue.
 """
@@ -20,7 +20,8 @@ from .taxonomy import Taxonomy
 @dataclass
 class ItemVote:
     item_id: str
-    started: float  # time.monotonic()
+    triggered: float  # time.monotonic() when the trigger message came: its frames are captured after it
+    started: float  # time.monotonic() when the vote began (the item timeout counts from here)
     decisions: list[Decision | None] = field(default_factory=list)  # None: that frame's inference failed
 
 
@@ -83,7 +84,7 @@ class ItemTrigger:
         self.frames_per_item = frames_per_item
         self.agreement = agreement
         self.timeout_s = timeout_s
-        self._waiting: deque[str] = deque()
+        self._waiting: deque[tuple[str, float]] = deque()  # (item id, time.monotonic() of its trigger)
         self._max_waiting = max_waiting
         self._current: ItemVote | None = None
         self._lock = threading.Lock()
@@ -96,7 +97,7 @@ class ItemTrigger:
             if len(self._waiting) >= self._max_waiting:
                 self._waiting.popleft()
                 self.dropped_items += 1
-            self._waiting.append(item_id)
+            self._waiting.append((item_id, time.monotonic()))
 
     @property
     def busy(self) -> bool:
@@ -107,10 +108,17 @@ class ItemTrigger:
         """The item id the next frame is for, starting the next waiting item if none is being voted on."""
         with self._lock:
             if self._current is None and self._waiting:
-                self._current = ItemVote(self._waiting.popleft(), time.monotonic())
+                self._current = ItemVote(*self._waiting.popleft(), time.monotonic())
             if self._current is None:
                 return None
             return self._current.item_id
+
+    def before_trigger(self, item_id: str, captured: float) -> bool:
+        """Was a frame captured (time.monotonic()) before `item_id`'s trigger? Then it shows the belt before
+        the item reached the camera, and must not vote on it."""
+        with self._lock:
+            vote_ = self._current
+            return vote_ is not None and vote_.item_id == item_id and captured < vote_.triggered
 
     def add(self, item_id: str, decision: Decision | None) -> ItemResult | None:
         """Count one frame's decision; the item's result when it had all its frames."""

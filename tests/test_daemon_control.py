@@ -7,6 +7,7 @@ import json
 import threading
 import time
 import urllib.request
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,27 @@ def test_item_votes_give_one_result_per_item(start, broker, one_class_images):
             assert label["vote"]["frames"] == 3 and label["vote"]["agreement"] >= 0.6
             assert label["label"] == TINY_LABELS[0]
         assert daemon.classified == 6
+    finally:
+        rec.close()
+
+
+def test_an_item_votes_on_frames_captured_after_its_trigger(start, broker, one_class_images):
+    """A photo-eye event means the item is under the camera now: the frame already waiting in the capture
+    slot (up to one frame interval old, here 0.5 s) shows the belt before it and must not vote."""
+    extra = "\n[trigger]\nmode = \"item\"\nframes_per_item = 1\n"
+    rec = Recorder(broker.port)
+    daemon = start(live(one_class_images, fps=2), extra)
+    try:
+        for n in range(1, 4):
+            time.sleep(0.8)  # a frame is waiting in the slot, captured before the trigger
+            sent_at = datetime.now(timezone.utc)
+            rec.client.publish(f"{BASE}/trigger", f"box-{n}".encode(), qos=1).wait_for_publish(5)
+            assert rec.wait(lambda r, n=n: len(labels_of(r)) >= n, 10)
+            label = labels_of(rec)[-1]
+            captured = datetime.fromisoformat(label["timestamp"].replace("Z", "+00:00"))
+            assert label["item_id"] == f"box-{n}"
+            assert captured >= sent_at.replace(microsecond=sent_at.microsecond // 1000 * 1000), (captured, sent_at)
+        assert daemon.classified == 3
     finally:
         rec.close()
 

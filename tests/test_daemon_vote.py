@@ -59,3 +59,18 @@ def test_trigger_queue_frames_and_timeout():
     late = trig.expire()
     assert late.item_id == "b" and late.frames == 0 and late.decision.decision == "unknown"
     assert trig.timed_out == 1 and not trig.busy
+
+
+def test_frames_from_before_a_trigger_do_not_vote():
+    trig = ItemTrigger(TAX, frames_per_item=1, agreement=0.6, timeout_s=5)
+    before = time.monotonic()
+    time.sleep(0.01)
+    trig.trigger("a")
+    trig.trigger("b")
+    after_b = time.monotonic()
+    assert trig.want_frame() == "a"
+    assert trig.before_trigger("a", before) and not trig.before_trigger("a", after_b)
+    assert not trig.before_trigger("b", before)  # not the item being voted on
+    trig.add("a", decided("Fruit/Avocado"))
+    # b's trigger came with a's: a frame taken after it (while a was voting) is b's to use
+    assert trig.want_frame() == "b" and not trig.before_trigger("b", after_b) and trig.before_trigger("b", before)
