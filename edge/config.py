@@ -163,6 +163,21 @@ class SourceConfig(_Strict):
     reconnect_initial_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
 
+    @field_validator("roi", mode="before")
+    @classmethod
+    def _roi(cls, value: object) -> object:
+        # Checked here so that a wrong roi gets one line saying what a roi is, not pydantic's
+        # "capture.roi.3: Field required"; and a crop that can never fit fails now, not on every frame.
+        if value is None:
+            return value
+        if (not isinstance(value, list | tuple) or len(value) != 4
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            raise ValueError(f"expected 4 whole numbers [x, y, width, height] in pixels, got {value!r}")
+        x, y, width, height = value
+        if x < 0 or y < 0 or width <= 0 or height <= 0:
+            raise ValueError(f"x and y must be >= 0, width and height > 0; got {list(value)}")
+        return value
+
 
 class TriggerConfig(_Strict):
     mode: Literal["continuous", "item"] = "continuous"
@@ -314,7 +329,9 @@ def parse_config(text: str, where: str = "config") -> Config:
             line = _find_line(text, loc)
             prefix = f"{where}:{line}" if line else where
             msg = err["msg"]
-            if err["type"] == "extra_forbidden":
+            if err["type"] == "value_error":  # our validators' own words, without pydantic's "Value error, "
+                msg = str(err["ctx"]["error"])
+            elif err["type"] == "extra_forbidden":
                 msg = "unknown key (check the spelling; see examples/config.toml for every key)"
             elif err["type"] == "missing":
                 msg = "required key is missing"

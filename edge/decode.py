@@ -4,6 +4,10 @@ Parents' probabilities are the sums of their children's (consistent by construct
 the top level, each step takes the most probable child and keeps it only when its probability passes that
 depth's threshold; the label is the deepest node kept. `accepted` means a leaf was reached, `backed-off`
 a parent was published instead, `unknown` that not even the top level passed.
+
+A level counts only when every level above it passed, also when thresholds do not rise with depth: the
+calibration (train/calibrate.py) picks each depth's threshold on the images that reached that depth, so a
+threshold means "given its parent passed", and the evaluation's back-off figures use the same rule.
 """
 
 from __future__ import annotations

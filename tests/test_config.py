@@ -102,3 +102,22 @@ def test_max_in_flight_auto_follows_the_invoke_time():
         text = GOOD + f"\n[inference]\nmax_in_flight = {bad}\n"
         with pytest.raises(ConfigError, match=rf"config:{line_of(text, 'max_in_flight')}: inference.max_in_flight"):
             parse_config(text)
+
+
+@pytest.mark.parametrize(("roi", "message"), [
+    ("[0, 0, 100]", "expected 4 whole numbers [x, y, width, height] in pixels, got [0, 0, 100]"),
+    ("[0, 0, 100, 100, 5]", "expected 4 whole numbers [x, y, width, height] in pixels, got [0, 0, 100, 100, 5]"),
+    ('[0, "a", 100, 100]', "expected 4 whole numbers [x, y, width, height] in pixels, got [0, 'a', 100, 100]"),
+    ("[0, 0, 1.5, 100]", "expected 4 whole numbers"),
+    ("[0, true, 100, 100]", "expected 4 whole numbers"),
+    ("[0, 0, -100, 100]", "x and y must be >= 0, width and height > 0; got [0, 0, -100, 100]"),
+])
+def test_wrong_roi_gets_one_line_with_the_key_the_line_and_what_a_roi_is(tmp_path, roi, message):
+    text = GOOD + f"\n[capture]\nstall_timeout_s = 5\nroi = {roi}\n"
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    # one line on the list's key: not pydantic's "capture.roi.3: Field required" per missing item
+    (line,) = str(err.value).splitlines()
+    assert line.startswith(f"{path}:{line_of(text, 'roi =')}: capture.roi: {message}"), line
