@@ -915,8 +915,8 @@ class Daemon:
         kernel shows an accelerator (plugged in since)."""
         info = self._worker.info
         if (self.config.inference.backend != "auto" or info is None or info.backend != "cpu" or self._probing
-                or time.monotonic() < self._probe_due):
-            return
+                or not self._bundle.has_edgetpu_model or time.monotonic() < self._probe_due):
+            return  # a bundle without an Edge TPU model runs on the CPU whatever is plugged in
         self.reprobes += 1
         self._probe_due = time.monotonic() + self.config.inference.reprobe_interval_s
         if not edgetpu_devices(self.config.inference.edgetpu_device):

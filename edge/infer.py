@@ -69,27 +69,21 @@ def _worker_main(conn: Any, bundle: Bundle, backend: str, device: str | None, nu
     """The child: load, warm up, answer ('ready', info), then for each message (a slot number of the shared
     buffer, or an image sent whole) answer ('ok', probabilities, invoke s) or ('error', text, s) until EOF."""
     from .osthread import name_this_thread
-    from .runtime import Classifier, EdgeTpuUnavailable, ModelError, interpreter_module, quiet_failed_delegate
+    from .runtime import (
+        EdgeTpuUnavailable,
+        ModelError,
+        interpreter_module,
+        open_classifier,
+        quiet_failed_delegate,
+    )
 
     name_this_thread("infer-worker")
     sys.unraisablehook = quiet_failed_delegate
     abort_at = int(os.environ.get(ABORT_AT_ENV, "0") or 0)
     hang_at = int(os.environ.get(HANG_AT_ENV, "0") or 0)
-    degraded = None
     try:
         _, runtime = interpreter_module()
-        classifier = None
-        if backend in ("auto", "edgetpu"):
-            try:
-                classifier = Classifier(bundle, edgetpu=True, num_threads=num_threads, edgetpu_device=device)
-                used = "edgetpu"
-            except EdgeTpuUnavailable as exc:
-                if backend == "edgetpu":
-                    raise
-                degraded = f"Edge TPU unavailable, running on the CPU: {exc}"
-        if classifier is None:
-            classifier = Classifier(bundle, edgetpu=False, num_threads=num_threads)
-            used = "cpu"
+        classifier, used, degraded = open_classifier(bundle, backend, num_threads, device)
         spec = bundle.manifest.input
         golden = bundle.golden()
         start = time.perf_counter()

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import Bundle
+from .bundle import MODEL_EDGETPU, Bundle
 
 EDGETPU_LIBRARY = "libedgetpu.so.1"
 # Where the kernel shows Coral accelerators: PCIe and M.2 cards (and the Dev Board's) as /dev/apex_N, the
@@ -129,11 +129,12 @@ class Classifier:
     """
 
     def __init__(self, bundle: Bundle, edgetpu: bool = False, num_threads: int | None = None,
-                 edgetpu_device: str | None = None):
+                 edgetpu_device: str | None = None, delegate: Any = None):
         self.bundle = bundle
-        self.edgetpu = edgetpu
-        delegate = load_edgetpu_delegate(edgetpu_device) if edgetpu else None
-        model = bundle.model_bytes(edgetpu=edgetpu and bundle.has_edgetpu_model)
+        self.edgetpu = edgetpu or delegate is not None
+        if self.edgetpu and delegate is None:
+            delegate = load_edgetpu_delegate(edgetpu_device)
+        model = bundle.model_bytes(edgetpu=self.edgetpu and bundle.has_edgetpu_model)
         self.interpreter = make_interpreter(model, num_threads=num_threads, delegate=delegate)
         self._input, self._output = _io_details(self.interpreter, bundle)
         spec = bundle.manifest.input
@@ -155,6 +156,30 @@ class Classifier:
     def probabilities(self, image: np.ndarray) -> np.ndarray:
         """Leaf probabilities in the taxonomy's leaf order, as float32."""
         return dequantize(self.raw(image), self._out_scale, self._out_zero)
+
+
+def open_classifier(bundle: Bundle, backend: str, num_threads: int | None = None,
+                    edgetpu_device: str | None = None) -> tuple[Classifier, str, str | None]:
+    """The classifier for `backend` ("auto", "edgetpu" or "cpu"): (classifier, the backend it runs on, why it
+    is degraded or None). "auto" falls back to the CPU and says why; "edgetpu" raises EdgeTpuUnavailable."""
+    if backend == "cpu":
+        return Classifier(bundle, num_threads=num_threads), "cpu", None
+    try:
+        delegate = load_edgetpu_delegate(edgetpu_device)
+    except EdgeTpuUnavailable as exc:
+        if backend == "edgetpu":
+            raise
+        reason = f"Edge TPU unavailable, running on the CPU: {exc}"
+    else:
+        if bundle.has_edgetpu_model:
+            return Classifier(bundle, num_threads=num_threads, delegate=delegate), "edgetpu", None
+        # The delegate runs only what edgetpu_compiler mapped to it: an uncompiled model would report
+        # "edgetpu" while every op runs on the CPU.
+        reason = (f"the bundle has no Edge TPU model ({MODEL_EDGETPU}), so the Edge TPU is idle and the model "
+                  "runs on the CPU: convert with edgetpu_compiler on PATH to add one")
+        if backend == "edgetpu":
+            raise EdgeTpuUnavailable(reason)
+    return Classifier(bundle, num_threads=num_threads), "cpu", reason
 
 
 def _io_details(interpreter: Any, bundle: Bundle) -> tuple[dict, dict]:

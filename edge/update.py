@@ -41,7 +41,7 @@ from taxonedge import __version__
 
 from .bundle import Bundle, BundleError, atomic_write, utc_now
 from .osthread import start_thread
-from .runtime import Classifier, EdgeTpuUnavailable, ModelError
+from .runtime import EdgeTpuUnavailable, ModelError, open_classifier
 from .signing import SigningKeyError
 from .slots import Slots, read_verified
 
@@ -453,15 +453,12 @@ class Updater:
         """Warm up and self-test in a second interpreter, while the daemon's model keeps serving."""
         self._report(dep, "warming")
         inference = self.config.inference
-        want_tpu = inference.backend == "edgetpu" or (inference.backend == "auto" and bundle.has_edgetpu_model)
         try:
             try:
-                clf = Classifier(bundle, edgetpu=want_tpu, num_threads=inference.interpreter_threads(),
-                                 edgetpu_device=inference.edgetpu_device)
-            except EdgeTpuUnavailable as exc:
-                if inference.backend == "edgetpu":
-                    raise Failed("rejected", f"warming: {exc}") from None
-                clf = Classifier(bundle, num_threads=inference.interpreter_threads())
+                clf, _, _ = open_classifier(bundle, inference.backend, inference.interpreter_threads(),
+                                            inference.edgetpu_device)
+            except EdgeTpuUnavailable as exc:  # backend = "edgetpu" only: "auto" falls back to the CPU
+                raise Failed("rejected", f"warming: {exc}") from None
         except ModelError as exc:
             raise Failed("rejected", f"input/output: {exc}") from None
         golden = bundle.golden()

@@ -351,7 +351,15 @@ def test_max_in_flight_2_queues_the_next_frame_at_the_worker_before_the_answer(s
         rec.close()
 
 
-def test_reprobe_spawns_a_probe_worker_only_when_an_edgetpu_shows(start, one_class_images, tmp_path, monkeypatch):
+def _usb_accelerator(usb: Path) -> None:
+    """A Coral USB Accelerator's ids as the kernel shows them in sysfs."""
+    (usb / "2-1").mkdir()
+    (usb / "2-1" / "idVendor").write_text("1a6e\n")
+    (usb / "2-1" / "idProduct").write_text("089a\n")
+
+
+def test_reprobe_spawns_a_probe_worker_only_when_an_edgetpu_shows(start, one_class_images, bundle, tmp_path,
+                                                                  monkeypatch):
     """On the CPU under backend auto, a re-probe costs a new worker process: it is spent only when the kernel
     shows an accelerator. Here none is plugged in, then a USB Accelerator's ids appear (its library is
     still absent, so the probe fails and the daemon stays on the CPU)."""
@@ -361,8 +369,11 @@ def test_reprobe_spawns_a_probe_worker_only_when_an_edgetpu_shows(start, one_cla
     usb.mkdir()
     monkeypatch.setattr(runtime, "USB_ROOT", usb)
     monkeypatch.setattr(runtime, "DEV_ROOT", tmp_path / "dev")
+    tpu_bundle = write_tiny_bundle(tmp_path / "tpu.tebundle", edgetpu_model=True)
     daemon = start(live(one_class_images), edit=lambda t: t.replace('backend = "auto"',
-                                                                    'backend = "auto"\nreprobe_interval_s = 0.2'))
+                                                                    'backend = "auto"\nreprobe_interval_s = 0.2')
+                   .replace(str(bundle), str(tpu_bundle)))
+    assert daemon.active_bundle.has_edgetpu_model
     spawned: list[str] = []
     new_worker = daemon._new_worker
 
@@ -375,14 +386,29 @@ def test_reprobe_spawns_a_probe_worker_only_when_an_edgetpu_shows(start, one_cla
     while daemon.reprobes < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert daemon.reprobes >= 2 and spawned == []  # looked twice, spawned nothing
-    (usb / "2-1").mkdir()
-    (usb / "2-1" / "idVendor").write_text("1a6e\n")
-    (usb / "2-1" / "idProduct").write_text("089a\n")
+    _usb_accelerator(usb)
     while "edgetpu" not in spawned and time.monotonic() < deadline + 10:
         time.sleep(0.1)
     assert "edgetpu" in spawned
     while daemon._probing and time.monotonic() < deadline + 20:
         time.sleep(0.1)
+    assert daemon.state()["backend"] == "cpu" and daemon.status_state() == "degraded"
+
+
+def test_a_bundle_without_an_edgetpu_model_is_never_reprobed(start, one_class_images, tmp_path, monkeypatch):
+    """Its model would run on the CPU with or without the accelerator: a probe worker would be spent for
+    nothing every interval."""
+    from taxonedge.edge import runtime
+
+    usb = tmp_path / "usb"
+    usb.mkdir()
+    _usb_accelerator(usb)
+    monkeypatch.setattr(runtime, "USB_ROOT", usb)
+    daemon = start(live(one_class_images), edit=lambda t: t.replace('backend = "auto"',
+                                                                    'backend = "auto"\nreprobe_interval_s = 0.1'))
+    assert not daemon.active_bundle.has_edgetpu_model
+    time.sleep(1.0)
+    assert daemon.reprobes == 0 and not daemon._probing
     assert daemon.state()["backend"] == "cpu" and daemon.status_state() == "degraded"
 
 

@@ -115,7 +115,8 @@ def test_wrong_password_is_reported_with_what_to_fix(tmp_path, bundle, live_sour
         shutil.rmtree(work, ignore_errors=True)
 
 
-def test_edgetpu_is_reprobed_while_on_cpu(tmp_path, broker, bundle, live_source):
+def test_edgetpu_is_reprobed_while_on_cpu(tmp_path, broker, live_source):
+    bundle = write_tiny_bundle(tmp_path / "tpu.tebundle", edgetpu_model=True)  # re-probed: it could use one
     cfg = write_config(tmp_path / "c.toml", broker, bundle, live_source, tmp_path / "st")
     cfg.write_text(cfg.read_text().replace('backend = "auto"', 'backend = "auto"\nreprobe_interval_s = 1'))
     rec = Recorder(broker.port)

@@ -108,3 +108,41 @@ def test_edgetpu_devices_reads_usb_ids_and_apex_nodes_without_loading_libedgetpu
     assert runtime.edgetpu_devices() == ["pci:" + str(dev / "apex_0"), "usb:2-1", "usb:2-2"]
     assert runtime.edgetpu_devices("usb:0") == ["usb:2-1", "usb:2-2"]
     assert runtime.edgetpu_devices("pci:0") == ["pci:" + str(dev / "apex_0")]
+
+
+def test_a_bundle_without_an_edgetpu_model_runs_on_the_cpu_and_says_so(bundle, monkeypatch):
+    """The delegate runs only what edgetpu_compiler mapped to it: with an uncompiled model every op would
+    run on the CPU while the daemon reported "edgetpu". The accelerator is the part that cannot exist
+    here, so its delegate is stood in for at that boundary; everything else is real."""
+    from taxonedge.edge import runtime
+
+    assert not bundle.has_edgetpu_model
+    loaded: list[str | None] = []
+
+    def present(device=None):
+        loaded.append(device)
+        return object()  # a delegate that must never reach the interpreter: nothing is compiled for it
+
+    monkeypatch.setattr(runtime, "load_edgetpu_delegate", present)
+    clf, used, reason = runtime.open_classifier(bundle, "auto", num_threads=1, edgetpu_device="usb:0")
+    assert loaded == ["usb:0"] and used == "cpu" and not clf.edgetpu
+    assert "no Edge TPU model (model_edgetpu.tflite)" in reason and "edgetpu_compiler" in reason
+    assert clf.probabilities(images(bundle, 1)[0]).shape == (len(TINY_LABELS),)
+    with pytest.raises(runtime.EdgeTpuUnavailable, match="no Edge TPU model"):
+        runtime.open_classifier(bundle, "edgetpu")
+
+
+def test_open_classifier_without_libedgetpu_and_on_cpu(bundle, monkeypatch):
+    from taxonedge.edge import runtime
+
+    clf, used, reason = runtime.open_classifier(bundle, "auto", num_threads=1)  # the real library load fails
+    assert used == "cpu" and not clf.edgetpu and reason.startswith("Edge TPU unavailable, running on the CPU")
+    assert "libedgetpu" in reason
+    with pytest.raises(runtime.EdgeTpuUnavailable, match="libedgetpu"):
+        runtime.open_classifier(bundle, "edgetpu")
+
+    def never(device=None):
+        raise AssertionError("backend cpu must not look for an Edge TPU")
+
+    monkeypatch.setattr(runtime, "load_edgetpu_delegate", never)
+    assert runtime.open_classifier(bundle, "cpu", num_threads=1)[1:] == ("cpu", None)

@@ -14,6 +14,7 @@ import numpy as np
 from taxonedge.edge.bundle import (
     GOLDEN,
     MODEL,
+    MODEL_EDGETPU,
     ModelInfo,
     Quantization,
     build_manifest,
@@ -69,8 +70,10 @@ def _tiny_tflite(labels: tuple[str, ...], size: int, seed: int, nan: bool) -> by
 
 def tiny_bundle_bytes(labels: list[str] | None = None, size: int = 32, seed: int = 0, version: str = "1",
                       thresholds: dict[str, float] | None = None, sign_key=None, nan: bool = False,
-                      golden: bool = True, tmp_dir: Path | None = None) -> bytes:
-    """A complete bundle (bytes) with a real int8 model; `nan=True` gives a float model that outputs NaN."""
+                      golden: bool = True, tmp_dir: Path | None = None, edgetpu_model: bool = False) -> bytes:
+    """A complete bundle (bytes) with a real int8 model; `nan=True` gives a float model that outputs NaN.
+    `edgetpu_model=True` adds model_edgetpu.tflite as edgetpu_compiler's output would sit there (here the
+    same model: the compiler and the accelerator do not exist on a test machine)."""
     import io
     import tempfile
 
@@ -79,6 +82,8 @@ def tiny_bundle_bytes(labels: list[str] | None = None, size: int = 32, seed: int
     model = _tiny_tflite(tuple(labels), size, seed, nan)
     spec = InputSpec(height=size, width=size, dtype="float32" if nan else "uint8")
     files = {MODEL: model}
+    if edgetpu_model:
+        files[MODEL_EDGETPU] = model
     if golden:
         from taxonedge.edge.runtime import make_interpreter
 
