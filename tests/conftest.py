@@ -70,6 +70,13 @@ class Broker:
                 time.sleep(0.05)
         raise RuntimeError("mosquitto did not start listening within 10 s")
 
+    def kill(self) -> None:
+        """SIGKILL: no DISCONNECT to its clients, nothing flushed, as a crashed or power-cut broker."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.terminate()

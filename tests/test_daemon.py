@@ -62,13 +62,17 @@ def test_labels_follow_the_schema_and_status_says_degraded_without_edgetpu(tmp_p
     assert model["name"] == "tiny" and len(model["sha256"]) == 64
 
 
-def test_broker_restart_mid_stream_loses_nothing_and_keeps_order(tmp_path, broker, bundle, images, recorder):
+@pytest.mark.parametrize("how", ["terminate", "kill"])
+def test_broker_restart_mid_stream_loses_nothing_and_keeps_order(tmp_path, broker, bundle, images, recorder, how):
     source = f'type = "folder"\npath = "{images}"\nloop = true\npacing = "realtime"\nfps = 40'
     cfg = write_config(tmp_path / "c.toml", broker, bundle, source, tmp_path / "st")
     cfg.write_text(cfg.read_text().replace("warmup_runs = 1", "warmup_runs = 1\nmax_in_flight = 2"))
     daemon = DaemonProcess(cfg)
     assert recorder.wait(lambda r: len(labels_of(r)) >= 20, 30), daemon.log
-    broker.stop()
+    if how == "terminate":
+        broker.stop()  # SIGTERM: mosquitto sends its clients a DISCONNECT
+    else:
+        broker.kill()  # SIGKILL: none, the connection just drops
     time.sleep(2.0)  # labels keep being produced into the outbox meanwhile
     broker.start()
     assert recorder.wait(lambda r: r.client.is_connected(), 10)
