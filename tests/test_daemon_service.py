@@ -64,6 +64,34 @@ def test_systemd_ready_watchdog_status_and_stopping(tmp_path, broker, bundle, li
     assert received[-1] == "STOPPING=1"
 
 
+def test_the_source_vanishes_and_comes_back_and_status_says_so(tmp_path, broker, bundle):
+    """A camera unplugged and plugged back, as a folder source that goes away and returns: the daemon keeps
+    running, its status says the source is reconnecting and why, then labels flow again, seq unbroken."""
+    tree = write_image_tree(tmp_path / "tree", TINY_LABELS[:1], per_class=3, seed=3)
+    folder = next(p for p in tree.rglob("*.jpg")).parent
+    source = f'type = "folder"\npath = "{folder}"\nloop = true\npacing = "realtime"\nfps = 20'
+    cfg = write_config(tmp_path / "c.toml", broker, bundle, source, tmp_path / "st")
+    rec = Recorder(broker.port)
+    daemon = DaemonProcess(cfg)
+    try:
+        assert rec.wait(lambda r: len(labels_of(r)) >= 5, 30), daemon.log
+        folder.rename(tmp_path / "away")
+        assert rec.wait(lambda r: any(s.get("reasons") and any("source reconnecting" in x for x in s["reasons"])
+                                      for s in r.on("status")), 15), daemon.log
+        status = next(s for s in rec.on("status") if any("source reconnecting" in x for x in s.get("reasons", [])))
+        assert status["state"] == "degraded" and any(str(folder) in x for x in status["reasons"])
+        seen = len(labels_of(rec))
+        (tmp_path / "away").rename(folder)
+        assert rec.wait(lambda r: len(labels_of(r)) >= seen + 5, 30), daemon.log
+        assert rec.wait(lambda r: not any("source" in x for x in r.on("status")[-1]["reasons"]), 10)  # cleared
+        assert rec.wait(lambda r: any(s.get("source", {}).get("reconnects", 0) >= 1 for s in r.on("stats")), 15)
+    finally:
+        rec.close()
+        assert daemon.terminate() == 0, daemon.log
+    seqs = [lb["seq"] for lb in labels_of(rec)]
+    assert seqs == list(range(1, len(seqs) + 1))
+
+
 def test_no_broker_is_reported_and_retried_while_labels_wait(tmp_path, bundle, live_source):
     port = free_port()
     fake = Broker(port=port, workdir=tmp_path / "late")

@@ -79,6 +79,7 @@ def test_truncated_video_ends_early_without_crashing(tmp_path, caplog):
         capture.stop()
     assert 0 < len(frames) < 60
     assert capture.finished.is_set()
+    assert f"ended at frame {len(frames)} of 60 (truncated or damaged file)" in caplog.text
 
 
 def test_damaged_video_is_retried_with_backoff(tmp_path):
