@@ -3,7 +3,9 @@
 Labels never go straight to paho (its queue drops the newest message when full and forgets everything
 on exit): outbox rows are published in id order while connected, at most `window` of them unacknowledged,
 and a row is deleted only when its PUBACK arrives. paho itself re-sends its unacknowledged messages after a
-reconnect; after a restart the sender replays whatever the outbox still holds.
+reconnect, less the labels that expired during the outage (deleted from the outbox and counted as expired);
+the rest carry their remaining life as their expiry. After a restart the sender replays whatever the outbox
+still holds.
 
 A row just stored is published by the thread that stored it when nothing older is waiting (the steady
 state: one thread hand-off and one outbox read less per label); otherwise the sender thread publishes it
@@ -131,8 +133,9 @@ class MqttLink:
         self._wake = threading.Event()
         self._acks: queue.SimpleQueue[tuple[int, bool, str]] = queue.SimpleQueue()
         self._send_lock = threading.Lock()  # held while publishing rows and settling their acks
-        self._sent: dict[int, int] = {}  # paho mid -> outbox id (under _send_lock)
+        self._sent: dict[int, OutboxMessage] = {}  # paho mid -> outbox row (under _send_lock)
         self._last_sent_id = 0  # (under _send_lock)
+        self._warned_paho = False  # paho's resend queue not found (a newer paho): said once
         self._threads: list[threading.Thread] = []
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -198,7 +201,7 @@ class MqttLink:
         if info.rc != paho.MQTT_ERR_SUCCESS and info.rc != paho.MQTT_ERR_NO_CONN:
             log.warning("publishing outbox row %d failed: %s", message.id, paho.error_string(info.rc))
             return False
-        self._sent[info.mid] = message.id
+        self._sent[info.mid] = message
         self._last_sent_id = message.id
         return True
 
@@ -214,12 +217,12 @@ class MqttLink:
             if row is None:
                 continue
             if ok:
-                acked.append(row)
+                acked.append(row.id)
             else:
                 # Kept in the outbox: it is replayed on the next start, after the broker's ACL is fixed.
                 self.refused_acks += 1
                 log.error("the broker refused label row %d (%s): check the ACL for this client's topics",
-                          row, reason)
+                          row.id, reason)
         self.outbox.ack(*acked)
 
     # ---- network loop ----------------------------------------------------------------------------
@@ -289,9 +292,60 @@ class MqttLink:
         log.info("MQTT connected to %s:%d (%s)", self.cfg.host, self.cfg.port, self.cfg.protocol)
         self._accepted = True
         try:
+            self._settle_in_flight()
+        except Exception:  # noqa: BLE001 - an exception here would kill paho's network thread
+            log.exception("settling the labels in flight failed; paho re-sends them as they are")
+        try:
             self._on_connected()
         except Exception:  # noqa: BLE001 - an exception here would kill paho's network thread
             log.exception("on-connect handler failed")
+
+    def _settle_in_flight(self) -> None:
+        """Drop the in-flight labels that expired during the outage and give the rest their remaining life.
+
+        Runs in on_connect, which paho calls just before it re-sends its unacknowledged messages with their
+        original properties: left alone, an expired label would go out with its full expiry (the broker
+        takes it as fresh) while the outbox counts it as expired. Taking _send_lock on the network thread is
+        safe: its holders (sender, notify_outbox) never wait for this thread; publish() only queues.
+        """
+        with self._send_lock:
+            self._drain_acks()  # a PUBACK that came in before the drop: delivered, not expired
+            if not self._sent:
+                return
+            queue_and_lock = self._resend_queue()
+            if queue_and_lock is None:
+                return
+            out, mutex = queue_and_lock
+            now = time.time()
+            expired = [mid for mid, row in self._sent.items() if row.expires_at is not None and row.expires_at < now]
+            with mutex:
+                for mid in expired:
+                    out.pop(mid, None)
+                if self.v5:
+                    for mid, row in self._sent.items():
+                        if mid not in out or row.expires_at is None:
+                            continue
+                        if out[mid].properties is None:
+                            out[mid].properties = Properties(PacketTypes.PUBLISH)
+                        out[mid].properties.MessageExpiryInterval = row.remaining_s(now)
+            rows = [self._sent.pop(mid).id for mid in expired]
+            if rows:
+                log.info("%d label(s) expired during the outage: not re-sent", len(rows))
+            self.outbox.expire(*rows)
+
+    def _resend_queue(self) -> tuple[Any, Any] | None:
+        """paho's unacknowledged messages (mid -> MQTTMessage, in resend order) and their lock; None (said
+        once) where a paho version lacks them. paho has no public way to edit what it re-sends
+        (drop_out_messages() takes everything, and publishing again would reorder), hence the private names."""
+        out = getattr(self.client, "_out_messages", None)
+        mutex = getattr(self.client, "_out_message_mutex", None)
+        if out is not None and mutex is not None:
+            return out, mutex
+        if not self._warned_paho:
+            self._warned_paho = True
+            log.warning("this paho version has no _out_messages: labels in flight across a reconnect are "
+                        "re-sent even when expired, with their original expiry")
+        return None
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self._accepted = False

@@ -114,6 +114,29 @@ class Outbox:
                 cur = self._db.execute(f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))})", chunk)
                 self._depth -= cur.rowcount
 
+    def expire(self, *message_ids: int) -> int:
+        """These rows expired unacknowledged (in flight when the connection dropped, so pending() no longer
+        hands them out): delete them, counted as 'expired' like the ones pending() drops. Rows already gone
+        (swept by pending(), or acked) are not counted again. Returns how many were deleted."""
+        if not message_ids:
+            return 0
+        deleted = 0
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")  # the rows and their count change together, or neither
+            try:
+                for start in range(0, len(message_ids), 500):
+                    chunk = message_ids[start:start + 500]
+                    cur = self._db.execute(f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+                    deleted += cur.rowcount
+                if deleted:
+                    self._bump("expired", deleted)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._depth -= deleted
+        return deleted
+
     def depth(self) -> int:
         return self._depth
 

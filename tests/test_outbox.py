@@ -95,3 +95,20 @@ def test_checkpoints_are_left_to_checkpoint_not_to_a_labels_commit(tmp_path):
     db.close()
     box.close()
     assert box.checkpoint() == (0, 0)  # after close: nothing, no error (the health thread may be late)
+
+
+def test_expire_deletes_rows_and_counts_them_once(tmp_path):
+    """Rows in flight when the connection dropped are expired by id: deleted, counted with the ones pending()
+    drops, never counted twice (a row pending() already swept, or an id not stored)."""
+    box = Outbox(tmp_path / "o.sqlite")
+    rows = [box.put("t", str(i).encode(), expiry_s=0.05 if i == 0 else 60) for i in range(4)]
+    time.sleep(0.1)
+    assert [m.payload for m in box.pending()] == [b"1", b"2", b"3"]  # swept row 0: expired = 1
+    assert box.expire(rows[0].id, rows[1].id, rows[2].id, 10_000) == 2
+    assert box.expire() == 0
+    assert box.counter("expired") == 3
+    assert box.depth() == 1
+    assert [m.payload for m in box.pending()] == [b"3"]
+    box.close()
+    again = Outbox(tmp_path / "o.sqlite")  # committed, counter included
+    assert again.depth() == 1 and again.counter("expired") == 3
