@@ -22,11 +22,13 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .bundle import Bundle
+if TYPE_CHECKING:  # the spawned worker imports this module: no pydantic, OpenCV or cryptography there
+    from .bundle import Bundle
+    from .runtime import InterpreterModel
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ def _slot_views(buffer: Any, spec: Any, slots: int) -> list[np.ndarray]:
                           offset=i * size).reshape(shape) for i in range(slots)]
 
 
-def _worker_main(conn: Any, bundle: Bundle, backend: str, device: str | None, num_threads: int | None,
+def _worker_main(conn: Any, model: InterpreterModel, backend: str, device: str | None, num_threads: int | None,
                  warmup_runs: int, buffer: Any | None, slots: int) -> None:
     """The child: load, warm up, answer ('ready', info), then for each message (a slot number of the shared
     buffer, or an image sent whole) answer ('ok', probabilities, invoke s) or ('error', text, s) until EOF."""
@@ -83,21 +85,20 @@ def _worker_main(conn: Any, bundle: Bundle, backend: str, device: str | None, nu
     hang_at = int(os.environ.get(HANG_AT_ENV, "0") or 0)
     try:
         _, runtime = interpreter_module()
-        classifier, used, degraded = open_classifier(bundle, backend, num_threads, device)
-        spec = bundle.manifest.input
-        golden = bundle.golden()
+        classifier, used, degraded = open_classifier(model, backend, num_threads, device)
+        golden = model.golden_inputs
         start = time.perf_counter()
         for i in range(warmup_runs):
             if golden is not None:
-                image = golden[0][i % len(golden[0])].astype(classifier._input["dtype"])
+                image = golden[i % len(golden)].astype(classifier._input["dtype"])
             else:
-                image = np.zeros((spec.height, spec.width, 3), dtype=classifier._input["dtype"])
+                image = np.zeros((model.height, model.width, 3), dtype=classifier._input["dtype"])
             classifier.probabilities(image)
         conn.send(("ready", WorkerInfo(used, runtime, degraded, time.perf_counter() - start)))
     except (EdgeTpuUnavailable, ModelError, ImportError, OSError, ValueError, RuntimeError) as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
-    images = _slot_views(buffer, bundle.manifest.input, slots) if buffer is not None else []
+    images = _slot_views(buffer, model, slots) if buffer is not None else []
     count = 0
     while True:
         try:
@@ -146,6 +147,8 @@ class InferenceWorker:
         self._next_slot = 0
 
     def start(self) -> WorkerInfo:
+        from .runtime import InterpreterModel
+
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
         spec = self.bundle.manifest.input
@@ -159,8 +162,8 @@ class InferenceWorker:
         self._next_slot = 0
         self._process = ctx.Process(
             target=_worker_main, name="taxonedge-infer", daemon=True,
-            args=(child, self.bundle, self.backend, self.device, self.num_threads, self.warmup_runs,
-                  buffer, self.slots),
+            args=(child, InterpreterModel.of(self.bundle), self.backend, self.device, self.num_threads,
+                  self.warmup_runs, buffer, self.slots),
         )
         self._process.start()
         child.close()
