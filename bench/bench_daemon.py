@@ -10,8 +10,8 @@
    its final stats message: capture to decision, and capture to publish (the label handed to the broker),
    over every label sent live; and capture to subscriber = time the label reached the subscriber minus
    the frame's capture time in the label (through the broker, millisecond timestamps); peak RSS of the
-   daemon and its inference worker from /proc (VmHWM), and whether TensorFlow was ever mapped into either
-   process; CPU per frame of every daemon thread (named in the OS), the worker and the broker. Runs with max_in_flight 1 and 2
+   daemon, its inference worker and multiprocessing's resource tracker from /proc (VmHWM), their sum, and
+   their summed PSS (shared pages counted once), and whether TensorFlow was ever mapped into any of them; CPU per frame of every daemon thread (named in the OS), the worker and the broker. Runs with max_in_flight 1 and 2
    (2 is what the default, "auto", picks for an invoke under 10 ms).
 4. paced: the same daemon on a video played in real time at --camera-fps (a camera's rate) for
    --paced-seconds, for the latency a sorting line sees when inference keeps up; beside it the interpreter
@@ -307,6 +307,27 @@ def _vm_hwm_kb(pid: int) -> int:
     return 0
 
 
+def _pss_kb(pid: int) -> int:
+    """Proportional set size: pages shared between processes (libpython, numpy) counted once over them."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _role(pid: int) -> str:
+    """What a child of the daemon is: its inference worker, or multiprocessing's resource tracker (which
+    `spawn` starts beside every worker)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return "gone"
+    return "tracker" if "resource_tracker" in cmdline else "worker"
+
+
 def _maps_tensorflow(pid: int) -> bool:
     try:
         return "tensorflow" in Path(f"/proc/{pid}/maps").read_text()
@@ -383,7 +404,8 @@ def _end_to_end(work: Path, bundle: Path, video: Path, threads: int, in_flight: 
         with open(work / "daemon.log", "wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "taxonedge", "run", "--config", str(cfg)],
                                     stdout=subprocess.DEVNULL, stderr=log)
-        peak = {"daemon": 0, "worker": 0}
+        peak = {"daemon": 0, "worker": 0, "tracker": 0, "pss": 0}
+        next_pss = 0.0  # smaps_rollup walks the page tables: sampled once a second, not every 50 ms
         tf_mapped = False
         # CPU per thread, counted from the first label received (start-up and warm-up are not per frame)
         cpu: dict[tuple[str, int], tuple[str, int]] = {}  # (process, tid) -> (thread name, CPU ticks)
@@ -395,10 +417,16 @@ def _end_to_end(work: Path, bundle: Path, video: Path, threads: int, in_flight: 
             peak["daemon"] = max(peak["daemon"], _vm_hwm_kb(proc.pid))
             tf_mapped |= _maps_tensorflow(proc.pid)
             cpu.update(_thread_ticks(proc.pid, "daemon"))
-            for child in _children(proc.pid):
-                peak["worker"] = max(peak["worker"], _vm_hwm_kb(child))
+            children = _children(proc.pid)
+            for child in children:
+                role = _role(child)
+                if role in peak:
+                    peak[role] = max(peak[role], _vm_hwm_kb(child))
                 tf_mapped |= _maps_tensorflow(child)
                 cpu.update(_thread_ticks(child, "worker"))
+            if time.monotonic() >= next_pss:
+                next_pss = time.monotonic() + 1.0
+                peak["pss"] = max(peak["pss"], sum(_pss_kb(pid) for pid in [proc.pid, *children]))
             if first is None and receipts:
                 first = dict(cpu), _cpu_ticks(broker.process.pid), len(receipts)
             time.sleep(0.05)
@@ -431,6 +459,8 @@ def _end_to_end(work: Path, bundle: Path, video: Path, threads: int, in_flight: 
         "invoke_p99": float(np.percentile(invokes, 99)),
         "peak_rss_daemon_mb": peak["daemon"] / 1024,
         "peak_rss_worker_mb": peak["worker"] / 1024,
+        "peak_rss_tracker_mb": peak["tracker"] / 1024,
+        "peak_pss_all_mb": peak["pss"] / 1024,
         "tensorflow_mapped": tf_mapped,
         "devices": {lb["device"] for lb in labels} == {DEVICE},
         "cpu_ms_per_frame": _per_frame(cpu, broker_ticks, len(labels), first),
@@ -511,8 +541,11 @@ def report(threads: int, cpus: int, dec: tuple, inv: tuple, runs: dict[int, dict
               f"   p99 / invoke median = {e2e['latency_p99'] / inv_median:.2f}   (through the broker)")
         _daemon_clock(e2e, inv_median)
         print(f"  invoke in the daemon's worker: median {e2e['invoke_p50'] * 1000:.2f} ms")
-        print(f"  peak RSS: daemon {e2e['peak_rss_daemon_mb']:.1f} MB, inference worker {e2e['peak_rss_worker_mb']:.1f} MB"
-              f" (target <= 120 MB); TensorFlow mapped: {e2e['tensorflow_mapped']}")
+        together = e2e["peak_rss_daemon_mb"] + e2e["peak_rss_worker_mb"] + e2e["peak_rss_tracker_mb"]
+        print(f"  peak RSS: daemon {e2e['peak_rss_daemon_mb']:.1f} MB, inference worker {e2e['peak_rss_worker_mb']:.1f} MB, "
+              f"resource tracker {e2e['peak_rss_tracker_mb']:.1f} MB (target <= 120 MB); all three {together:.1f} MB, "
+              f"{e2e['peak_pss_all_mb']:.1f} MB with shared pages counted once (PSS); "
+              f"TensorFlow mapped: {e2e['tensorflow_mapped']}")
         parts = e2e["cpu_ms_per_frame"]
         print(f"  CPU ms per frame: {sum(parts.values()):.2f} in all: "
               + ", ".join(f"{k} {v:.2f}" for k, v in parts.items() if v >= 0.02))
