@@ -88,12 +88,16 @@ class Outbox:
             return OutboxMessage(int(cur.lastrowid), topic, payload, qos, expires_at)
 
     def pending(self, after_id: int = 0, limit: int = 100) -> list[OutboxMessage]:
-        """Unacknowledged messages with id > after_id, oldest first. Expired ones are deleted, not returned."""
+        """Unacknowledged messages with id > after_id, oldest first. Expired ones are deleted, not returned.
+
+        Rows up to after_id are in flight (handed to the broker, no PUBACK yet): they are left alone, since
+        their PUBACK may still come (delivered, not expired); `expire` settles them after a reconnect."""
         now = time.time()
         with self._lock:
             if now - self._expired_at >= 1.0:  # a write transaction: once a second, not once per label
                 self._expired_at = now
-                cur = self._db.execute("DELETE FROM outbox WHERE expires_at IS NOT NULL AND expires_at < ?", (now,))
+                cur = self._db.execute("DELETE FROM outbox WHERE id > ? AND expires_at IS NOT NULL AND expires_at < ?",
+                                       (after_id, now))
                 if cur.rowcount > 0:
                     self._bump("expired", cur.rowcount)
                     self._depth -= cur.rowcount

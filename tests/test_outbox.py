@@ -57,6 +57,19 @@ def test_expired_messages_are_not_replayed(tmp_path):
     assert pending[1].remaining_s() is None
 
 
+def test_rows_in_flight_are_not_swept_as_expired(tmp_path):
+    """A row handed to the broker (id <= after_id) may still get its PUBACK: delivered, not expired. The
+    sweep leaves it; an ack or, after a reconnect, `expire` settles it."""
+    box = Outbox(tmp_path / "o.sqlite")
+    ids = [box.put("t", f"{i}".encode(), expiry_s=0.05).id for i in range(3)]
+    time.sleep(0.1)
+    assert box.pending(after_id=ids[1]) == []  # the third, not in flight, is swept
+    assert box.counter("expired") == 1 and box.depth() == 2
+    box.ack(ids[0])  # its PUBACK came late: delivered
+    assert box.expire(ids[1]) == 1  # the connection dropped first: expired
+    assert box.counter("expired") == 2 and box.depth() == 0
+
+
 def test_a_message_expiring_between_sweeps_is_still_never_returned(tmp_path):
     box = Outbox(tmp_path / "o.sqlite")
     box.put("t", b"soon", expiry_s=0.2)
