@@ -113,10 +113,7 @@ class Outbox:
         if not message_ids:
             return
         with self._lock:
-            for start in range(0, len(message_ids), 500):
-                chunk = message_ids[start:start + 500]
-                cur = self._db.execute(f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))})", chunk)
-                self._depth -= cur.rowcount
+            self._depth -= self._delete(message_ids)
 
     def expire(self, *message_ids: int) -> int:
         """These rows expired unacknowledged (in flight when the connection dropped, so pending() no longer
@@ -124,14 +121,10 @@ class Outbox:
         (swept by pending(), or acked) are not counted again. Returns how many were deleted."""
         if not message_ids:
             return 0
-        deleted = 0
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")  # the rows and their count change together, or neither
             try:
-                for start in range(0, len(message_ids), 500):
-                    chunk = message_ids[start:start + 500]
-                    cur = self._db.execute(f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))})", chunk)
-                    deleted += cur.rowcount
+                deleted = self._delete(message_ids)
                 if deleted:
                     self._bump("expired", deleted)
                 self._db.execute("COMMIT")
@@ -139,6 +132,14 @@ class Outbox:
                 self._db.execute("ROLLBACK")
                 raise
             self._depth -= deleted
+        return deleted
+
+    def _delete(self, message_ids: tuple[int, ...]) -> int:
+        """Delete rows by id (under _lock), 500 per statement (sqlite's bound-variable limit); how many were."""
+        deleted = 0
+        for start in range(0, len(message_ids), 500):
+            chunk = message_ids[start:start + 500]
+            deleted += self._db.execute(f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))})", chunk).rowcount
         return deleted
 
     def depth(self) -> int:
