@@ -319,13 +319,16 @@ def _pss_kb(pid: int) -> int:
 
 
 def _role(pid: int) -> str:
-    """What a child of the daemon is: its inference worker, or multiprocessing's resource tracker (which
-    `spawn` starts beside every worker)."""
+    """What a child of the daemon is: its inference worker, multiprocessing's resource tracker (which
+    `spawn` starts beside every worker), or neither yet: between fork and exec a child still shows the
+    daemon's command line and memory (a worker measured at 85 MB that way)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_text()
     except OSError:
         return "gone"
-    return "tracker" if "resource_tracker" in cmdline else "worker"
+    if "resource_tracker" in cmdline:
+        return "tracker"
+    return "worker" if "multiprocessing.spawn" in cmdline else "starting"
 
 
 def _maps_tensorflow(pid: int) -> bool:
