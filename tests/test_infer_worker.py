@@ -152,7 +152,7 @@ def test_open_classifier_without_libedgetpu_and_on_cpu(bundle, monkeypatch):
 
 def test_the_worker_maps_only_the_runtime_not_the_daemons_libraries(worker):
     """The worker gets plain model values, not the Bundle: unpickling a Bundle imported pydantic, OpenCV and
-    cryptography into it, 40 of its 90 MB with the reference MobileNetV2 (bench/bench_daemon.py prints the
+    cryptography into it, 39 of its 91 MB with the reference MobileNetV2 (bench/bench_daemon.py prints the
     peak RSS of each process)."""
     maps = Path(f"/proc/{worker.pid}/maps").read_text()
     assert "litert" in maps or "tflite_runtime" in maps  # the interpreter is there
