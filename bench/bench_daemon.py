@@ -297,25 +297,24 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _vm_hwm_kb(pid: int) -> int:
+def _proc_kb(pid: int, file: str, key: str) -> int:
+    """One "Key: N kB" line of /proc/PID/FILE (0 once the process is gone)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1])
     except OSError:
         pass
     return 0
+
+
+def _vm_hwm_kb(pid: int) -> int:
+    return _proc_kb(pid, "status", "VmHWM")
 
 
 def _pss_kb(pid: int) -> int:
     """Proportional set size: pages shared between processes (libpython, numpy) counted once over them."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return _proc_kb(pid, "smaps_rollup", "Pss")
 
 
 def _role(pid: int) -> str:

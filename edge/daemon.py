@@ -108,6 +108,14 @@ class _Pending:
     future: Future | None  # None for an Edge TPU re-probe
 
 
+def _ms_percentiles(seconds: deque[float]) -> tuple[float, float]:
+    """(p50, p99) in milliseconds, rounded to microseconds; (0, 0) before the first value."""
+    if not seconds:
+        return 0.0, 0.0
+    p50, p99 = np.percentile(np.array(seconds) * 1000, [50, 99])
+    return round(float(p50), 3), round(float(p99), 3)
+
+
 def utc_ms(wall: float) -> str:
     return datetime.fromtimestamp(wall, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -841,9 +849,7 @@ class Daemon:
     def state(self) -> dict:
         """Everything an operator wants at a glance: the `state` command, stats and metrics use it."""
         info = self._worker.info
-        lat = np.array(self.latencies) * 1000 if self.latencies else np.zeros(1)
-        pub = np.array(self.publish_latencies) * 1000 if self.publish_latencies else np.zeros(1)
-        inv = np.array(self.invokes) * 1000 if self.invokes else np.zeros(1)
+        lat, pub, inv = (_ms_percentiles(x) for x in (self.latencies, self.publish_latencies, self.invokes))
         return {
             "state": self.status_state(), "reasons": self.state_reasons(), "boot_id": self.boot_id,
             "paused": self.paused.is_set(), "backend": info.backend if info else None,
@@ -851,11 +857,9 @@ class Daemon:
             "thresholds": {f"depth_{i + 1}": t for i, t in enumerate(self._decoder.thresholds)},
             "source": self.capture.status(), "frames_captured": self.capture.frames,
             "frames_dropped": self.capture.slot.dropped, "frames_classified": self.classified, "labels": self.labels,
-            "latency_ms_p50": round(float(np.percentile(lat, 50)), 3),
-            "latency_ms_p99": round(float(np.percentile(lat, 99)), 3),
-            "publish_latency_ms_p50": round(float(np.percentile(pub, 50)), 3),
-            "publish_latency_ms_p99": round(float(np.percentile(pub, 99)), 3),
-            "invoke_ms_p50": round(float(np.percentile(inv, 50)), 3),
+            "latency_ms_p50": lat[0], "latency_ms_p99": lat[1],
+            "publish_latency_ms_p50": pub[0], "publish_latency_ms_p99": pub[1],
+            "invoke_ms_p50": inv[0],
             "inference_errors": self.inference_errors, "preprocess_errors": self.preprocess_errors,
             "worker_restarts": self.worker_restarts, "edgetpu_reprobes": self.reprobes,
             "outbox_depth": self.outbox.depth(), "outbox_evicted": self.outbox.counter("evicted"),

@@ -54,15 +54,15 @@ class WorkerInfo:
     warmup_s: float
 
 
-def _slot_bytes(spec: Any) -> int:
+def _slot_bytes(model: InterpreterModel) -> int:
     """Bytes of one input image (HxWx3 in the model's input dtype): one slot of the shared buffer."""
-    return spec.height * spec.width * 3 * np.dtype(spec.dtype).itemsize
+    return model.height * model.width * 3 * np.dtype(model.dtype).itemsize
 
 
-def _slot_views(buffer: Any, spec: Any, slots: int) -> list[np.ndarray]:
+def _slot_views(buffer: Any, model: InterpreterModel, slots: int) -> list[np.ndarray]:
     """The shared buffer as `slots` input images, daemon and worker alike."""
-    shape, size = (spec.height, spec.width, 3), _slot_bytes(spec)
-    return [np.frombuffer(buffer, dtype=spec.dtype, count=size // np.dtype(spec.dtype).itemsize,
+    shape, size = (model.height, model.width, 3), _slot_bytes(model)
+    return [np.frombuffer(buffer, dtype=model.dtype, count=size // np.dtype(model.dtype).itemsize,
                           offset=i * size).reshape(shape) for i in range(slots)]
 
 
@@ -151,19 +151,19 @@ class InferenceWorker:
 
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
-        spec = self.bundle.manifest.input
+        model = InterpreterModel.of(self.bundle)
         # Shared memory the spawned child inherits (no name to leak or clean up): freed with both processes.
         try:
-            buffer = ctx.RawArray("B", _slot_bytes(spec) * self.slots)
-            self._images = _slot_views(buffer, spec, self.slots)
+            buffer = ctx.RawArray("B", _slot_bytes(model) * self.slots)
+            self._images = _slot_views(buffer, model, self.slots)
         except OSError as exc:  # no usable /dev/shm (some containers): slower, but it works
             log.warning("no shared memory for the inference worker (%s): images go through the pipe", exc)
             buffer, self._images = None, []
         self._next_slot = 0
         self._process = ctx.Process(
             target=_worker_main, name="taxonedge-infer", daemon=True,
-            args=(child, InterpreterModel.of(self.bundle), self.backend, self.device, self.num_threads,
-                  self.warmup_runs, buffer, self.slots),
+            args=(child, model, self.backend, self.device, self.num_threads, self.warmup_runs, buffer,
+                  self.slots),
         )
         self._process.start()
         child.close()
