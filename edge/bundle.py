@@ -302,6 +302,22 @@ def write_bundle(path: str | Path, manifest: Manifest, files: dict[str, bytes],
     return path
 
 
+def resign_bundle(source: str | Path | bytes, out: str | Path, sign_key: Ed25519PrivateKey,
+                  public_key: Ed25519PublicKey | None = None, version: str | None = None) -> Bundle:
+    """Write a verified copy of a bundle signed with `sign_key` (optionally as model `version`); the files
+    are unchanged, the manifest gets the new `signing_key_id`. With `public_key` the old signature must verify."""
+    old = read_bundle(source, public_key=public_key)
+    manifest = old.manifest
+    if version is not None:
+        manifest = manifest.model_copy(update={"model": manifest.model.model_copy(update={"version": version})})
+        try:  # the same checks a reader makes
+            manifest = Manifest.model_validate(manifest.model_dump(mode="json"))
+        except ValidationError as exc:
+            raise BundleError(f"--version {version!r}: {_first_error(exc)}") from None
+    path = write_bundle(out, manifest, old.files, sign_key=sign_key)
+    return read_bundle(path, public_key=sign_key.public_key())
+
+
 def _tar_bytes(members: dict[str, bytes]) -> bytes:
     """The canonical tar of `members`, in order: fixed mode, owner and mtime, so equal content gives equal bytes."""
     buf = io.BytesIO()

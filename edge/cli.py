@@ -48,22 +48,33 @@ def register(sub: argparse._SubParsersAction) -> None:
             "received, verifying, staged, warming, self_test, switched, committed -- or rejected / "
             "rolled_back with the reason. Devices verify the signature, self-test the model while the old "
             "one keeps serving, switch between items and roll back by themselves if the new model fails "
-            "its health window. Exits 0 only when every device committed, 1 when any rejected or rolled "
-            "back, 3 on --timeout. Targets: SITE/LINE/DEVICE or groups/NAME (devices listing NAME in "
-            "mqtt.groups)."
+            "its health window. The request and its chunks are retained on the broker: a device that is off "
+            "runs the deployment when it connects (--no-wait returns at once; --pending lists what waits and "
+            "each device's outcome; --cancel withdraws it). Targets: SITE/LINE/DEVICE or groups/NAME "
+            "(devices listing NAME in mqtt.groups). Topics and payloads: docs/deploy.md.\n\n"
+            "exit status:\n"
+            "  0  every device committed and serves the bundle (--no-wait: published; --pending, --cancel: done)\n"
+            "  1  a device rejected the bundle, rolled it back, or answered a repeated --id with an outcome\n"
+            "     that leaves another model serving; or the broker refused or could not be reached\n"
+            "  2  bad arguments or a bundle not worth sending (unreadable, damaged, --pubkey mismatch):\n"
+            "     nothing was sent\n"
+            "  3  --timeout passed without every device's outcome (the request stays retained)"
         ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    deploy.add_argument("bundle", metavar="BUNDLE", help="signed bundle file (.tebundle)")
+    deploy.add_argument("bundle", nargs="?", metavar="BUNDLE", help="signed bundle file (.tebundle)")
     deploy.add_argument("--broker", required=True, type=_broker, metavar="HOST[:PORT]",
                         help="MQTT broker (port 1883 by default)")
-    deploy.add_argument("--target", "-t", required=True, action="append", metavar="SITE/LINE/DEVICE|groups/NAME",
-                        help="device or fleet group; repeat for several")
+    deploy.add_argument("--target", "-t", action="append", metavar="SITE/LINE/DEVICE|groups/NAME",
+                        help="device or fleet group; repeat for several (with --pending: default all)")
     deploy.add_argument("--prefix", default="taxonedge", help="topic prefix the devices use (mqtt.prefix)")
     deploy.add_argument("--timeout", type=float, default=300.0, metavar="S",
                         help="give up after S seconds without every device's outcome (default 300)")
     deploy.add_argument("--id", metavar="ID",
-                        help="deployment id (default: from the bundle's name, version and hash, so a repeat is a "
-                             "no-op); use a new one to retry after a rejection")
+                        help="deployment id (default: from the bundle's name, version and hash: a device that "
+                             "committed it and still serves it answers with that outcome, one serving another "
+                             "model runs it again); use a new one to retry after a rejection. With --cancel: "
+                             "withdraw only this id")
     deploy.add_argument("--url", metavar="URL",
                         help="have devices fetch the bundle from this file:// or https:// URL instead of "
                              "sending it over MQTT")
@@ -71,12 +82,36 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="MQTT chunk size (default 256 KiB)")
     deploy.add_argument("--expect", type=int, default=1, metavar="N",
                         help="for groups: wait for at least N devices to answer (default 1)")
+    deploy.add_argument("--no-wait", action="store_true",
+                        help="publish (retained) and exit 0 saying where it is pending; do not follow devices")
+    deploy.add_argument("--pending", action="store_true",
+                        help="list the retained deployments of --target (default: all) and each device's outcome")
+    deploy.add_argument("--cancel", action="store_true",
+                        help="withdraw the retained deployment of each --target (devices that started it finish)")
     deploy.add_argument("--pubkey", metavar="KEY", help="check the bundle's signature locally before sending")
     deploy.add_argument("--username", help="broker user name")
     deploy.add_argument("--password-file", metavar="FILE", help="file holding the broker password")
     deploy.add_argument("--password-env", metavar="VAR", help="environment variable holding the broker password")
     deploy.add_argument("--ca-file", metavar="FILE", help="CA certificate for a TLS broker")
     deploy.set_defaults(func=_deploy)
+
+    sign = sub.add_parser(
+        "sign",
+        help="re-sign a model bundle with your own key (e.g. the demo bundle)",
+        description=(
+            "Verify a bundle (every file's sha256; with --pubkey its current signature too) and write a copy "
+            "signed with your Ed25519 private key from `taxonedge keygen`; devices whose model.public_key is "
+            "the matching public key accept it. --version records a new model version in the manifest, so "
+            "the same model can be rolled out as a release of its own. Exits 2 on a damaged bundle or an "
+            "unusable key."
+        ),
+    )
+    sign.add_argument("bundle", metavar="BUNDLE", help="bundle file (.tebundle)")
+    sign.add_argument("--key", required=True, metavar="KEY", help="Ed25519 private key (PEM) from `taxonedge keygen`")
+    sign.add_argument("--out", required=True, metavar="FILE", help="where to write the signed bundle")
+    sign.add_argument("--version", dest="model_version", metavar="V", help="set the model version in the manifest")
+    sign.add_argument("--pubkey", metavar="KEY", help="require the bundle's current signature to verify against KEY")
+    sign.set_defaults(func=_sign)
 
     listen = sub.add_parser(
         "listen",
@@ -130,6 +165,12 @@ def _deploy(args: argparse.Namespace) -> int:
     from .deploy import deploy_command
 
     return deploy_command(args)
+
+
+def _sign(args: argparse.Namespace) -> int:
+    from .deploy import sign_command
+
+    return sign_command(args)
 
 
 def _broker(value: str) -> tuple[str, int]:

@@ -2,14 +2,23 @@
 
 A deployment is one request on `<base>/model/deploy` (or a fleet group's `<prefix>/groups/<g>/deploy`):
 
-    {"id": "...", "size": N, "sha256": "...", "chunk_size": C, "chunks": K}   then K chunks, QoS 1, on
-    <deploy topic>/<id>/chunk/<i> (raw bytes)        -- or --      {"id", "size", "sha256", "url": "file://|https://"}
+    {"id": "...", "size": N, "sha256": "...", "chunk_size": C, "chunks": K, "nonce": "...", "issued": "..."}
+    then K chunks, QoS 1, on <deploy topic>/<id>/chunk/<i> (raw bytes)
+    -- or --  {"id", "size", "sha256", "url": "file://|https://", "nonce", "issued"}
 
 Its progress goes to `<base>/model/deploy/<id>` (retained) and to the MQTT v5 response topic, as states
 received -> verifying -> staged -> warming -> self_test -> switched -> committed, or rejected / rolled_back
 with a reason; while chunks arrive, "receiving" messages carry the count and, after a stall, the missing
-chunk numbers for the operator to send again (that is how a transfer resumes after a reconnect). A
-deployment id that was seen before is answered with its recorded outcome and not run again.
+chunk numbers for the operator to send again (that is how a transfer resumes after a reconnect). A request
+that cannot be read is answered on `<base>/model/deploy/rejected` (retained). docs/deploy.md has it all.
+
+`taxonedge deploy` publishes requests and chunks retained, so a device that is off gets them when it
+connects. The nonce (one per `taxonedge deploy` run) tells such a replay from a new request: a replay of a
+request this device already handled is skipped; a new request with a known id is answered with its
+recorded outcome (`repeat`), except that one recorded `committed` whose bundle no longer serves runs again
+(an operator going back to an earlier release gets it). After its outcome the device clears its own
+retained request and chunks. A deployment that was accepted is recorded in `<state_dir>/models/
+deploying.json` until its outcome, so one a restart cut short is reported (`rejected`, "interrupted: ...").
 
 The old model keeps serving until the daemon swaps in the new one between items; the self-test runs in a
 second interpreter here. Bundles dropped into `model.watch_dir` go through the same steps.
@@ -24,6 +33,7 @@ import logging
 import math
 import os
 import queue
+import re
 import shutil
 import ssl
 import threading
@@ -53,20 +63,29 @@ FINAL = ("committed", "rejected", "rolled_back")
 # Test hook: pause after reporting this state (env "STATE" or "STATE:SECONDS") so a test can SIGKILL there.
 PAUSE_ENV = "TAXONEDGE_UPDATE_PAUSE_AT"
 HISTORY_LIMIT = 200
+# The topic (under the device's base) answering deploy requests that cannot be read at all; not a valid id.
+REJECTED_TOPIC = "rejected"
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
 
 
 class DeployRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,80}$")
+    id: str = Field(pattern=ID_PATTERN.pattern)
     size: int = Field(ge=1)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     chunk_size: int | None = Field(None, ge=1)
     chunks: int | None = Field(None, ge=1)
     url: str | None = None
+    # One per `taxonedge deploy` run: a retained request replayed at (re)connect carries the nonce of the run
+    # that published it, so the device tells a replay it already handled from a new request.
+    nonce: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    issued: str | None = Field(None, max_length=40)  # when the operator sent it (UTC, for `deploy --pending`)
 
     @model_validator(mode="after")
     def _one_transport(self) -> DeployRequest:
+        if self.id == REJECTED_TOPIC:
+            raise ValueError(f"id '{REJECTED_TOPIC}' is reserved (the topic of unreadable requests' answers)")
         if self.url is not None:
             if not self.url.startswith(("file://", "https://")):
                 raise ValueError("url must start with file:// or https://")
@@ -126,6 +145,33 @@ class History:
         while len(self.items) > HISTORY_LIMIT:
             self.items.pop(next(iter(self.items)))
         atomic_write(self.path, json.dumps(self.items, indent=1).encode())
+
+
+class InProgress:
+    """The accepted deployment that has no outcome yet, on disk: a restart finds the one it cut short."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def save(self, dep: Deployment, state: str) -> None:
+        record = {"id": dep.id, "state": state, "time": utc_now(), "sha256": dep.request.sha256,
+                  "nonce": dep.request.nonce, "topic": dep.topic, "response_topic": dep.response_topic,
+                  "correlation": dep.correlation.hex() if dep.correlation is not None else None}
+        atomic_write(self.path, json.dumps(record).encode())
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def take(self) -> dict | None:
+        try:
+            record = json.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:  # only disk damage gets here (writes are atomic)
+            log.error("%s is unreadable (%s): an interrupted deployment may go unreported", self.path, exc)
+            record = None
+        self.clear()
+        return record if isinstance(record, dict) and isinstance(record.get("id"), str) else None
 
 
 def _field(result: Any, name: str) -> Any:
@@ -198,6 +244,7 @@ class Updater:
         self.slots.dir.mkdir(parents=True, exist_ok=True)
         self.incoming = self.slots.dir / "incoming"
         self.history = History(self.slots.dir / "deployments.json")
+        self.in_progress = InProgress(self.slots.dir / "deploying.json")
         prefix = self.config.mqtt.prefix
         self.deploy_topics = [f"{self.base}/model/deploy"] + [
             f"{prefix}/groups/{g}/deploy" for g in self.config.mqtt.groups]
@@ -208,23 +255,61 @@ class Updater:
         self._baseline: deque = deque(maxlen=100)
         self._window: HealthWindow | None = None
         self._threads: list[threading.Thread] = []
+        # deploy topic -> id of the last readable request seen on it: the device clears its own retained
+        # request only while no newer one has come
+        self._latest: dict[str, str] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
         shutil.rmtree(self.incoming, ignore_errors=True)  # partial transfers of a previous process
         self.incoming.mkdir(parents=True, exist_ok=True)
         self.daemon.add_result_listener(self._on_result)
+        # Before subscribing: a retained request replayed at connect then finds its outcome in the history.
+        self._report_interrupted()
         for topic in self.deploy_topics:
             self.daemon.subscribe(topic, self._on_request)
             self.daemon.subscribe(f"{topic}/+/chunk/+", self._on_chunk)
-        interrupted = self.slots.take_interrupted()
-        if interrupted and interrupted.get("id"):
-            outcome = {"state": "rolled_back", "reason": interrupted["reason"], "time": interrupted["time"]}
-            self.history.record(interrupted["id"], outcome)
-            self._publish_outcome(interrupted["id"], outcome)
         self._spawn(self._worker, "update-worker")
         if self.config.model.watch_dir is not None:
             self._spawn(self._watch, "update-watch")
+
+    def _report_interrupted(self) -> None:
+        """Report the deployment the last process did not finish: a trial start-up rolled back, or one the
+        process died in before its switch (or between commit and its report)."""
+        trial = self.slots.take_interrupted()
+        record = self.in_progress.take() or {}
+        if trial and trial.get("id"):
+            same = record.get("id") == trial["id"]
+            self._finish_interrupted(record if same else {"id": trial["id"]}, "rolled_back", trial["reason"])
+            if same:
+                return
+        if not record:
+            return
+        active = self.daemon.active_bundle
+        if active is not None and active.sha256 == record.get("sha256"):
+            self._finish_interrupted(record, "committed", None, model=active.describe(),
+                                     detail="the daemon restarted after the switch; this model serves")
+        else:
+            self._finish_interrupted(record, "rejected", (
+                f"interrupted: the daemon stopped while the deployment was at '{record.get('state')}'; "
+                "the old model serves: deploy again"))
+
+    def _finish_interrupted(self, record: dict, state: str, reason: str | None, **details: Any) -> None:
+        now = utc_now()
+        nonce = record.get("nonce")
+        self.history.record(record["id"], {"state": state, "reason": reason, "time": now,
+                                           "sha256": record.get("sha256"), "nonce": nonce})
+        payload = {"id": record["id"], "device": self.base, "state": state, "time": now, **details}
+        if reason:
+            payload["reason"] = reason
+        if nonce:
+            payload["nonce"] = nonce
+        log.warning("deployment %s: %s%s", record["id"], state, f" ({reason})" if reason else "")
+        self._send(f"{self.base}/model/deploy/{record['id']}", payload, None, retain=True)
+        response_topic = self._reply_topic(record.get("response_topic"))
+        if response_topic:
+            correlation = record.get("correlation")
+            self._send(response_topic, payload, bytes.fromhex(correlation) if correlation else None)
 
     def stop(self) -> None:
         self._stop.set()
@@ -237,26 +322,60 @@ class Updater:
 
     # ---- MQTT handlers (control thread: quick, never block) -------------------------------------------
     def _on_request(self, topic: str, payload: bytes, properties: Any) -> None:
-        response_topic = getattr(properties, "ResponseTopic", None) if properties is not None else None
+        if not payload.strip():  # a retained request being cleared (by a device or `deploy --cancel`)
+            return
+        response_topic = self._reply_topic(getattr(properties, "ResponseTopic", None))
         correlation = getattr(properties, "CorrelationData", None) if properties is not None else None
         try:
-            request = DeployRequest.model_validate(json.loads(payload))
-        except (ValueError, ValidationError) as exc:
-            reason = f"malformed deploy request: {str(exc).splitlines()[0]}"
-            log.warning("%s: %s", topic, reason)
-            if response_topic:
-                self._send(response_topic, {"id": None, "device": self.base, "state": "rejected",
-                                            "reason": reason}, correlation)
+            request = DeployRequest.model_validate(json.loads(payload.decode("utf-8")))
+        except (ValueError, RecursionError) as exc:  # ValidationError and UnicodeDecodeError are ValueErrors
+            self._reject_unreadable(topic, payload, _why(exc), response_topic, correlation)
             return
+        self._latest[topic] = request.id
         self._submit(Deployment(request, topic, response_topic, correlation))
+
+    def _reject_unreadable(self, topic: str, payload: bytes, why: str, response_topic: str | None,
+                           correlation: bytes | None) -> None:
+        """Answer a request that cannot be run: on `<base>/model/deploy/rejected` (retained, for whoever
+        sent it without a response topic) and on its response topic."""
+        reason = _clean(f"malformed deploy request on {topic}: {why}")
+        log.warning("%s", reason)
+        answer = {"id": _id_of(payload), "device": self.base, "state": "rejected", "time": utc_now(),
+                  "reason": reason}
+        self._send(f"{self.base}/model/deploy/{REJECTED_TOPIC}", answer, None, retain=True)
+        if response_topic:
+            self._send(response_topic, answer, correlation)
+
+    def _reply_topic(self, topic: Any) -> str | None:
+        """The request's response topic, or None when answers must not go there: the device's own topics,
+        the fleet's deploy topics, wildcards and broker ($) topics (progress still goes to its own topic)."""
+        if not topic or not isinstance(topic, str):
+            return None
+        groups = f"{self.config.mqtt.prefix}/groups/"
+        if topic.startswith(("$", f"{self.base}/", groups)) or topic == self.base or set(topic) & set("+#"):
+            log.warning("deploy request's response topic %r refused: answers never go to the device's own "
+                        "topics, %s..., wildcards or $ topics (use <prefix>/replies/...)", topic, groups)
+            return None
+        return topic
 
     def _submit(self, dep: Deployment) -> bool:
         """Queue a deployment unless it is a repeat or another one is running. True when queued."""
         done = self.history.get(dep.id)
         with self._lock:
-            if done is not None:
+            if done is not None and dep.request.nonce is not None and done.get("nonce") == dep.request.nonce:
+                # the retained request this device handled, replayed at (re)connect: nothing to do or say
+                log.info("deployment %s: retained request already handled (%s)", dep.id, done["state"])
+                self._clear_request(dep)
+                return False
+            serving = self.daemon.active_bundle
+            rerun = done is not None and done["state"] == "committed" and (
+                serving is None or done.get("sha256") != serving.sha256)
+            if rerun:  # committed once, but another model serves now: the operator wants this one back
+                log.info("deployment %s committed before but does not serve now: running it again", dep.id)
+            elif done is not None:
                 log.info("deployment %s was already done (%s): answering with its outcome", dep.id, done["state"])
-                self._report(dep, done["state"], reason=done.get("reason"), repeat=True)
+                details = {"model": serving.describe()} if done["state"] == "committed" and serving else {}
+                self._report(dep, done["state"], reason=done.get("reason"), repeat=True, **details)
                 return False
             if self.current is not None:
                 if self.current.id == dep.id:  # a resent request of the running deployment
@@ -275,12 +394,16 @@ class Updater:
                 with open(dep.part, "wb") as fh:
                     fh.truncate(dep.request.size)
             self.current = dep
+            if dep.source_file is None:  # a dropped file is simply taken again after a restart
+                self.in_progress.save(dep, "receiving")
         self._jobs.put(dep)
         return True
 
     def _on_chunk(self, topic: str, payload: bytes, properties: Any) -> None:
         parts = topic.rsplit("/", 3)  # <deploy topic>/<id>/chunk/<i>
         dep = self.current
+        if not payload:  # a retained chunk being cleared
+            return
         if dep is None or dep.part is None or len(parts) != 4 or (parts[0], parts[1], parts[2]) != (dep.topic, dep.id, "chunk"):
             return
         req = dep.request
@@ -425,11 +548,14 @@ class Updater:
             raise Failed("rejected", f"sha256: received {digest}, the request announced {req.sha256}")
         try:
             bundle = read_verified(data, model)
-        except (BundleError, SigningKeyError) as exc:
+        except SigningKeyError as exc:
+            raise Failed("rejected", f"model.public_key: {exc}") from None
+        except BundleError as exc:  # its message starts with "bundle: "
             reason = str(exc)
             if "unsigned" in reason:
-                reason += " (model.require_signature is on: sign it with `taxonedge convert --sign-key`)"
-            raise Failed("rejected", f"bundle: {reason}") from None
+                reason += (" (model.require_signature is on: sign it with `taxonedge convert --sign-key` or "
+                           "`taxonedge sign`)")
+            raise Failed("rejected", reason) from None
         manifest = bundle.manifest
         if manifest.compatible != model.compatible:
             raise Failed("rejected", f"compatible: the bundle is for '{manifest.compatible}', this device "
@@ -557,22 +683,38 @@ class Updater:
             payload["reason"] = reason
         if repeat:
             payload["repeat"] = True
+        if dep.request.nonce:
+            payload["nonce"] = dep.request.nonce  # which request this answers (`taxonedge deploy` filters on it)
         if state in FINAL and record and not repeat:
             self.history.record(dep.id, {"state": state, "reason": reason, "time": payload["time"],
-                                         "sha256": dep.request.sha256})
+                                         "sha256": dep.request.sha256, "nonce": dep.request.nonce})
+        if dep is self.current and not repeat and dep.source_file is None:
+            if state in FINAL:
+                self.in_progress.clear()
+            elif state in STATES:
+                self.in_progress.save(dep, state)
         log.info("deployment %s: %s%s", dep.id, state, f" ({reason})" if reason else "")
         self._send(f"{self.base}/model/deploy/{dep.id}", payload, None, retain=state in FINAL)
         if dep.response_topic:
             self._send(dep.response_topic, payload, dep.correlation)
-        if state in FINAL or state == "receiving":
+        if state in FINAL:
+            if record or repeat:  # handled: not a busy refusal, which stays pending for a later try
+                self._clear_request(dep)
             return
-        _maybe_pause(state)
+        if state != "receiving":
+            _maybe_pause(state)
 
-    def _publish_outcome(self, deployment_id: str, outcome: dict) -> None:
-        payload = {"id": deployment_id, "device": self.base, **outcome}
-        self._send(f"{self.base}/model/deploy/{deployment_id}", payload, None, retain=True)
+    def _clear_request(self, dep: Deployment) -> None:
+        """Clear this device's own retained request and chunks once handled, unless a newer request came."""
+        topic = dep.topic
+        if topic != self.deploy_topics[0] or self._latest.get(topic) != dep.id:
+            return  # groups stay retained (every member needs them); a newer request is not ours to clear
+        del self._latest[topic]
+        self._send(topic, b"", None, retain=True)
+        for i in range(dep.request.chunks or 0):
+            self._send(f"{topic}/{dep.id}/chunk/{i}", b"", None, retain=True)
 
-    def _send(self, topic: str, payload: dict, correlation: bytes | None, retain: bool = False) -> None:
+    def _send(self, topic: str, payload: dict | bytes, correlation: bytes | None, retain: bool = False) -> None:
         properties = None
         if correlation is not None:
             from paho.mqtt.packettypes import PacketTypes
@@ -584,6 +726,34 @@ class Updater:
             self.daemon.publish(topic, payload, qos=1, retain=retain, properties=properties)
         except Exception as exc:  # reporting must not break the deployment itself
             log.warning("cannot publish deployment progress on %s: %s", topic, exc)
+
+
+def _why(exc: BaseException) -> str:
+    """One line on what is wrong with a request."""
+    if isinstance(exc, RecursionError):
+        return "JSON nested too deeply"
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 JSON"
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        return f"{loc}: {err['msg'].removeprefix('Value error, ')} (see docs/deploy.md for the request fields)"
+    first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return f"not JSON: {first}" if isinstance(exc, json.JSONDecodeError) else first
+
+
+def _clean(text: str) -> str:
+    """Text safe to publish as UTF-8 (a key from a request may hold a lone surrogate escape)."""
+    return text.encode("utf-8", "replace").decode("utf-8")[:500]
+
+
+def _id_of(payload: bytes) -> str | None:
+    """The id of an unreadable request when it has a usable one, so the sender can match the answer."""
+    try:
+        value = json.loads(payload.decode("utf-8")).get("id")
+    except (ValueError, RecursionError, AttributeError):
+        return None
+    return value if isinstance(value, str) and ID_PATTERN.fullmatch(value) else None
 
 
 def _maybe_pause(state: str) -> None:

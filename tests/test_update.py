@@ -127,6 +127,7 @@ def test_bad_update_is_refused_and_old_model_keeps_serving(device, bundles, case
     result = observer.outcome(f"dep-{case}")
     assert result["state"] == expected_state, result
     assert words in result["reason"], result["reason"]
+    assert "bundle: bundle:" not in result["reason"]  # one prefix, not the reader's and ours
     _still_serving_old(host, observer, bundles)
     state = Slots(config.device.state_dir).state()
     assert (state.committed, state.trial) == (None, None)
@@ -177,6 +178,86 @@ def test_repeated_deployment_id_is_idempotent(device, bundles):
     observer.send(bundles["unsigned"], "dep-no")
     assert observer.outcome("dep-no", after=seen)["repeat"] is True
     assert observer.states("dep-no")[seen:] == ["rejected"]
+
+
+def test_redeploying_an_earlier_release_runs_it_again(device, bundles):
+    """Deploy B, then A, then B again with the same id: the device must serve B again, not answer 'repeat'."""
+    host, observer, _ = device
+    new_sha, old_sha = read_bundle(bundles["new"]).sha256, read_bundle(bundles["old"]).sha256
+    observer.send(bundles["new"], "release-b")
+    assert observer.outcome("release-b")["state"] == "committed"
+    observer.send(bundles["old"], "release-a")
+    assert observer.outcome("release-a")["state"] == "committed"
+    assert host.active_bundle.sha256 == old_sha
+    seen = len(observer.progress["release-b"])
+    observer.send(bundles["new"], "release-b")  # the operator goes back to B
+    again = observer.outcome("release-b", after=seen)
+    assert again["state"] == "committed" and "repeat" not in again, again
+    assert again["model"]["sha256"] == new_sha
+    assert host.active_bundle.sha256 == new_sha
+    assert "switched" in observer.states("release-b")[seen:]
+    # and now that B serves, the same id is a repeat that says what serves
+    seen = len(observer.progress["release-b"])
+    observer.send(bundles["new"], "release-b")
+    repeat = observer.outcome("release-b", after=seen)
+    assert repeat["repeat"] is True and repeat["model"]["sha256"] == new_sha
+
+
+def test_retained_request_replayed_after_its_outcome_is_skipped(device, bundles):
+    """A retained request arrives again at every reconnect (same nonce): handled once, never re-run or
+    re-answered, even after another model was deployed; the device clears its own retained request."""
+    host, observer, _ = device
+    old_sha = read_bundle(bundles["old"]).sha256
+    observer.send(bundles["new"], "kept", nonce="n1")
+    assert observer.outcome("kept")["state"] == "committed"
+    assert observer.progress["kept"][-1]["nonce"] == "n1"
+    observer.send(bundles["old"], "other")
+    assert observer.outcome("other")["state"] == "committed"
+    seen = len(observer.progress["kept"])
+    observer.send(bundles["new"], "kept", nonce="n1")  # the replay
+    observer.send(bundles["unsigned"], "marker")  # answered after the replay was handled
+    observer.outcome("marker")
+    assert len(observer.progress["kept"]) == seen
+    assert host.active_bundle.sha256 == old_sha
+
+
+def test_unreadable_request_without_response_topic_is_answered(device, bundles):
+    host, observer, _ = device
+    base = "taxonedge/s1/l1/dev1"
+    for payload, words in [
+        (b'{"id": "zero", "size": 0, "sha256": "' + b"0" * 64 + b'", "url": "file:///x"}', "size"),
+        (b"{not json", "not JSON"),
+        (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+        (rb'{"id": "x", "\ud800": 1}', "unicode string"),  # a lone surrogate in a key
+        (b"\xff\xfe", "not UTF-8"),
+    ]:
+        observer.client.publish(f"{base}/model/deploy", payload, qos=1)  # no response topic
+        answer = observer.wait_for(lambda w=words: [p for ps in observer.progress.values() for p in ps
+                                                     if w in p.get("reason", "")], 10)[-1]
+        assert answer["state"] == "rejected" and answer["reason"].startswith("malformed deploy request on ")
+        assert "\n" not in answer["reason"]
+    assert observer.progress["zero"][-1]["id"] == "zero"  # a usable id is named in the answer
+    observer.send(bundles["new"], "dep-after")  # the plugin still works
+    assert observer.outcome("dep-after")["state"] == "committed"
+
+
+def test_response_topic_on_the_devices_own_topics_is_refused(device, bundles):
+    """Progress never lands on the device's labels (or any of its own topics); it still goes to the
+    retained progress topic."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    from taxonedge.edge.deploy import make_request
+
+    host, observer, _ = device
+    base = "taxonedge/s1/l1/dev1"
+    for i, reply in enumerate([f"{base}/labels", "taxonedge/groups/line-a/deploy", "ops/+", "$SYS/x"]):
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = reply
+        request = make_request(bundles["unsigned"], f"reply-{i}", url="file:///nonexistent")
+        observer.client.publish(f"{base}/model/deploy", json.dumps(request), qos=1, properties=props)
+        assert observer.outcome(f"reply-{i}")["state"] == "rejected"
+    time.sleep(0.5)
+    assert not [p for _, p in observer.labels if "state" in p or "seq" not in p]
 
 
 def test_group_deployment_and_file_url(device, bundles, tmp_path):

@@ -81,7 +81,7 @@ def test_deploy_command_updates_the_real_daemon_while_labels_flow(setup, broker)
         # the same bundle again through the group topic: same default id, so the recorded outcome, no switch
         again = _deploy(broker, tmp_path / "new.tebundle", "--target", "groups/line-a")
         assert again.returncode == 0, again.stdout + again.stderr
-        assert "repeated deployment id" in again.stdout
+        assert "repeat: this device handled this deployment id before" in again.stdout
         # a model failing its health window is rolled back by the daemon; the command exits 1 with the reason
         bad = _deploy(broker, tmp_path / "all_unknown.tebundle", "--target", "s1/l1/dev1")
         assert bad.returncode == 1, bad.stdout + bad.stderr
