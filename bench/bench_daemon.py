@@ -56,10 +56,10 @@ sys.path.insert(0, str(REPO))
 from taxonedge.edge.bundle import MODEL, ModelInfo, build_manifest, read_bundle, utc_now, write_bundle  # noqa: E402
 from taxonedge.edge.config import InferenceConfig  # noqa: E402
 from taxonedge.edge.daemon import utc_ms  # noqa: E402
-from taxonedge.edge.decode import Decoder  # noqa: E402
-from taxonedge.edge.mqtt import json_bytes  # noqa: E402
+from taxonedge.edge.decode import Decoder, decision_fields  # noqa: E402
 from taxonedge.edge.outbox import Outbox  # noqa: E402
 from taxonedge.edge.preprocess import InputSpec, preprocess  # noqa: E402
+from taxonedge.edge.protocol import json_bytes  # noqa: E402
 from taxonedge.edge.runtime import Classifier  # noqa: E402
 from taxonedge.edge.taxonomy import Taxonomy  # noqa: E402
 
@@ -177,7 +177,7 @@ def steps_after_idle(bundle_path: Path, work: Path, fps: float, samples: int = 1
         t0 = time.perf_counter()
         decision = decoder.decode(probs)
         payload = {"msg_id": uuid.uuid4().hex, "timestamp": utc_ms(time.time()), "device": DEVICE,
-                   **decision.to_dict()}
+                   **decision_fields(decision)}
         outbox.put(f"{BASE}/labels", json_bytes(payload), qos=1, expiry_s=60.0)
         return time.perf_counter() - t0
 
@@ -243,7 +243,7 @@ def _naive_frames(video: Path, classifier: Classifier, decoder: Decoder, spec: I
         wall, start = time.time(), time.perf_counter()
         decision = decoder.decode(classifier.probabilities(preprocess(frame, spec)))
         payload = {"msg_id": uuid.uuid4().hex, "timestamp": utc_ms(wall), "captured": wall, "device": DEVICE,
-                   "decision": decision.to_dict()}
+                   "decision": decision_fields(decision)}
         client.publish(f"{BASE}/labels", json.dumps(payload, separators=(",", ":")), qos=1)
         to_publish.append(time.perf_counter() - start)
     cap.release()

@@ -185,6 +185,9 @@ class TriggerConfig(_Strict):
     frames_per_item: int = Field(5, ge=1, le=100)
     vote_agreement: float = Field(0.6, gt=0, le=1)
     item_timeout_s: float = Field(5.0, gt=0)
+    # Items triggered while one is voted on wait here; past this many the oldest is labelled at once as
+    # `unknown` with reason `overflow` (it has long left the camera's view), so every trigger gets a label.
+    max_waiting: int = Field(100, ge=1, le=100_000)
 
 
 class InferenceConfig(_Strict):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import gc
-import json
 import logging
 import queue
 import signal
@@ -41,28 +40,37 @@ from taxonedge.cli import CliError
 from . import update
 from .bundle import Bundle, BundleError, atomic_write
 from .config import Config, ConfigError, load_config
-from .decode import Decision, Decoder
+from .decode import Decision, Decoder, decision_fields
 from .infer import InferenceWorker, WorkerDied, WorkerError, WorkerInfo
-from .mqtt import MqttLink, client_id_for, json_bytes
+from .mqtt import MqttLink, client_id_for
 from .notify import sd_notify
 from .osthread import start_thread
 from .outbox import Outbox
 from .preprocess import ImageError, preprocess
+from .protocol import (
+    LABEL_SCHEMA,
+    Label,
+    PayloadError,
+    UnknownReason,
+    check_text,
+    json_bytes,
+    parse_json_object,
+    response_topic_problem,
+)
 from .runtime import edgetpu_devices
+from .signing import SigningKeyError, load_public_key
 from .slots import read_verified, startup_bundle
 from .source import Capture, Frame
 from .trigger import ItemResult, ItemTrigger
 
 log = logging.getLogger(__name__)
 
-LABEL_SCHEMA = "taxonedge.label/1"
 MAX_COMMAND_BYTES = 16 * 1024
-MAX_ITEM_ID = 128
 MAX_SNAPSHOTS = 20
 FLUSH_TIMEOUT_S = 5.0
 
 
-class CommandError(ValueError):
+class CommandError(PayloadError):
     """A command that cannot be carried out; the text goes back in the response."""
 
 
@@ -130,6 +138,7 @@ class Daemon:
         self.done = threading.Event()
         self.paused = threading.Event()
         self._seq = 0
+        self._label_lock = threading.Lock()  # seq order = outbox order, whichever thread publishes
         self._listeners: list[Callable[[InferenceResult], None]] = []
         self._subscriptions: list[tuple[str, Callable[[str, bytes, Any], None]]] = []
         self._control: queue.Queue[tuple[str, bytes, Any]] = queue.Queue(maxsize=1000)
@@ -147,6 +156,11 @@ class Daemon:
         self.preprocess_errors = 0
         self.worker_restarts = 0
         self.control_dropped = 0
+        self.triggers = 0
+        self.triggers_refused = 0
+        self.frames_idle = 0  # item mode between items, or paused: frames nobody wanted
+        self._idle_mark: int | None = None  # slot.dropped when the current idle spell began
+        self.startup_problems: list[str] = []  # e.g. an installed model that did not verify; until a switch
         self.commands = 0
         self.reprobes = 0
         self._stats_mark = (0, time.monotonic())  # frames classified and the time at the last stats message
@@ -159,10 +173,10 @@ class Daemon:
         self._restarting = False
         self.failed = False
         self._last_error: str | None = None
-        self.failed = False
         self._last_progress = time.monotonic()
         self._probe_due = 0.0
         self._probing = False
+        self._status_recheck = 0.0  # time.monotonic() when to publish status again after a (re)connect
         self.outbox: Outbox
         self.link: MqttLink
         self.capture: Capture
@@ -231,7 +245,7 @@ class Daemon:
         self._probe_due = time.monotonic() + cfg.inference.reprobe_interval_s
         if cfg.trigger.mode == "item":
             self.trigger = ItemTrigger(bundle.taxonomy, cfg.trigger.frames_per_item, cfg.trigger.vote_agreement,
-                                       cfg.trigger.item_timeout_s)
+                                       cfg.trigger.item_timeout_s, cfg.trigger.max_waiting)
         self.capture = Capture(cfg.source, cfg.capture)
         # What start-up loaded (modules, config, bundle, taxonomy) lives as long as the process: frozen out
         # of the garbage collector, a full collection while serving walks only what serving allocated
@@ -289,12 +303,15 @@ class Daemon:
         self._detach_plugin()
         if self.link.connected.is_set():
             self._publish_stats(final=True)
+            reason = "failed" if self.failed else "stopped"
             info = self.link.client.publish(f"{self.topic_base}/status", json_bytes(
-                {"state": "offline", "reason": "stopped", "boot_id": self.boot_id, "device": self.config.device.id}),
+                {"state": "offline", "reason": reason, "boot_id": self.boot_id, "device": self.config.device.id}),
                 qos=1, retain=True)
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(2.0)
         self.done.set()
+        if len(self._threads) > 1:
+            self._threads[1].join(timeout=2)  # the control thread may still be storing a label
         gc.unfreeze()  # for a daemon run inside another program (the tests): its heap is collectable again
         self.link.stop()
         self._worker.stop()
@@ -306,13 +323,18 @@ class Daemon:
 
     # ---- start-up helpers -----------------------------------------------------------------------------
     def _initial_bundle(self) -> Bundle:
-        path = startup_bundle(self.config) or self.config.model.bundle
+        key_problem = public_key_problem(self.config)
+        if key_problem:
+            raise CliError(key_problem, 2)
+        path = startup_bundle(self.config, self.startup_problems) or self.config.model.bundle
+        for problem in self.startup_problems:
+            log.error("%s", problem)
         if path is None:
             raise CliError("no model: set model.bundle in the config (or deploy one)", 2)
         try:
             return read_verified(Path(path), self.config.model)
         except (BundleError, ValueError) as exc:
-            raise CliError(f"model bundle: {exc}", 2) from None
+            raise CliError(f"model.bundle: {exc}", 2) from None
 
     def _new_worker(self, bundle: Bundle, backend: str | None = None) -> InferenceWorker:
         inf = self.config.inference
@@ -348,6 +370,7 @@ class Daemon:
             log.exception("inference loop failed")
             self.failed = True
             self.request_stop()
+            self._close_items("shutdown")
 
     def _serve(self) -> None:
         trig = self.trigger
@@ -374,6 +397,7 @@ class Daemon:
                 if self.paused.is_set():
                     self._drop(ready)
                     ready = None
+                    self._count_idle(True)
                     self.paused_wait()
                     continue
                 if ready is not None and ready.bundle is not self._bundle:  # a model switch came between
@@ -385,7 +409,11 @@ class Daemon:
                         if expired is not None:
                             self._publish_item(expired, self._last_frame)
                         item_id = trig.want_frame()
+                        self._count_idle(item_id is None)
                         if item_id is None:
+                            if self.capture.finished.is_set() and self.capture.slot.take(0) is None:
+                                log.info("the source has ended")
+                                break
                             self._item_event.wait(0.05)
                             self._item_event.clear()
                             continue
@@ -394,6 +422,8 @@ class Daemon:
                         if wait > 0:
                             self.stopping.wait(wait)
                     frame = slot.take(timeout=0.25)
+                    if trig is None:
+                        self._count_idle(False)
                     if frame is None:
                         if self.capture.finished.is_set():
                             log.info("the source has ended")
@@ -428,11 +458,25 @@ class Daemon:
             if answer is not None:
                 self._complete(*answer)
         self._drop(ready)
-        if trig is not None and trig.busy:
-            result = trig.expire() or trig.flush()
-            if result is not None:
-                self._publish_item(result, self._last_frame)
+        self._close_items("shutdown" if self.stopping.is_set() else "source_ended")
         self.request_stop()
+
+    def _close_items(self, reason: UnknownReason) -> None:
+        """Every accepted trigger ends in a label: the item being voted on gets its vote on the frames it
+        has, the waiting ones (and any trigger from now on) `unknown` with `reason`."""
+        if self.trigger is None:
+            return
+        for result in self.trigger.close(reason):
+            self._publish_item(result, self._last_frame if result.frames else None)
+
+    def _count_idle(self, idle: bool) -> None:
+        """Frames the capture slot replaced while no item wanted one are idle frames, not dropped ones."""
+        dropped = self.capture.slot.dropped
+        if idle and self._idle_mark is None:
+            self._idle_mark = dropped
+        elif not idle and self._idle_mark is not None:
+            self.frames_idle += dropped - self._idle_mark
+            self._idle_mark = None
 
     def _may_send(self, inflight: deque[_InFlight], depth: int) -> bool:
         """Hand the prepared frame over now? Not while paused (it is dropped) or before a model switch
@@ -607,6 +651,7 @@ class Daemon:
             return
         old = self._worker
         self._worker, self._bundle = pending.worker, pending.bundle
+        self.startup_problems.clear()  # they were about the model that served until now
         self._decoder = self._make_decoder(pending.bundle)
         if self.trigger is not None:
             self.trigger.taxonomy = pending.bundle.taxonomy
@@ -620,7 +665,8 @@ class Daemon:
 
     # ---- labels -------------------------------------------------------------------------------------
     def label_payload(self, frame: Frame | None, decision: Decision, latency_s: float, invoke_s: float,
-                      item: ItemResult | None = None, bundle: Bundle | None = None) -> dict:
+                      item: ItemResult | None = None, bundle: Bundle | None = None) -> Label:
+        """The label message (protocol.Label); takes the next seq, so call it under `_label_lock`."""
         self._seq += 1
         bundle, dev = bundle or self._bundle, self.config.device
         info = self._worker.info
@@ -634,27 +680,23 @@ class Daemon:
             "line": dev.line,
             "timestamp": utc_ms(frame.wall if frame else time.time()),
             "item_id": item.item_id if item else None,
-            "label": decision.label,
-            "path": list(decision.path),
-            "levels": [{"depth": lv.depth, "id": lv.id, "name": lv.name, "score": lv.score, "passed": lv.passed}
-                       for lv in decision.levels],
-            "decision": decision.decision,
-            "top_k": [{"label": label, "score": score} for label, score in decision.top_k],
+            **decision_fields(decision, item.reason if item else None),  # type: ignore[typeddict-item]
             "vote": ({"frames": item.frames, "agreeing": item.agreeing, "agreement": round(item.agreement, 4)}
                      if item else None),
             "model": {"name": bundle.name, "version": bundle.version, "sha256": bundle.sha256},
             "backend": info.backend if info else "unknown",
-            "latency_ms": round(latency_s * 1000, 3),
+            "latency_ms": round(max(latency_s, 0.0) * 1000, 3),
             "inference_ms": round(invoke_s * 1000, 3),
         }
 
     def _publish_label(self, frame: Frame | None, decision: Decision, latency_s: float, invoke_s: float,
                        item: ItemResult | None = None, bundle: Bundle | None = None) -> None:
-        payload = self.label_payload(frame, decision, latency_s, invoke_s, item, bundle)
-        message = self.outbox.put(f"{self.topic_base}/labels", json_bytes(payload), qos=1,
-                                  expiry_s=self.config.mqtt.label_expiry_s)
+        with self._label_lock:  # the control thread publishes too (overflowed items)
+            payload = self.label_payload(frame, decision, latency_s, invoke_s, item, bundle)
+            message = self.outbox.put(f"{self.topic_base}/labels", json_bytes(payload), qos=1,
+                                      expiry_s=self.config.mqtt.label_expiry_s)
+            self.labels += 1
         published = self.link.notify_outbox(message)
-        self.labels += 1
         self.latencies.append(latency_s)
         if published and frame is not None:
             # Labels sent live only: one that waited out an outage shows in the outbox depth instead.
@@ -671,9 +713,14 @@ class Daemon:
         client.subscribe(f"{self.topic_base}/trigger", qos=1)
         for topic_filter, _ in self._subscriptions:
             client.subscribe(topic_filter, qos=1)
+        client.subscribe(f"{self.topic_base}/status", qos=1)
         self._last_status = None
         self._publish_status(force=True)
         self._publish_model()
+        # The will of a previous process of this device (crashed, restarted by systemd within the will delay)
+        # may arrive after our `online`: `_on_status` answers one it sees, and this re-assertion covers a
+        # broker ACL that does not let the device read its own status.
+        self._status_recheck = time.monotonic() + self.config.mqtt.will_delay_s + 1.0
 
     def _on_message(self, topic: str, payload: bytes, properties: Any) -> None:
         try:
@@ -694,6 +741,8 @@ class Daemon:
             try:
                 if topic == f"{self.topic_base}/trigger":
                     self._on_trigger(payload)
+                elif topic == f"{self.topic_base}/status":
+                    self._on_status(payload)
                 elif topic.startswith(cmd_prefix) and not plugin:
                     self._on_command(topic, topic[len(cmd_prefix):], payload, props)
             except Exception:  # noqa: BLE001 - a bad message never kills the daemon
@@ -704,50 +753,82 @@ class Daemon:
                 except Exception:  # noqa: BLE001
                     log.exception("subscription handler for %s failed", topic)
 
+    def _on_status(self, payload: bytes) -> None:
+        """Our own retained status as the broker has it: another boot's `offline` (its last will, delayed)
+        must not stay there while this process runs."""
+        try:
+            status = parse_json_object(payload, MAX_COMMAND_BYTES)
+        except PayloadError:
+            status = {}
+        if status.get("boot_id") != self.boot_id and not self.done.is_set() and not self.stopping.is_set():
+            log.info("the broker holds a status of another boot (%s, %s): publishing ours again",
+                     status.get("boot_id"), status.get("state"))
+            self._publish_status(force=True)
+
     def _on_trigger(self, payload: bytes) -> None:
+        """An item id, as `{"item_id": "A-1234"}` or the plain id; an id is a string of printable text
+        (1-128 characters) or an integer. Refused ones are counted and logged: they get no label."""
         if self.trigger is None:
-            log.warning("trigger message ignored: trigger.mode is %s, not item", self.config.trigger.mode)
+            self._refuse_trigger(f"trigger.mode is {self.config.trigger.mode}, not item")
             return
         try:
-            text = payload.decode("utf-8").strip()
-            data = json.loads(text) if text.startswith("{") else {"item_id": text}
-            item_id = data["item_id"]
-            if not isinstance(item_id, (str, int)) or not str(item_id) or len(str(item_id)) > MAX_ITEM_ID:
-                raise ValueError(f"item_id must be a non-empty string of at most {MAX_ITEM_ID} characters")
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-            log.warning("trigger message ignored (%s): send {\"item_id\": \"...\"} or the plain id", exc)
+            text = payload.decode("utf-8").strip() if len(payload) <= MAX_COMMAND_BYTES else ""
+            if text.startswith("{"):
+                data = parse_json_object(payload, MAX_COMMAND_BYTES)
+                if "item_id" not in data:
+                    raise PayloadError('no "item_id" key')
+                if set(data) - {"item_id"}:
+                    raise PayloadError(f"unknown keys {sorted(data.keys() - {'item_id'})}")
+                item_id = check_text(data["item_id"], "item_id")
+            else:
+                item_id = check_text(text, "item_id")
+        except (PayloadError, UnicodeDecodeError) as exc:
+            self._refuse_trigger(f'{exc}: send {{"item_id": "..."}} or the plain id')
             return
-        self.trigger.trigger(str(item_id))
+        self.triggers += 1
+        overflow = self.trigger.trigger(item_id)
+        if overflow is not None:
+            log.warning("item %r: more than trigger.max_waiting = %d items waiting: labelled unknown (%s)",
+                        overflow.item_id, self.config.trigger.max_waiting, overflow.reason)
+            self._publish_item(overflow, None)
         self._item_event.set()
 
+    def _refuse_trigger(self, why: str) -> None:
+        self.triggers_refused += 1
+        level = logging.WARNING if self.triggers_refused <= 10 or self.triggers_refused % 1000 == 0 else logging.DEBUG
+        log.log(level, "trigger message refused (%s); %d refused so far", why, self.triggers_refused)
+
     def _on_command(self, topic: str, name: str, payload: bytes, props: Any) -> None:
+        """Every command gets exactly one answer (protocol.CommandAnswer): on the request's response topic
+        when that is allowed (protocol.response_topic_problem), else on `<topic>/response`."""
         self.commands += 1
         response_topic = f"{topic}/response"
         correlation = None
+        problems = []
         if props is not None:
             candidate = getattr(props, "ResponseTopic", None)
-            if isinstance(candidate, str) and candidate and not any(c in candidate for c in "+#\0"):
-                response_topic = candidate
+            if isinstance(candidate, str) and candidate:
+                problem = response_topic_problem(candidate, self.topic_base, self.config.mqtt.prefix)
+                if problem is None:
+                    response_topic = candidate
+                else:
+                    problems.append(f"response topic {candidate!r} refused: {problem}; use one under "
+                                    f"{self.config.mqtt.prefix}/replies/")
             correlation = getattr(props, "CorrelationData", None)
         request_id = None
         try:
-            if len(payload) > MAX_COMMAND_BYTES:
-                raise CommandError(f"payload of {len(payload)} bytes is over the {MAX_COMMAND_BYTES}-byte limit")
-            try:
-                text = payload.decode("utf-8").strip()
-                args = json.loads(text) if text else {}
-            except (UnicodeDecodeError, ValueError) as exc:
-                raise CommandError(f"payload is not JSON: {exc}") from None
-            if not isinstance(args, dict):
-                raise CommandError("payload must be a JSON object")
-            request_id = args.pop("id", None)
+            args = parse_json_object(payload, MAX_COMMAND_BYTES)
+            if "id" in args:
+                request_id = check_text(args.pop("id"), "id")
             handler = self._commands().get(name)
             if handler is None:
                 raise CommandError(f"unknown command {name!r}; known: {', '.join(sorted(self._commands()))}")
-            response = {"ok": True, "command": name, "result": handler(args)}
-        except CommandError as exc:
+            if problems:
+                raise CommandError(problems[0])
+            response: dict = {"ok": True, "command": name, "result": handler(args)}
+        except PayloadError as exc:
             response = {"ok": False, "command": name, "error": str(exc)}
-        if isinstance(request_id, (str, int)):
+        if request_id is not None:
             response["id"] = request_id
         properties = None
         if correlation is not None and self.link.v5:
@@ -760,30 +841,45 @@ class Daemon:
 
     def _commands(self) -> dict[str, Callable[[dict], Any]]:
         return {"pause": self._cmd_pause, "resume": self._cmd_resume, "set_thresholds": self._cmd_thresholds,
-                "snapshot": self._cmd_snapshot, "state": lambda args: self.state()}
+                "snapshot": self._cmd_snapshot, "state": self._cmd_state}
+
+    @staticmethod
+    def _no_args(args: dict, allowed: tuple[str, ...] = ()) -> None:
+        unknown = sorted(set(args) - set(allowed))
+        if unknown:
+            what = f"it takes {', '.join(allowed)}" if allowed else "it takes no arguments"
+            raise CommandError(f"unknown keys {unknown}: {what} (besides id)")
+
+    def _cmd_state(self, args: dict) -> dict:
+        self._no_args(args)
+        return dict(self.state())
 
     def _cmd_pause(self, args: dict) -> dict:
+        self._no_args(args)
         self.paused.set()
         self._publish_status()
         return {"paused": True}
 
     def _cmd_resume(self, args: dict) -> dict:
+        self._no_args(args)
         self.paused.clear()
         self._publish_status()
         return {"paused": False}
 
     def _cmd_thresholds(self, args: dict) -> dict:
         """{"depth_1": 0.8, ...}: override per-depth thresholds until restart (null resets one)."""
-        values = args.get("thresholds", args)
-        if not isinstance(values, dict) or not values:
-            raise CommandError('send {"depth_1": 0.8, ...} (values between 0 and 1, null resets one)')
+        values = args["thresholds"] if set(args) == {"thresholds"} else args
         depth = self._bundle.taxonomy.depth
+        usage = (f'send {{"depth_1": 0.8, ...}}: keys depth_1..depth_{depth}, values between 0 and 1, '
+                 "null resets one")
+        if not isinstance(values, dict) or not values:
+            raise CommandError(usage)
+        keys = {f"depth_{d}" for d in range(1, depth + 1)}
         for key, value in values.items():
-            ok_key = isinstance(key, str) and key.startswith("depth_") and key[6:].isdigit() and 1 <= int(key[6:]) <= depth
             ok_value = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
                                          and 0.0 <= value <= 1.0)
-            if not ok_key or not ok_value:
-                raise CommandError(f"{key} = {value!r}: keys are depth_1..depth_{depth}, values between 0 and 1")
+            if key not in keys or not ok_value:
+                raise CommandError(f"{key} = {value!r}: {usage}")
         for key, value in values.items():
             if value is None:
                 self._threshold_overrides.pop(key, None)
@@ -795,6 +891,7 @@ class Daemon:
     def _cmd_snapshot(self, args: dict) -> dict:
         import cv2
 
+        self._no_args(args, ("inline",))
         frame = self._last_frame
         if frame is None:
             raise CommandError("no frame captured yet")
@@ -813,7 +910,7 @@ class Daemon:
 
     # ---- status, stats, health ---------------------------------------------------------------------------
     def state_reasons(self) -> list[str]:
-        reasons = []
+        reasons = list(self.startup_problems)
         info = self._worker.info
         if info and info.degraded_reason:
             reasons.append(info.degraded_reason)
@@ -856,7 +953,7 @@ class Daemon:
             "runtime": info.runtime if info else None, "model": self._bundle.describe(),
             "thresholds": {f"depth_{i + 1}": t for i, t in enumerate(self._decoder.thresholds)},
             "source": self.capture.status(), "frames_captured": self.capture.frames,
-            "frames_dropped": self.capture.slot.dropped, "frames_classified": self.classified, "labels": self.labels,
+            **self._frame_counts(), "frames_classified": self.classified, "labels": self.labels,
             "latency_ms_p50": lat[0], "latency_ms_p99": lat[1],
             "publish_latency_ms_p50": pub[0], "publish_latency_ms_p99": pub[1],
             "invoke_ms_p50": inv[0],
@@ -865,11 +962,19 @@ class Daemon:
             "outbox_depth": self.outbox.depth(), "outbox_evicted": self.outbox.counter("evicted"),
             "outbox_expired": self.outbox.counter("expired"), "mqtt_connected": self.link.connected.is_set(),
             "mqtt_error": self.link.last_error, "commands": self.commands, "control_dropped": self.control_dropped,
+            "triggers": self.triggers, "triggers_refused": self.triggers_refused,
             "items_waiting": self.trigger.waiting() if self.trigger else 0,
             "items_timed_out": self.trigger.timed_out if self.trigger else 0,
+            "items_overflowed": self.trigger.overflowed if self.trigger else 0,
             "last_frame_time": utc_ms(self.capture.last_frame_wall) if self.capture.last_frame_wall else None,
             "last_inference_time": utc_ms(self.last_inference_wall) if self.last_inference_wall else None,
         }
+
+    def _frame_counts(self) -> dict[str, int]:
+        """The slot's replaced frames, split: idle (nobody wanted one) and dropped (inference was busy)."""
+        replaced = self.capture.slot.dropped
+        idle = self.frames_idle + (replaced - self._idle_mark if self._idle_mark is not None else 0)
+        return {"frames_dropped": max(replaced - idle, 0), "frames_idle": idle}
 
     def _status_line(self) -> str:
         info = self._worker.info
@@ -882,6 +987,9 @@ class Daemon:
         while not self.stopping.wait(1.0):
             try:
                 self.capture.check_stall()
+                if self._status_recheck and time.monotonic() >= self._status_recheck:
+                    self._status_recheck = 0.0
+                    self._publish_status(force=True)
                 self._publish_status()
                 self._maybe_reprobe()
                 self._watchdog()
@@ -970,10 +1078,28 @@ class Daemon:
         self.metrics_port = server.server_port
 
 
+def public_key_problem(config: Config) -> str | None:
+    """model.public_key's own problem, named as such (not as a problem of model.bundle)."""
+    key = config.model.public_key
+    if key is None:
+        return None
+    if not Path(key).is_file():
+        return (f"model.public_key: {key} does not exist (the fleet's public key, made with "
+                "`taxonedge keygen`; the demo's is examples/models/grocery/taxonedge-demo.pub)")
+    try:
+        load_public_key(key)
+    except SigningKeyError as exc:
+        return f"model.public_key: {exc}"
+    return None
+
+
 def validate(config: Config) -> list[str]:
     """Problems with the files and secrets a config names (the schema itself is checked by load_config)."""
     problems = []
-    if config.model.bundle is not None:
+    key_problem = public_key_problem(config)
+    if key_problem:
+        problems.append(key_problem)
+    elif config.model.bundle is not None:
         try:
             read_verified(config.model.bundle, config.model)
         except (BundleError, ValueError) as exc:

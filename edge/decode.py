@@ -40,14 +40,22 @@ class Decision:
     levels: tuple[LevelScore, ...]  # the most probable node at each depth down the chosen path
     top_k: tuple[tuple[str, float], ...] = field(default=())  # leaf alternatives
 
-    def to_dict(self) -> dict:
-        return {
-            "decision": self.decision,
-            "label": self.label,
-            "path": list(self.path),
-            "levels": [vars(level) for level in self.levels],
-            "top_k": [{"label": label, "score": score} for label, score in self.top_k],
-        }
+
+
+def decision_fields(decision: Decision, reason: str | None = None) -> dict:
+    """The decision's part of a label message (protocol.Label): label, path, levels, decision, reason, top_k.
+    `reason` says why an unknown is unknown (`low_confidence` when the caller knows nothing more)."""
+    fields: dict = {
+        "label": decision.label,
+        "path": list(decision.path),
+        "levels": [{"depth": lv.depth, "id": lv.id, "name": lv.name, "score": lv.score, "passed": lv.passed}
+                   for lv in decision.levels],
+        "decision": decision.decision,
+        "top_k": [{"label": label, "score": score} for label, score in decision.top_k],
+    }
+    if decision.decision == "unknown":
+        fields["reason"] = reason or "low_confidence"
+    return fields
 
 
 def thresholds_for(taxonomy: Taxonomy, thresholds: dict[str, float] | None) -> list[float]:
@@ -93,7 +101,8 @@ class Decoder:
             scores = np.bincount(child_of_leaf, weights=probs[leaves], minlength=len(candidates))
             best = int(np.argmax(scores))
             node = candidates[best]
-            score = float(scores[best])
+            # Dequantized uint8 leaves can sum past 1 (up to 257/256): a score is a probability, clamped.
+            score = min(max(float(scores[best]), 0.0), 1.0)
             passed = score >= self.thresholds[node.depth - 1]
             levels.append(LevelScore(node.depth, node.id, node.name, node.slug, round(score, 6), passed))
             if not passed:
@@ -107,7 +116,7 @@ class Decoder:
         else:
             kind = "backed-off"
         order = np.argsort(-probs)[: self.top_k]
-        top = tuple((self.taxonomy.leaves[i].label, round(float(probs[i]), 6)) for i in order)
+        top = tuple((self.taxonomy.leaves[i].label, round(min(max(float(probs[i]), 0.0), 1.0), 6)) for i in order)
         return Decision(
             decision=kind,
             label=kept[-1].label if kept else None,

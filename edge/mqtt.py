@@ -18,7 +18,6 @@ It is also the only thread that writes to the socket (see `on_socket_register_wr
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import socket
@@ -365,10 +364,3 @@ class MqttLink:
         except Exception:  # noqa: BLE001
             log.exception("dropping an incoming message on %r", getattr(message, "_topic", b"?"))
 
-
-def json_bytes(payload: dict | bytes | str) -> bytes:
-    if isinstance(payload, bytes):
-        return payload
-    if isinstance(payload, str):
-        return payload.encode("utf-8")
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

@@ -114,9 +114,10 @@ def read_verified(source: str | Path | bytes, model: ModelConfig) -> Bundle:
     return bundle
 
 
-def startup_bundle(config: Config) -> Path | None:
+def startup_bundle(config: Config, problems: list[str] | None = None) -> Path | None:
     """The bundle the daemon starts with: the committed slot (an unfinished trial is rolled back), else the
-    previous slot if the committed one fails verification, else None (use `config.model.bundle`)."""
+    previous slot if the committed one fails verification, else None (use `config.model.bundle`). Each
+    installed slot that did not verify is appended to `problems` (the daemon reports them as degraded)."""
     slots = Slots(config.device.state_dir)
     if not slots.dir.exists():
         return None
@@ -138,6 +139,8 @@ def startup_bundle(config: Config) -> Path | None:
             read_verified(path, config.model)
         except (BundleError, ValueError) as exc:
             log.error("model slot %s does not verify, not using it: %s", slot, exc)
+            if problems is not None:
+                problems.append(f"installed model (slot {slot}) does not verify, not using it: {exc}")
             continue
         if slot != state.committed:  # fell back: the previous slot is now what the device runs
             slots.save(state.model_copy(update={"committed": slot, "previous": None}))

@@ -3,7 +3,11 @@
 In `item` mode a photo-eye event (an MQTT message with an item id) starts a vote over the next
 `frames_per_item` classified frames, all captured after the trigger arrived; the item gets ONE result: the deepest label path that at least
 `vote_agreement` of its frames agree on (agreement on a parent when the frames disagree below it),
-else `unknown`. Items arriving while one is being voted on wait in a bounded queue.
+else `unknown`. Items arriving while one is being voted on wait in a bounded queue (`trigger.max_waiting`).
+
+Every accepted trigger ends in exactly one result: a vote, or `unknown` with a reason (protocol.UnknownReason):
+`overflow` for the oldest waiting item when the queue is full, `timed_out` for an item that got no frame in
+`item_timeout_s`, `shutdown` / `source_ended` for the items still waiting when the daemon stops.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from .decode import Decision, LevelScore
+from .protocol import UnknownReason
 from .taxonomy import Taxonomy
+
+UNKNOWN = Decision(decision="unknown", label=None, path=(), levels=(), top_k=())
 
 
 @dataclass
@@ -31,6 +38,7 @@ class ItemResult:
     decision: Decision
     frames: int
     agreeing: int
+    reason: UnknownReason | None = None  # why the decision is unknown (None when it is not)
 
     @property
     def agreement(self) -> float:
@@ -49,8 +57,7 @@ def vote(decisions: list[Decision | None], taxonomy: Taxonomy, agreement: float)
         if count / n >= agreement:
             return _combined(prefix, [d for d in decisions if d is not None and d.path[:depth] == prefix],
                              taxonomy), count
-    unknown = Decision(decision="unknown", label=None, path=(), levels=(), top_k=())
-    return unknown, sum(1 for p in paths if not p)
+    return UNKNOWN, sum(1 for p in paths if not p)
 
 
 def _combined(path: tuple[str, ...], agreeing: list[Decision], taxonomy: Taxonomy) -> Decision:
@@ -59,7 +66,7 @@ def _combined(path: tuple[str, ...], agreeing: list[Decision], taxonomy: Taxonom
     for depth in range(1, len(path) + 1):
         scores = [lv for d in agreeing for lv in d.levels if lv.depth == depth]
         first = scores[0]
-        mean = round(sum(s.score for s in scores) / len(scores), 6)
+        mean = min(round(sum(s.score for s in scores) / len(scores), 6), 1.0)
         levels.append(LevelScore(depth, first.id, first.name, first.slug, mean, True))
     is_leaf = taxonomy.by_label["/".join(path)].is_leaf
     top: Counter[str] = Counter()
@@ -71,7 +78,7 @@ def _combined(path: tuple[str, ...], agreeing: list[Decision], taxonomy: Taxonom
         label="/".join(path),
         path=path,
         levels=tuple(levels),
-        top_k=tuple((label, round(score, 6)) for label, score in top.most_common(len(agreeing[0].top_k))),
+        top_k=tuple((label, min(round(score, 6), 1.0)) for label, score in top.most_common(len(agreeing[0].top_k))),
     )
 
 
@@ -87,17 +94,26 @@ class ItemTrigger:
         self._waiting: deque[tuple[str, float]] = deque()  # (item id, time.monotonic() of its trigger)
         self._max_waiting = max_waiting
         self._current: ItemVote | None = None
+        self._closed: UnknownReason | None = None  # set by `close`: later triggers get this at once
         self._lock = threading.Lock()
         self.items = 0
-        self.dropped_items = 0
+        self.overflowed = 0
         self.timed_out = 0
 
-    def trigger(self, item_id: str) -> None:
+    def trigger(self, item_id: str) -> ItemResult | None:
+        """Queue an item. Returns a result to publish now: the oldest waiting item's `overflow` when the
+        queue was full, or this item's own when the trigger is closed (the daemon is stopping)."""
         with self._lock:
-            if len(self._waiting) >= self._max_waiting:
-                self._waiting.popleft()
-                self.dropped_items += 1
+            if self._closed is not None:
+                self.items += 1
+                return ItemResult(item_id, UNKNOWN, 0, 0, self._closed)
             self._waiting.append((item_id, time.monotonic()))
+            if len(self._waiting) <= self._max_waiting:
+                return None
+            oldest, _ = self._waiting.popleft()
+            self.overflowed += 1
+            self.items += 1
+            return ItemResult(oldest, UNKNOWN, 0, 0, "overflow")
 
     @property
     def busy(self) -> bool:
@@ -107,7 +123,7 @@ class ItemTrigger:
     def want_frame(self) -> str | None:
         """The item id the next frame is for, starting the next waiting item if none is being voted on."""
         with self._lock:
-            if self._current is None and self._waiting:
+            if self._current is None and self._waiting and self._closed is None:
                 self._current = ItemVote(*self._waiting.popleft(), time.monotonic())
             if self._current is None:
                 return None
@@ -137,22 +153,31 @@ class ItemTrigger:
             if self._current is None or time.monotonic() - self._current.started < self.timeout_s:
                 return None
             self.timed_out += 1
-            return self._finish()
+            return self._finish("timed_out")
 
-    def flush(self) -> ItemResult | None:
-        """The current item's result now (the daemon is stopping or the source ended)."""
+    def close(self, reason: UnknownReason) -> list[ItemResult]:
+        """The daemon stops (or its source ended): the current item's vote on what it has, `reason` for
+        every waiting item, and for every trigger from now on."""
         with self._lock:
-            return self._finish() if self._current is not None else None
+            self._closed = reason
+            results = [self._finish(reason)] if self._current is not None else []
+            while self._waiting:
+                item_id, _ = self._waiting.popleft()
+                self.items += 1
+                results.append(ItemResult(item_id, UNKNOWN, 0, 0, reason))
+            return results
 
-    def _finish(self) -> ItemResult:
+    def _finish(self, no_frames: UnknownReason = "no_frames") -> ItemResult:
         vote_, self._current = self._current, None
         assert vote_ is not None
         self.items += 1
         if not vote_.decisions:
-            decision = Decision(decision="unknown", label=None, path=(), levels=(), top_k=())
-            return ItemResult(vote_.item_id, decision, 0, 0)
+            return ItemResult(vote_.item_id, UNKNOWN, 0, 0, no_frames)
         decision, agreeing = vote(vote_.decisions, self.taxonomy, self.agreement)
-        return ItemResult(vote_.item_id, decision, len(vote_.decisions), agreeing)
+        reason: UnknownReason | None = None
+        if decision.decision == "unknown":
+            reason = "no_frames" if all(d is None for d in vote_.decisions) else "low_confidence"
+        return ItemResult(vote_.item_id, decision, len(vote_.decisions), agreeing, reason)
 
     def waiting(self) -> int:
         return len(self._waiting)

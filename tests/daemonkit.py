@@ -18,6 +18,7 @@ from paho.mqtt.properties import Properties
 
 DEVICE = "dev1"
 BASE = f"taxonedge/plant/line1/{DEVICE}"
+REPLIES = "taxonedge/replies/tests"  # answers never go under the device's own BASE (protocol.py)
 
 
 def write_config(path: Path, broker: Any, bundle: Path, source: str, state_dir: Path, extra: str = "") -> Path:
@@ -53,7 +54,7 @@ stats_interval_s = 1
 class Recorder:
     """Subscribes to the device's topics and records every message (topic, payload dict or bytes, props)."""
 
-    def __init__(self, port: int, topics: tuple[str, ...] = (f"{BASE}/#",)):
+    def __init__(self, port: int, topics: tuple[str, ...] = (f"{BASE}/#", REPLIES)):
         self.messages: list[tuple[str, Any, Any]] = []
         self._cond = threading.Condition()
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"rec-{time.monotonic_ns()}",
@@ -93,7 +94,7 @@ class Recorder:
 
     def request(self, name: str, payload: bytes, correlation: bytes = b"c1") -> None:
         props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = f"{BASE}/replies"
+        props.ResponseTopic = REPLIES
         props.CorrelationData = correlation
         self.client.publish(f"{BASE}/cmd/{name}", payload, qos=1, properties=props).wait_for_publish(5)
 

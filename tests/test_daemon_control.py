@@ -19,7 +19,7 @@ from taxonedge.edge.daemon import MAX_COMMAND_BYTES, Daemon
 from taxonedge.edge.infer import WorkerError
 
 from .conftest import TINY_LABELS, free_port, write_image_tree
-from .daemonkit import BASE, Recorder, labels_of, write_config
+from .daemonkit import BASE, REPLIES, Recorder, labels_of, write_config
 from .tinymodels import write_tiny_bundle
 
 
@@ -64,7 +64,7 @@ def live(folder: Path, fps: int = 40) -> str:
 
 
 def responses(rec: Recorder) -> list[tuple[bytes | None, dict]]:
-    return [(getattr(p, "CorrelationData", None), m) for t, m, p in rec.messages if t == f"{BASE}/replies"]
+    return [(getattr(p, "CorrelationData", None), m) for t, m, p in rec.messages if t == REPLIES]
 
 
 def test_pause_resume_thresholds_snapshot_and_state(start, broker, one_class_images):

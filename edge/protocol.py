@@ -1,0 +1,383 @@
+"""The wire contract of a device: its topics and the messages it publishes, as typed dictionaries.
+
+The daemon builds its messages as these TypedDicts (static types, no cost per frame); the JSON Schemas in
+edge/schemas/ are generated from them (`python -m taxonedge.edge.protocol` rewrites them, and
+tests/test_protocol.py keeps the committed copies equal to the generated ones). To add a field to a
+message: add it here, regenerate, document it in docs/mqtt.md.
+
+Inputs are parsed here too (`parse_json_object`, `check_text`): every topic the device reads goes through
+them, so that no payload (bad UTF-8, lone surrogates, deep nesting, huge numbers) can raise past them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, TypeAdapter
+from typing_extensions import NotRequired, TypedDict
+
+LABEL_SCHEMA = "taxonedge.label/1"
+MAX_ID_CHARS = 128  # item ids and command ids
+SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
+
+Score = Annotated[float, Field(ge=0, le=1)]
+Count = Annotated[int, Field(ge=0)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+UtcMs = Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$",
+                             description="UTC, milliseconds")]
+Backend = Literal["edgetpu", "cpu", "unknown"]
+UnknownReason = Literal["low_confidence", "no_frames", "timed_out", "overflow", "shutdown", "source_ended"]
+_STRICT = ConfigDict(extra="forbid")
+
+
+# ---- topics ---------------------------------------------------------------------------------------
+def device_base(prefix: str, site: str, line: str, device: str) -> str:
+    """`<prefix>/<site>/<line>/<device>`: every topic of one device lives under it."""
+    return f"{prefix}/{site}/{line}/{device}"
+
+
+def replies_prefix(prefix: str) -> str:
+    """Where command and deployment answers go when a requester names a response topic of its own."""
+    return f"{prefix}/replies/"
+
+
+def response_topic_problem(topic: str, base: str, prefix: str) -> str | None:
+    """Why a requester's response topic is refused, or None. Answers never go to the device's own tree (its
+    labels, status, commands: a reply there would be a forged label or a command to itself), to a fleet
+    group's deployment topics, to `$` system topics, or to a filter."""
+    if not topic:
+        return "it is empty"
+    if any(c in topic for c in "+#\0") or topic.startswith("$"):
+        return "a response topic cannot hold +, #, NUL or start with $"
+    if topic == base or topic.startswith(f"{base}/"):
+        return "it is one of the device's own topics"
+    if topic.startswith(f"{prefix}/groups/"):
+        return "it is a fleet group's deployment topic"
+    return None
+
+
+# ---- labels ---------------------------------------------------------------------------------------
+class LevelEntry(TypedDict):
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
+    depth: Annotated[int, Field(ge=1)]
+    id: str
+    name: str
+    score: Score
+    passed: bool
+
+
+class TopKEntry(TypedDict):
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
+    label: str
+    score: Score
+
+
+class VoteEntry(TypedDict):
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
+    frames: Count
+    agreeing: Count
+    agreement: Score
+
+
+class ModelRef(TypedDict):
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
+    name: str
+    version: str
+    sha256: Sha256
+
+
+class Label(TypedDict):
+    """A label: one per classified frame (continuous) or per item (item mode), on `<base>/labels`, QoS 1,
+    MQTT v5 message expiry. Delivery is at least once: de-duplicate by msg_id; boot_id + seq orders the
+    labels of one daemon run and shows gaps."""
+
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
+    schema: Literal["taxonedge.label/1"]
+    msg_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$", description="unique per label, stable across re-sends")]
+    boot_id: Annotated[str, Field(min_length=1, description="changes on every daemon start")]
+    seq: Annotated[int, Field(ge=1, description="1, 2, 3, ... within one boot_id")]
+    device: str
+    site: str
+    line: str
+    timestamp: Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$",
+                                    description="UTC capture time of the (last) frame, milliseconds")]
+    item_id: Annotated[str | None, Field(description="the trigger's item id in item mode, else null")]
+    label: Annotated[str | None, Field(description="the decided label path joined by '/', null when unknown")]
+    path: list[str]
+    levels: Annotated[list[LevelEntry], Field(
+        description="the most probable node at each depth down the chosen path, including the first that "
+                    "failed its threshold")]
+    decision: Literal["accepted", "backed-off", "unknown"]
+    reason: NotRequired[Annotated[UnknownReason, Field(
+        description="only when decision is unknown: low_confidence (not even the top level passed), "
+                    "no_frames (an item got no frame: its inference failed), timed_out (item_timeout_s "
+                    "passed before any frame was classified), overflow (more than trigger.max_waiting items "
+                    "waited: the oldest gets this label at once), shutdown (the daemon stopped before the "
+                    "item's turn), source_ended (the video file or folder ended before the item's turn)")]]
+    top_k: list[TopKEntry]
+    vote: VoteEntry | None
+    model: ModelRef
+    backend: Backend
+    latency_ms: Annotated[float, Field(ge=0, description="capture of the frame to the label entering the outbox")]
+    inference_ms: Annotated[float, Field(ge=0, description="the interpreter's invoke time (0 for an item vote)")]
+
+
+# ---- status, model, stats -------------------------------------------------------------------------
+class Status(TypedDict):
+    """Retained on `<base>/status`: online / degraded while running; offline from the last will
+    (reason "connection lost") or a clean stop (reason "stopped")."""
+
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
+    state: Literal["online", "degraded", "offline"]
+    boot_id: str
+    device: str
+    reasons: NotRequired[list[str]]
+    reason: NotRequired[Literal["connection lost", "stopped", "failed"]]
+    backend: NotRequired[Backend | None]
+    runtime: NotRequired[str | None]
+    version: NotRequired[str]
+    since: NotRequired[UtcMs]
+
+
+class ModelDescription(TypedDict):
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
+    name: str
+    version: str
+    sha256: Sha256
+    taxonomy_hash: str
+
+
+class ModelStatus(ModelDescription):
+    """Retained on `<base>/model`: the model serving now."""
+
+    signature: Literal["valid", "unsigned", "not checked"]
+    backend: Backend | None
+    since: UtcMs
+
+
+class SourceStatus(TypedDict):
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
+    state: str
+    source: str
+    frames: Count
+    dropped: Count
+    reconnects: Count
+    stalls: Count
+    corrupt: Count
+    last_error: str | None
+
+
+class DeviceState(TypedDict):
+    """The `state` command's result; `stats` adds fps, final and time."""
+
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
+    state: Literal["online", "degraded"]
+    reasons: list[str]
+    boot_id: str
+    paused: bool
+    backend: Backend | None
+    runtime: str | None
+    model: ModelDescription
+    thresholds: dict[str, Score]
+    source: SourceStatus
+    frames_captured: Count
+    frames_dropped: Annotated[int, Field(ge=0, description=(
+        "frames replaced in the capture slot by a newer one while inference was busy with another frame"))]
+    frames_idle: Annotated[int, Field(ge=0, description=(
+        "frames captured while nothing wanted one: item mode between items, or paused"))]
+    frames_classified: Count
+    labels: Count
+    latency_ms_p50: Annotated[float, Field(ge=0)]
+    latency_ms_p99: Annotated[float, Field(ge=0)]
+    publish_latency_ms_p50: Annotated[float, Field(ge=0)]
+    publish_latency_ms_p99: Annotated[float, Field(ge=0)]
+    invoke_ms_p50: Annotated[float, Field(ge=0)]
+    inference_errors: Count
+    preprocess_errors: Count
+    worker_restarts: Count
+    edgetpu_reprobes: Count
+    outbox_depth: Count
+    outbox_evicted: Count
+    outbox_expired: Count
+    mqtt_connected: bool
+    mqtt_error: str | None
+    commands: Count
+    control_dropped: Count
+    triggers: Annotated[int, Field(ge=0, description="trigger messages accepted (each ends in one label)")]
+    triggers_refused: Annotated[int, Field(ge=0, description="trigger messages refused (bad id): no label")]
+    items_waiting: Count
+    items_timed_out: Count
+    items_overflowed: Count
+    last_frame_time: UtcMs | None
+    last_inference_time: UtcMs | None
+
+
+class Stats(DeviceState):
+    """On `<base>/stats` every stats_interval_s (QoS 0) and once at a clean stop (final, QoS 1)."""
+
+    fps: Annotated[float, Field(ge=0)]
+    final: bool
+    time: UtcMs
+
+
+# ---- commands -------------------------------------------------------------------------------------
+class CommandAnswer(TypedDict):
+    """The answer to `<base>/cmd/<name>`, on the request's response topic (or `<base>/cmd/<name>/response`)."""
+
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
+    ok: bool
+    command: str
+    result: NotRequired[dict[str, Any]]
+    error: NotRequired[str]
+    id: NotRequired[str | int]
+
+
+# ---- deployments ----------------------------------------------------------------------------------
+class DeployProgress(TypedDict):
+    """A deployment's progress, retained on `<base>/model/deploy/<id>` when final, and sent to the
+    request's response topic."""
+
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
+    id: str | None
+    device: str
+    state: Literal["receiving", "received", "verifying", "staged", "warming", "self_test", "switched",
+                   "committed", "rejected", "rolled_back"]
+    time: NotRequired[str]
+    reason: NotRequired[str | None]
+    repeat: NotRequired[bool]
+    size: NotRequired[Count]
+    slot: NotRequired[Literal["a", "b"]]
+    model: NotRequired[ModelDescription]
+    detail: NotRequired[str]
+    count: NotRequired[Count]
+    received: NotRequired[Count]
+    chunks: NotRequired[Count]
+    missing: NotRequired[list[Count]]
+
+
+MESSAGES: dict[str, Any] = {
+    "label": Label, "status": Status, "model": ModelStatus, "stats": Stats, "command-answer": CommandAnswer,
+    "deploy-progress": DeployProgress,
+}
+
+
+def json_schema(name: str) -> dict:
+    """The JSON Schema (2020-12) of one message, generated from its TypedDict."""
+    schema = TypeAdapter(MESSAGES[name]).json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": f"https://taxonedge.example/schemas/{name}.schema.json", **schema}
+
+
+def write_schemas(folder: Path = SCHEMA_DIR) -> list[Path]:
+    paths = []
+    for name in MESSAGES:
+        path = folder / f"{name}.schema.json"
+        path.write_text(json.dumps(json_schema(name), indent=2) + "\n", encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+def message_kind(topic: str, base: str) -> str | None:
+    """Which message a topic under `base` carries (None: not one the device publishes)."""
+    rest = topic[len(base) + 1:] if topic.startswith(f"{base}/") else None
+    if rest in ("labels", "status", "stats", "model"):
+        return {"labels": "label"}.get(rest, rest)
+    if rest is not None and rest.startswith("model/deploy/") and rest.count("/") == 2:
+        return "deploy-progress"
+    if rest is not None and rest.startswith("cmd/") and rest.endswith("/response"):
+        return "command-answer"
+    return None
+
+
+# ---- inputs ---------------------------------------------------------------------------------------
+class PayloadError(ValueError):
+    """A payload the device refuses; the text says why in one line."""
+
+
+def parse_json_object(payload: bytes, max_bytes: int, empty_ok: bool = True) -> dict:
+    """A JSON object from an MQTT payload, or PayloadError. Never raises anything else: bad UTF-8, deep
+    nesting (RecursionError inside json), huge integers and lone surrogates all become one line."""
+    if len(payload) > max_bytes:
+        raise PayloadError(f"payload of {len(payload)} bytes is over the {max_bytes}-byte limit")
+    try:
+        text = payload.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise PayloadError(f"payload is not UTF-8 (byte {exc.start})") from None
+    if not text:
+        if empty_ok:
+            return {}
+        raise PayloadError("payload is empty")
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise PayloadError("payload is nested too deeply") from None
+    except ValueError as exc:
+        raise PayloadError(f"payload is not JSON: {str(exc)[:200]}") from None
+    if not isinstance(value, dict):
+        raise PayloadError("payload must be a JSON object")
+    problem = _bad_text(value)
+    if problem:
+        raise PayloadError(problem)
+    return value
+
+
+def _bad_text(value: Any, depth: int = 0) -> str | None:
+    """Lone surrogates (`"\\ud800"` in JSON) are not text: nothing could serialise them back as UTF-8."""
+    if depth > 64:
+        return "payload is nested too deeply"
+    if isinstance(value, str):
+        return None if _is_unicode(value) else "payload holds an invalid \\u escape (a lone surrogate)"
+    items: list[Any] = []
+    if isinstance(value, dict):
+        items = [*value.keys(), *value.values()]
+    elif isinstance(value, list):
+        items = value
+    for item in items:
+        problem = _bad_text(item, depth + 1)
+        if problem:
+            return problem
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_text(value: Any, what: str, max_chars: int = MAX_ID_CHARS) -> str:
+    """An id sent by a client: a string of 1..max_chars printable characters, or an integer (its decimal
+    text). Booleans, floats, null, lists and objects are refused."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise PayloadError(f"{what} must be a string or an integer, not {type(value).__name__}")
+    if not 1 <= len(value) <= max_chars:
+        raise PayloadError(f"{what} must have 1 to {max_chars} characters, not {len(value)}")
+    if not _is_unicode(value) or not value.isprintable():
+        raise PayloadError(f"{what} must be printable text (no control characters or lone surrogates)")
+    return value
+
+
+def json_bytes(payload: Any) -> bytes:
+    """A message as compact UTF-8 JSON. Never raises on text: a string that is not valid Unicode (it
+    cannot happen for inputs that went through this module, but a bug must not stop a daemon) is sent
+    with ASCII escapes instead."""
+    if isinstance(payload, bytes):
+        return payload
+    if isinstance(payload, str):
+        return payload.encode("utf-8", "backslashreplace")
+    try:
+        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(payload, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+if __name__ == "__main__":
+    for written in write_schemas(Path(sys.argv[1]) if len(sys.argv) > 1 else SCHEMA_DIR):
+        print(written)
