@@ -14,7 +14,7 @@ import pytest
 from taxonedge.edge.bundle import read_bundle
 from taxonedge.edge.config import load_config
 from taxonedge.edge.slots import SLOTS, Slots, read_verified
-from taxonedge.edge.update import PAUSE_ENV
+from taxonedge.edge.update import FINAL, PAUSE_ENV
 
 from .conftest import write_frames_folder
 from .daemonkit import DaemonProcess
@@ -53,7 +53,9 @@ def _start(config, observer, expect_sha: str, env: dict | None = None) -> Daemon
 
 
 def _deploy(broker, bundle, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "taxonedge", "deploy", str(bundle), "--broker",
+    """`taxonedge deploy BUNDLE ARGS`; BUNDLE None for --pending / --cancel."""
+    bundle_arg = [] if bundle is None else [str(bundle)]
+    return subprocess.run([sys.executable, "-m", "taxonedge", "deploy", *bundle_arg, "--broker",
                            f"127.0.0.1:{broker.port}", "--timeout", "60", *args],
                           capture_output=True, text=True, timeout=timeout)
 
@@ -142,3 +144,80 @@ def test_sigkill_at_every_step_recovers_to_a_valid_model(setup, broker, step):
             assert observer.model["sha256"] == new_sha
     finally:
         assert daemon.terminate() == 0, daemon.log[-3000:]
+
+
+def _deploy_async(broker, bundle, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "taxonedge", "deploy", str(bundle), "--broker",
+                             f"127.0.0.1:{broker.port}", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_redeploying_an_earlier_release_with_the_cli(setup, broker):
+    """B, then A, then B again with the default ids: the device serves B at the end and the CLI says so."""
+    tmp_path, config, observer, made = setup
+    old_sha, new_sha = read_bundle(made["old"]).sha256, read_bundle(made["new"]).sha256
+    daemon = _start(config, observer, old_sha)
+    try:
+        for path, sha in [("new", new_sha), ("old", old_sha), ("new", new_sha)]:
+            done = _deploy(broker, tmp_path / f"{path}.tebundle", "--target", "s1/l1/dev1")
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert "repeat" not in done.stdout, done.stdout
+            observer.wait_for(lambda s=sha: observer.model["sha256"] == s)
+        again = _deploy(broker, tmp_path / "new.tebundle", "--target", "s1/l1/dev1")  # serves B: a repeat
+        assert again.returncode == 0 and "repeat" in again.stdout, again.stdout + again.stderr
+    finally:
+        assert daemon.terminate() == 0, daemon.log[-3000:]
+
+
+def test_deployment_killed_while_verifying_is_reported_after_restart(setup, broker):
+    tmp_path, config, observer, made = setup
+    old_sha = read_bundle(made["old"]).sha256
+    daemon = _start(config, observer, old_sha, env={PAUSE_ENV: "verifying:60"})
+    cli = _deploy_async(broker, tmp_path / "new.tebundle", "--target", "s1/l1/dev1", "--id", "cut",
+                        "--timeout", "120")
+    try:
+        observer.wait_for(lambda: "verifying" in observer.states("cut"), 60)
+        daemon.kill()
+        daemon = _start(config, observer, old_sha)
+        out, err = cli.communicate(timeout=30)  # promptly, not after --timeout
+    finally:
+        cli.kill()
+        assert daemon.terminate() == 0, daemon.log[-3000:]
+    assert cli.returncode == 1, out + err
+    assert "rejected: interrupted: the daemon stopped while the deployment was at 'verifying'" in out, out
+    assert observer.outcome("cut")["state"] == "rejected"
+    assert observer.model["sha256"] == old_sha
+
+
+def test_deployment_to_an_offline_device_runs_when_it_connects(setup, broker):
+    tmp_path, config, observer, made = setup
+    new_sha = read_bundle(made["new"]).sha256
+    target = ["--target", "s1/l1/dev1"]
+    sent = _deploy(broker, tmp_path / "new.tebundle", *target, "--no-wait", "--chunk-size", "8192")
+    assert sent.returncode == 0 and "pending on 1 device" in sent.stdout, sent.stdout + sent.stderr
+    listed = _deploy(broker, None, "--pending")
+    assert listed.returncode == 0, listed.stderr
+    assert "s1/l1/dev1: " in listed.stdout and " pending (issued " in listed.stdout, listed.stdout
+    assert "no answer yet" in listed.stdout
+    # a second device that never comes: its pending deployment is withdrawn
+    parked = _deploy(broker, tmp_path / "new.tebundle", "--target", "s1/l1/dev9", "--no-wait")
+    assert parked.returncode == 0, parked.stderr
+    cancel = _deploy(broker, None, "--cancel", "--target", "s1/l1/dev9")
+    assert cancel.returncode == 0 and "withdrew" in cancel.stdout, cancel.stdout + cancel.stderr
+    daemon = _start(config, observer, read_bundle(made["old"]).sha256)  # comes online: takes the deployment
+    try:
+        observer.wait_for(lambda: [p for ps in observer.progress.values() for p in ps if p["state"] in FINAL], 60)
+        assert [p["state"] for ps in observer.progress.values() for p in ps if p["state"] in FINAL] == ["committed"]
+        assert observer.model["sha256"] == new_sha
+        # the device cleared its own retained request: nothing pending any more, anywhere
+        for _ in range(20):
+            listed = _deploy(broker, None, "--pending")
+            if "no pending deployments" in listed.stdout:
+                break
+            time.sleep(0.5)
+        assert "no pending deployments" in listed.stdout, listed.stdout
+    finally:
+        assert daemon.terminate() == 0, daemon.log[-3000:]
+    # restarted: nothing is replayed, the model stays
+    daemon = _start(config, observer, new_sha)
+    assert daemon.terminate() == 0, daemon.log[-3000:]
