@@ -128,7 +128,7 @@ def test_no_payload_on_any_topic_stops_the_device_or_goes_unanswered(tmp_path, b
         def answered(corr: bytes, topic: str) -> bool:
             return any(getattr(p, "CorrelationData", None) == corr and t == topic for t, _, p in watcher.snapshot())
 
-        @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         @given(name=NAMES, payload=PAYLOADS, response=RESPONSE_TOPICS)
         def commands(name: str, payload: bytes, response: str | None) -> None:
             corr = send(f"{BASE}/cmd/{name}", payload, response)
@@ -136,19 +136,20 @@ def test_no_payload_on_any_topic_stops_the_device_or_goes_unanswered(tmp_path, b
             where = response if response == REPLIES else f"{BASE}/cmd/{name}/response"
             assert watcher.wait(lambda: answered(corr, where), 10), f"no answer to cmd/{name} {payload[:80]!r}"
 
-        @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         @given(payload=PAYLOADS)
         def triggers(payload: bytes) -> None:
             send(f"{BASE}/trigger", payload, None)
             sent["triggers"] += 1
 
-        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         @given(payload=PAYLOADS, response=RESPONSE_TOPICS, where=st.sampled_from(["device", "group", "chunk"]))
         def deployments(payload: bytes, response: str | None, where: str) -> None:
             topic = {"device": f"{BASE}/model/deploy", "group": GROUP_DEPLOY,
                      "chunk": f"{BASE}/model/deploy/d2/chunk/0"}[where]
             corr = send(topic, payload, response)
-            if response == REPLIES and where != "chunk":
+            # An empty payload on a deploy topic clears a retained request (`deploy --cancel`): not a request.
+            if response == REPLIES and where != "chunk" and payload.strip():
                 assert watcher.wait(lambda: answered(corr, REPLIES), 10), f"no answer to {payload[:80]!r}"
 
         commands()
