@@ -414,6 +414,9 @@ def sign_command(args: Any) -> int:
         public_key = load_public_key(args.pubkey) if args.pubkey else None
     except SigningKeyError as exc:
         raise CliError(str(exc)) from None
+    version = args.model_version
+    if version is not None and (not version.strip() or len(version) > 64 or not version.isprintable()):
+        raise CliError(f"--version {version!r}: give a version such as 1.3.2")
     if Path(args.out).resolve() == Path(args.bundle).resolve():
         raise CliError(f"--out {args.out} is the bundle itself: write the signed copy elsewhere")
     try:

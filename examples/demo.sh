@@ -4,9 +4,16 @@
 # hierarchical label as a logistics system receives it.
 #
 #   bash examples/demo.sh            # first run sets up: Debian's mosquitto, a device venv (.venv-edge)
+#   bash examples/demo.sh deploy     # a model deployment end to end, with a key of your own (docs/deploy.md)
 #
 # The device venv has no TensorFlow: it is what a sorting-line board installs (pip install '.[edge]').
+# VENV=path uses another environment that has this checkout installed (editable), e.g. the tests' .venv.
 set -euo pipefail
+MODE=${1:-labels}
+case "$MODE" in
+  labels|deploy) ;;
+  *) echo "usage: bash examples/demo.sh [deploy]" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 BUNDLE=${BUNDLE:-$ROOT/examples/models/grocery/grocery.tebundle}
@@ -20,24 +27,27 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
 fi
 MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 
-if [ ! -x .venv-edge/bin/taxonedge ]; then
-  echo "== creating the device environment .venv-edge (no TensorFlow)"
-  python3 -m venv .venv-edge
-  .venv-edge/bin/python -m pip install -q --upgrade pip
+VENV=${VENV:-.venv-edge}
+if [ ! -x "$VENV/bin/taxonedge" ]; then
+  echo "== creating the device environment $VENV (no TensorFlow)"
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
 # Editable, so that the demo runs this checkout's code: a plain install keeps running the code of the day
 # the environment was made, whatever was pulled since.
 # (Checked from / so that the checkout's own taxonedge/ folder does not answer for the installed one.)
-if ! (cd / && "$ROOT/.venv-edge/bin/python" -c "import sys, taxonedge.edge as e; sys.exit(not e.__file__.startswith('$ROOT/edge/'))") 2>/dev/null; then
-  echo "== installing this checkout into .venv-edge (editable, no TensorFlow)"
-  .venv-edge/bin/python -m pip install -q -e ".[edge]"
+VENV=$(cd "$VENV" && pwd)
+if ! (cd / && "$VENV/bin/python" -c "import sys, taxonedge.edge as e; sys.exit(not e.__file__.startswith('$ROOT/edge/'))") 2>/dev/null; then
+  echo "== installing this checkout into $VENV (editable, no TensorFlow)"
+  "$VENV/bin/python" -m pip install -q -e ".[edge]"
 fi
-TE=.venv-edge/bin/taxonedge
+TE=$VENV/bin/taxonedge
 
 WORK=$(mktemp -d)
 chmod 755 "$WORK"
-PORT=$(.venv-edge/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+PORT=$("$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 cleanup() {
+  [ -n "${DAEMON_PID:-}" ] && kill "$DAEMON_PID" 2>/dev/null || true
   [ -n "${LISTEN_PID:-}" ] && kill "$LISTEN_PID" 2>/dev/null || true
   [ -n "${BROKER_PID:-}" ] && kill "$BROKER_PID" 2>/dev/null || true
   wait 2>/dev/null || true
@@ -49,6 +59,21 @@ printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$PORT
 chmod 644 "$WORK/mosquitto.conf"
 "$MOSQUITTO" -c "$WORK/mosquitto.conf" > "$WORK/mosquitto.log" 2>&1 &
 BROKER_PID=$!
+
+LOOP=false
+if [ "$MODE" = deploy ]; then
+  # The bundled Grocery bundle is signed with the project's demo key, whose private half is not shipped.
+  # An operator signs with a key of their own: make one, re-sign the bundle the device starts with (after
+  # checking the demo signature), and sign the same model as release 1.3.2 to deploy.
+  echo "== your key pair, the demo bundle re-signed with it, and release 1.3.2 of the same model"
+  "$TE" keygen --out "$WORK/keys/demo-op"
+  "$TE" sign "$BUNDLE" --pubkey "$PUBKEY" --key "$WORK/keys/demo-op.key" --out "$WORK/grocery-mine.tebundle"
+  "$TE" sign "$WORK/grocery-mine.tebundle" --key "$WORK/keys/demo-op.key" --version 1.3.2 \
+      --out "$WORK/grocery-1.3.2.tebundle"
+  BUNDLE=$WORK/grocery-mine.tebundle
+  PUBKEY=$WORK/keys/demo-op.pub
+  LOOP=true   # the line keeps running through the deployment (the health window needs inferences)
+fi
 
 cat > "$WORK/device.toml" <<TOML
 # A demo device: the bundled clip stands in for the belt camera, paced in real time.
@@ -66,6 +91,7 @@ public_key = "$PUBKEY"     # the bundle must carry a valid signature from this k
 type = "video"
 path = "$CLIP"
 pacing = "realtime"
+loop = $LOOP
 
 [trigger]
 mode = "continuous"
@@ -78,6 +104,31 @@ backend = "auto"             # Edge TPU when present, else the CPU (status: degr
 host = "127.0.0.1"
 port = $PORT
 TOML
+
+if [ "$MODE" = deploy ]; then
+  echo "== broker on 127.0.0.1:$PORT; the device starts on grocery-mine.tebundle (1.3.1, your key)"
+  "$TE" run --config "$WORK/device.toml" > "$WORK/daemon.log" 2>&1 &
+  DAEMON_PID=$!
+  "$TE" listen --broker "127.0.0.1:$PORT" --site demo-dc --line belt-1 --device demo-cam --count 3 --timeout 120
+  echo "== deploying release 1.3.2 (taxonedge deploy, exit status 0 = committed and serving)"
+  STATUS=0
+  "$TE" deploy "$WORK/grocery-1.3.2.tebundle" --broker "127.0.0.1:$PORT" --target demo-dc/belt-1/demo-cam \
+      --pubkey "$PUBKEY" --timeout 180 || STATUS=$?
+  echo "== the model in the device's next labels:"
+  "$TE" listen --broker "127.0.0.1:$PORT" --site demo-dc --line belt-1 --device demo-cam --count 2 --timeout 60 \
+      --json | "$VENV/bin/python" -c '
+import json, sys
+for line in sys.stdin:
+    model = json.loads(line)["payload"].get("model")
+    if isinstance(model, dict):
+        print(model.get("name"), model.get("version"), model.get("sha256", "")[:12])' || true
+  kill -TERM "$DAEMON_PID"
+  wait "$DAEMON_PID" || true
+  DAEMON_PID=
+  [ "$STATUS" -eq 0 ] || { echo "== the daemon's log:"; tail -n 30 "$WORK/daemon.log"; }
+  echo "== deploy exit status: $STATUS"
+  exit "$STATUS"
+fi
 
 echo "== broker on 127.0.0.1:$PORT; labels of demo-dc/belt-1/demo-cam (Ctrl-C stops):"
 "$TE" listen --broker "127.0.0.1:$PORT" --site demo-dc --line belt-1 --device demo-cam &
