@@ -47,7 +47,13 @@ MAX_BUNDLE_BYTES = 256 * 1024 * 1024
 
 
 class BundleError(ValueError):
-    """A bundle that must not be used. The message names the file and what was expected."""
+    """A bundle that must not be used. The message names the file and what was expected.
+
+    Always one line, publishable as UTF-8: it may quote names and values from a hostile bundle, and it goes
+    into logs, deployment answers and `inspect` output as it is."""
+
+    def __init__(self, message: str):
+        super().__init__(_one_line(message, 1000))
 
 
 class OutputSpec(BaseModel):
@@ -214,11 +220,15 @@ def read_bundle(source: str | Path | bytes, public_key: Ed25519PublicKey | None 
     _check_sums(members, where)
     manifest_bytes = members.pop(MANIFEST)
     try:
-        manifest = Manifest.model_validate(json.loads(manifest_bytes))
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{where}: {MANIFEST} is not valid JSON ({exc})") from None
-    except ValidationError as exc:
+        manifest = Manifest.model_validate(json.loads(manifest_bytes.decode("utf-8")))
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{where}: {MANIFEST} is not UTF-8 (byte {exc.start})") from None
+    except RecursionError:
+        raise BundleError(f"{where}: {MANIFEST} is nested too deeply") from None
+    except ValidationError as exc:  # before ValueError: a ValidationError is one
         raise BundleError(f"{where}: {MANIFEST} is invalid: {_first_error(exc)}") from None
+    except ValueError as exc:  # JSONDecodeError, or a number too long to convert
+        raise BundleError(f"{where}: {MANIFEST} is not valid JSON ({_one_line(exc)})") from None
 
     signature = members.pop(SIGNATURE, None)
     for name in members:
@@ -253,8 +263,9 @@ def read_bundle(source: str | Path | bytes, public_key: Ed25519PublicKey | None 
 
     try:
         taxonomy = Taxonomy.from_dict(manifest.taxonomy)
-    except TaxonomyError as exc:
-        raise BundleError(f"{where}: taxonomy in {MANIFEST} is invalid: {exc}") from None
+    except (TaxonomyError, TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
+        # untrusted input: whatever the taxonomy reader trips on is a refusal, named, not a traceback
+        raise BundleError(f"{where}: taxonomy in {MANIFEST} is invalid: {_one_line(exc)}") from None
     if taxonomy.hash != manifest.taxonomy_hash:
         raise BundleError(f"{where}: taxonomy hash is {taxonomy.hash}, the manifest says {manifest.taxonomy_hash}")
     if manifest.output.leaf_order != taxonomy.leaf_labels or manifest.output.num_classes != taxonomy.num_leaves:
@@ -393,4 +404,10 @@ def _untar(raw: bytes, where: str, max_bytes: int) -> dict[str, bytes]:
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    return f"{loc}: {err['msg']}"
+    return _one_line(f"{loc}: {err['msg']}")
+
+
+def _one_line(text: object, limit: int = 300) -> str:
+    """A message from untrusted content: one line, printable as UTF-8, bounded."""
+    line = "".join(c if c.isprintable() else " " for c in str(text)).strip() or type(text).__name__
+    return line.encode("utf-8", "replace").decode("utf-8")[:limit]
