@@ -55,6 +55,7 @@ from .protocol import (
     check_text,
     json_bytes,
     parse_json_object,
+    replies_prefix,
     response_topic_problem,
 )
 from .runtime import edgetpu_devices
@@ -813,7 +814,7 @@ class Daemon:
                     response_topic = candidate
                 else:
                     problems.append(f"response topic {candidate!r} refused: {problem}; use one under "
-                                    f"{self.config.mqtt.prefix}/replies/")
+                                    f"{replies_prefix(self.config.mqtt.prefix)}")
             correlation = getattr(props, "CorrelationData", None)
         request_id = None
         try:

@@ -238,7 +238,8 @@ class CommandAnswer(TypedDict):
 # ---- deployments ----------------------------------------------------------------------------------
 class DeployProgress(TypedDict):
     """A deployment's progress, retained on `<base>/model/deploy/<id>` when final, and sent to the
-    request's response topic."""
+    request's response topic; also an unreadable request's rejection on `<base>/model/deploy/rejected`
+    (`id` null when the request had none that could be read)."""
 
     __pydantic_config__ = _STRICT  # type: ignore[misc]
     id: str | None
@@ -246,6 +247,9 @@ class DeployProgress(TypedDict):
     state: Literal["receiving", "received", "verifying", "staged", "warming", "self_test", "switched",
                    "committed", "rejected", "rolled_back"]
     time: NotRequired[str]
+    nonce: NotRequired[Annotated[str, Field(
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="the request's nonce (one per `taxonedge deploy` run): which request this answers")]]
     reason: NotRequired[str | None]
     repeat: NotRequired[bool]
     size: NotRequired[Count]

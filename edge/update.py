@@ -51,6 +51,7 @@ from taxonedge import __version__
 
 from .bundle import Bundle, BundleError, atomic_write, utc_now
 from .osthread import start_thread
+from .protocol import replies_prefix, response_topic_problem
 from .runtime import EdgeTpuUnavailable, ModelError, open_classifier
 from .signing import SigningKeyError
 from .slots import Slots, read_verified
@@ -347,14 +348,14 @@ class Updater:
             self._send(response_topic, answer, correlation)
 
     def _reply_topic(self, topic: Any) -> str | None:
-        """The request's response topic, or None when answers must not go there: the device's own topics,
-        the fleet's deploy topics, wildcards and broker ($) topics (progress still goes to its own topic)."""
+        """The request's response topic, or None when answers must not go there (protocol.py's rule, the
+        same as for commands); progress still goes to the deployment's own topic."""
         if not topic or not isinstance(topic, str):
             return None
-        groups = f"{self.config.mqtt.prefix}/groups/"
-        if topic.startswith(("$", f"{self.base}/", groups)) or topic == self.base or set(topic) & set("+#"):
-            log.warning("deploy request's response topic %r refused: answers never go to the device's own "
-                        "topics, %s..., wildcards or $ topics (use <prefix>/replies/...)", topic, groups)
+        problem = response_topic_problem(topic, self.base, self.config.mqtt.prefix)
+        if problem:
+            log.warning("deploy request's response topic %r refused: %s (use %s...)", topic, problem,
+                        replies_prefix(self.config.mqtt.prefix))
             return None
         return topic
 

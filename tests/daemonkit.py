@@ -139,3 +139,66 @@ class DaemonProcess:
 
 def labels_of(recorder: Recorder) -> list[dict]:
     return [p for p in recorder.on("labels") if isinstance(p, dict)]
+
+
+class Watcher:
+    """Every message on the broker (`#`), in arrival order, raw."""
+
+    def __init__(self, port: int):
+        self.messages: list[tuple[str, bytes, Properties | None]] = []
+        self._lock = threading.Lock()
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"watcher-{time.monotonic_ns()}",
+                                  protocol=paho.MQTTv5)
+        ready = threading.Event()
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe("#", qos=1)
+        self.client.on_subscribe = lambda *a: ready.set()
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert ready.wait(5)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self._lock:
+            self.messages.append((msg.topic, msg.payload, getattr(msg, "properties", None)))
+
+    def snapshot(self) -> list[tuple[str, bytes, Properties | None]]:
+        with self._lock:
+            return list(self.messages)
+
+    def wait(self, predicate, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.02)
+        return predicate()
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+SCHEMAS = {name: json.loads((Path(__file__).resolve().parents[1] / "edge" / "schemas" / f"{name}.schema.json")
+                            .read_text()) for name in ("label", "status", "stats", "model", "command-answer",
+                                                      "deploy-progress")}
+
+
+def validate_device_messages(messages: list[tuple[str, bytes, Any]], base: str, replies: str | None = None
+                             ) -> list[dict]:
+    """Every message a device published under `base` (and its answers on `replies`) against the schema
+    generated from edge/protocol.py; returns the labels."""
+    import jsonschema
+    from taxonedge.edge.protocol import message_kind
+
+    labels = []
+    for topic, payload, _ in messages:
+        kind = message_kind(topic, base)
+        if topic == replies:
+            kind = "command-answer" if "command" in json.loads(payload) else "deploy-progress"
+        if kind is None:
+            continue
+        document = json.loads(payload)  # every message the device publishes is UTF-8 JSON
+        jsonschema.validate(document, SCHEMAS[kind])
+        if kind == "label":
+            labels.append(document)
+    return labels

@@ -12,26 +12,20 @@ edge/protocol.py; nothing but labels is on `labels`, nothing but status on `stat
 from __future__ import annotations
 
 import json
-import threading
-import time
 from pathlib import Path
 
-import jsonschema
 import paho.mqtt.client as paho
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from taxonedge.edge.protocol import message_kind
 
-from .conftest import REPO, TINY_LABELS, write_image_tree
-from .daemonkit import BASE, REPLIES, DaemonProcess, write_config
+from .conftest import TINY_LABELS, write_image_tree
+from .daemonkit import BASE, REPLIES, DaemonProcess, Watcher, validate_device_messages, write_config
 from .tinymodels import write_tiny_bundle
 
 GROUP_DEPLOY = "taxonedge/groups/fuzz/deploy"
-SCHEMAS = {name: json.loads((REPO / "edge" / "schemas" / f"{name}.schema.json").read_text())
-           for name in ("label", "status", "stats", "model", "command-answer", "deploy-progress")}
 COMMANDS = ["state", "pause", "resume", "set_thresholds", "snapshot"]
 
 _json_values = st.recursive(
@@ -55,42 +49,6 @@ NAMES = st.one_of(st.sampled_from(COMMANDS + ["reboot", "deploy"]), st.text(
     st.characters(blacklist_characters="/+#\x00", blacklist_categories=("Cs", "Cc")), min_size=1, max_size=12))
 RESPONSE_TOPICS = st.sampled_from([REPLIES, f"{BASE}/labels", f"{BASE}/status", f"{BASE}/cmd/pause",
                                    f"{BASE}/trigger", GROUP_DEPLOY, None])
-
-
-class Watcher:
-    """Every message on the broker (`#`), in arrival order, raw."""
-
-    def __init__(self, port: int):
-        self.messages: list[tuple[str, bytes, Properties | None]] = []
-        self._lock = threading.Lock()
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="fuzz-watcher", protocol=paho.MQTTv5)
-        ready = threading.Event()
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe("#", qos=1)
-        self.client.on_subscribe = lambda *a: ready.set()
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        assert ready.wait(5)
-
-    def _on_message(self, client, userdata, msg) -> None:
-        with self._lock:
-            self.messages.append((msg.topic, msg.payload, getattr(msg, "properties", None)))
-
-    def snapshot(self) -> list[tuple[str, bytes, Properties | None]]:
-        with self._lock:
-            return list(self.messages)
-
-    def wait(self, predicate, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.02)
-        return predicate()
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 @pytest.fixture(scope="module")
@@ -178,17 +136,7 @@ def test_no_payload_on_any_topic_stops_the_device_or_goes_unanswered(tmp_path, b
             daemon.kill()
 
     messages = watcher.snapshot()
-    labels = []
-    for topic, payload, _ in messages:
-        kind = message_kind(topic, BASE)
-        if topic == REPLIES:
-            kind = json.loads(payload).get("command") and "command-answer" or "deploy-progress"
-        if kind is None:
-            continue
-        document = json.loads(payload)  # every message the device publishes is UTF-8 JSON
-        jsonschema.validate(document, SCHEMAS[kind])
-        if kind == "label":
-            labels.append(document)
+    labels = validate_device_messages(messages, BASE, replies=REPLIES)
     final = [json.loads(p) for t, p, _ in messages if t == f"{BASE}/stats" and b'"final":true' in p][-1]
     assert final["triggers"] + final["triggers_refused"] == sent["triggers"]
     assert len(labels) == final["triggers"], "an accepted trigger without its label (or a label twice)"

@@ -17,7 +17,7 @@ from taxonedge.edge.slots import SLOTS, Slots, read_verified
 from taxonedge.edge.update import FINAL, PAUSE_ENV
 
 from .conftest import write_frames_folder
-from .daemonkit import DaemonProcess
+from .daemonkit import DaemonProcess, Watcher, validate_device_messages
 from .update_host import Observer, signed_bundles, write_config
 
 pytestmark = pytest.mark.slow
@@ -63,6 +63,7 @@ def _deploy(broker, bundle, *args: str, timeout: float = 90) -> subprocess.Compl
 def test_deploy_command_updates_the_real_daemon_while_labels_flow(setup, broker):
     tmp_path, config, observer, made = setup
     old_sha, new_sha = read_bundle(made["old"]).sha256, read_bundle(made["new"]).sha256
+    watcher = Watcher(broker.port)
     daemon = _start(config, observer, old_sha)
     try:
         observer.wait_for(lambda: len(observer.labels) > 10)
@@ -98,6 +99,11 @@ def test_deploy_command_updates_the_real_daemon_while_labels_flow(setup, broker)
         assert lost.returncode == 3 and "s1/l1/nobody: no outcome" in lost.stderr
     finally:
         assert daemon.terminate() == 0, daemon.log[-3000:]
+        watcher.close()
+    # every message the device sent (progress with the CLI's nonce included) fits its generated schema
+    progress = [m for m in watcher.snapshot() if "/model/deploy/" in m[0] and "/chunk/" not in m[0]]
+    assert any(b'"nonce"' in payload for _, payload, _ in progress)
+    validate_device_messages(watcher.snapshot(), "taxonedge/s1/l1/dev1")
 
 
 STEPS = ["receiving", "received", "verifying", "staged", "warming", "self_test", "switched", "committed"]
