@@ -311,24 +311,37 @@ class Config(_Strict):
 def load_config(path: str | Path) -> Config:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    return parse_config(text, str(path))
+    return parse_config(_decode(data, str(path)), str(path))
+
+
+def _decode(data: bytes, where: str) -> str:
+    """The file's text; a byte that is not UTF-8 (TOML files are UTF-8) is named by line and column."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(f"{where}:{line}:{column}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset "
+                          f"{exc.start}): TOML files must be UTF-8; save the file as UTF-8") from None
 
 
 def parse_config(text: str, where: str = "config") -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+        raise ConfigError(f"{where}: not valid TOML: {_one_line(str(exc))}") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError(f"{where}: not valid TOML: arrays or inline tables nested too deeply") from None
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
             loc = [str(p) for p in err["loc"] if not _is_union_tag(p, data)]
-            key = ".".join(loc) or "(top level)"
+            key = _one_line(".".join(loc)) or "(top level)"
             line = _find_line(text, loc)
             prefix = f"{where}:{line}" if line else where
             msg = err["msg"]
@@ -338,8 +351,13 @@ def parse_config(text: str, where: str = "config") -> Config:
                 msg = "unknown key (check the spelling; see examples/config.toml for every key)"
             elif err["type"] == "missing":
                 msg = "required key is missing"
-            lines.append(f"{prefix}: {key}: {msg}")
+            lines.append(f"{prefix}: {key}: {_one_line(msg)}")
         raise ConfigError("\n".join(lines)) from None
+
+
+def _one_line(text: str) -> str:
+    # Quoted TOML keys and values may hold newlines and control characters: one problem stays one line.
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _is_union_tag(part: object, data: dict) -> bool:

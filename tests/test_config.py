@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
+from pathlib import Path
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from taxonedge.edge.config import ConfigError, load_config, parse_config
+
+from .conftest import run_cli
 
 GOOD = """\
 [device]
@@ -121,3 +130,96 @@ def test_wrong_roi_gets_one_line_with_the_key_the_line_and_what_a_roi_is(tmp_pat
     # one line on the list's key: not pydantic's "capture.roi.3: Field required" per missing item
     (line,) = str(err.value).splitlines()
     assert line.startswith(f"{path}:{line_of(text, 'roi =')}: capture.roi: {message}"), line
+
+
+def test_non_utf8_config_is_one_line_with_file_line_and_column(tmp_path):
+    """The issue's reproduction, through the real command: one line, exit 2, no UnicodeDecodeError traceback."""
+    path = tmp_path / "c.toml"
+    path.write_bytes(GOOD.encode() + b"# caf\xe9\n")
+    proc = run_cli("run", "--validate-config", str(path), check=False, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    line = len(GOOD.splitlines()) + 1
+    assert proc.stderr.splitlines() == [
+        f"taxonedge run: error: {path}:{line}:6: not UTF-8 (byte 0xe9 at offset {len(GOOD) + 5}): "
+        "TOML files must be UTF-8; save the file as UTF-8"]
+
+
+def test_deep_nesting_and_control_characters_in_keys_stay_one_line():
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        parse_config("a = " + "[" * 5000)
+    with pytest.raises(ConfigError) as err:
+        parse_config(GOOD + '"x\\ny" = 1\n')
+    (line,) = str(err.value).splitlines()
+    assert r"mqtt.x\ny: unknown key" in line
+
+
+# ---- bytes-level fuzz of config files through `taxonedge run --validate-config` ----------------------------
+
+def _seed(folder: Path) -> bytes:
+    # valid as it stands (validate() finds nothing): a folder source that exists, no bundle to read
+    return (GOOD.replace('type = "video"\npath = "/data/belt.mp4"', f'type = "folder"\npath = "{folder}"')
+            .replace("/opt/models/grocery.tebundle", str(folder / "missing.tebundle"))
+            .replace('bundle = "', '# bundle = "') + "\n[trigger]\nmode = \"item\"\nmax_waiting = 10\n").encode()
+
+
+@st.composite
+def config_bytes(draw: st.DrawFn, seed: bytes) -> bytes:
+    """A config file as a user or a broken disk could leave it: the valid seed with bytes replaced, inserted,
+    deleted or repeated, or random bytes, or bytes that are not UTF-8."""
+    kind = draw(st.sampled_from(["replace", "insert", "delete", "repeat", "random", "latin1"]))
+    if kind == "random":
+        return draw(st.binary(max_size=300))
+    if kind == "latin1":
+        return seed.replace(b"sorter-2", draw(st.sampled_from([b"sorter-\xe9", b"\xff\xfe", b"\xc3", b"\xed\xa0\x80"])))
+    start = draw(st.integers(0, len(seed)))
+    end = draw(st.integers(start, min(len(seed), start + 40)))
+    chunk = draw(st.one_of(st.binary(min_size=1, max_size=12),
+                           st.sampled_from([b"[", b"]", b"=", b'"', b"\n", b"#", b"\x00", b"\\", b"{", b"."])))
+    if kind == "replace":
+        return seed[:start] + chunk + seed[end:]
+    if kind == "insert":
+        return seed[:start] + chunk + seed[start:]
+    if kind == "delete":
+        return seed[:start] + seed[end:]
+    return seed[:end] + seed[start:end] + seed[end:]
+
+
+_ANSWER = re.compile(r"^[a-z_]+(\.[a-z_0-9]+)*: ")  # a problem validate() names by its key
+
+
+@settings(max_examples=150, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzzed_config_files_are_valid_or_refused_with_one_line_each(tmp_path, data):
+    """Every input is valid (exit 0) or refused (exit 2) with lines that each name the file (with the line
+    where one can be told) or the key; never a traceback, never another exit status."""
+    from taxonedge.cli import main
+
+    folder = tmp_path / "frames"
+    folder.mkdir(exist_ok=True)
+    content = data.draw(config_bytes(_seed(folder)), label="config")
+    path = tmp_path / "device.toml"
+    path.write_bytes(content)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["run", "--validate-config", str(path)])
+    if code == 0:
+        assert out.getvalue().startswith(f"{path}: valid ("), out.getvalue()
+        assert err.getvalue() == ""
+        return
+    assert code == 2, (code, err.getvalue())
+    first, *rest = err.getvalue().splitlines()
+    assert first.startswith(f"taxonedge run: error: {path}") or _ANSWER.match(first.removeprefix(
+        "taxonedge run: error: ")), first
+    for line in rest:
+        assert line.startswith(f"{path}") or _ANSWER.match(line), line
+    assert "Traceback" not in err.getvalue()
+
+
+def test_the_seed_of_the_fuzz_is_valid(tmp_path):
+    """The fuzz mutates a config that validates, so that near-valid inputs (one key wrong) are reached."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    (tmp_path / "c.toml").write_bytes(_seed(folder))
+    proc = run_cli("run", "--validate-config", str(tmp_path / "c.toml"), check=False, timeout=60)
+    assert proc.returncode == 0, proc.stderr
