@@ -357,16 +357,47 @@ def test_install_refuses_bad_options_with_a_clear_message(tmp_path: Path) -> Non
     assert "--uninstall" in subprocess.run([str(INSTALL), "--help"], capture_output=True, text=True).stdout
 
 
+def readable_copy(systemd_dir: Path) -> Path:
+    """A copy of the systemd/ folder in a fresh 0755 temp dir, for running install.sh as another user.
+
+    The checkout may sit where only its owner can enter (a 0700 home directory, pytest's own tmp dirs), so
+    a script run from there as user 65534 fails with "Permission denied" before it starts.
+    """
+    stage = Path(tempfile.mkdtemp(prefix="taxonedge-systemd-"))
+    stage.chmod(0o755)
+    copy = stage / "systemd"
+    shutil.copytree(systemd_dir, copy)
+    for path in [copy, *copy.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
+    return copy
+
+
+def private_checkout(tmp_path: Path) -> Path:
+    """systemd/ as it lies in a checkout cloned into a directory only its owner can enter (mode 0700)."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    home.chmod(0o700)
+    shutil.copytree(SYSTEMD, home / "taxonedge" / "systemd")
+    return home / "taxonedge" / "systemd"
+
+
+needs_nobody = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                                  reason="runs the script as an unprivileged user, which needs root and setpriv")
+AS_NOBODY = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+
+
 @needs_sysusers
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                    reason="runs the script as an unprivileged user, which needs root and setpriv to arrange")
-def test_install_without_root_builds_an_image_tree_owned_by_the_caller() -> None:
+@needs_nobody
+@pytest.mark.parametrize("where", ["checkout", "private checkout"])
+def test_install_without_root_builds_an_image_tree_owned_by_the_caller(tmp_path: Path, where: str) -> None:
     # CI builds images unprivileged: everything but ownership (and deleting the user) must work.
+    systemd_dir = SYSTEMD if where == "checkout" else private_checkout(tmp_path)
+    script = readable_copy(systemd_dir) / "install.sh"
     root = Path(tempfile.mkdtemp(prefix="taxonedge-root-"))
     try:
         root.chmod(0o755)
         os.chown(root, 65534, 65534)
-        as_nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", str(INSTALL), "--root", str(root)]
+        as_nobody = [*AS_NOBODY, str(script), "--root", str(root)]
         proc = subprocess.run(as_nobody, capture_output=True, text=True, timeout=120, cwd="/")
         assert proc.returncode == 0, proc.stdout + proc.stderr
         password = (root / "etc/taxonedge/mqtt-password").stat()
@@ -378,3 +409,12 @@ def test_install_without_root_builds_an_image_tree_owned_by_the_caller() -> None
         assert not (root / "etc/taxonedge").exists() and not (root / "etc/systemd/system/taxonedge.service").exists()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(script.parent.parent, ignore_errors=True)
+
+
+@needs_nobody
+def test_a_private_checkout_is_what_user_65534_cannot_reach(tmp_path: Path) -> None:
+    """Why the test above runs a copy: from a 0700 directory the script does not even start."""
+    script = private_checkout(tmp_path) / "install.sh"
+    proc = subprocess.run([*AS_NOBODY, str(script), "--help"], capture_output=True, text=True, timeout=60, cwd="/")
+    assert proc.returncode != 0 and "Permission denied" in proc.stderr, proc.stdout + proc.stderr
