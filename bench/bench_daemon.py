@@ -55,11 +55,11 @@ sys.path.insert(0, str(REPO))
 
 from taxonedge.edge.bundle import MODEL, ModelInfo, build_manifest, read_bundle, utc_now, write_bundle  # noqa: E402
 from taxonedge.edge.config import InferenceConfig  # noqa: E402
-from taxonedge.edge.daemon import utc_ms  # noqa: E402
 from taxonedge.edge.decode import Decoder, decision_fields  # noqa: E402
 from taxonedge.edge.outbox import Outbox  # noqa: E402
 from taxonedge.edge.preprocess import InputSpec, preprocess  # noqa: E402
 from taxonedge.edge.protocol import json_bytes  # noqa: E402
+from taxonedge.edge.publish import utc_ms  # noqa: E402
 from taxonedge.edge.runtime import Classifier  # noqa: E402
 from taxonedge.edge.taxonomy import Taxonomy  # noqa: E402
 

@@ -150,9 +150,24 @@ def _run(args: argparse.Namespace) -> int:
         args.config, args.validate_config = args.validate_config, True
     if not args.config:
         raise CliError("--config FILE is required (see examples/config.toml for every key)")
-    from .daemon import run_command
+    from .config import ConfigError, load_config
+    from .daemon import Daemon, StartupError, validate
 
-    return run_command(args)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        raise CliError(str(exc), 2) from None
+    if args.validate_config:
+        problems = validate(config)
+        if problems:
+            raise CliError("\n".join(problems), 2)
+        print(f"{args.config}: valid ({config.source.type} source, {config.trigger.mode} trigger, "
+              f"{config.inference.backend} backend, MQTT {config.mqtt.host}:{config.mqtt.port})")
+        return 0
+    try:
+        return Daemon(config, max_frames=args.max_frames).run()
+    except StartupError as exc:
+        raise CliError(str(exc), exc.code) from None
 
 
 def _inspect(args: argparse.Namespace) -> int:

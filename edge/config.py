@@ -191,7 +191,8 @@ class TriggerConfig(_Strict):
 
 
 class InferenceConfig(_Strict):
-    backend: Literal["auto", "edgetpu", "cpu"] = "auto"
+    # "auto" (the accelerators edge/backends/ knows, then the CPU) or one backend's name (a plug-in's too)
+    backend: str = "auto"
     edgetpu_device: str | None = None  # "usb", "usb:0", "pci:0"
     num_threads: int | None = Field(None, ge=1, le=64)
     reprobe_interval_s: float = Field(60.0, gt=0)
@@ -205,6 +206,16 @@ class InferenceConfig(_Strict):
     # 5-15 % of the throughput and an invoke of latency is little; 1 for a slow invoke (a Pi's CPU), where
     # it is the other way round. Item mode always uses 1.
     max_in_flight: Literal[1, 2, "auto"] = "auto"
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        from . import backends  # light: each backend module loads its native code only when opened
+
+        known = ["auto", *backends.names()]
+        if value not in known:
+            raise ValueError(f"{value!r} is not a backend here; known: {', '.join(known)}")
+        return value
 
     def in_flight_limit(self, invoke_s: float) -> int:
         """Frames at the worker at once in continuous mode, given the invoke's moving average (0: none yet)."""

@@ -24,7 +24,7 @@ from typing import Any
 from taxonedge.cli import CliError
 
 from .bundle import BundleError, read_bundle, utc_now
-from .update import FINAL
+from .protocol import FINAL_STATES as FINAL
 
 DEFAULT_CHUNK = 256 * 1024
 # 0: every device committed and serves the bundle (or --no-wait / --pending / --cancel did their part);

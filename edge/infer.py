@@ -8,8 +8,8 @@ daemon writes each preprocessed image into a buffer shared with the worker, send
 over a pipe and waits at most `invoke_timeout_s` for each answer. (Pickling a 150-250 KB image through a
 64 KB pipe took three wake-ups of each side per frame: 0.3-0.6 ms of latency and CPU on a small board.)
 
-Backends: `cpu`; `edgetpu` (the delegate must load, else the worker fails to start); `auto` (try the
-Edge TPU delegate, fall back to the CPU and say so: `degraded` with the reason). Warm-up runs happen in
+Backends (edge/backends/): a named one must open, else the worker fails to start; `auto` tries the
+accelerators, then falls back to the CPU and says so (`degraded` with the reason). Warm-up runs happen in
 the worker before it reports ready, so the first real frame is not the slow one.
 """
 
@@ -39,7 +39,12 @@ HANG_AT_ENV = "TAXONEDGE_TEST_WORKER_HANG_AT"
 
 
 class WorkerError(RuntimeError):
-    """The worker could not start, died, hung, or failed one inference."""
+    """The worker could not start, died, hung, or failed one inference. `cause` names the exception the
+    worker caught (e.g. "BackendUnavailable", "ModelError") and `detail` its text, when there was one."""
+
+    def __init__(self, message: str, cause: str | None = None, detail: str | None = None):
+        super().__init__(message)
+        self.cause, self.detail = cause, detail
 
 
 class WorkerDied(WorkerError):
@@ -69,15 +74,11 @@ def _slot_views(buffer: Any, model: InterpreterModel, slots: int) -> list[np.nda
 def _worker_main(conn: Any, model: InterpreterModel, backend: str, device: str | None, num_threads: int | None,
                  warmup_runs: int, buffer: Any | None, slots: int) -> None:
     """The child: load, warm up, answer ('ready', info), then for each message (a slot number of the shared
-    buffer, or an image sent whole) answer ('ok', probabilities, invoke s) or ('error', text, s) until EOF."""
+    buffer, or an image sent whole) answer ('ok', probabilities, invoke s) or ('error', text, s) until EOF.
+    A ('raw', image) message is answered with the raw output tensor instead (the update's self-test)."""
+    from .backends import BackendUnavailable, open_classifier
     from .osthread import name_this_thread
-    from .runtime import (
-        EdgeTpuUnavailable,
-        ModelError,
-        interpreter_module,
-        open_classifier,
-        quiet_failed_delegate,
-    )
+    from .runtime import ModelError, interpreter_module, quiet_failed_delegate
 
     name_this_thread("infer-worker")
     sys.unraisablehook = quiet_failed_delegate
@@ -95,7 +96,7 @@ def _worker_main(conn: Any, model: InterpreterModel, backend: str, device: str |
                 image = np.zeros((model.height, model.width, 3), dtype=classifier._input["dtype"])
             classifier.probabilities(image)
         conn.send(("ready", WorkerInfo(used, runtime, degraded, time.perf_counter() - start)))
-    except (EdgeTpuUnavailable, ModelError, ImportError, OSError, ValueError, RuntimeError) as exc:
+    except (BackendUnavailable, ModelError, ImportError, OSError, ValueError, RuntimeError) as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
     images = _slot_views(buffer, model, slots) if buffer is not None else []
@@ -107,6 +108,12 @@ def _worker_main(conn: Any, model: InterpreterModel, backend: str, device: str |
             return
         if message is None:
             return
+        if isinstance(message, tuple):  # ("raw", image): the output tensor as the model gives it
+            try:
+                conn.send(("ok", classifier.raw(message[1]), 0.0))
+            except (ModelError, ValueError, RuntimeError) as exc:
+                conn.send(("error", f"{type(exc).__name__}: {exc}", 0.0))
+            continue
         image = images[message] if isinstance(message, int) else message
         count += 1
         if abort_at and count >= abort_at:
@@ -179,8 +186,9 @@ class InferenceWorker:
             raise WorkerError(f"inference worker died while loading the model (exit code {code})") from None
         if message[0] != "ready":
             self.stop()
+            cause, _, detail = message[1].partition(": ")
             raise WorkerError(f"inference worker could not load {self.bundle.name} {self.bundle.version}: "
-                              f"{message[1]}")
+                              f"{message[1]}", cause, detail)
         self.info = message[1]
         return self.info
 
@@ -237,6 +245,18 @@ class InferenceWorker:
         if message[0] == "ok":
             return message[1], message[2]
         raise WorkerError(message[1])
+
+    def raw(self, image: np.ndarray) -> np.ndarray:
+        """The raw output tensor for one input image, nothing else in flight (the update's self-test)."""
+        if self._in_flight:
+            raise RuntimeError("raw() while images are in flight")
+        try:
+            self._conn.send(("raw", image))
+        except (OSError, ValueError, AttributeError) as exc:
+            raise WorkerDied(f"inference worker is gone ({exc})") from None
+        self._in_flight += 1
+        output, _ = self.result()
+        return output
 
     @property
     def in_flight(self) -> int:

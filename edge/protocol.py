@@ -28,7 +28,9 @@ Count = Annotated[int, Field(ge=0)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 UtcMs = Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$",
                              description="UTC, milliseconds")]
-Backend = Literal["edgetpu", "cpu", "unknown"]
+Backend = Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,32}$", description=(
+    "the inference backend that produced it: cpu, edgetpu or another plug-in's name (edge/backends/); "
+    "unknown when none was told"))]
 UnknownReason = Literal["low_confidence", "no_frames", "timed_out", "overflow", "shutdown", "source_ended"]
 _STRICT = ConfigDict(extra="forbid")
 
@@ -236,6 +238,11 @@ class CommandAnswer(TypedDict):
 
 
 # ---- deployments ----------------------------------------------------------------------------------
+DeployState = Literal["receiving", "received", "verifying", "staged", "warming", "self_test", "switched",
+                      "committed", "rejected", "rolled_back"]
+FINAL_STATES = ("committed", "rejected", "rolled_back")  # a deployment's outcome: retained, nothing follows
+
+
 class DeployProgress(TypedDict):
     """A deployment's progress, retained on `<base>/model/deploy/<id>` when final, and sent to the
     request's response topic; also an unreadable request's rejection on `<base>/model/deploy/rejected`
@@ -244,8 +251,7 @@ class DeployProgress(TypedDict):
     __pydantic_config__ = _STRICT  # type: ignore[misc]
     id: str | None
     device: str
-    state: Literal["receiving", "received", "verifying", "staged", "warming", "self_test", "switched",
-                   "committed", "rejected", "rolled_back"]
+    state: DeployState
     time: NotRequired[str]
     nonce: NotRequired[Annotated[str, Field(
         pattern=r"^[A-Za-z0-9_.-]{1,64}$",

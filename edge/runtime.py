@@ -160,14 +160,12 @@ class Classifier:
     because `get_output_details()` order is not the Keras output order.
     """
 
-    def __init__(self, bundle: Bundle | InterpreterModel, edgetpu: bool = False, num_threads: int | None = None,
-                 edgetpu_device: str | None = None, delegate: Any = None):
+    def __init__(self, bundle: Bundle | InterpreterModel, num_threads: int | None = None, delegate: Any = None):
+        """With an Edge TPU `delegate`, on the bundle's Edge TPU model (edge/backends/edgetpu.py)."""
         model = bundle if isinstance(bundle, InterpreterModel) else InterpreterModel.of(bundle)
         self.bundle = None if isinstance(bundle, InterpreterModel) else bundle
         self.model = model
-        self.edgetpu = edgetpu or delegate is not None
-        if self.edgetpu and delegate is None:
-            delegate = load_edgetpu_delegate(edgetpu_device)
+        self.edgetpu = delegate is not None
         tflite = model.edgetpu_model if self.edgetpu and model.edgetpu_model is not None else model.model
         self.interpreter = make_interpreter(tflite, num_threads=num_threads, delegate=delegate)
         self._input, self._output = _io_details(self.interpreter, model)
@@ -188,30 +186,6 @@ class Classifier:
     def probabilities(self, image: np.ndarray) -> np.ndarray:
         """Leaf probabilities in the taxonomy's leaf order, as float32."""
         return dequantize(self.raw(image), self._out_scale, self._out_zero)
-
-
-def open_classifier(bundle: Bundle | InterpreterModel, backend: str, num_threads: int | None = None,
-                    edgetpu_device: str | None = None) -> tuple[Classifier, str, str | None]:
-    """The classifier for `backend` ("auto", "edgetpu" or "cpu"): (classifier, the backend it runs on, why it
-    is degraded or None). "auto" falls back to the CPU and says why; "edgetpu" raises EdgeTpuUnavailable."""
-    if backend == "cpu":
-        return Classifier(bundle, num_threads=num_threads), "cpu", None
-    try:
-        delegate = load_edgetpu_delegate(edgetpu_device)
-    except EdgeTpuUnavailable as exc:
-        if backend == "edgetpu":
-            raise
-        reason = f"Edge TPU unavailable, running on the CPU: {exc}"
-    else:
-        if bundle.has_edgetpu_model:
-            return Classifier(bundle, num_threads=num_threads, delegate=delegate), "edgetpu", None
-        # The delegate runs only what edgetpu_compiler mapped to it: an uncompiled model would report
-        # "edgetpu" while every op runs on the CPU.
-        reason = ("the bundle has no Edge TPU model (model_edgetpu.tflite), so the Edge TPU is idle and the model "
-                  "runs on the CPU: convert with edgetpu_compiler on PATH to add one")
-        if backend == "edgetpu":
-            raise EdgeTpuUnavailable(reason)
-    return Classifier(bundle, num_threads=num_threads), "cpu", reason
 
 
 def _io_details(interpreter: Any, model: InterpreterModel) -> tuple[dict, dict]:

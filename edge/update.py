@@ -40,19 +40,24 @@ import threading
 import time
 import urllib.request
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from taxonedge import __version__
 
+from . import backends
 from .bundle import Bundle, BundleError, atomic_write, utc_now
+from .config import Config, UpdateConfig
+from .infer import InferenceWorker, WorkerError
 from .osthread import start_thread
-from .protocol import replies_prefix, response_topic_problem
-from .runtime import EdgeTpuUnavailable, ModelError, open_classifier
+from .pipeline import InferenceResult
+from .protocol import FINAL_STATES, replies_prefix, response_topic_problem
 from .signing import SigningKeyError
 from .slots import Slots, read_verified
 
@@ -60,7 +65,7 @@ log = logging.getLogger(__name__)
 
 STATES = ("received", "verifying", "staged", "warming", "self_test", "switched", "committed",
           "rejected", "rolled_back")
-FINAL = ("committed", "rejected", "rolled_back")
+FINAL = FINAL_STATES
 # Test hook: pause after reporting this state (env "STATE" or "STATE:SECONDS") so a test can SIGKILL there.
 PAUSE_ENV = "TAXONEDGE_UPDATE_PAUSE_AT"
 HISTORY_LIMIT = 200
@@ -175,8 +180,23 @@ class InProgress:
         return record if isinstance(record, dict) and isinstance(record.get("id"), str) else None
 
 
-def _field(result: Any, name: str) -> Any:
-    return result.get(name) if isinstance(result, dict) else getattr(result, name, None)
+class UpdaterHost(Protocol):
+    """What the updater may use of the daemon (edge/daemon.py implements it; tests/update_host.py too)."""
+
+    config: Config
+    topic_base: str
+
+    @property
+    def active_bundle(self) -> Bundle: ...
+
+    def publish(self, topic: str, payload: Any, qos: int = 1, retain: bool = False,
+                properties: Any = None) -> None: ...
+
+    def subscribe(self, topic_filter: str, handler: Callable[[str, bytes, Any], None]) -> None: ...
+
+    def add_result_listener(self, callback: Callable[[InferenceResult], None]) -> None: ...
+
+    def switch_model(self, bundle: Bundle) -> Future: ...
 
 
 class HealthWindow:
@@ -184,29 +204,29 @@ class HealthWindow:
 
     def __init__(self, sha256: str, size: int):
         self.sha256, self.size = sha256, size
-        self.results: list[Any] = []
+        self.results: list[InferenceResult] = []
         self.done = threading.Event()
 
-    def add(self, result: Any) -> None:
+    def add(self, result: InferenceResult) -> None:
         if len(self.results) < self.size:
             self.results.append(result)
             if len(self.results) >= self.size:
                 self.done.set()
 
-    def verdict(self, baseline: list[Any], cfg: Any) -> str | None:
+    def verdict(self, baseline: list[InferenceResult], cfg: UpdateConfig) -> str | None:
         """None when healthy, else the reason."""
         results = self.results
         if len(results) < self.size:
             return (f"health window incomplete: {len(results)} of {self.size} inferences in "
                     f"{cfg.health_timeout_s:g} s")
-        failed = [r for r in results if not _field(r, "ok")]
+        failed = [r for r in results if not r.ok]
         if failed:
-            return f"health window: {len(failed)} of {len(results)} inferences failed ({_field(failed[0], 'error')})"
+            return f"health window: {len(failed)} of {len(results)} inferences failed ({failed[0].error})"
         # Medians: a slower model moves the median; one scheduling hiccup on a busy board does not.
-        median = float(np.median([_field(r, "latency_s") for r in results]))
+        median = float(np.median([r.latency_s for r in results]))
         budget = cfg.latency_budget_s
         if budget is None and len(baseline) >= 5:
-            old_median = float(np.median([_field(r, "latency_s") for r in baseline]))
+            old_median = float(np.median([r.latency_s for r in baseline]))
             budget = cfg.latency_factor * old_median + cfg.latency_slack_s
         if budget is not None and median > budget:
             return (f"health window: median latency {median * 1000:.1f} ms is over the budget of "
@@ -220,9 +240,9 @@ class HealthWindow:
         return None
 
 
-def _unknown_rate(results: list[Any]) -> float:
-    decided = [r for r in results if _field(r, "ok")]
-    return sum(_field(r, "decision") == "unknown" for r in decided) / max(len(decided), 1)
+def _unknown_rate(results: list[InferenceResult]) -> float:
+    decided = [r for r in results if r.ok]
+    return sum(r.decision == "unknown" for r in decided) / max(len(decided), 1)
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -236,7 +256,7 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 class Updater:
     """The deployment state machine for one daemon. One deployment runs at a time, on its own thread."""
 
-    def __init__(self, daemon: Any):
+    def __init__(self, daemon: UpdaterHost):
         self.daemon = daemon
         self.config = daemon.config
         self.cfg = self.config.model.update
@@ -432,9 +452,9 @@ class Updater:
         elif count % step == 0:
             self._report(dep, "receiving", received=count, chunks=req.chunks, record=False)
 
-    def _on_result(self, result: Any) -> None:
+    def _on_result(self, result: InferenceResult) -> None:
         window = self._window
-        if window is not None and _field(result, "model_sha256") == window.sha256:
+        if window is not None and result.model_sha256 == window.sha256:
             window.add(result)
         else:
             self._baseline.append(result)
@@ -577,33 +597,41 @@ class Updater:
         return bundle
 
     def _self_test(self, dep: Deployment, bundle: Bundle) -> None:
-        """Warm up and self-test in a second interpreter, while the daemon's model keeps serving."""
+        """Warm up and self-test in a worker process of its own (as every interpreter runs: a native abort
+        of the Edge TPU library costs the worker, never the daemon), while the daemon's model serves."""
         self._report(dep, "warming")
         inference = self.config.inference
+        worker = InferenceWorker(bundle, backend=inference.backend, device=inference.edgetpu_device,
+                                 num_threads=inference.interpreter_threads(), warmup_runs=inference.warmup_runs,
+                                 invoke_timeout_s=inference.invoke_timeout_s)
         try:
             try:
-                clf, _, _ = open_classifier(bundle, inference.backend, inference.interpreter_threads(),
-                                            inference.edgetpu_device)
-            except EdgeTpuUnavailable as exc:  # backend = "edgetpu" only: "auto" falls back to the CPU
-                raise Failed("rejected", f"warming: {exc}") from None
-        except ModelError as exc:
-            raise Failed("rejected", f"input/output: {exc}") from None
+                info = worker.start()
+            except WorkerError as exc:
+                if exc.cause == "BackendUnavailable":  # a named backend only: "auto" falls back to the CPU
+                    raise Failed("rejected", f"warming: {exc.detail}") from None
+                raise Failed("rejected", f"input/output: {exc.detail or exc}") from None
+            self._golden_test(dep, bundle, worker, info.backend)
+        finally:
+            worker.stop()
+
+    def _golden_test(self, dep: Deployment, bundle: Bundle, worker: InferenceWorker, backend: str) -> None:
+        """The bundle's golden inputs must give its recorded outputs (exactly on the CPU, within the
+        backend's tolerance on an accelerator)."""
+        spec = bundle.manifest.input
         golden = bundle.golden()
         if golden is None:
             if self.cfg.require_golden:
                 raise Failed("rejected", "self_test: the bundle has no golden self-test set "
                                          "(model.update.require_golden is on)")
-            inputs = np.zeros((1, *clf.input_shape), dtype=np.dtype(bundle.manifest.input.dtype))
-            outputs = None
+            inputs, outputs = np.zeros((1, spec.height, spec.width, 3), dtype=np.dtype(spec.dtype)), None
         else:
             inputs, outputs = golden
+        self._report(dep, "self_test", count=len(inputs))
+        tolerance = self.cfg.edgetpu_tolerance if backend == "edgetpu" else backends.tolerance(backend)
         try:
-            for _ in range(max(1, inference.warmup_runs)):
-                clf.raw(inputs[0])
-            self._report(dep, "self_test", count=len(inputs))
-            tolerance = self.cfg.edgetpu_tolerance if clf.edgetpu else 0
             for i, image in enumerate(inputs):
-                out = clf.raw(image)
+                out = worker.raw(image)
                 if not np.all(np.isfinite(out.astype(np.float64))):
                     raise Failed("rejected", f"self_test: the output for golden input {i} is not finite (NaN or inf)")
                 if outputs is None:
@@ -615,11 +643,11 @@ class Updater:
                 if not diff <= tolerance:
                     raise Failed("rejected", (
                         f"self_test: golden input {i} gives outputs differing by {diff:g} from the recorded "
-                        f"ones (tolerance {tolerance} on {'the Edge TPU' if clf.edgetpu else 'CPU'})"))
-        except ModelError as exc:
+                        f"ones (tolerance {tolerance} on {backend})"))
+        except WorkerError as exc:
             raise Failed("rejected", f"self_test: {exc}") from None
 
-    def _health(self, baseline: list[Any]) -> str | None:
+    def _health(self, baseline: list[InferenceResult]) -> str | None:
         window = self._window
         if window is None or window.size == 0:
             return None
@@ -770,7 +798,7 @@ def _maybe_pause(state: str) -> None:
 _UPDATERS: dict[int, Updater] = {}
 
 
-def attach(daemon: Any) -> Updater:
+def attach(daemon: UpdaterHost) -> Updater:
     """Start taking model deployments for `daemon` (called by the daemon once MQTT is up)."""
     updater = Updater(daemon)
     _UPDATERS[id(daemon)] = updater
@@ -778,7 +806,7 @@ def attach(daemon: Any) -> Updater:
     return updater
 
 
-def detach(daemon: Any) -> None:
+def detach(daemon: UpdaterHost) -> None:
     updater = _UPDATERS.pop(id(daemon), None)
     if updater is not None:
         updater.stop()

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from taxonedge.edge.bundle import MODEL, Bundle, read_bundle
 from taxonedge.edge.config import load_config
-from taxonedge.edge.daemon import MAX_COMMAND_BYTES, Daemon
+from taxonedge.edge.control import MAX_COMMAND_BYTES
+from taxonedge.edge.daemon import Daemon
 from taxonedge.edge.infer import WorkerError
 
 from .conftest import TINY_LABELS, free_port, write_image_tree
@@ -100,7 +101,7 @@ def test_pause_resume_thresholds_snapshot_and_state(start, broker, one_class_ima
         assert bad["ok"] is False and "depth_1..depth_3" in bad["error"]
     finally:
         rec.close()
-    assert daemon.classified > 0
+    assert daemon.pipeline.classified > 0
 
 
 def test_malformed_oversized_and_unknown_commands_never_crash(start, broker, one_class_images):
@@ -140,8 +141,8 @@ def test_malformed_oversized_and_unknown_commands_never_crash(start, broker, one
         rec.request("set_thresholds", json.dumps({"depth_1": None, "depth_2": None, "depth_3": None}).encode(), b"x")
         before = len(labels_of(rec))
         assert rec.wait(lambda r: len(labels_of(r)) >= before + 3, 10), "labels stopped flowing"
-        assert all(t.is_alive() for t in daemon._threads)
-        assert daemon._worker.alive()
+        assert all(t.is_alive() for t in daemon.threads)
+        assert daemon.serving.worker.alive()
     finally:
         rec.close()
 
@@ -163,7 +164,7 @@ def test_item_votes_give_one_result_per_item(start, broker, one_class_images):
         for label in labels:
             assert label["vote"]["frames"] == 3 and label["vote"]["agreement"] >= 0.6
             assert label["label"] == TINY_LABELS[0]
-        assert daemon.classified == 6
+        assert daemon.pipeline.classified == 6
     finally:
         rec.close()
 
@@ -184,7 +185,7 @@ def test_an_item_votes_on_frames_captured_after_its_trigger(start, broker, one_c
             captured = datetime.fromisoformat(label["timestamp"].replace("Z", "+00:00"))
             assert label["item_id"] == f"box-{n}"
             assert captured >= sent_at.replace(microsecond=sent_at.microsecond // 1000 * 1000), (captured, sent_at)
-        assert daemon.classified == 3
+        assert daemon.pipeline.classified == 3
     finally:
         rec.close()
 
@@ -262,7 +263,7 @@ def test_prometheus_metrics(start, one_class_images):
     port = free_port()
     daemon = start(live(one_class_images, fps=20), f"\n[health]\nprometheus_port = {port}\n")
     time.sleep(1.0)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=5).read().decode()
+    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.health.metrics_port}/metrics", timeout=5).read().decode()
     value = float(next(line.split()[-1] for line in text.splitlines()
                        if line.startswith("taxonedge_frames_classified ")))
     assert value > 0
@@ -285,8 +286,8 @@ def test_a_model_that_outputs_nan_is_reported_not_published(start, broker, one_c
         bad = [r for r in results if r.model_sha256 == nan.sha256]
         assert bad and all(not r.ok and "NaN" in r.error and r.decision is None for r in bad)
         assert not any(lb["model"]["sha256"] == nan.sha256 for lb in labels_of(rec))
-        assert daemon.state()["inference_errors"] >= len(bad)
-        assert all(t.is_alive() for t in daemon._threads)
+        assert daemon.health.state()["inference_errors"] >= len(bad)
+        assert all(t.is_alive() for t in daemon.threads)
     finally:
         rec.close()
 
@@ -304,7 +305,7 @@ def test_next_frame_is_at_the_worker_before_an_answer_is_published(start, broker
     names: set[str] = set()
 
     def on_result(result) -> None:
-        at_worker.append(daemon._worker.in_flight)
+        at_worker.append(daemon.serving.worker.in_flight)
         if not names:
             names.update((task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir())
 
@@ -332,7 +333,7 @@ def test_max_in_flight_2_queues_the_next_frame_at_the_worker_before_the_answer(s
     rec = Recorder(broker.port)
     daemon = start(f'type = "folder"\npath = "{folder}"\npacing = "fast"', "\n[trigger]\nmax_rate_hz = 100000\n",
                    edit=lambda t: t.replace("warmup_runs = 1", f"warmup_runs = 1\nmax_in_flight = {setting}"))
-    worker = daemon._worker
+    worker = daemon.serving.worker
     outstanding: list[int] = []
     submit = worker.submit
 
@@ -375,24 +376,24 @@ def test_reprobe_spawns_a_probe_worker_only_when_an_edgetpu_shows(start, one_cla
                    .replace(str(bundle), str(tpu_bundle)))
     assert daemon.active_bundle.has_edgetpu_model
     spawned: list[str] = []
-    new_worker = daemon._new_worker
+    new_worker = daemon.serving.new_worker
 
     def counting(bundle, backend=None):
         spawned.append(backend)
         return new_worker(bundle, backend)
 
-    daemon._new_worker = counting
+    daemon.serving.new_worker = counting
     deadline = time.monotonic() + 10
-    while daemon.reprobes < 2 and time.monotonic() < deadline:
+    while daemon.serving.reprobes < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert daemon.reprobes >= 2 and spawned == []  # looked twice, spawned nothing
+    assert daemon.serving.reprobes >= 2 and spawned == []  # looked twice, spawned nothing
     _usb_accelerator(usb)
-    while "edgetpu" not in spawned and time.monotonic() < deadline + 10:
+    while not spawned and time.monotonic() < deadline + 10:
         time.sleep(0.1)
-    assert "edgetpu" in spawned
-    while daemon._probing and time.monotonic() < deadline + 20:
+    assert spawned == ["auto"]  # one probe worker, which tries the accelerators first
+    while daemon.serving.probing and time.monotonic() < deadline + 20:
         time.sleep(0.1)
-    assert daemon.state()["backend"] == "cpu" and daemon.status_state() == "degraded"
+    assert daemon.health.state()["backend"] == "cpu" and daemon.health.status_state() == "degraded"
 
 
 def test_a_bundle_without_an_edgetpu_model_is_never_reprobed(start, one_class_images, tmp_path, monkeypatch):
@@ -408,8 +409,8 @@ def test_a_bundle_without_an_edgetpu_model_is_never_reprobed(start, one_class_im
                                                                     'backend = "auto"\nreprobe_interval_s = 0.1'))
     assert not daemon.active_bundle.has_edgetpu_model
     time.sleep(1.0)
-    assert daemon.reprobes == 0 and not daemon._probing
-    assert daemon.state()["backend"] == "cpu" and daemon.status_state() == "degraded"
+    assert daemon.serving.reprobes == 0 and not daemon.serving.probing
+    assert daemon.health.state()["backend"] == "cpu" and daemon.health.status_state() == "degraded"
 
 
 def test_the_start_up_heap_is_frozen_out_of_the_collector(start, one_class_images):

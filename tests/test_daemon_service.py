@@ -156,5 +156,5 @@ def test_edgetpu_is_reprobed_while_on_cpu(tmp_path, broker, live_source):
         rec.close()
         assert daemon.terminate() == 0
     # no accelerator on a test machine: each re-probe looks at the kernel's devices, spawns no worker
-    assert "Edge TPU re-probe: no Edge TPU device present" in daemon.log
+    assert "accelerator re-probe: none present" in daemon.log
     assert "still unavailable" not in daemon.log

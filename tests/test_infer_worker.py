@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from taxonedge.edge import backends
 from taxonedge.edge.bundle import read_bundle
 from taxonedge.edge.infer import InferenceWorker, WorkerError
 from taxonedge.edge.preprocess import preprocess
@@ -126,28 +127,28 @@ def test_a_bundle_without_an_edgetpu_model_runs_on_the_cpu_and_says_so(bundle, m
         return object()  # a delegate that must never reach the interpreter: nothing is compiled for it
 
     monkeypatch.setattr(runtime, "load_edgetpu_delegate", present)
-    clf, used, reason = runtime.open_classifier(bundle, "auto", num_threads=1, edgetpu_device="usb:0")
+    clf, used, reason = backends.open_classifier(bundle, "auto", num_threads=1, device="usb:0")
     assert loaded == ["usb:0"] and used == "cpu" and not clf.edgetpu
     assert "no Edge TPU model (model_edgetpu.tflite)" in reason and "edgetpu_compiler" in reason
     assert clf.probabilities(images(bundle, 1)[0]).shape == (len(TINY_LABELS),)
-    with pytest.raises(runtime.EdgeTpuUnavailable, match="no Edge TPU model"):
-        runtime.open_classifier(bundle, "edgetpu")
+    with pytest.raises(backends.BackendUnavailable, match="no Edge TPU model"):
+        backends.open_classifier(bundle, "edgetpu")
 
 
 def test_open_classifier_without_libedgetpu_and_on_cpu(bundle, monkeypatch):
     from taxonedge.edge import runtime
 
-    clf, used, reason = runtime.open_classifier(bundle, "auto", num_threads=1)  # the real library load fails
+    clf, used, reason = backends.open_classifier(bundle, "auto", num_threads=1)  # the real library load fails
     assert used == "cpu" and not clf.edgetpu and reason.startswith("Edge TPU unavailable, running on the CPU")
     assert "libedgetpu" in reason
-    with pytest.raises(runtime.EdgeTpuUnavailable, match="libedgetpu"):
-        runtime.open_classifier(bundle, "edgetpu")
+    with pytest.raises(backends.BackendUnavailable, match="libedgetpu"):
+        backends.open_classifier(bundle, "edgetpu")
 
     def never(device=None):
         raise AssertionError("backend cpu must not look for an Edge TPU")
 
     monkeypatch.setattr(runtime, "load_edgetpu_delegate", never)
-    assert runtime.open_classifier(bundle, "cpu", num_threads=1)[1:] == ("cpu", None)
+    assert backends.open_classifier(bundle, "cpu", num_threads=1)[1:] == ("cpu", None)
 
 
 def test_the_worker_maps_only_the_runtime_not_the_daemons_libraries(worker):

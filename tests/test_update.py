@@ -15,6 +15,7 @@ import pytest
 from taxonedge.edge import update
 from taxonedge.edge.bundle import read_bundle
 from taxonedge.edge.config import UpdateConfig, load_config
+from taxonedge.edge.pipeline import InferenceResult
 from taxonedge.edge.signing import generate_keypair, load_private_key
 from taxonedge.edge.slots import Slots, read_verified, startup_bundle
 
@@ -304,8 +305,8 @@ def test_latency_over_budget_rolls_back(device, bundles):
 
 
 def _results(n, ok=True, latency=0.01, decision="accepted"):
-    return [{"ok": ok, "error": None if ok else "invoke timed out", "latency_s": latency,
-             "decision": decision if ok else None, "model_sha256": "x"} for _ in range(n)]
+    return [InferenceResult(ok, None if ok else "invoke timed out", latency, decision if ok else None, "x")
+            for _ in range(n)]
 
 
 @pytest.mark.parametrize("window, baseline, words", [

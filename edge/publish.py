@@ -1,0 +1,92 @@
+"""The label sink: each decision becomes a label message (protocol.Label) in the durable outbox, handed to
+the MQTT link at once when it is next in line, with its timings kept for stats.
+
+Labels are published from the inference thread and, for items refused at the door (`overflow`), from the
+control thread: one lock keeps `seq` in outbox order.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import deque
+from datetime import datetime, timezone
+
+import numpy as np
+
+from .bundle import Bundle
+from .config import Config
+from .decode import Decision, decision_fields
+from .mqtt import MqttLink
+from .outbox import Outbox
+from .protocol import LABEL_SCHEMA, Label, json_bytes
+from .source import Frame
+from .trigger import ItemResult
+
+
+def utc_ms(wall: float) -> str:
+    return datetime.fromtimestamp(wall, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def ms_percentiles(seconds: deque[float]) -> tuple[float, float]:
+    """(p50, p99) in milliseconds, rounded to microseconds; (0, 0) before the first value."""
+    if not seconds:
+        return 0.0, 0.0
+    p50, p99 = np.percentile(np.array(seconds) * 1000, [50, 99])
+    return round(float(p50), 3), round(float(p99), 3)
+
+
+class LabelPublisher:
+    def __init__(self, config: Config, boot_id: str, outbox: Outbox):
+        self.config = config
+        self.boot_id = boot_id
+        self.outbox = outbox
+        self.link: MqttLink | None = None  # set once the link exists (it needs the outbox first)
+        self.topic = f"{config.topic_base}/labels"
+        self._seq = 0
+        self._lock = threading.Lock()
+        self.labels = 0
+        self.latencies: deque[float] = deque(maxlen=2000)  # capture to decision
+        self.publish_latencies: deque[float] = deque(maxlen=2000)  # capture to handed to the broker
+
+    def message(self, frame: Frame | None, decision: Decision, latency_s: float, invoke_s: float,
+                bundle: Bundle, backend: str, item: ItemResult | None = None) -> Label:
+        """The label message; takes the next seq, so call it under the lock."""
+        self._seq += 1
+        dev = self.config.device
+        return {
+            "schema": LABEL_SCHEMA,
+            "msg_id": uuid.uuid4().hex,
+            "boot_id": self.boot_id,
+            "seq": self._seq,
+            "device": dev.id,
+            "site": dev.site,
+            "line": dev.line,
+            "timestamp": utc_ms(frame.wall if frame else time.time()),
+            "item_id": item.item_id if item else None,
+            **decision_fields(decision, item.reason if item else None),  # type: ignore[typeddict-item]
+            "vote": ({"frames": item.frames, "agreeing": item.agreeing, "agreement": round(item.agreement, 4)}
+                     if item else None),
+            "model": {"name": bundle.name, "version": bundle.version, "sha256": bundle.sha256},
+            "backend": backend,  # type: ignore[typeddict-item]
+            "latency_ms": round(max(latency_s, 0.0) * 1000, 3),
+            "inference_ms": round(invoke_s * 1000, 3),
+        }
+
+    def publish(self, frame: Frame | None, decision: Decision, latency_s: float, invoke_s: float,
+                bundle: Bundle, backend: str, item: ItemResult | None = None) -> None:
+        with self._lock:
+            payload = self.message(frame, decision, latency_s, invoke_s, bundle, backend, item)
+            message = self.outbox.put(self.topic, json_bytes(payload), qos=1,
+                                      expiry_s=self.config.mqtt.label_expiry_s)
+            self.labels += 1
+        published = self.link is not None and self.link.notify_outbox(message)
+        self.latencies.append(latency_s)
+        if published and frame is not None:
+            # Labels sent live only: one that waited out an outage shows in the outbox depth instead.
+            self.publish_latencies.append(time.monotonic() - frame.captured)
+
+    def publish_item(self, item: ItemResult, frame: Frame | None, bundle: Bundle, backend: str) -> None:
+        latency = time.monotonic() - frame.captured if frame else 0.0
+        self.publish(frame, item.decision, latency, 0.0, bundle, backend, item)
