@@ -6,6 +6,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """The device-stage subcommands (over 80 lines: argparse declarations, one parser after another)."""
     run = sub.add_parser(
         "run",
         help="run the edge daemon: capture, classify, publish labels over MQTT",

@@ -35,10 +35,8 @@ import os
 import queue
 import re
 import shutil
-import ssl
 import threading
 import time
-import urllib.request
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -49,17 +47,14 @@ from typing import Any, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from taxonedge import __version__
-
-from . import backends
-from .bundle import Bundle, BundleError, atomic_write, utc_now
+from . import vetting
+from .bundle import Bundle, atomic_write, utc_now
 from .config import Config, UpdateConfig
-from .infer import InferenceWorker, WorkerError
 from .osthread import start_thread
 from .pipeline import InferenceResult
 from .protocol import FINAL_STATES, replies_prefix, response_topic_problem
-from .signing import SigningKeyError
 from .slots import Slots, read_verified
+from .vetting import Failed
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +96,6 @@ class DeployRequest(BaseModel):
         if self.chunks != math.ceil(self.size / self.chunk_size):
             raise ValueError(f"chunks={self.chunks} does not match size {self.size} / chunk_size {self.chunk_size}")
         return self
-
-
-class Failed(Exception):
-    """The deployment ends here: `state` is rejected or rolled_back, `reason` says why."""
-
-    def __init__(self, state: str, reason: str):
-        super().__init__(reason)
-        self.state, self.reason = state, reason
 
 
 @dataclass
@@ -245,16 +232,10 @@ def _unknown_rate(results: list[InferenceResult]) -> float:
     return sum(r.decision == "unknown" for r in decided) / max(len(decided), 1)
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-    parts = []
-    for part in version.split("."):
-        digits = "".join(ch for ch in part if ch.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts)
-
-
 class Updater:
-    """The deployment state machine for one daemon. One deployment runs at a time, on its own thread."""
+    """The deployment state machine for one daemon. One deployment runs at a time, on its own thread.
+    (Over 300 lines: request intake, chunk intake and the worker share one lock and one current deployment;
+    the checks it runs live in vetting.py, local drops in DropFolder.)"""
 
     def __init__(self, daemon: UpdaterHost):
         self.daemon = daemon
@@ -272,7 +253,7 @@ class Updater:
         self.current: Deployment | None = None
         self._lock = threading.Lock()
         self._jobs: queue.Queue[Deployment | None] = queue.Queue()
-        self._stop = threading.Event()
+        self.stopping = threading.Event()
         self._baseline: deque = deque(maxlen=100)
         self._window: HealthWindow | None = None
         self._threads: list[threading.Thread] = []
@@ -290,9 +271,9 @@ class Updater:
         for topic in self.deploy_topics:
             self.daemon.subscribe(topic, self._on_request)
             self.daemon.subscribe(f"{topic}/+/chunk/+", self._on_chunk)
-        self._spawn(self._worker, "update-worker")
+        self.spawn(self._worker, "update-worker")
         if self.config.model.watch_dir is not None:
-            self._spawn(self._watch, "update-watch")
+            self.spawn(DropFolder(self).run, "update-watch")
 
     def _report_interrupted(self) -> None:
         """Report the deployment the last process did not finish: a trial start-up rolled back, or one the
@@ -333,12 +314,12 @@ class Updater:
             self._send(response_topic, payload, bytes.fromhex(correlation) if correlation else None)
 
     def stop(self) -> None:
-        self._stop.set()
+        self.stopping.set()
         self._jobs.put(None)
         for thread in self._threads:
             thread.join(timeout=5)
 
-    def _spawn(self, target: Any, name: str) -> None:
+    def spawn(self, target: Any, name: str) -> None:
         self._threads.append(start_thread(target, name))
 
     # ---- MQTT handlers (control thread: quick, never block) -------------------------------------------
@@ -353,7 +334,7 @@ class Updater:
             self._reject_unreadable(topic, payload, _why(exc), response_topic, correlation)
             return
         self._latest[topic] = request.id
-        self._submit(Deployment(request, topic, response_topic, correlation))
+        self.submit(Deployment(request, topic, response_topic, correlation))
 
     def _reject_unreadable(self, topic: str, payload: bytes, why: str, response_topic: str | None,
                            correlation: bytes | None) -> None:
@@ -379,7 +360,7 @@ class Updater:
             return None
         return topic
 
-    def _submit(self, dep: Deployment) -> bool:
+    def submit(self, dep: Deployment) -> bool:
         """Queue a deployment unless it is a repeat or another one is running. True when queued."""
         done = self.history.get(dep.id)
         with self._lock:
@@ -461,7 +442,7 @@ class Updater:
 
     # ---- the state machine ---------------------------------------------------------------------------
     def _worker(self) -> None:
-        while not self._stop.is_set():
+        while not self.stopping.is_set():
             dep = self._jobs.get()
             if dep is None:
                 return
@@ -484,7 +465,7 @@ class Updater:
         data = self._receive(dep)
         self._report(dep, "received", size=len(data))
         self._report(dep, "verifying")
-        bundle = self._verify(dep, data)
+        bundle = vetting.verify(data, dep.request.size, dep.request.sha256, self.config, self.daemon.active_bundle)
         active = self.daemon.active_bundle
         if active is not None and bundle.sha256 == active.sha256:
             self._report(dep, "committed", model=bundle.describe(), detail="this model is already serving")
@@ -492,7 +473,7 @@ class Updater:
         slot, path = self.slots.stage(data)
         bundle = read_verified(path, self.config.model)  # from the slot, as the daemon will read it
         self._report(dep, "staged", slot=slot)
-        self._self_test(dep, bundle)
+        vetting.self_test(bundle, self.config, lambda state, **details: self._report(dep, state, **details))
         previous = self.daemon.active_bundle
         self.slots.begin_trial(slot, dep.id)
         self._window = HealthWindow(bundle.sha256, self.cfg.health_window)
@@ -522,11 +503,11 @@ class Updater:
         if dep.source_file is not None:
             data = dep.source_file.read_bytes()
         elif req.url is not None:
-            data = self._fetch(req.url)
+            data = vetting.fetch(req.url, self.config.model.max_bundle_bytes, self.cfg)
         else:
             retries = 0
             while not dep.complete.wait(0.2):
-                if self._stop.is_set():
+                if self.stopping.is_set():
                     raise Failed("rejected", "the daemon is shutting down")
                 if time.monotonic() - dep.last_chunk < self.cfg.chunk_timeout_s:
                     continue
@@ -542,166 +523,12 @@ class Updater:
             data = dep.part.read_bytes()
         return data
 
-    def _fetch(self, url: str) -> bytes:
-        limit = self.config.model.max_bundle_bytes
-        try:
-            if url.startswith("file://"):
-                path = Path(urllib.request.url2pathname(url[len("file://"):]))
-                if path.stat().st_size > limit:
-                    raise Failed("rejected", f"size: {path} is over model.max_bundle_bytes ({limit})")
-                return path.read_bytes()
-            context = ssl.create_default_context(
-                cafile=str(self.cfg.fetch_ca_file) if self.cfg.fetch_ca_file else None)
-            with urllib.request.urlopen(url, timeout=self.cfg.fetch_timeout_s, context=context) as resp:
-                data = resp.read(limit + 1)
-        except OSError as exc:
-            raise Failed("rejected", f"cannot fetch {url}: {exc}") from None
-        if len(data) > limit:
-            raise Failed("rejected", f"size: {url} is over model.max_bundle_bytes ({limit})")
-        return data
-
-    def _verify(self, dep: Deployment, data: bytes) -> Bundle:
-        req, model = dep.request, self.config.model
-        if len(data) != req.size:
-            raise Failed("rejected", f"size: received {len(data)} bytes, the request announced {req.size}")
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != req.sha256:
-            raise Failed("rejected", f"sha256: received {digest}, the request announced {req.sha256}")
-        try:
-            bundle = read_verified(data, model)
-        except SigningKeyError as exc:
-            raise Failed("rejected", f"model.public_key: {exc}") from None
-        except BundleError as exc:  # its message starts with "bundle: "
-            reason = str(exc)
-            if "unsigned" in reason:
-                reason += (" (model.require_signature is on: sign it with `taxonedge convert --sign-key` or "
-                           "`taxonedge sign`)")
-            raise Failed("rejected", reason) from None
-        manifest = bundle.manifest
-        if manifest.compatible != model.compatible:
-            raise Failed("rejected", f"compatible: the bundle is for '{manifest.compatible}', this device "
-                                     f"accepts '{model.compatible}'")
-        if _version_tuple(manifest.min_daemon_version) > _version_tuple(__version__):
-            raise Failed("rejected", f"min_daemon_version: the bundle needs taxonedge >= "
-                                     f"{manifest.min_daemon_version}, this daemon is {__version__}")
-        spec = manifest.input
-        if spec.dtype == "float32" and self.config.inference.backend == "edgetpu":
-            raise Failed("rejected", "input: a float32 model cannot run on the Edge TPU (inference.backend)")
-        active = self.daemon.active_bundle
-        if active is not None and model.taxonomy_policy == "same" and \
-                manifest.taxonomy_hash != active.manifest.taxonomy_hash:
-            raise Failed("rejected", (
-                f"taxonomy: the bundle's taxonomy ({bundle.taxonomy.num_leaves} leaves, hash "
-                f"{manifest.taxonomy_hash[:12]}) differs from the serving one ({active.taxonomy.num_leaves} "
-                f"leaves, hash {active.manifest.taxonomy_hash[:12]}) and model.taxonomy_policy = 'same'"))
-        return bundle
-
-    def _self_test(self, dep: Deployment, bundle: Bundle) -> None:
-        """Warm up and self-test in a worker process of its own (as every interpreter runs: a native abort
-        of the Edge TPU library costs the worker, never the daemon), while the daemon's model serves."""
-        self._report(dep, "warming")
-        inference = self.config.inference
-        worker = InferenceWorker(bundle, backend=inference.backend, device=inference.edgetpu_device,
-                                 num_threads=inference.interpreter_threads(), warmup_runs=inference.warmup_runs,
-                                 invoke_timeout_s=inference.invoke_timeout_s)
-        try:
-            try:
-                info = worker.start()
-            except WorkerError as exc:
-                if exc.cause == "BackendUnavailable":  # a named backend only: "auto" falls back to the CPU
-                    raise Failed("rejected", f"warming: {exc.detail}") from None
-                raise Failed("rejected", f"input/output: {exc.detail or exc}") from None
-            self._golden_test(dep, bundle, worker, info.backend)
-        finally:
-            worker.stop()
-
-    def _golden_test(self, dep: Deployment, bundle: Bundle, worker: InferenceWorker, backend: str) -> None:
-        """The bundle's golden inputs must give its recorded outputs (exactly on the CPU, within the
-        backend's tolerance on an accelerator)."""
-        spec = bundle.manifest.input
-        golden = bundle.golden()
-        if golden is None:
-            if self.cfg.require_golden:
-                raise Failed("rejected", "self_test: the bundle has no golden self-test set "
-                                         "(model.update.require_golden is on)")
-            inputs, outputs = np.zeros((1, spec.height, spec.width, 3), dtype=np.dtype(spec.dtype)), None
-        else:
-            inputs, outputs = golden
-        self._report(dep, "self_test", count=len(inputs))
-        tolerance = self.cfg.edgetpu_tolerance if backend == "edgetpu" else backends.tolerance(backend)
-        try:
-            for i, image in enumerate(inputs):
-                out = worker.raw(image)
-                if not np.all(np.isfinite(out.astype(np.float64))):
-                    raise Failed("rejected", f"self_test: the output for golden input {i} is not finite (NaN or inf)")
-                if outputs is None:
-                    continue
-                expected = outputs[i]
-                if out.shape != expected.shape:
-                    raise Failed("rejected", f"self_test: output shape {out.shape}, golden {expected.shape}")
-                diff = float(np.max(np.abs(out.astype(np.float64) - expected.astype(np.float64))))
-                if not diff <= tolerance:
-                    raise Failed("rejected", (
-                        f"self_test: golden input {i} gives outputs differing by {diff:g} from the recorded "
-                        f"ones (tolerance {tolerance} on {backend})"))
-        except WorkerError as exc:
-            raise Failed("rejected", f"self_test: {exc}") from None
-
     def _health(self, baseline: list[InferenceResult]) -> str | None:
         window = self._window
         if window is None or window.size == 0:
             return None
         window.done.wait(self.cfg.health_timeout_s)
         return window.verdict(baseline, self.cfg)
-
-    # ---- local drops ---------------------------------------------------------------------------------
-    def _watch(self) -> None:
-        folder = Path(self.config.model.watch_dir)
-        seen: dict[Path, tuple[int, int]] = {}
-        while not self._stop.wait(self.cfg.watch_interval_s):
-            try:
-                candidates = sorted(folder.glob("*.tebundle"))
-            except OSError as exc:
-                log.warning("model.watch_dir %s: %s", folder, exc)
-                continue
-            for path in candidates:
-                try:
-                    stat = path.stat()
-                except OSError:
-                    continue
-                signature = (stat.st_size, stat.st_mtime_ns)
-                if seen.get(path) != signature:  # still being copied in: wait for it to settle
-                    seen[path] = signature
-                    continue
-                if self.current is None:
-                    seen.pop(path, None)
-                    self._take_dropped(path)
-
-    def _take_dropped(self, path: Path) -> None:
-        data = path.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        request = DeployRequest(id=f"local-{digest[:16]}", size=max(len(data), 1), sha256=digest,
-                                url=path.resolve().as_uri())
-        dep = Deployment(request, topic="watch_dir", source_file=path)
-        if not self._submit(dep):  # seen before (its recorded outcome decides where it goes), or busy
-            done = self.history.get(dep.id) or {"state": "rejected", "reason": "busy with another deployment"}
-            self._file_away(path, done["state"], done.get("reason"))
-            return
-        # The worker reads the file; once it is done, move the file out of the way with its outcome.
-        def follow() -> None:
-            while self.current is dep:
-                time.sleep(0.2)
-            outcome = self.history.get(dep.id) or {"state": "rejected", "reason": "unknown"}
-            self._file_away(path, outcome["state"], outcome.get("reason"))
-        self._spawn(follow, f"update-watch-{dep.id}")
-
-    @staticmethod
-    def _file_away(path: Path, state: str, reason: str | None) -> None:
-        target = path.parent / ("installed" if state == "committed" else "rejected")
-        target.mkdir(exist_ok=True)
-        os.replace(path, target / path.name)
-        if reason:  # written whole or not at all: whoever watches the folder never reads it half-written
-            atomic_write(target / f"{path.name}.reason.txt", (reason + "\n").encode())
 
     # ---- reporting -----------------------------------------------------------------------------------
     def _report(self, dep: Deployment, state: str, reason: str | None = None, record: bool = True,
@@ -756,6 +583,62 @@ class Updater:
         except Exception as exc:  # reporting must not break the deployment itself
             log.warning("cannot publish deployment progress on %s: %s", topic, exc)
 
+
+
+class DropFolder:
+    """Bundles dropped into `model.watch_dir` go through the same steps as a deployment over MQTT: once a
+    file stops changing it is submitted, then moved to installed/ or rejected/ with its reason."""
+
+    def __init__(self, updater: Updater):
+        self.updater = updater
+
+    def run(self) -> None:
+        folder = Path(self.updater.config.model.watch_dir)
+        seen: dict[Path, tuple[int, int]] = {}
+        while not self.updater.stopping.wait(self.updater.cfg.watch_interval_s):
+            try:
+                candidates = sorted(folder.glob("*.tebundle"))
+            except OSError as exc:
+                log.warning("model.watch_dir %s: %s", folder, exc)
+                continue
+            for path in candidates:
+                try:
+                    stat = path.stat()
+                except OSError:
+                    continue
+                signature = (stat.st_size, stat.st_mtime_ns)
+                if seen.get(path) != signature:  # still being copied in: wait for it to settle
+                    seen[path] = signature
+                    continue
+                if self.updater.current is None:
+                    seen.pop(path, None)
+                    self.take(path)
+
+    def take(self, path: Path) -> None:
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        request = DeployRequest(id=f"local-{digest[:16]}", size=max(len(data), 1), sha256=digest,
+                                url=path.resolve().as_uri())
+        dep = Deployment(request, topic="watch_dir", source_file=path)
+        if not self.updater.submit(dep):  # seen before (its recorded outcome decides where it goes), or busy
+            done = self.updater.history.get(dep.id) or {"state": "rejected", "reason": "busy with another deployment"}
+            self._file_away(path, done["state"], done.get("reason"))
+            return
+        # The worker reads the file; once it is done, move the file out of the way with its outcome.
+        def follow() -> None:
+            while self.updater.current is dep:
+                time.sleep(0.2)
+            outcome = self.updater.history.get(dep.id) or {"state": "rejected", "reason": "unknown"}
+            self._file_away(path, outcome["state"], outcome.get("reason"))
+        self.updater.spawn(follow, f"update-watch-{dep.id}")
+
+    @staticmethod
+    def _file_away(path: Path, state: str, reason: str | None) -> None:
+        target = path.parent / ("installed" if state == "committed" else "rejected")
+        target.mkdir(exist_ok=True)
+        os.replace(path, target / path.name)
+        if reason:  # written whole or not at all: whoever watches the folder never reads it half-written
+            atomic_write(target / f"{path.name}.reason.txt", (reason + "\n").encode())
 
 def _why(exc: BaseException) -> str:
     """One line on what is wrong with a request."""

@@ -18,7 +18,7 @@ from .conftest import REPO
 
 KERNEL = {"bundle", "taxonomy", "preprocess", "signing", "decode", "runtime", "protocol", "schemas", "backends"}
 SERVICE = {"config", "daemon", "pipeline", "serving", "control", "health", "publish", "source", "infer",
-           "outbox", "mqtt", "update", "slots", "trigger", "notify", "osthread"}
+           "outbox", "mqtt", "update", "vetting", "slots", "trigger", "notify", "osthread"}
 TOOLS = {"cli", "deploy", "listen", "inspect"}
 PACKAGES = {"edge": "taxonedge.edge", "train": "taxonedge.train", "convert": "taxonedge.convert"}
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from taxonedge.cli import precision_arg
 
+from .model import BACKBONES  # light: the backbone registry, no TensorFlow at import
+
 DATA_HELP = ("a folder tree (ROOT/Fruit/Apple/Granny-Smith/*.jpg; the taxonomy comes from the folders) or a "
              "list file of 'path, fine_id, coarse_id' lines with classes.csv beside it (Grocery Store format)")
 
@@ -50,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "selects the epoch, calibrates and gates. Evaluate on the rest with "
                             "--data RUN_DIR/splits.json")
     train.add_argument("--backbone", default="mobilenet_v2",
-                       choices=["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "vgg16"],
+                       choices=BACKBONES,
                        help="mobilenet_v3 uses hard-swish, which splits an Edge TPU graph; vgg16 does not fit "
                             "the Edge TPU's memory")
     train.add_argument("--alpha", type=float, default=1.0, help="MobileNet width multiplier")
