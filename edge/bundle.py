@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .preprocess import InputSpec
 from .signing import Ed25519PrivateKey, Ed25519PublicKey, key_id, sign, verify
 from .taxonomy import Taxonomy, TaxonomyError
+from .thresholds import check_thresholds
 
 FORMAT = "taxonedge-bundle"
 FORMAT_VERSION = 1
@@ -132,10 +133,7 @@ class Manifest(BaseModel):
     @field_validator("thresholds")
     @classmethod
     def _thresholds_in_range(cls, v: dict[str, float]) -> dict[str, float]:
-        for key, value in v.items():
-            if not key.startswith("depth_") or not 0.0 <= value <= 1.0:
-                raise ValueError(f"threshold {key}={value}: keys are depth_N, values in [0, 1]")
-        return v
+        return check_thresholds(v)
 
 
 class Bundle:

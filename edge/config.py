@@ -19,6 +19,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from .thresholds import check_thresholds
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used. The message names the key and the line."""
@@ -99,10 +101,7 @@ class ModelConfig(_Strict):
     @field_validator("thresholds")
     @classmethod
     def _thresholds(cls, v: dict[str, float]) -> dict[str, float]:
-        for key, value in v.items():
-            if not re.fullmatch(r"depth_[1-9][0-9]*", key) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"{key} = {value}: keys are depth_1, depth_2, ...; values between 0 and 1")
-        return v
+        return check_thresholds(v)
 
     @model_validator(mode="after")
     def _key_when_required(self) -> ModelConfig:

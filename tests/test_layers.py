@@ -16,7 +16,8 @@ from pathlib import Path
 
 from .conftest import REPO
 
-KERNEL = {"bundle", "taxonomy", "preprocess", "signing", "decode", "runtime", "protocol", "schemas", "backends"}
+KERNEL = {"bundle", "taxonomy", "preprocess", "signing", "decode", "runtime", "protocol", "schemas", "backends",
+          "thresholds"}
 SERVICE = {"config", "daemon", "pipeline", "serving", "control", "health", "publish", "source", "infer",
            "outbox", "mqtt", "update", "vetting", "slots", "trigger", "notify", "osthread"}
 TOOLS = {"cli", "deploy", "listen", "inspect"}
