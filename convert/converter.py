@@ -31,6 +31,7 @@ from taxonedge.edge.bundle import (
 )
 from taxonedge.edge.preprocess import InputSpec
 from taxonedge.edge.runtime import dequantize
+from taxonedge.train.backbones import find_backbone
 from taxonedge.train.calibrate import choose_and_check_thresholds
 from taxonedge.train.metrics import agreement, backoff, compute_metrics
 
@@ -259,6 +260,9 @@ def _qat(run: Run, model: Any, opts: Options, calib: np.ndarray) -> bytes:
     from .qat import run_qat
     from .quantize import stratified
 
+    entry = find_backbone(run.backbone)
+    if entry is not None and entry.qat_note:
+        log.warning("quantization-aware training of %s: %s", entry.name, entry.qat_note)
     items = stratified(run.train, opts.qat_images, opts.seed + 1)
     images, labels = _load(items, run.input_spec, "QAT training images")
     return run_qat(run, model, images, labels, calib, epochs=opts.qat_epochs, seed=opts.seed)

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from taxonedge.train.backbones import find_backbone
+
 # TFLite builtin ops the Edge TPU compiler maps (coral.ai/docs/edgetpu/models-intro, "Supported operations"),
 # for int8/uint8 tensors with static shapes. Anything else runs on the CPU and splits the graph.
 SUPPORTED_OPS = frozenset({
@@ -27,24 +29,18 @@ SUPPORTED_OPS = frozenset({
 ON_CHIP_MEMORY_BYTES = 8 * 1024 * 1024  # parameters beyond this stream from host memory on every inference
 COMPILER = "edgetpu_compiler"
 
-BACKBONE_WARNINGS = {
-    "vgg16": "VGG16 has about 138 M parameters (15 M without the top): far more than the Edge TPU's 8 MB "
-             "on-chip memory, so weights stream over USB on every inference (Coral measured 296 ms vs "
-             "2.6 ms for MobileNetV2). Prefer mobilenet_v2 for the Edge TPU.",
-    "mobilenet_v3": "MobileNetV3 uses hard-swish (HARD_SWISH), which the Edge TPU does not run: the graph "
-                    "splits at the first one and the rest runs on the CPU. Prefer mobilenet_v2.",
-}
-
 
 class EdgeTpuError(RuntimeError):
     """The Edge TPU requirement (`--edgetpu require`) cannot be met; the message says why."""
 
 
 def backbone_warnings(backbone: str, model_size: int | None = None) -> list[str]:
-    """Why a backbone is a poor Edge TPU choice, plus a size warning for any model over the on-chip memory."""
-    name = backbone.lower()
-    warnings = [text for key, text in BACKBONE_WARNINGS.items() if name.startswith(key)]
-    if model_size is not None and model_size > ON_CHIP_MEMORY_BYTES and not name.startswith("vgg16"):
+    """Why a backbone is a poor Edge TPU choice (its note in the backbone registry), plus a size warning for
+    any model over the on-chip memory."""
+    entry = find_backbone(backbone)  # None for a backbone the registry does not know: no note
+    warnings = [entry.edgetpu_note] if entry and entry.edgetpu_note else []
+    covered = entry is not None and entry.exceeds_on_chip_memory
+    if model_size is not None and model_size > ON_CHIP_MEMORY_BYTES and not covered:
         warnings.append(f"the model is {model_size / 2**20:.1f} MiB, over the Edge TPU's 8 MiB on-chip memory: "
                         "parameters that do not fit stream from the host on every inference")
     return warnings

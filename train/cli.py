@@ -8,7 +8,7 @@ from pathlib import Path
 
 from taxonedge.cli import precision_arg
 
-from .model import BACKBONES  # light: the backbone registry, no TensorFlow at import
+from .backbones import BACKBONES, DEFAULT, cli_help  # light: the backbone registry, no TensorFlow at import
 
 DATA_HELP = ("a folder tree (ROOT/Fruit/Apple/Granny-Smith/*.jpg; the taxonomy comes from the folders) or a "
              "list file of 'path, fine_id, coarse_id' lines with classes.csv beside it (Grocery Store format)")
@@ -51,12 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "training (val is shot on the occasions a deployment looks like); the rest still "
                             "selects the epoch, calibrates and gates. Evaluate on the rest with "
                             "--data RUN_DIR/splits.json")
-    train.add_argument("--backbone", default="mobilenet_v2",
-                       choices=BACKBONES,
-                       help="mobilenet_v3 uses hard-swish, which splits an Edge TPU graph; vgg16 does not fit "
-                            "the Edge TPU's memory")
+    train.add_argument("--backbone", default=DEFAULT, choices=BACKBONES, help=cli_help())
     train.add_argument("--alpha", type=float, default=1.0, help="MobileNet width multiplier")
-    train.add_argument("--input-size", type=int, default=224, help="square input size in pixels")
+    sizes = "/".join(sorted({str(b.default_input_size) for b in BACKBONES.values()}))
+    train.add_argument("--input-size", type=int, default=None,
+                       help=f"square input size in pixels (default: the backbone's, {sizes})")
     train.add_argument("--weights", default="imagenet",
                        help="'imagenet' (Keras download), a Keras 3 weights file for the backbone, or 'none'")
     train.add_argument("--dropout", type=float, default=0.2)

@@ -5,7 +5,8 @@
       -> backbone (keras.applications, no top, global average pooling)
       -> Dropout -> Dense(num_leaves, "leaf_logits") -> Softmax ("leaf_probs")
 
-Layer names are fixed so that weights can be copied layer by layer between the two Keras versions.
+Layer names are fixed so that weights can be copied layer by layer between the two Keras versions. What
+differs per backbone (factory, scaling, BGR weights, Edge TPU note) is in the registry, `backbones.py`.
 """
 
 from __future__ import annotations
@@ -13,37 +14,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from .backbones import get_backbone
+
 log = logging.getLogger(__name__)
-
-BACKBONES = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "vgg16")
-# ImageNet means of VGG16's caffe preprocessing, RGB order.
-_VGG_MEAN_RGB = (123.68, 116.779, 103.939)
-
-
-def _backbone(config: dict, keras_module: Any, weights: str | None) -> Any:
-    apps = keras_module.applications
-    name = config["backbone"]
-    shape = (config["input_size"], config["input_size"], 3)
-    if name == "mobilenet_v2":
-        return apps.MobileNetV2(input_shape=shape, alpha=config.get("alpha", 1.0), include_top=False,
-                                weights=weights, pooling="avg")
-    if name in ("mobilenet_v3_small", "mobilenet_v3_large"):
-        factory = apps.MobileNetV3Small if name.endswith("small") else apps.MobileNetV3Large
-        # include_preprocessing=False: our own Rescaling layer does it, the same for every backbone
-        return factory(input_shape=shape, alpha=config.get("alpha", 1.0), include_top=False, weights=weights,
-                       pooling="avg", include_preprocessing=False)
-    if name == "vgg16":
-        return apps.VGG16(input_shape=shape, include_top=False, weights=weights, pooling="avg")
-    raise ValueError(f"unknown backbone '{name}' (choose from {', '.join(BACKBONES)})")
-
-
-def _scaling(config: dict, keras_module: Any) -> Any:
-    layers = keras_module.layers
-    if config["backbone"] == "vgg16":
-        # caffe mode: mean subtraction without scaling. The BGR order of the original weights is handled by
-        # flipping the first convolution's input channels (see `load_backbone_weights`), not by a layer.
-        return layers.Normalization(mean=list(_VGG_MEAN_RGB), variance=[1.0, 1.0, 1.0], name="input_scaling")
-    return layers.Rescaling(1.0 / 127.5, offset=-1.0, name="input_scaling")  # MobileNets: [-1, 1]
 
 
 def build_classifier(config: dict, num_leaves: int, keras_module: Any, *, pretrained: bool = False,
@@ -62,23 +35,22 @@ def build_classifier(config: dict, num_leaves: int, keras_module: Any, *, pretra
     `parent_probs` comes from an auxiliary head on the parent level.
     """
     layers = keras_module.layers
+    spec = get_backbone(config["backbone"])
     weights = None
     if pretrained:
         weights = _weights_arg(config.get("weights", "imagenet"))
-    if config["backbone"] not in BACKBONES:
-        raise ValueError(f"unknown backbone '{config['backbone']}' (choose from {', '.join(BACKBONES)})")
-    if config["backbone"].startswith("mobilenet_v3"):
-        log.warning("%s uses hard-swish, which the Edge TPU compiler does not map: the graph is split and "
-                    "part of it runs on the CPU; prefer mobilenet_v2 for Edge TPU devices", config["backbone"])
+    if spec.edgetpu_note:
+        log.warning("%s: %s", spec.name, spec.edgetpu_note)
     path_weights = weights not in (None, "imagenet")
-    backbone = _backbone(config, keras_module, None if path_weights else weights)
+    backbone = spec.build(keras_module, config["input_size"], config.get("alpha", 1.0),
+                          None if path_weights else weights)
     if path_weights:
         backbone.load_weights(weights)
-    if pretrained and config["backbone"] == "vgg16" and weights is not None:
+    if pretrained and spec.bgr_weights and weights is not None:
         _flip_first_conv_channels(backbone)
     size = config["input_size"]
     inputs = keras_module.Input((size, size, 3), name="image")
-    features = backbone(_scaling(config, keras_module)(inputs))
+    features = backbone(spec.scaling_layer(keras_module)(inputs))
     features = layers.Dropout(config.get("dropout", 0.2), name="head_dropout")(features)
     logits = layers.Dense(num_leaves, name="leaf_logits")(features)
     leaf_probs = layers.Softmax(name="leaf_probs")(logits)
@@ -97,7 +69,7 @@ def _weights_arg(weights: str | None) -> str | None:
 
 def _flip_first_conv_channels(backbone: Any) -> None:
     # VGG16 ImageNet weights expect BGR input; our model feeds RGB, so reverse the first kernel's input axis.
-    conv = backbone.get_layer("block1_conv1")
+    conv = next(layer for layer in backbone.layers if layer.__class__.__name__ == "Conv2D")
     kernel, bias = conv.get_weights()
     conv.set_weights([kernel[:, :, ::-1, :], bias])
 

@@ -17,14 +17,16 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from taxonedge.edge.bundle import atomic_write
 from taxonedge.edge.preprocess import InputSpec
 
 from . import data as data_mod
+from .backbones import DEFAULT as DEFAULT_BACKBONE
+from .backbones import find_backbone
 from .calibrate import DEFAULT_TARGET_PRECISION, choose_and_check_thresholds, fit_temperature, softmax
 from .metrics import compute_metrics
 
@@ -49,9 +51,9 @@ class TrainConfig(BaseModel):
     # Share of each class of --val moved into training (a final model: val is shot on the occasions a
     # deployment looks like); the rest still selects the epoch, calibrates and gates the int8 model.
     train_on_val: float = Field(0.0, ge=0.0, lt=1.0)
-    backbone: str = "mobilenet_v2"
+    backbone: str = DEFAULT_BACKBONE
     alpha: float = 1.0
-    input_size: int = Field(224, ge=32, le=1024)
+    input_size: int = Field(None, ge=32, le=1024, description="None: the backbone's default size")  # type: ignore[assignment]
     weights: str = "imagenet"
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     aux_parent: float = Field(0.0, ge=0.0, description="loss weight of the auxiliary parent head (0: off)")
@@ -70,6 +72,14 @@ class TrainConfig(BaseModel):
     color_jitter: float = Field(0.2, ge=0.0, le=1.0)
     target_precision: float = Field(DEFAULT_TARGET_PRECISION, gt=0.0, le=1.0)
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _backbone_default_size(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("input_size") is None:
+            entry = find_backbone(data.get("backbone", DEFAULT_BACKBONE))
+            data = {**data, "input_size": entry.default_input_size if entry else 224}
+        return data
 
 
 def _setup_tf(seed: int):
