@@ -26,7 +26,8 @@ from taxonedge.edge.outbox import Outbox
 
 from .security import OPERATOR, Pki, SecureBroker, make_fleet_pki, tls_client, try_connect, world_readable_dir
 
-PASSWORDS = {"d1": "pw-d1-correct", "d2": "pw-d2-correct", OPERATOR: "pw-operator"}
+CONSUMER = "taxonedge-sorter"  # the ACL's logistics consumer account
+PASSWORDS = {"d1": "pw-d1-correct", "d2": "pw-d2-correct", OPERATOR: "pw-operator", CONSUMER: "pw-sorter"}
 D1 = "taxonedge/s1/l1/d1"
 D2 = "taxonedge/s1/l1/d2"
 
@@ -170,6 +171,33 @@ def test_device_reads_only_its_own_command_and_model_topics(pki: Pki, secure_bro
     finally:
         operator.close()
         device.close()
+
+
+def test_replies_go_only_under_the_reply_prefix_and_each_account_reads_its_own(
+        pki: Pki, secure_broker: SecureBroker) -> None:
+    """Devices answer on <prefix>/replies/<client> (never their own topics, edge/protocol.py); the ACL lets
+    them write there and lets each account read the replies addressed to it, and no one else's."""
+    operator = session(pki, secure_broker, OPERATOR)
+    consumer = Session(tls_client(pki, CONSUMER, PASSWORDS[CONSUMER], cert="d1"), secure_broker.port)
+    device = session(pki, secure_broker, "d1")
+    try:
+        for who in (operator, consumer):
+            assert who.subscribe("taxonedge/replies/#") == "Granted QoS 1"
+        to_operator = ["taxonedge/replies/taxonedge-operator", "taxonedge/replies/taxonedge-operator/42"]
+        to_consumer = ["taxonedge/replies/taxonedge-sorter", "taxonedge/replies/taxonedge-sorter/ping/7"]
+        for topic in to_operator + to_consumer:
+            assert device.publish(topic, b'{"ok": true}') == "Success", topic
+        for topic in ("taxonedge/replie/x", "replies/taxonedge-operator", "taxonedge/s1/replies/x"):
+            assert device.publish(topic) == "Not authorized", topic
+        marker = "taxonedge/replies/taxonedge-sorter/marker"
+        device.publish(marker)
+        consumer.wait(lambda: marker in consumer.received)
+        operator.wait(lambda: marker in operator.received)
+        assert consumer.received == [*to_consumer, marker]  # not the operator's replies
+        assert operator.received == [*to_operator, *to_consumer, marker]  # the operator's account reads all
+    finally:
+        for who in (operator, consumer, device):
+            who.close()
 
 
 # ---- refusals -----------------------------------------------------------------------------------------
