@@ -311,7 +311,9 @@ class Config(_Strict):
 
     @property
     def topic_base(self) -> str:
-        return f"{self.mqtt.prefix}/{self.device.site}/{self.device.line}/{self.device.id}"
+        from .protocol import device_base
+
+        return device_base(self.mqtt.prefix, self.device.site, self.device.line, self.device.id)
 
     @property
     def outbox_path(self) -> Path:

@@ -21,6 +21,7 @@ from .config import Config
 from .pipeline import Pipeline
 from .protocol import (
     CommandAnswer,
+    DeviceTopics,
     PayloadError,
     check_text,
     parse_json_object,
@@ -46,6 +47,7 @@ class Control:
                  publish: Callable[..., None], state: Callable[[], dict], status_changed: Callable[[bool], None]):
         self.config = config
         self.base = config.topic_base
+        self.topics = DeviceTopics(self.base)
         self.boot_id = boot_id
         self.serving = serving
         self.pipeline = pipeline
@@ -62,8 +64,7 @@ class Control:
 
     def topic_filters(self) -> list[str]:
         """What the device subscribes to after every (re)connect."""
-        return [f"{self.base}/cmd/+", f"{self.base}/trigger", f"{self.base}/status",
-                *(f for f, _ in self.subscriptions)]
+        return [self.topics.commands, self.topics.trigger, self.topics.status, *(f for f, _ in self.subscriptions)]
 
     def enqueue(self, topic: str, payload: bytes, properties: Any) -> None:
         """From the MQTT network thread: never blocks; a full queue drops and counts."""
@@ -76,7 +77,6 @@ class Control:
         """The control thread, until `done`."""
         import paho.mqtt.client as paho
 
-        cmd_prefix = f"{self.base}/cmd/"
         while not self.done.is_set():
             try:
                 topic, payload, props = self._queue.get(timeout=0.2)
@@ -84,12 +84,13 @@ class Control:
                 continue
             plugin = [h for f, h in self.subscriptions if paho.topic_matches_sub(f, topic)]
             try:
-                if topic == f"{self.base}/trigger":
+                name = self.topics.command_name(topic)
+                if topic == self.topics.trigger:
                     self.on_trigger(payload)
-                elif topic == f"{self.base}/status":
+                elif topic == self.topics.status:
                     self.on_status(payload)
-                elif topic.startswith(cmd_prefix) and not plugin:
-                    self.on_command(topic, topic[len(cmd_prefix):], payload, props)
+                elif name is not None and not plugin:
+                    self.on_command(name, payload, props)
             except Exception:  # noqa: BLE001 - a bad message never kills the daemon
                 log.exception("handling a message on %s failed", topic)
             for handler in plugin:
@@ -155,11 +156,11 @@ class Control:
         log.log(level, "trigger message refused (%s); %d refused so far", why, self.triggers_refused)
 
     # ---- commands ----------------------------------------------------------------------------------
-    def on_command(self, topic: str, name: str, payload: bytes, props: Any) -> None:
+    def on_command(self, name: str, payload: bytes, props: Any) -> None:
         """Answered on the request's response topic when that is allowed (protocol.response_topic_problem),
-        else on `<topic>/response`."""
+        else on `<base>/cmd/<name>/response`."""
         self.commands += 1
-        response_topic, problem = f"{topic}/response", None
+        response_topic, problem = self.topics.response(name), None
         candidate = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
         if isinstance(candidate, str) and candidate:

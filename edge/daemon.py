@@ -37,7 +37,7 @@ from .notify import sd_notify
 from .osthread import start_thread
 from .outbox import Outbox
 from .pipeline import InferenceResult, Pipeline
-from .protocol import Status, json_bytes
+from .protocol import DeviceTopics, Status, json_bytes
 from .publish import LabelPublisher
 from .serving import Serving
 from .signing import SigningKeyError, load_public_key
@@ -62,6 +62,7 @@ class Daemon:
     def __init__(self, config: Config, max_frames: int | None = None):
         self.config = config
         self.topic_base = config.topic_base
+        self.topics = DeviceTopics(self.topic_base)
         self.boot_id = uuid.uuid4().hex[:12]
         self.max_frames = max_frames
         self.stopping = threading.Event()
@@ -130,7 +131,7 @@ class Daemon:
         will: Status = {"state": "offline", "reason": "connection lost", "boot_id": self.boot_id,
                         "device": cfg.device.id}
         self.link = MqttLink(cfg.mqtt, client_id_for(cfg.mqtt, cfg.device.id), self.outbox,
-                             f"{self.topic_base}/status", json_bytes(will), self._on_connected, self.control.enqueue)
+                             self.topics.status, json_bytes(will), self._on_connected, self.control.enqueue)
         self.publisher.link = self.health.link = self.link
         self.capture.start()
         self.link.start()
@@ -204,7 +205,7 @@ class Daemon:
             self.health.publish_stats(final=True)
             offline: Status = {"state": "offline", "reason": "failed" if self.pipeline.failed else "stopped",
                                "boot_id": self.boot_id, "device": self.config.device.id}
-            info = self.link.client.publish(f"{self.topic_base}/status", json_bytes(offline), qos=1, retain=True)
+            info = self.link.client.publish(self.topics.status, json_bytes(offline), qos=1, retain=True)
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(2.0)
         self.control.done.set()

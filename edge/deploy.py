@@ -25,6 +25,7 @@ from taxonedge.cli import CliError
 
 from .bundle import BundleError, read_bundle, utc_now
 from .protocol import FINAL_STATES as FINAL
+from .protocol import DeviceTopics, deploy_chunk, group_deploy, replies_prefix
 
 DEFAULT_CHUNK = 256 * 1024
 # 0: every device committed and serves the bundle (or --no-wait / --pending / --cancel did their part);
@@ -42,11 +43,10 @@ def make_request(data: bytes, deployment_id: str, chunk_size: int = DEFAULT_CHUN
 
 
 def deploy_topic(prefix: str, target: str) -> str:
-    return f"{prefix}/{target}/deploy" if target.startswith("groups/") else f"{prefix}/{target}/model/deploy"
-
-
-def chunk_topic(deploy_topic_: str, deployment_id: str, index: int) -> str:
-    return f"{deploy_topic_}/{deployment_id}/chunk/{index}"
+    """The deployment topic of a target: SITE/LINE/DEVICE or groups/NAME."""
+    if target.startswith("groups/"):
+        return group_deploy(prefix, target.split("/", 1)[1])
+    return DeviceTopics(f"{prefix}/{target}").deploy
 
 
 def chunk(data: bytes, chunk_size: int, index: int) -> bytes:
@@ -70,7 +70,7 @@ class Session:
 
         host, port = args.broker
         self.client_id = f"taxonedge-deploy-{uuid.uuid4().hex[:8]}"
-        self.reply_topic = f"{args.prefix}/replies/{self.client_id}"
+        self.reply_topic = f"{replies_prefix(args.prefix)}{self.client_id}"
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
         if args.username:
             self.client.username_pw_set(args.username, password_from_args(args))
@@ -183,7 +183,7 @@ def deploy_command(args: Any) -> int:
         for topic in deploy_topics:
             session.client.unsubscribe(topic)
             session.filters.remove(topic)
-        session.subscribe([f"{args.prefix}/{'+/+/+' if t.startswith('groups/') else t}/model/deploy/{deployment_id}"
+        session.subscribe([DeviceTopics(f"{args.prefix}/{'+/+/+' if t.startswith('groups/') else t}").deploy_progress(deployment_id)
                            for t in targets])
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = session.reply_topic
@@ -199,7 +199,7 @@ def deploy_command(args: Any) -> int:
             with tqdm(total=len(data), unit="B", unit_scale=True, desc="upload", file=sys.stderr) as bar:
                 for i in range(chunks):
                     piece = chunk(data, args.chunk_size, i)
-                    infos = [session.publish(chunk_topic(t, deployment_id, i), piece, retain=True)
+                    infos = [session.publish(deploy_chunk(t, deployment_id, i), piece, retain=True)
                              for t in deploy_topics]
                     for info in infos:
                         info.wait_for_publish(30)
@@ -245,7 +245,7 @@ def _clear_chunks(session: Session, topic: str, request: dict, keep: int = 0) ->
     count = request.get("chunks")
     if isinstance(count, int) and 0 < count <= 100_000:
         for i in range(keep, count):
-            session.publish(chunk_topic(topic, request["id"], i), b"", retain=True)
+            session.publish(deploy_chunk(topic, request["id"], i), b"", retain=True)
 
 
 def _follow(session: Session, targets: list[str], request: dict, data: bytes, sha256: str, args: Any,
@@ -277,7 +277,7 @@ def _follow(session: Session, targets: list[str], request: dict, data: bytes, sh
                 for i in payload["missing"]:
                     if isinstance(i, int) and 0 <= i < request.get("chunks", 0):
                         for topic in deploy_topics:
-                            session.publish(chunk_topic(topic, deployment_id, i), chunk(data, args.chunk_size, i),
+                            session.publish(deploy_chunk(topic, deployment_id, i), chunk(data, args.chunk_size, i),
                                             retain=True)
             if (old.get("state"), old.get("received")) != (payload.get("state"), payload.get("received")):
                 tqdm.write(_line(device, payload, prefix), file=sys.stderr)
@@ -319,10 +319,11 @@ def pending_command(args: Any) -> int:
     """`deploy --pending`: the retained requests (per device and per group) and each device's outcome."""
     prefix = args.prefix
     targets = [parse_target(t) for t in args.target or []]
-    topics = [deploy_topic(prefix, t) for t in targets] or [f"{prefix}/+/+/+/model/deploy", f"{prefix}/groups/+/deploy"]
+    every_device = DeviceTopics(f"{prefix}/+/+/+")
+    topics = [deploy_topic(prefix, t) for t in targets] or [every_device.deploy, group_deploy(prefix, "+")]
     session = Session(args)
     try:
-        session.subscribe([*topics, f"{prefix}/+/+/+/model/deploy/+"])
+        session.subscribe([*topics, every_device.deploy_progress("+")])
         messages = session.sync()
     finally:
         session.close()

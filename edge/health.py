@@ -19,7 +19,7 @@ from .mqtt import MqttLink
 from .notify import sd_notify
 from .outbox import Outbox
 from .pipeline import Pipeline
-from .protocol import DeviceState, ModelStatus, Stats, Status
+from .protocol import DeviceState, DeviceTopics, ModelStatus, Stats, Status
 from .publish import LabelPublisher, ms_percentiles, utc_ms
 from .serving import Serving
 from .source import Capture
@@ -31,7 +31,7 @@ class Health:
     def __init__(self, config: Config, boot_id: str, capture: Capture, serving: Serving, pipeline: Pipeline,
                  publisher: LabelPublisher, outbox: Outbox, publish: Callable[..., None]):
         self.config = config
-        self.base = config.topic_base
+        self.topics = DeviceTopics(config.topic_base)
         self.boot_id = boot_id
         self.capture = capture
         self.serving = serving
@@ -74,7 +74,7 @@ class Health:
             "state": key[0], "reasons": list(key[1]), "boot_id": self.boot_id,  # type: ignore[typeddict-item]
             "device": self.config.device.id, "backend": key[2], "runtime": info.runtime if info else None,
             "version": __version__, "since": utc_ms(time.time())}
-        self.publish(f"{self.base}/status", status, qos=1, retain=True)
+        self.publish(self.topics.status, status, qos=1, retain=True)
 
     def publish_model(self) -> None:
         bundle = self.serving.bundle
@@ -82,7 +82,7 @@ class Health:
         model: ModelStatus = {
             **bundle.describe(), "signature": bundle.signature_status,  # type: ignore[typeddict-item]
             "backend": info.backend if info else None, "since": utc_ms(time.time())}
-        self.publish(f"{self.base}/model", model, qos=1, retain=True)
+        self.publish(self.topics.model, model, qos=1, retain=True)
 
     def connected(self) -> None:
         """After every (re)connect: status and model again. The will of a previous process of this device
@@ -134,7 +134,7 @@ class Health:
         self._stats_mark = classified, now
         stats: Stats = {**self.state(), "fps": round((classified - count) / max(now - since, 1e-9), 2),
                         "final": final, "time": utc_ms(time.time())}
-        self.publish(f"{self.base}/stats", stats, qos=1 if final else 0)
+        self.publish(self.topics.stats, stats, qos=1 if final else 0)
 
     def status_line(self) -> str:
         return (f"{self.status_state()} on {self.serving.backend}: {self.pipeline.classified} frames, "

@@ -13,6 +13,8 @@ import threading
 import time
 from typing import Any, TextIO
 
+from .protocol import DeviceTopics, device_base
+
 ARROW = " > "
 
 
@@ -96,8 +98,8 @@ def listen(host: str, port: int, topics: list[str], as_json: bool = False, count
 
 def listen_command(args: argparse.Namespace) -> int:
     host, port = args.broker
-    base = f"{args.prefix}/{args.site}/{args.line}/{args.device}"
-    topics = args.topic or [f"{base}/labels", f"{base}/status"]
+    device = DeviceTopics(device_base(args.prefix, args.site, args.line, args.device))
+    topics = args.topic or [device.labels, device.status]
     from .deploy import password_from_args
 
     password = password_from_args(args)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -39,6 +40,74 @@ _STRICT = ConfigDict(extra="forbid")
 def device_base(prefix: str, site: str, line: str, device: str) -> str:
     """`<prefix>/<site>/<line>/<device>`: every topic of one device lives under it."""
     return f"{prefix}/{site}/{line}/{device}"
+
+
+@dataclass(frozen=True)
+class DeviceTopics:
+    """Every topic of one device, by name: the one place their strings are spelled (docs/mqtt.md)."""
+
+    base: str
+
+    @property
+    def labels(self) -> str:
+        return f"{self.base}/labels"
+
+    @property
+    def status(self) -> str:
+        return f"{self.base}/status"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.base}/stats"
+
+    @property
+    def model(self) -> str:
+        return f"{self.base}/model"
+
+    @property
+    def trigger(self) -> str:
+        return f"{self.base}/trigger"
+
+    @property
+    def commands(self) -> str:
+        """The filter for every command; a command's name is the last level."""
+        return f"{self.base}/cmd/+"
+
+    def command(self, name: str) -> str:
+        return f"{self.base}/cmd/{name}"
+
+    def command_name(self, topic: str) -> str | None:
+        prefix = f"{self.base}/cmd/"
+        return topic[len(prefix):] if topic.startswith(prefix) else None
+
+    def response(self, name: str) -> str:
+        """Where a command is answered when its request named no (allowed) response topic."""
+        return f"{self.base}/cmd/{name}/response"
+
+    @property
+    def deploy(self) -> str:
+        return f"{self.base}/model/deploy"
+
+    def deploy_progress(self, deployment_id: str) -> str:
+        """A deployment's progress; `deploy_progress(DEPLOY_REJECTED)` answers unreadable requests."""
+        return f"{self.base}/model/deploy/{deployment_id}"
+
+
+DEPLOY_REJECTED = "rejected"  # the progress topic's last level for requests that could not be read
+
+
+def group_deploy(prefix: str, group: str) -> str:
+    """A fleet group's deployment topic (devices listing the group in mqtt.groups subscribe to it)."""
+    return f"{prefix}/groups/{group}/deploy"
+
+
+def deploy_chunk(deploy_topic: str, deployment_id: str, index: int) -> str:
+    return f"{deploy_topic}/{deployment_id}/chunk/{index}"
+
+
+def deploy_chunks(deploy_topic: str) -> str:
+    """The filter for every chunk of every deployment on `deploy_topic`."""
+    return f"{deploy_topic}/+/chunk/+"
 
 
 def replies_prefix(prefix: str) -> str:
@@ -292,12 +361,15 @@ def write_schemas(folder: Path = SCHEMA_DIR) -> list[Path]:
 
 def message_kind(topic: str, base: str) -> str | None:
     """Which message a topic under `base` carries (None: not one the device publishes)."""
-    rest = topic[len(base) + 1:] if topic.startswith(f"{base}/") else None
-    if rest in ("labels", "status", "stats", "model"):
-        return {"labels": "label"}.get(rest, rest)
-    if rest is not None and rest.startswith("model/deploy/") and rest.count("/") == 2:
+    topics = DeviceTopics(base)
+    kinds = {topics.labels: "label", topics.status: "status", topics.stats: "stats", topics.model: "model"}
+    if topic in kinds:
+        return kinds[topic]
+    rest = topic[len(topics.deploy) + 1:] if topic.startswith(f"{topics.deploy}/") else None
+    if rest is not None and "/" not in rest:
         return "deploy-progress"
-    if rest is not None and rest.startswith("cmd/") and rest.endswith("/response"):
+    name = topics.command_name(topic)
+    if name is not None and name.endswith("/response") and topics.response(name[:-9]) == topic:
         return "command-answer"
     return None
 

@@ -20,7 +20,7 @@ from .config import Config
 from .decode import Decision, decision_fields
 from .mqtt import MqttLink
 from .outbox import Outbox
-from .protocol import LABEL_SCHEMA, Label, json_bytes
+from .protocol import LABEL_SCHEMA, DeviceTopics, Label, json_bytes
 from .source import Frame
 from .trigger import ItemResult
 
@@ -43,7 +43,7 @@ class LabelPublisher:
         self.boot_id = boot_id
         self.outbox = outbox
         self.link: MqttLink | None = None  # set once the link exists (it needs the outbox first)
-        self.topic = f"{config.topic_base}/labels"
+        self.topic = DeviceTopics(config.topic_base).labels
         self._seq = 0
         self._lock = threading.Lock()
         self.labels = 0

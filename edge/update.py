@@ -20,9 +20,10 @@ recorded outcome (`repeat`), except that one recorded `committed` whose bundle n
 retained request and chunks. A deployment that was accepted is recorded in `<state_dir>/models/
 deploying.json` until its outcome, so one a restart cut short is reported (`rejected`, "interrupted: ...").
 
-The old model keeps serving until the daemon swaps in the new one between items; the self-test runs in a
-second interpreter here. Bundles dropped into `model.watch_dir` go through the same steps.
-Plugged into the daemon with `attach(daemon)` / `detach(daemon)` (see the seam in edge/daemon.py).
+The old model keeps serving until the daemon swaps in the new one between items; the checks and the
+self-test (in a worker process of its own) are in edge/vetting.py. Bundles dropped into `model.watch_dir`
+go through the same steps (DropFolder). Plugged into the daemon with `attach(daemon)` / `detach(daemon)`
+through the typed seam `UpdaterHost`.
 """
 
 from __future__ import annotations
@@ -52,7 +53,15 @@ from .bundle import Bundle, atomic_write, utc_now
 from .config import Config, UpdateConfig
 from .osthread import start_thread
 from .pipeline import InferenceResult
-from .protocol import FINAL_STATES, replies_prefix, response_topic_problem
+from .protocol import (
+    DEPLOY_REJECTED,
+    FINAL_STATES,
+    DeviceTopics,
+    deploy_chunks,
+    group_deploy,
+    replies_prefix,
+    response_topic_problem,
+)
 from .slots import Slots, read_verified
 from .vetting import Failed
 
@@ -64,8 +73,6 @@ FINAL = FINAL_STATES
 # Test hook: pause after reporting this state (env "STATE" or "STATE:SECONDS") so a test can SIGKILL there.
 PAUSE_ENV = "TAXONEDGE_UPDATE_PAUSE_AT"
 HISTORY_LIMIT = 200
-# The topic (under the device's base) answering deploy requests that cannot be read at all; not a valid id.
-REJECTED_TOPIC = "rejected"
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
 
 
@@ -85,8 +92,8 @@ class DeployRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_transport(self) -> DeployRequest:
-        if self.id == REJECTED_TOPIC:
-            raise ValueError(f"id '{REJECTED_TOPIC}' is reserved (the topic of unreadable requests' answers)")
+        if self.id == DEPLOY_REJECTED:
+            raise ValueError(f"id '{DEPLOY_REJECTED}' is reserved (the topic of unreadable requests' answers)")
         if self.url is not None:
             if not self.url.startswith(("file://", "https://")):
                 raise ValueError("url must start with file:// or https://")
@@ -248,8 +255,8 @@ class Updater:
         self.history = History(self.slots.dir / "deployments.json")
         self.in_progress = InProgress(self.slots.dir / "deploying.json")
         prefix = self.config.mqtt.prefix
-        self.deploy_topics = [f"{self.base}/model/deploy"] + [
-            f"{prefix}/groups/{g}/deploy" for g in self.config.mqtt.groups]
+        self.topics = DeviceTopics(self.base)
+        self.deploy_topics = [self.topics.deploy] + [group_deploy(prefix, g) for g in self.config.mqtt.groups]
         self.current: Deployment | None = None
         self._lock = threading.Lock()
         self._jobs: queue.Queue[Deployment | None] = queue.Queue()
@@ -270,7 +277,7 @@ class Updater:
         self._report_interrupted()
         for topic in self.deploy_topics:
             self.daemon.subscribe(topic, self._on_request)
-            self.daemon.subscribe(f"{topic}/+/chunk/+", self._on_chunk)
+            self.daemon.subscribe(deploy_chunks(topic), self._on_chunk)
         self.spawn(self._worker, "update-worker")
         if self.config.model.watch_dir is not None:
             self.spawn(DropFolder(self).run, "update-watch")
@@ -307,7 +314,7 @@ class Updater:
         if nonce:
             payload["nonce"] = nonce
         log.warning("deployment %s: %s%s", record["id"], state, f" ({reason})" if reason else "")
-        self._send(f"{self.base}/model/deploy/{record['id']}", payload, None, retain=True)
+        self._send(self.topics.deploy_progress(record["id"]), payload, None, retain=True)
         response_topic = self._reply_topic(record.get("response_topic"))
         if response_topic:
             correlation = record.get("correlation")
@@ -344,7 +351,7 @@ class Updater:
         log.warning("%s", reason)
         answer = {"id": _id_of(payload), "device": self.base, "state": "rejected", "time": utc_now(),
                   "reason": reason}
-        self._send(f"{self.base}/model/deploy/{REJECTED_TOPIC}", answer, None, retain=True)
+        self._send(self.topics.deploy_progress(DEPLOY_REJECTED), answer, None, retain=True)
         if response_topic:
             self._send(response_topic, answer, correlation)
 
@@ -550,7 +557,7 @@ class Updater:
             elif state in STATES:
                 self.in_progress.save(dep, state)
         log.info("deployment %s: %s%s", dep.id, state, f" ({reason})" if reason else "")
-        self._send(f"{self.base}/model/deploy/{dep.id}", payload, None, retain=state in FINAL)
+        self._send(self.topics.deploy_progress(dep.id), payload, None, retain=state in FINAL)
         if dep.response_topic:
             self._send(dep.response_topic, payload, dep.correlation)
         if state in FINAL:

@@ -98,7 +98,7 @@ mode = "continuous"
 max_rate_hz = 2              # two labels a second are easy to read; a real line runs at camera rate
 
 [inference]
-backend = "auto"             # Edge TPU when present, else the CPU (status: degraded)
+backend = "auto"             # an accelerator when present and the bundle has its model, else the CPU
 
 [mqtt]
 host = "127.0.0.1"

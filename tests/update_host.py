@@ -297,11 +297,12 @@ class Observer:
 
     def send_chunks(self, data: bytes, deployment_id: str, indices, chunk_size: int = 4096,
                     topic: str | None = None) -> None:
-        from taxonedge.edge.deploy import chunk, chunk_topic
+        from taxonedge.edge.deploy import chunk
+        from taxonedge.edge.protocol import deploy_chunk
 
         topic = topic or f"{self.base}/model/deploy"
         for i in indices:
-            self.client.publish(chunk_topic(topic, deployment_id, i), chunk(data, chunk_size, i), qos=1)
+            self.client.publish(deploy_chunk(topic, deployment_id, i), chunk(data, chunk_size, i), qos=1)
 
     def longest_label_gap(self, start: float, end: float) -> float:
         times = [t for t, _ in self.labels if start <= t <= end]
