@@ -5,7 +5,8 @@ stream, realtime-paced file) overwrites a frame that inference has not taken yet
 dropped, so a slow model never builds a backlog. A file read with `pacing = "fast"` is not live: its
 thread waits until inference asks for the next frame, so every frame is classified and none is dropped.
 When the source fails, ends early or stalls, it is reopened with exponential backoff; each reopen and
-stall is counted and the state is visible in `status()`.
+stall is counted and the state is visible in `status()`. A realtime-paced file runs on its own clock:
+frame k leaves at the first frame's time + k / fps, without drift however late single frames are.
 """
 
 from __future__ import annotations
@@ -297,7 +298,11 @@ class Capture:
         reader = self.reader
         backoff = self.cfg.reconnect_initial_s
         opened = False
-        next_due = time.monotonic()
+        # Realtime pacing of a file: frame k of the schedule is due at anchor + k * interval, so a late
+        # frame (a slow decode, a busy core) is made up by the next ones instead of shifting every frame
+        # after it. A loop keeps the schedule; a reopen after a failure starts a new one.
+        anchor: float | None = None
+        paced = 0
         while not self._stop.is_set() and generation == self._generation:
             if not opened:
                 try:
@@ -326,6 +331,7 @@ class Capture:
             except SourceError as exc:
                 reader.close()
                 opened = False
+                anchor = None
                 self._failed(str(exc), backoff)
                 backoff = min(backoff * 2, self.cfg.reconnect_max_s)
                 continue
@@ -346,8 +352,10 @@ class Capture:
             self.slot.put(Frame(image, self.frames, now, self.last_frame_wall, origin))
             interval = reader.interval_s
             if interval:
-                next_due = max(next_due + interval, now)
-                self._stop.wait(max(0.0, next_due - time.monotonic()))
+                if anchor is None:
+                    anchor, paced = now, 0
+                paced += 1
+                self._stop.wait(max(0.0, anchor + paced * interval - time.monotonic()))
 
     def _failed(self, message: str, backoff: float) -> None:
         self.reconnects += 1

@@ -204,3 +204,31 @@ def test_http_stream_is_read_and_reconnected(tmp_path):
     finally:
         capture.stop()
         server.shutdown()
+
+
+def test_realtime_video_keeps_the_files_clock_through_late_frames(tmp_path):
+    """Frame k leaves at the first frame's time + k / fps: a late frame (a slow decode, a busy core; here
+    every 10th read takes 1.5 frame intervals) is made up by the next ones, so the clip does not drift.
+    Pacing 'sleep one interval after each frame' lost half an interval at each of them (200 ms over 4 s)."""
+    fps, count = 25.0, 100
+    path = write_video(tmp_path / "v.avi", frames=count, fourcc="MJPG", fps=fps)
+    capture = Capture(VideoSource(type="video", path=path, pacing="realtime"), fast_cfg())
+    reader = capture.reader
+    real_read = reader.read
+
+    def hiccup_read():
+        image, origin = real_read()
+        if reader.count % 10 == 5:
+            time.sleep(1.5 / fps)
+        return image, origin
+
+    reader.read = hiccup_read
+    capture.start()
+    frames = drain(capture, timeout=15)
+    capture.stop()
+    assert len(frames) >= count - 12, len(frames)  # a late frame may be overwritten by the one due next
+    first = frames[0].captured
+    errors = [f.captured - first - (int(f.origin.split()[1]) - 1) / fps for f in frames]
+    # frames 5 and 6 of every ten are late by design (the slow read, the one due during it)
+    settled = [e for f, e in zip(frames, errors, strict=True) if int(f.origin.split()[1]) % 10 in (8, 9, 0)]
+    assert abs(errors[-1]) < 0.015 and max(abs(e) for e in settled) < 0.015, (errors[-1], settled)
