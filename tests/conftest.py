@@ -51,9 +51,11 @@ class Broker:
         if not Path(exe).exists():
             pytest.skip("mosquitto is not installed (apt-get install mosquitto); .ci/run installs it")
         config = self.extra_config or f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+        if "persistence true" not in config:  # a test of the shipped broker config brings its own
+            config += "persistence false\n"
         # set_tcp_nodelay as docs/deploy-device.md recommends: with Nagle on, a label sent right after a QoS 0
         # message waits for the subscriber's delayed ACK (8-20 ms at p99 in bench/bench_daemon.py)
-        self.config_path.write_text(config + "persistence false\nset_tcp_nodelay true\n")
+        self.config_path.write_text(config + "set_tcp_nodelay true\n")
         # mosquitto drops to user 'mosquitto' when started as root: everything it reads must be readable.
         os.chmod(self.workdir, 0o755)
         os.chmod(self.config_path, 0o644)
