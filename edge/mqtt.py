@@ -25,6 +25,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,11 @@ from .osthread import start_thread
 from .outbox import Outbox, OutboxMessage
 
 log = logging.getLogger(__name__)
+
+# How long before a lost connection a broker's PUBACK may still be unsaved: mosquitto acknowledges in the
+# network-loop pass that reads a message and saves (autosave_on_changes) at the end of it, milliseconds
+# later; 2 s covers a slow disk by far, and costs only duplicates (de-duplicated by msg_id).
+RESEND_WINDOW_S = 2.0
 
 # Hints for the refusals an operator can fix, by CONNACK reason (v5 names; 3.1.1 codes map onto them).
 _FIXES = {
@@ -134,6 +140,12 @@ class MqttLink:
         self._send_lock = threading.Lock()  # held while publishing rows and settling their acks
         self._sent: dict[int, OutboxMessage] = {}  # paho mid -> outbox row (under _send_lock)
         self._last_sent_id = 0  # (under _send_lock)
+        # Rows the broker acknowledged lately (time.monotonic() of the PUBACK, row; under _send_lock): a broker
+        # that crashes acknowledges a message before it saves it, so after a lost connection the ones acked
+        # within RESEND_WINDOW_S of the loss are sent again (at least once: consumers de-duplicate by msg_id).
+        self._acked: deque[tuple[float, OutboxMessage]] = deque()
+        self._resend: list[OutboxMessage] = []  # (under _send_lock) to send again once reconnected
+        self.resent = 0
         self._warned_paho = False  # paho's resend queue not found (a newer paho): said once
         self._threads: list[threading.Thread] = []
 
@@ -184,13 +196,27 @@ class MqttLink:
             self._wake.clear()
             with self._send_lock:
                 self._drain_acks()
+                if self._resend and self.connected.is_set():
+                    self._send_again()
                 while self.connected.is_set() and len(self._sent) < self.window and not self._stop.is_set():
                     batch = self.outbox.pending(self._last_sent_id, limit=self.window - len(self._sent))
                     if not batch or not all(self._publish_row(message) for message in batch):
                         break
                     self._drain_acks()
 
-    def _publish_row(self, message: OutboxMessage) -> bool:
+    def _send_again(self) -> None:
+        """The rows acknowledged just before the connection was lost (under _send_lock), before new ones."""
+        rows, self._resend = self._resend, []
+        now = time.time()
+        for row in rows:
+            if row.expires_at is None or row.expires_at >= now:
+                self._publish_row(row, again=True)
+                self.resent += 1
+        if rows:
+            log.info("sent %d label(s) again that the broker acknowledged within %.0f s before the connection "
+                     "was lost (a crashed broker may not have saved them)", len(rows), RESEND_WINDOW_S)
+
+    def _publish_row(self, message: OutboxMessage, again: bool = False) -> bool:
         """Hand one outbox row to paho (under _send_lock); False when paho refused it (it stays stored)."""
         props = None
         if self.v5 and message.expires_at is not None:
@@ -201,7 +227,8 @@ class MqttLink:
             log.warning("publishing outbox row %d failed: %s", message.id, paho.error_string(info.rc))
             return False
         self._sent[info.mid] = message
-        self._last_sent_id = message.id
+        if not again:
+            self._last_sent_id = message.id
         return True
 
     def _drain_acks(self) -> None:
@@ -217,12 +244,16 @@ class MqttLink:
                 continue
             if ok:
                 acked.append(row.id)
+                self._acked.append((time.monotonic(), row))
             else:
                 # Kept in the outbox: it is replayed on the next start, after the broker's ACL is fixed.
                 self.refused_acks += 1
                 log.error("the broker refused label row %d (%s): check the ACL for this client's topics",
                           row.id, reason)
         self.outbox.ack(*acked)
+        horizon = time.monotonic() - RESEND_WINDOW_S
+        while self._acked and self._acked[0][0] < horizon:
+            self._acked.popleft()
 
     # ---- network loop ----------------------------------------------------------------------------
     def _network_loop(self) -> None:
@@ -250,6 +281,8 @@ class MqttLink:
                     self._wake.set()
             self._accepted = False
             self.connected.clear()
+            if not self._stop.is_set():
+                self._keep_recent_acks()
             if self._stop.is_set():
                 # Let paho send the DISCONNECT queued by stop().
                 self.client.loop(timeout=0.2)
@@ -261,6 +294,15 @@ class MqttLink:
                 backoff = 0.5
             self._stop.wait(backoff)
             backoff = min(backoff * 2, 30.0)
+
+    def _keep_recent_acks(self) -> None:
+        """The connection was lost: what the broker acknowledged within RESEND_WINDOW_S goes out again."""
+        with self._send_lock:
+            self._drain_acks()
+            horizon = time.monotonic() - RESEND_WINDOW_S
+            seen = {row.id for row in self._resend}
+            self._resend += [row for at, row in self._acked if at >= horizon and row.id not in seen]
+            self._acked.clear()
 
     def _no_delay(self) -> None:
         """Labels are small writes that must go out at once: with Nagle's algorithm on, a label written while

@@ -152,16 +152,18 @@ def test_device_reads_only_its_own_command_and_model_topics(pki: Pki, secure_bro
     operator = session(pki, secure_broker, OPERATOR)
     device = session(pki, secure_broker, "d1")
     try:
-        for own in (f"{D1}/cmd/#", f"{D1}/model/deploy/#", "taxonedge/groups/g1/deploy/#"):
+        for own in (f"{D1}/cmd/#", f"{D1}/model/deploy/#", f"{D1}/trigger", f"{D1}/status",
+                    "taxonedge/groups/g1/deploy/#"):
             assert device.subscribe(own) == "Granted QoS 1", own
         # mosquitto 2.0 grants any subscription and applies the ACL to each message it would deliver:
         # filters over other devices' topics and the whole tree are accepted, and deliver nothing foreign.
         for foreign in (f"{D2}/cmd/#", f"{D2}/model/#", f"{D2}/labels", "taxonedge/#"):
             device.subscribe(foreign)
-        readable = [f"{D1}/cmd/ping", f"{D1}/model/deploy", f"{D1}/model/deploy/chunk/0",
-                    "taxonedge/groups/g1/deploy", "taxonedge/groups/g2/deploy/chunk/3"]
-        unreadable = [f"{D2}/cmd/ping", f"{D2}/model/deploy", f"{D2}/labels", f"{D1}/labels",
-                      f"{D1}/status", "taxonedge/s1/l1/d1x/cmd/ping", "taxonedge/groups/g1/other"]
+        # its own trigger (item mode) and its own status (a restarted daemon corrects a late will) too
+        readable = [f"{D1}/cmd/ping", f"{D1}/model/deploy", f"{D1}/model/deploy/chunk/0", f"{D1}/trigger",
+                    f"{D1}/status", "taxonedge/groups/g1/deploy", "taxonedge/groups/g2/deploy/chunk/3"]
+        unreadable = [f"{D2}/cmd/ping", f"{D2}/model/deploy", f"{D2}/labels", f"{D1}/labels", f"{D2}/trigger",
+                      f"{D2}/status", "taxonedge/s1/l1/d1x/cmd/ping", "taxonedge/groups/g1/other"]
         for topic in unreadable + readable:
             assert operator.publish(topic) == "Success", topic
         marker = f"{D1}/cmd/marker"
