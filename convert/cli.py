@@ -81,6 +81,7 @@ def _convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from taxonedge.edge.signing import SigningKeyError
+    from taxonedge.train.rundir import RunDirError
 
     from taxonedge.cli import CliError
 
@@ -88,7 +89,6 @@ def _convert(args: argparse.Namespace) -> int:
     from .edgetpu import EdgeTpuError
     from .qat import QatError
     from .quantize import QuantizationError
-    from .rundir import RunDirError
 
     opts = Options(run=Path(args.run), out=Path(args.out), mode=args.mode, qat=args.qat,
                    calibration_images=args.calibration_images, max_drop=args.max_drop, force=args.force,

@@ -34,9 +34,9 @@ from taxonedge.edge.runtime import dequantize
 from taxonedge.train.backbones import find_backbone
 from taxonedge.train.calibrate import choose_and_check_thresholds
 from taxonedge.train.metrics import agreement, backoff, compute_metrics
+from taxonedge.train.rundir import Run, RunDirError, load_run
 
 from .qat import QatError
-from .rundir import Run, RunDirError, load_run
 
 log = logging.getLogger(__name__)
 GOLDEN_COUNT = 8

@@ -12,7 +12,6 @@ annotates every layer tfmot supports, fine-tunes briefly and converts exactly li
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -212,17 +211,15 @@ def _child(args: argparse.Namespace) -> None:
     if os.environ.get("TF_USE_LEGACY_KERAS") != "1":
         raise QatError("run with TF_USE_LEGACY_KERAS=1 (set before TensorFlow is imported)")
     import tf_keras
-    from taxonedge.edge.taxonomy import Taxonomy
     from taxonedge.train.model import build_classifier
+    from taxonedge.train.rundir import load_run
 
     from .quantize import to_tflite
 
     tf_keras.utils.set_random_seed(args.seed)
-    run = Path(args.run)
-    config = json.loads((run / "config.json").read_text())
-    taxonomy = Taxonomy.from_dict(json.loads((run / "taxonomy.json").read_text()))
+    run = load_run(args.run)
     work = Path(args.work)
-    model = _flatten(build_classifier(config, taxonomy.num_leaves, tf_keras), tf_keras)
+    model = _flatten(build_classifier(run.config, run.taxonomy.num_leaves, tf_keras), tf_keras)
     with np.load(work / "weights.npz") as saved:
         weights: dict[str, dict[int, np.ndarray]] = {}
         for key in saved.files:

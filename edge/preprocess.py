@@ -91,6 +91,23 @@ def preprocess(frame_bgr: np.ndarray, spec: InputSpec) -> np.ndarray:
     return (rgb.astype(np.int16) - 128).astype(np.int8)
 
 
+def margin_spec(spec: InputSpec) -> InputSpec:
+    """The spec training loads the images its random crops come from: `spec` without the crop fraction
+    (the whole centred square), at the size where the central `crop_fraction` is `spec`'s size, so the
+    crops can reach the margin the device cuts away. For a spec without a crop, the spec itself.
+
+    Training resamples its crops of this image bilinearly (`train.trainer.augment_batch`, and
+    `center_view` for `spec`'s own crop), where `preprocess` resizes by `spec.resize` (area) from the full
+    frame: for the device's crop they differ by 1.35 (224 px) to 2.0 (288 px) levels of 255 per pixel on
+    average on Grocery photos (`tests/test_train_data.py` measures it).
+    """
+    if spec.crop != "center" or spec.crop_fraction == 1.0:
+        return spec
+    size = {"height": int(round(spec.height / spec.crop_fraction)),
+            "width": int(round(spec.width / spec.crop_fraction))}
+    return InputSpec.model_validate({**spec.model_dump(), **size, "crop_fraction": 1.0})
+
+
 def load_image(path: str | Path, spec: InputSpec) -> np.ndarray:
     """read_image + preprocess: what training, calibration and evaluation call for an image file."""
     return preprocess(read_image(path), spec)

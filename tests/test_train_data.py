@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
-from taxonedge.edge.preprocess import InputSpec
+from taxonedge.edge.preprocess import InputSpec, margin_spec
 from taxonedge.train.data import (
     DataError,
+    Sample,
     leaf_indices,
     load_images,
     read_samples,
@@ -107,3 +109,39 @@ def test_grocery_lists_give_the_published_hierarchy() -> None:
     assert tax.num_leaves == 81 and len(tax.level_nodes(1)) == 3 and len(tax.level_nodes(2)) == 43
     assert len(train) == 2640 and len(val) == 296
     assert len(set(leaf_indices(tax, val, "val"))) == 60
+
+
+
+def _device_and_training_views(paths: list[Path], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The device's preprocessing of each image, and training's view of it: `center_view` of the image loaded
+    with the margin, as phase 1 trains on it."""
+    from taxonedge.train.trainer import center_view
+
+    spec = InputSpec(height=size, width=size)
+    samples = [Sample(str(p), "x") for p in paths]
+    margin, _, _ = load_images(samples, margin_spec(spec))
+    device, _, _ = load_images(samples, spec)
+    assert margin.shape[1:] == (round(size / spec.crop_fraction),) * 2 + (3,)
+    return device.astype(np.float32), np.clip(np.round(center_view(margin, spec)), 0, 255)
+
+
+def test_training_view_is_the_device_crop(tiny_tree: Path) -> None:
+    device, training = _device_and_training_views(sorted(tiny_tree.rglob("*.jpg"))[:4], 64)
+    assert device.shape == training.shape == (4, 64, 64, 3)
+    assert np.abs(training - device).mean() < 3.0
+    assert margin_spec(InputSpec(crop="none")) == InputSpec(crop="none")
+
+
+@needs_shared(GROCERY)
+def test_bilinear_training_view_against_the_device_area_resize() -> None:
+    """Training resamples crops of the margin image bilinearly; the device resizes by area from the full
+    photo. Measured here for the crop the device takes, on real Grocery photos (figures in the docstrings of
+    `trainer.center_view` and `preprocess.margin_spec`)."""
+    photos = sorted((GROCERY / "train").rglob("*.jpg"))[::400][:6]
+    assert photos
+    for size in (224, 288):
+        device, training = _device_and_training_views(photos, size)
+        diff = np.abs(training - device)
+        print(f"{size} px: bilinear training view vs device area resize: max {diff.max():.0f}, "
+              f"mean {diff.mean():.2f}, 99th percentile {np.percentile(diff, 99):.0f} levels of 255")
+        assert diff.mean() < 3.0 and np.percentile(diff, 99) < 25

@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 from taxonedge.edge.taxonomy import Taxonomy
+from taxonedge.edge.thresholds import threshold_key
 
 from .metrics import backoff, greedy_walk
 
@@ -95,7 +96,7 @@ def choose_thresholds(taxonomy: Taxonomy, probs: np.ndarray, true_leaf: np.ndarr
             report = log.warning if warn else log.debug  # the two-fold check's halves stay quiet
             report("depth %d: no threshold reaches precision %.3f on %d images; it is set to 1.0 (labels stop at "
                    "depth %d)", d, target_precision, int(candidates.sum()), d - 1)
-        thresholds[f"depth_{d}"] = threshold
+        thresholds[threshold_key(d)] = threshold
         reaching = candidates & (np.nan_to_num(score, nan=-1.0) >= threshold)
     return thresholds
 

@@ -156,15 +156,16 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from .data import DataError
     from .evaluate import evaluate, percent, thresholds_toml
+    from .rundir import MODEL_FILE, RunDirError
 
     run_dir = Path(args.model) if args.model else None
-    if run_dir is not None and not (run_dir / "model.keras").is_file():
-        raise CliError(f"--model {run_dir}: no model.keras there (pass a run directory from `taxonedge train`)")
+    if run_dir is not None and not (run_dir / MODEL_FILE).is_file():
+        raise CliError(f"--model {run_dir}: no {MODEL_FILE} there (pass a run directory from `taxonedge train`)")
     try:
         metrics = evaluate(args.data, Path(args.out), run_dir=run_dir,
                            bundle_path=Path(args.bundle) if args.bundle else None, num_threads=args.threads,
                            fit_precision=args.fit_thresholds)
-    except (DataError, BundleError) as exc:
+    except (DataError, BundleError, RunDirError) as exc:
         raise CliError(str(exc)) from None
     print(_summary(metrics, args.out))
     fitted = metrics.get("fitted_thresholds")

@@ -17,7 +17,6 @@ Images are decoded with the shared `load_image`; unreadable ones are reported by
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
@@ -26,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from taxonedge.edge.preprocess import ImageError, InputSpec, load_image
 from taxonedge.edge.taxonomy import IMAGE_SUFFIXES, Taxonomy, TaxonomyError
+
+from .rundir import RunDirError, read_splits
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,9 @@ def _folder_samples(root: Path) -> list[Sample]:
 
 def _run_val_samples(splits_file: Path) -> list[Sample]:
     try:
-        items = json.loads(splits_file.read_text(encoding="utf-8"))["val"]
-        samples = [Sample(str(path), str(label)) for path, label in items]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{splits_file}: not a run's splits.json with a 'val' list of [path, label] ({exc})") from None
+        samples = [Sample(path, label) for path, label in read_splits(splits_file).val]
+    except RunDirError as exc:
+        raise DataError(str(exc)) from None
     if not samples:
         raise DataError(f"{splits_file}: the 'val' list is empty")
     return samples

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 from taxonedge.edge.bundle import atomic_write
-from taxonedge.edge.preprocess import InputSpec
 from taxonedge.edge.taxonomy import Taxonomy
 
 from . import data as data_mod
+from . import rundir
 from .calibrate import check_thresholds, choose_thresholds
 from .metrics import backoff, compute_metrics, confusion_matrix, depth_keys
 
@@ -29,7 +29,7 @@ def predict_run(run_dir: Path, images: np.ndarray) -> np.ndarray:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
-    model = keras.models.load_model(run_dir / "model.keras", compile=False)
+    model = keras.models.load_model(rundir.model_path(run_dir), compile=False)
     return np.asarray(model.predict(images.astype(np.float32), batch_size=32, verbose=0), dtype=np.float64)
 
 
@@ -41,14 +41,6 @@ def predict_bundle(classifier, images: np.ndarray) -> np.ndarray:
                                                                     leave=False)]).astype(np.float64)
 
 
-def load_run_meta(run_dir: Path) -> tuple[Taxonomy, InputSpec, dict[str, float]]:
-    taxonomy = Taxonomy.from_dict(json.loads((run_dir / "taxonomy.json").read_text()))
-    spec = InputSpec.model_validate(json.loads((run_dir / "input_spec.json").read_text()))
-    calibration = run_dir / "calibration.json"
-    thresholds = json.loads(calibration.read_text()).get("thresholds", {}) if calibration.exists() else {}
-    return taxonomy, spec, thresholds
-
-
 def evaluate(data: str | Path, out: Path, run_dir: Path | None = None, bundle_path: Path | None = None,
              num_threads: int | None = None, fit_precision: float | None = None) -> dict:
     """Evaluate exactly one of `run_dir` or `bundle_path` on `data`; write the reports; return metrics.
@@ -58,7 +50,7 @@ def evaluate(data: str | Path, out: Path, run_dir: Path | None = None, bundle_pa
     samples = data_mod.read_samples(data)
     classifier = None
     if run_dir is not None:
-        taxonomy, spec, thresholds = load_run_meta(Path(run_dir))
+        taxonomy, spec, thresholds = rundir.read_meta(Path(run_dir))
         source = {"kind": "keras", "run": str(Path(run_dir).resolve())}
     else:
         from taxonedge.edge.bundle import read_bundle

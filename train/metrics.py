@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 from taxonedge.edge.taxonomy import Taxonomy
+from taxonedge.edge.thresholds import threshold_key
 
 RELIABILITY_BINS = 10
 
@@ -74,7 +75,7 @@ def backoff(taxonomy: Taxonomy, probs: np.ndarray, true_leaf: np.ndarray,
     published_any = np.zeros(n, dtype=bool)
     result: dict = {}
     for d in range(1, taxonomy.depth + 1):
-        t = float((thresholds or {}).get(f"depth_{d}", 0.0))
+        t = float((thresholds or {}).get(threshold_key(d), 0.0))
         idx = nodes[:, d - 1]
         passed = passed & (idx >= 0) & (np.nan_to_num(scores[:, d - 1], nan=-1.0) >= t)
         right = idx == taxonomy.level_index(d)[true_leaf]

@@ -1,15 +1,15 @@
 """`taxonedge train`: images -> a run directory (model.keras, taxonomy, config, calibration, metrics).
 
-Two phases. Phase 1 runs the frozen backbone once over the (centre-cropped) training images and trains
-the head on the cached features: seconds. Phase 2 unfreezes the top N backbone layers (BatchNorm frozen)
-and fine-tunes on augmented batches at a low, cosine-decayed learning rate, selecting the epoch on val.
+Two phases. Phase 1 runs the frozen backbone once over the training images, cropped as the run's
+`InputSpec` says (`center_view`: the device's crop, bilinear), and trains the head on the cached features:
+seconds. Phase 2 unfreezes the top N backbone layers (BatchNorm frozen) and fine-tunes on augmented
+batches at a low, cosine-decayed learning rate, selecting the epoch on val.
 Then temperature scaling and back-off thresholds are fitted on val, the temperature is folded into the
 saved model, and the final model is evaluated on val with the shared metrics code.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -21,20 +21,16 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from taxonedge.edge.bundle import atomic_write
-from taxonedge.edge.preprocess import InputSpec
+from taxonedge.edge.preprocess import InputSpec, margin_spec
 
 from . import data as data_mod
+from . import rundir
 from .backbones import DEFAULT as DEFAULT_BACKBONE
 from .backbones import find_backbone
 from .calibrate import DEFAULT_TARGET_PRECISION, choose_and_check_thresholds, fit_temperature, softmax
 from .metrics import compute_metrics
 
 log = logging.getLogger(__name__)
-
-# Training images are loaded at input_size / EVAL_CROP from the whole centred square, so the random crops
-# of phase 2 and the fixed centre crop of evaluation come from the same pixels.
-EVAL_CROP = 0.875
 
 
 class TrainConfig(BaseModel):
@@ -90,10 +86,6 @@ def _setup_tf(seed: int):
     return keras
 
 
-def _write_json(path: Path, obj) -> None:
-    atomic_write(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-
-
 def train(config: TrainConfig, out: Path) -> dict:
     """Run the whole training; returns the metrics written to RUN/metrics.json."""
     started = time.monotonic()
@@ -124,26 +116,21 @@ def train(config: TrainConfig, out: Path) -> dict:
                     100 * config.holdout)
         if not val_samples:
             raise data_mod.DataError(f"{config.data}: too few images to hold out a validation slice; pass --val")
-    spec = InputSpec(height=config.input_size, width=config.input_size, crop="center", crop_fraction=EVAL_CROP)
-    load_size = int(round(config.input_size / EVAL_CROP))
-    load_spec = InputSpec(height=load_size, width=load_size, crop="center", crop_fraction=1.0)
+    # The preprocessing every bundle made from this run carries (InputSpec's centre crop and area resize).
+    # Training images are loaded with its margin (`margin_spec`): random crops (phase 2) and the spec's
+    # own crop (phase 1, `center_view`) come from the same pixels.
+    spec = InputSpec(height=config.input_size, width=config.input_size)
     t0 = time.monotonic()
-    x_train, train_samples, train_errors = data_mod.load_images(train_samples, load_spec, "train images")
+    x_train, train_samples, train_errors = data_mod.load_images(train_samples, margin_spec(spec), "train images")
     x_val, val_samples, val_errors = data_mod.load_images(val_samples, spec, "val images")
     y_train = data_mod.leaf_indices(taxonomy, train_samples, config.data)
     y_val = data_mod.leaf_indices(taxonomy, val_samples, config.val or config.data)
     timings["load_images_s"] = time.monotonic() - t0
     log.info("%s; %d train / %d val images (%s)", taxonomy.summary(), len(y_train), len(y_val), val_source)
 
-    _write_json(out / "taxonomy.json", taxonomy.to_dict())
-    _write_json(out / "input_spec.json", spec.model_dump())
-    _write_json(out / "config.json", config.model_dump())
-    _write_json(out / "splits.json", {
-        "train": [[s.path, s.label] for s in train_samples],
-        "val": [[s.path, s.label] for s in val_samples],
-        "val_source": val_source,
-        "skipped": train_errors + val_errors,
-    })
+    rundir.write_setup(out, taxonomy, spec, config, rundir.Splits(
+        train=[(s.path, s.label) for s in train_samples], val=[(s.path, s.label) for s in val_samples],
+        val_source=val_source, skipped=train_errors + val_errors))
 
     keras = _setup_tf(config.seed)
     from .model import backbone_of, build_classifier, inference_model, recalibrate_batchnorm, unfreeze_top
@@ -158,7 +145,7 @@ def train(config: TrainConfig, out: Path) -> dict:
     # ---- phase 1: frozen backbone, cached features --------------------------------------------------
     t0 = time.monotonic()
     features = keras.Model(model.inputs, model.get_layer("head_dropout").input)
-    x_train_center = _center_crop(x_train, config.input_size)
+    x_train_center = center_view(x_train, spec)
     if config.weights == "none":  # before freezing: a frozen Keras 3 BN layer ignores training=True
         recalibrate_batchnorm(features, backbone, x_train_center[np.random.default_rng(config.seed).permutation(
             len(x_train_center))[:256]])
@@ -190,10 +177,11 @@ def train(config: TrainConfig, out: Path) -> dict:
     temperature = fit_temperature(val_logits, y_val)
     val_probs = softmax(val_logits, temperature)
     thresholds, check = choose_and_check_thresholds(taxonomy, val_probs, y_val, config.target_precision)
-    _write_json(out / "calibration.json", {"temperature": temperature, "thresholds": thresholds,
-                                           "target_precision": config.target_precision, "two_fold_check": check})
+    rundir.write_calibration(out, rundir.Calibration(temperature=temperature, thresholds=thresholds,
+                                                     target_precision=config.target_precision,
+                                                     two_fold_check=check))
     final = inference_model(model, keras, temperature)
-    final.save(out / "model.keras")
+    final.save(rundir.model_path(out))
 
     metrics = compute_metrics(taxonomy, y_val, val_probs, thresholds)
     metrics["source"] = {"kind": "keras", "run": str(out.resolve()), "data": config.val or config.data,
@@ -202,7 +190,7 @@ def train(config: TrainConfig, out: Path) -> dict:
                          "skipped_images": len(train_errors) + len(val_errors)}
     timings["total_s"] = time.monotonic() - started
     metrics["timings"] = timings
-    _write_json(out / "metrics.json", metrics)
+    rundir.write_metrics(out, metrics)
     return metrics
 
 
@@ -212,17 +200,24 @@ def _leaf_accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
     return float((leaf.argmax(-1) == y).mean())
 
 
-def _center_crop(images: np.ndarray, size: int) -> np.ndarray:
-    """The evaluation view of training images loaded at size / EVAL_CROP: the central square, resized."""
+def center_view(images: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """`spec`'s crop of training images loaded with `margin_spec(spec)`, resized to `spec`'s size: what the
+    device sees, resampled like phase 2's random crops (bilinear, tf.image.crop_and_resize), float32.
+
+    The device's `preprocess` resizes by area from the full frame instead. On Grocery photos the two differ
+    by 1.35 (224 px) and 2.0 (288 px) levels of 255 per pixel on average, at most 44-55 at sharp edges
+    (`tests/test_train_data.py` measures it); validation, calibration and conversion use `preprocess`.
+    """
     import tensorflow as tf
 
-    margin = (1.0 - EVAL_CROP) / 2
+    margin = (1.0 - spec.crop_fraction) / 2 if spec.crop == "center" else 0.0
     box = [[margin, margin, 1.0 - margin, 1.0 - margin]]
     out = []
     for start in range(0, len(images), 256):
         chunk = tf.convert_to_tensor(images[start:start + 256], tf.float32)
         n = int(chunk.shape[0])
-        out.append(tf.image.crop_and_resize(chunk, box * n, tf.range(n), (size, size), method="bilinear").numpy())
+        out.append(tf.image.crop_and_resize(chunk, box * n, tf.range(n), (spec.height, spec.width),
+                                            method="bilinear").numpy())
     return np.concatenate(out)
 
 
@@ -292,7 +287,12 @@ def _index_batches(y: np.ndarray, config: TrainConfig) -> Iterator[np.ndarray]:
 
 
 def augment_batch(images, config: TrainConfig, size: int, seed_gen):
-    """Random resized crop, flip, rotation and colour jitter on a float batch (B, S, S, 3) in 0..255."""
+    """Random resized crop, flip, rotation and colour jitter on a float batch (B, S, S, 3) in 0..255.
+
+    The batch is the margin image (`edge.preprocess.margin_spec`); the crops are resampled bilinearly in
+    the graph (tf.image.crop_and_resize), where the device's `preprocess` resizes by area from the full
+    frame (see `center_view` for the difference, measured).
+    """
     import tensorflow as tf
 
     n = tf.shape(images)[0]
@@ -363,12 +363,12 @@ def _fine_tune(keras, model, config, taxonomy, x_train, y_train, x_val, y_val, w
     schedule = keras.optimizers.schedules.CosineDecay(config.lr, decay_steps=steps * config.epochs, alpha=0.05)
     _compile(keras, model, config, schedule, num_parents)
     monitor = _monitor(num_parents)
-    (out / "checkpoints").mkdir(exist_ok=True)
+    (out / rundir.CHECKPOINTS_DIR).mkdir(exist_ok=True)
     callbacks = [
         keras.callbacks.EarlyStopping(monitor, mode="max", patience=config.patience, restore_best_weights=True),
-        keras.callbacks.ModelCheckpoint(str(out / "checkpoints" / "best.weights.h5"), monitor=monitor,
+        keras.callbacks.ModelCheckpoint(str(out / rundir.CHECKPOINTS_DIR / "best.weights.h5"), monitor=monitor,
                                         mode="max", save_best_only=True, save_weights_only=True),
-        keras.callbacks.TensorBoard(str(out / "logs")),
+        keras.callbacks.TensorBoard(str(out / rundir.LOGS_DIR)),
     ]
     fit = model.fit(train_ds, steps_per_epoch=steps, epochs=config.epochs, validation_data=val_ds,
                     batch_size=64, callbacks=callbacks, verbose=1 if sys.stderr.isatty() else 2)
