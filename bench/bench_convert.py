@@ -51,7 +51,10 @@ def untrained_grocery_model(calibration_images: int) -> tuple[bytes, float, str]
     images, _, _ = load_images([s for s in samples if s.path in picked], InputSpec(), "calibration images")
     start = time.perf_counter()
     tflite = to_tflite(model, keras, "int8", images)
-    what = f"untrained {taxonomy.num_leaves}-class head on ImageNet MobileNetV2 1.0/224, {len(images)} calibration images"
+    what = (
+        f"untrained {taxonomy.num_leaves}-class head on ImageNet MobileNetV2 1.0/224, "
+        f"{len(images)} calibration images"
+    )
     return tflite, time.perf_counter() - start, what
 
 
@@ -60,12 +63,24 @@ def converted_run(run: Path, calibration_images: int, qat: str) -> tuple[bytes, 
     from taxonedge.edge.bundle import read_bundle
 
     with tempfile.TemporaryDirectory() as tmp:
-        result = convert(Options(run=run, out=Path(tmp) / "bench.tebundle", calibration_images=calibration_images,
-                                 force=True, edgetpu="skip", qat=qat))
+        result = convert(
+            Options(
+                run=run,
+                out=Path(tmp) / "bench.tebundle",
+                calibration_images=calibration_images,
+                force=True,
+                edgetpu="skip",
+                qat=qat,
+            )
+        )
         model = read_bundle(result.path).model_bytes()
     qat_words = " quantization-aware" if result.manifest.quantization.qat else " post-training"
-    return (model, result.timings["convert_s"] + result.timings.get("qat_s", 0.0),
-            f"run {run},{qat_words} int8 ({result.timings['total_s']:.0f} s end to end)", result.gate)
+    return (
+        model,
+        result.timings["convert_s"] + result.timings.get("qat_s", 0.0),
+        f"run {run},{qat_words} int8 ({result.timings['total_s']:.0f} s end to end)",
+        result.gate,
+    )
 
 
 def interleaved_latency(models: dict[str, bytes], threads: int, runs: int) -> dict[str, list[float]]:
@@ -88,12 +103,16 @@ def interleaved_latency(models: dict[str, bytes], threads: int, runs: int) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--run", type=Path, help="a trained Grocery run directory (adds accuracy per level)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--calibration-images", type=int, default=300)
-    parser.add_argument("--qat", choices=("no", "yes", "auto"), default="no", help="with --run: as `convert --qat`")
+    parser.add_argument(
+        "--qat", choices=("no", "yes", "auto"), default="no", help="with --run: as `convert --qat`"
+    )
     args = parser.parse_args(argv)
     if not REFERENCE.exists():
         print(f"needs {REFERENCE}", file=sys.stderr)
@@ -110,16 +129,30 @@ def main(argv: list[str] | None = None) -> int:
     size_mb = len(ours) / 1e6
     print(f"model:       {what}")
     print(f"interpreter: LiteRT, {args.threads} thread(s), {args.runs} interleaved invokes each")
-    print(f"latency:     ours {ours_ms:.2f} ms, reference {ref_ms:.2f} ms (median); ratio ours/reference "
-          f"{ratio:.2f} (target <= {TARGET_RATIO}) {'OK' if ratio <= TARGET_RATIO else 'OVER'}")
-    print(f"size:        ours {size_mb:.2f} MB (target <= {TARGET_MB} MB) {'OK' if size_mb <= TARGET_MB else 'OVER'}; "
-          f"reference {REFERENCE.stat().st_size / 1e6:.2f} MB (1001 classes)")
+    print(
+        f"latency:     ours {ours_ms:.2f} ms, reference {ref_ms:.2f} ms (median); ratio ours/reference "
+        f"{ratio:.2f} (target <= {TARGET_RATIO}) {'OK' if ratio <= TARGET_RATIO else 'OVER'}"
+    )
+    print(
+        f"size:        ours {size_mb:.2f} MB (target <= {TARGET_MB} MB) "
+        f"{'OK' if size_mb <= TARGET_MB else 'OVER'}; "
+        f"reference {REFERENCE.stat().st_size / 1e6:.2f} MB (1001 classes)"
+    )
     print(f"conversion:  {convert_s:.1f} s wall")
     if gate:
-        print(f"accuracy:    {'level':<9} {'float':>7} {'int8':>7} {'drop':>6}  (val, n={gate['metrics']['float']['n']})")
+        print(
+            f"accuracy:    {'level':<9} {'float':>7} {'int8':>7} {'drop':>6}  (val, "
+            f"n={gate['metrics']['float']['n']})"
+        )
         for level, row in gate["metrics"]["per_level"].items():
-            print(f"             {level:<9} {row['float'] * 100:6.1f}% {row['int8'] * 100:6.1f}% {row['drop_points']:+6.2f}")
-        print(f"             top-1 agreement {gate['agreement'] * 100:.1f}%; gate {'passed' if gate['passed'] else 'FAILED'}")
+            print(
+                f"             {level:<9} {row['float'] * 100:6.1f}% {row['int8'] * 100:6.1f}% "
+                f"{row['drop_points']:+6.2f}"
+            )
+        print(
+            f"             top-1 agreement {gate['agreement'] * 100:.1f}%; gate "
+            f"{'passed' if gate['passed'] else 'FAILED'}"
+        )
     else:
         print("accuracy:    not measured (pass --run RUN_DIR of a trained Grocery run)")
     return 0

@@ -48,7 +48,9 @@ def run(path: Path, background: bool, rate: float, seconds: float) -> dict:
         while not stop.wait(1.0):
             outbox.checkpoint()
 
-    threads = [threading.Thread(target=acker)] + ([threading.Thread(target=checkpointer)] if background else [])
+    threads = [threading.Thread(target=acker)] + (
+        [threading.Thread(target=checkpointer)] if background else []
+    )
     for t in threads:
         t.start()
     times = []
@@ -66,12 +68,19 @@ def run(path: Path, background: bool, rate: float, seconds: float) -> dict:
         t.join()
     outbox.close()
     ms = np.array(times) * 1000
-    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "max": float(ms.max()),
-            "over_1ms": int((ms > 1).sum()), "puts": len(ms)}
+    return {
+        "p50": float(np.percentile(ms, 50)),
+        "p99": float(np.percentile(ms, 99)),
+        "max": float(ms.max()),
+        "over_1ms": int((ms > 1).sum()),
+        "puts": len(ms),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rate", type=float, default=100.0, help="labels a second (default 100)")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each run (default 30)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating pairs of runs (default 2)")
@@ -80,16 +89,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:  # a real disk, not a tmpfs /tmp
         for r in range(args.rounds):
             for name in ("on commit", "background"):
-                res = run(Path(tmp) / f"{r}-{name.replace(' ', '-')}.sqlite", name == "background", args.rate,
-                          args.seconds)
+                res = run(
+                    Path(tmp) / f"{r}-{name.replace(' ', '-')}.sqlite",
+                    name == "background",
+                    args.rate,
+                    args.seconds,
+                )
                 results[name].append(res)
-                print(f"round {r + 1}, checkpoints {name:10s}: put p50 {res['p50']:.3f} ms  p99 {res['p99']:.3f} ms  "
-                      f"max {res['max']:.2f} ms  puts over 1 ms: {res['over_1ms']} of {res['puts']}")
-    med = {name: {k: statistics.median(r[k] for r in rs) for k in ("p50", "p99", "max", "over_1ms")}
-           for name, rs in results.items()}
+                print(
+                    f"round {r + 1}, checkpoints {name:10s}: put p50 {res['p50']:.3f} ms  p99 "
+                    f"{res['p99']:.3f} ms  "
+                    f"max {res['max']:.2f} ms  puts over 1 ms: {res['over_1ms']} of {res['puts']}"
+                )
+    med = {
+        name: {k: statistics.median(r[k] for r in rs) for k in ("p50", "p99", "max", "over_1ms")}
+        for name, rs in results.items()
+    }
     for name, m in med.items():
-        print(f"median over rounds, {name:10s}: p50 {m['p50']:.3f} ms  p99 {m['p99']:.3f} ms  max {m['max']:.2f} ms"
-              f"  over 1 ms: {m['over_1ms']:.0f}")
+        print(
+            f"median over rounds, {name:10s}: p50 {m['p50']:.3f} ms  p99 {m['p99']:.3f} ms  max "
+            f"{m['max']:.2f} ms"
+            f"  over 1 ms: {m['over_1ms']:.0f}"
+        )
     print(f"max put, on commit / background: {med['on commit']['max'] / med['background']['max']:.1f}x")
 
 

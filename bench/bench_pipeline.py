@@ -35,8 +35,24 @@ from taxonedge.train.metrics import agreement  # noqa: E402
 from tests.conftest import GROCERY, TINY_LABELS, WEIGHTS, write_image_tree  # noqa: E402
 
 GROCERY_WEIGHTS = WEIGHTS / "mobilenet_v2_1.0_224_imagenet_no_top.weights.h5"
-QUICK_TRAIN_ARGS = ["--alpha", "0.35", "--input-size", "64", "--weights", "none", "--head-epochs", "40",
-                    "--head-lr", "0.01", "--epochs", "3", "--unfreeze", "20", "--batch-size", "16"]
+QUICK_TRAIN_ARGS = [
+    "--alpha",
+    "0.35",
+    "--input-size",
+    "64",
+    "--weights",
+    "none",
+    "--head-epochs",
+    "40",
+    "--head-lr",
+    "0.01",
+    "--epochs",
+    "3",
+    "--unfreeze",
+    "20",
+    "--batch-size",
+    "16",
+]
 
 
 def cli(*args: str) -> float:
@@ -49,11 +65,15 @@ def cli(*args: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", help="training images (default: Grocery train list, else generated)")
     parser.add_argument("--val", help="validation images (default: Grocery val list, else generated)")
     parser.add_argument("--out", help="working folder (default: a temporary one)")
-    parser.add_argument("--quick", action="store_true", help="generated data and a tiny model (about a minute)")
+    parser.add_argument(
+        "--quick", action="store_true", help="generated data and a tiny model (about a minute)"
+    )
     parser.add_argument("train_args", nargs="*", help="extra arguments for `taxonedge train` (after --)")
     args = parser.parse_args()
 
@@ -73,13 +93,30 @@ def main() -> None:
 
     times: dict[str, float] = {}
     times["keygen"] = cli("keygen", "--out", str(key), "--force")
-    times["train"] = cli("train", "--data", data, *(["--val", val] if val else []), "--out", str(run), *train_args)
-    times["convert"] = cli("convert", "--run", str(run), "--out", str(bundle), "--sign-key", f"{key}.key",
-                           "--edgetpu", "skip", "--force")
-    eval_data = str(run / "splits.json")  # the images the run held out (all of val, less any --train-on-val share)
-    times["evaluate float"] = cli("evaluate", "--model", str(run), "--data", eval_data, "--out", str(work / "eval_float"))
-    times["evaluate int8"] = cli("evaluate", "--bundle", str(bundle), "--data", eval_data,
-                                 "--out", str(work / "eval_int8"))
+    times["train"] = cli(
+        "train", "--data", data, *(["--val", val] if val else []), "--out", str(run), *train_args
+    )
+    times["convert"] = cli(
+        "convert",
+        "--run",
+        str(run),
+        "--out",
+        str(bundle),
+        "--sign-key",
+        f"{key}.key",
+        "--edgetpu",
+        "skip",
+        "--force",
+    )
+    eval_data = str(
+        run / "splits.json"
+    )  # the images the run held out (all of val, less any --train-on-val share)
+    times["evaluate float"] = cli(
+        "evaluate", "--model", str(run), "--data", eval_data, "--out", str(work / "eval_float")
+    )
+    times["evaluate int8"] = cli(
+        "evaluate", "--bundle", str(bundle), "--data", eval_data, "--out", str(work / "eval_int8")
+    )
 
     train_timings = json.loads((run / "metrics.json").read_text()).get("timings", {})
     fl = json.loads((work / "eval_float" / "metrics.json").read_text())
@@ -91,8 +128,12 @@ def main() -> None:
     print(f"{'phase':<28}{'wall s':>10}")
     for phase in ("keygen", "train"):
         print(f"{phase:<28}{times[phase]:>10.1f}")
-    for key_name, label in (("load_images_s", "  load + decode images"), ("features_s", "  frozen features (cache)"),
-                            ("head_s", "  head on cached features"), ("fine_tune_s", "  fine-tune top layers")):
+    for key_name, label in (
+        ("load_images_s", "  load + decode images"),
+        ("features_s", "  frozen features (cache)"),
+        ("head_s", "  head on cached features"),
+        ("fine_tune_s", "  fine-tune top layers"),
+    ):
         if key_name in train_timings:
             print(f"{label:<28}{train_timings[key_name]:>10.1f}")
     for phase in ("convert", "evaluate float", "evaluate int8"):
@@ -109,10 +150,14 @@ def main() -> None:
             f, q = fl["accuracy_summed"][level], q8["accuracy_summed"][level]
             print(f"{level + ' (summed probs)':<28}{100 * f:>9.1f}%{100 * q:>9.1f}%{100 * (q - f):>+11.1f}")
     print(f"{'top-5':<28}{100 * fl['top5']:>9.1f}%{100 * q8['top5']:>9.1f}%")
-    print(f"{'published-label precision':<28}{_pct(fl['backoff']['published_precision']):>10}"
-          f"{_pct(q8['backoff']['published_precision']):>10}")
-    print(f"top-1 agreement float vs int8: {100 * agreement(probs_f, probs_q):.1f}%   "
-          f"bundle: {bundle.stat().st_size / 1e6:.2f} MB   work folder: {work}")
+    print(
+        f"{'published-label precision':<28}{_pct(fl['backoff']['published_precision']):>10}"
+        f"{_pct(q8['backoff']['published_precision']):>10}"
+    )
+    print(
+        f"top-1 agreement float vs int8: {100 * agreement(probs_f, probs_q):.1f}%   "
+        f"bundle: {bundle.stat().st_size / 1e6:.2f} MB   work folder: {work}"
+    )
 
 
 def _pct(value: float | None) -> str:

@@ -45,7 +45,9 @@ def wait_labels(observer: Observer, n: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--fps", type=float, default=25.0)
     args = parser.parse_args()
@@ -109,8 +111,12 @@ def main() -> None:
                 daemon.terminate()
                 mark = len(observer.labels)
                 daemon = DaemonProcess(config)
-                first = observer.wait_for(lambda b=boot, m=mark: next(
-                    (t for t, lb in observer.labels[m:] if lb["boot_id"] != b), None), 60)
+                first = observer.wait_for(
+                    lambda b=boot, m=mark: next(
+                        (t for t, lb in observer.labels[m:] if lb["boot_id"] != b), None
+                    ),
+                    60,
+                )
                 # from the old process's last label (its outbox is flushed on SIGTERM) to the new one's first
                 t_stop = max(t for t, lb in observer.labels if lb["boot_id"] == boot)
                 restart_gaps.append(first - t_stop)
@@ -123,12 +129,18 @@ def main() -> None:
     live = statistics.median(live_gaps)
     restart = statistics.median(restart_gaps)
     print(f"label interval at {args.fps:g} frames/s, nothing happening (median): {baseline * 1000:.1f} ms")
-    print(f"live update ({args.rounds} rounds): longest label gap median {live * 1000:.1f} ms, "
-          f"max {max(live_gaps) * 1000:.1f} ms")
-    print("  time from the previous state to each state (median ms): " + ", ".join(
-        f"{p} {statistics.median(v) * 1000:.0f}" for p, v in phases.items() if v))
-    print(f"copy + restart ({args.rounds} rounds): label gap median {restart * 1000:.0f} ms, "
-          f"max {max(restart_gaps) * 1000:.0f} ms")
+    print(
+        f"live update ({args.rounds} rounds): longest label gap median {live * 1000:.1f} ms, "
+        f"max {max(live_gaps) * 1000:.1f} ms"
+    )
+    print(
+        "  time from the previous state to each state (median ms): "
+        + ", ".join(f"{p} {statistics.median(v) * 1000:.0f}" for p, v in phases.items() if v)
+    )
+    print(
+        f"copy + restart ({args.rounds} rounds): label gap median {restart * 1000:.0f} ms, "
+        f"max {max(restart_gaps) * 1000:.0f} ms"
+    )
     print(f"ratio restart gap / live-update gap: {restart / live:.1f}x")
 
 

@@ -28,33 +28,80 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    convert.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory from `taxonedge train`")
-    convert.add_argument("--out", "-o", required=True, metavar="BUNDLE", help="bundle file to write (.tebundle)")
-    convert.add_argument("--mode", choices=("int8", "float16", "dynamic"), default="int8",
-                         help="int8: full integer, Edge TPU capable (default); float16 / dynamic: CPU only")
-    convert.add_argument("--qat", choices=("no", "yes", "auto"), default="no",
-                         help="quantization-aware training (tfmot, separate process): yes = always, auto = only "
-                              "when post-training int8 misses the gate (default: no)")
-    convert.add_argument("--calibration-images", type=_positive, default=300, metavar="N",
-                         help="training images for int8 calibration, drawn stratified by class (default 300)")
-    convert.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
-                         help="largest accuracy loss allowed at any taxonomy level, in percentage points "
-                              "(default 1.0)")
-    convert.add_argument("--target-precision", type=precision_arg, metavar="PRECISION",
-                         help="precision per level the back-off thresholds are chosen to reach on the int8 "
-                              "model's validation outputs (default: the run's, from `train --target-precision`)")
-    convert.add_argument("--force", action="store_true", help="write the bundle even when the accuracy gate fails")
-    convert.add_argument("--edgetpu", choices=("auto", "require", "skip"), default="auto",
-                         help="auto: compile when edgetpu_compiler is on PATH, else ship the CPU model; "
-                              "require: fail unless every op maps to the Edge TPU; skip: static check only")
-    convert.add_argument("--sign-key", metavar="KEY", help="Ed25519 private key (PEM) from `taxonedge keygen`")
+    convert.add_argument(
+        "--run", required=True, metavar="RUN_DIR", help="run directory from `taxonedge train`"
+    )
+    convert.add_argument(
+        "--out", "-o", required=True, metavar="BUNDLE", help="bundle file to write (.tebundle)"
+    )
+    convert.add_argument(
+        "--mode",
+        choices=("int8", "float16", "dynamic"),
+        default="int8",
+        help="int8: full integer, Edge TPU capable (default); float16 / dynamic: CPU only",
+    )
+    convert.add_argument(
+        "--qat",
+        choices=("no", "yes", "auto"),
+        default="no",
+        help="quantization-aware training (tfmot, separate process): yes = always, auto = only "
+        "when post-training int8 misses the gate (default: no)",
+    )
+    convert.add_argument(
+        "--calibration-images",
+        type=_positive,
+        default=300,
+        metavar="N",
+        help="training images for int8 calibration, drawn stratified by class (default 300)",
+    )
+    convert.add_argument(
+        "--max-drop",
+        type=float,
+        default=1.0,
+        metavar="POINTS",
+        help="largest accuracy loss allowed at any taxonomy level, in percentage points (default 1.0)",
+    )
+    convert.add_argument(
+        "--target-precision",
+        type=precision_arg,
+        metavar="PRECISION",
+        help="precision per level the back-off thresholds are chosen to reach on the int8 "
+        "model's validation outputs (default: the run's, from `train --target-precision`)",
+    )
+    convert.add_argument(
+        "--force", action="store_true", help="write the bundle even when the accuracy gate fails"
+    )
+    convert.add_argument(
+        "--edgetpu",
+        choices=("auto", "require", "skip"),
+        default="auto",
+        help="auto: compile when edgetpu_compiler is on PATH, else ship the CPU model; "
+        "require: fail unless every op maps to the Edge TPU; skip: static check only",
+    )
+    convert.add_argument(
+        "--sign-key", metavar="KEY", help="Ed25519 private key (PEM) from `taxonedge keygen`"
+    )
     convert.add_argument("--name", help="model name in the manifest (default: from the run)")
-    convert.add_argument("--version", help="model version in the manifest (default: UTC time YYYYMMDD.HHMMSS)")
-    convert.add_argument("--qat-epochs", type=_positive, default=1, metavar="N",
-                         help="fine-tuning epochs for quantization-aware training (default 1)")
-    convert.add_argument("--qat-images", type=_positive, default=1000, metavar="N",
-                         help="training images for quantization-aware training, stratified (default 1000)")
-    convert.add_argument("--seed", type=int, default=0, help="seed for the calibration draw and QAT (default 0)")
+    convert.add_argument(
+        "--version", help="model version in the manifest (default: UTC time YYYYMMDD.HHMMSS)"
+    )
+    convert.add_argument(
+        "--qat-epochs",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="fine-tuning epochs for quantization-aware training (default 1)",
+    )
+    convert.add_argument(
+        "--qat-images",
+        type=_positive,
+        default=1000,
+        metavar="N",
+        help="training images for quantization-aware training, stratified (default 1000)",
+    )
+    convert.add_argument(
+        "--seed", type=int, default=0, help="seed for the calibration draw and QAT (default 0)"
+    )
     convert.set_defaults(func=_convert)
     keygen = sub.add_parser(
         "keygen",
@@ -64,8 +111,13 @@ def register(sub: argparse._SubParsersAction) -> None:
             "(mode 0600); install the public key on devices (model.public_key in their config)."
         ),
     )
-    keygen.add_argument("--out", "-o", required=True, metavar="PREFIX",
-                        help="writes PREFIX.key (private, mode 0600) and PREFIX.pub (public)")
+    keygen.add_argument(
+        "--out",
+        "-o",
+        required=True,
+        metavar="PREFIX",
+        help="writes PREFIX.key (private, mode 0600) and PREFIX.pub (public)",
+    )
     keygen.add_argument("--force", action="store_true", help="overwrite existing key files")
     keygen.set_defaults(func=_keygen)
 
@@ -90,12 +142,23 @@ def _convert(args: argparse.Namespace) -> int:
     from .qat import QatError
     from .quantize import QuantizationError
 
-    opts = Options(run=Path(args.run), out=Path(args.out), mode=args.mode, qat=args.qat,
-                   calibration_images=args.calibration_images, max_drop=args.max_drop, force=args.force,
-                   target_precision=args.target_precision,
-                   edgetpu=args.edgetpu, name=args.name, version=args.version,
-                   sign_key=Path(args.sign_key) if args.sign_key else None, qat_epochs=args.qat_epochs,
-                   qat_images=args.qat_images, seed=args.seed)
+    opts = Options(
+        run=Path(args.run),
+        out=Path(args.out),
+        mode=args.mode,
+        qat=args.qat,
+        calibration_images=args.calibration_images,
+        max_drop=args.max_drop,
+        force=args.force,
+        target_precision=args.target_precision,
+        edgetpu=args.edgetpu,
+        name=args.name,
+        version=args.version,
+        sign_key=Path(args.sign_key) if args.sign_key else None,
+        qat_epochs=args.qat_epochs,
+        qat_images=args.qat_images,
+        seed=args.seed,
+    )
     try:
         result = convert(opts)
     except (GateError, EdgeTpuError, QatError) as exc:
@@ -103,9 +166,11 @@ def _convert(args: argparse.Namespace) -> int:
     except (RunDirError, SigningKeyError, QuantizationError, ValueError) as exc:
         raise CliError(f"{exc}; no bundle written", code=2) from None
     m = result.manifest
-    print(f"wrote {result.path} ({result.path.stat().st_size / 1e6:.2f} MB): {m.model.name} {m.model.version}, "
-          f"{m.quantization.mode}{' (quantization-aware)' if m.quantization.qat else ''}, "
-          f"{'signed by ' + m.signing_key_id if m.signing_key_id else 'unsigned'}")
+    print(
+        f"wrote {result.path} ({result.path.stat().st_size / 1e6:.2f} MB): {m.model.name} {m.model.version}, "
+        f"{m.quantization.mode}{' (quantization-aware)' if m.quantization.qat else ''}, "
+        f"{'signed by ' + m.signing_key_id if m.signing_key_id else 'unsigned'}"
+    )
     print(result.gate["message"] + (" [FORCED past the gate]" if result.gate.get("forced") else ""))
     print(f"edge tpu: {result.edgetpu['summary']}")
     for warning in result.edgetpu.get("warnings", []):
@@ -124,5 +189,7 @@ def _keygen(args: argparse.Namespace) -> int:
         generate_keypair(private, public, overwrite=args.force)
     except SigningKeyError as exc:
         raise CliError(str(exc)) from None
-    print(f"wrote {private} (private, keep it secret) and {public} (key id {key_id(load_public_key(public))})")
+    print(
+        f"wrote {private} (private, keep it secret) and {public} (key id {key_id(load_public_key(public))})"
+    )
     return 0

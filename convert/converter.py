@@ -113,8 +113,9 @@ def convert(opts: Options) -> Result:
     gate = accuracy_gate(run, val_y, float_probs, quant_probs, opts.max_drop, opts.mode)
     timings["quant_eval_s"] = time.perf_counter() - t
     if not gate["passed"] and opts.qat == "auto" and opts.mode == "int8":
-        log.warning("post-training int8 misses the gate (%s); trying quantization-aware training",
-                    gate["message"])
+        log.warning(
+            "post-training int8 misses the gate (%s); trying quantization-aware training", gate["message"]
+        )
         t = time.perf_counter()
         try:
             qat_tflite = _qat(run, model, opts, calib)
@@ -131,8 +132,12 @@ def convert(opts: Options) -> Result:
         timings["qat_s"] = time.perf_counter() - t
     gate["forced"] = bool(not gate["passed"] and opts.force)
     if not gate["passed"] and not opts.force:
-        raise GateError(gate["message"] + " (pass --force to write the bundle anyway, or raise --max-drop"
-                        + (", or try --qat auto" if opts.mode == "int8" and opts.qat == "no" else "") + ")")
+        raise GateError(
+            gate["message"]
+            + " (pass --force to write the bundle anyway, or raise --max-drop"
+            + (", or try --qat auto" if opts.mode == "int8" and opts.qat == "no" else "")
+            + ")"
+        )
     if not gate["passed"]:
         log.warning("writing the bundle despite the gate (--force): %s", gate["message"])
 
@@ -140,8 +145,12 @@ def convert(opts: Options) -> Result:
     # published labels reach the target precision as deployed, not only in float.
     target = opts.target_precision or run.target_precision
     thresholds, check = choose_and_check_thresholds(run.taxonomy, quant_probs, val_y, target)
-    gate["metrics"]["thresholds"] = {"float_calibration": run.thresholds, "deployed": thresholds,
-                                     "target_precision": target, "two_fold_check": check}
+    gate["metrics"]["thresholds"] = {
+        "float_calibration": run.thresholds,
+        "deployed": thresholds,
+        "target_precision": target,
+        "two_fold_check": check,
+    }
     gate["metrics"]["backoff_deployed"] = backoff(run.taxonomy, quant_probs, val_y, thresholds)
 
     t = time.perf_counter()
@@ -153,27 +162,52 @@ def convert(opts: Options) -> Result:
 
     golden_inputs = calib[:GOLDEN_COUNT]
     golden_outputs = run_tflite(tflite, golden_inputs)
-    files = {MODEL: tflite, GOLDEN: _npz(inputs=golden_inputs.astype(info["input_dtype"]), outputs=golden_outputs)}
+    files = {
+        MODEL: tflite,
+        GOLDEN: _npz(inputs=golden_inputs.astype(info["input_dtype"]), outputs=golden_outputs),
+    }
     if compiled is not None:
         files[MODEL_EDGETPU] = compiled
-    spec = run.input_spec.model_copy(update={"dtype": info["input_dtype"], "scale": info["input_scale"],
-                                             "zero_point": info["input_zero_point"]})
-    output = {"name": info["output_name"], "dtype": info["output_dtype"], "scale": info["output_scale"],
-              "zero_point": info["output_zero_point"]}
+    spec = run.input_spec.model_copy(
+        update={
+            "dtype": info["input_dtype"],
+            "scale": info["input_scale"],
+            "zero_point": info["input_zero_point"],
+        }
+    )
+    output = {
+        "name": info["output_name"],
+        "dtype": info["output_dtype"],
+        "scale": info["output_scale"],
+        "zero_point": info["output_zero_point"],
+    }
     integer = info["output_dtype"] in ("uint8", "int8")
     manifest = build_manifest(
-        model=ModelInfo(name=opts.name or _default_name(run), version=opts.version or _default_version(),
-                        created_at=utc_now(), backbone=run.backbone,
-                        description=f"converted from {run.path.resolve().name} ({opts.mode}"
-                                    + (", quantization-aware" if qat_used else "") + ")"),
-        taxonomy=run.taxonomy, input_spec=InputSpec.model_validate(spec.model_dump()), output=output, files=files,
+        model=ModelInfo(
+            name=opts.name or _default_name(run),
+            version=opts.version or _default_version(),
+            created_at=utc_now(),
+            backbone=run.backbone,
+            description=f"converted from {run.path.resolve().name} ({opts.mode}"
+            + (", quantization-aware" if qat_used else "")
+            + ")",
+        ),
+        taxonomy=run.taxonomy,
+        input_spec=InputSpec.model_validate(spec.model_dump()),
+        output=output,
+        files=files,
         quantization=Quantization(mode=opts.mode, qat=qat_used, calibration_images=len(calib)),
-        thresholds=thresholds, temperature=run.temperature,
+        thresholds=thresholds,
+        temperature=run.temperature,
         metrics=gate["metrics"],
         edgetpu=report,
-        golden={"file": GOLDEN, "count": int(len(golden_inputs)),
-                # CPU interpreters must reproduce integer outputs exactly; float outputs within rounding.
-                "tolerance": 0 if integer else 1e-4, "unit": "quantized steps" if integer else "probability"},
+        golden={
+            "file": GOLDEN,
+            "count": int(len(golden_inputs)),
+            # CPU interpreters must reproduce integer outputs exactly; float outputs within rounding.
+            "tolerance": 0 if integer else 1e-4,
+            "unit": "quantized steps" if integer else "probability",
+        },
     )
     if sign_key is not None:  # write_bundle records the key id in what it writes; say it here too
         from taxonedge.edge.signing import key_id
@@ -184,8 +218,14 @@ def convert(opts: Options) -> Result:
     return Result(Path(opts.out), manifest, gate, report, timings)
 
 
-def accuracy_gate(run: Run, true_leaf: np.ndarray, float_probs: np.ndarray, quant_probs: np.ndarray,
-                  max_drop: float, mode: str) -> dict[str, Any]:
+def accuracy_gate(
+    run: Run,
+    true_leaf: np.ndarray,
+    float_probs: np.ndarray,
+    quant_probs: np.ndarray,
+    max_drop: float,
+    mode: str,
+) -> dict[str, Any]:
     """Float vs quantized per-level accuracy with the metrics code of `taxonedge evaluate`."""
     if not np.all(np.isfinite(quant_probs)):
         raise GateError(f"the {mode} model gives NaN or infinite outputs on validation images")
@@ -199,17 +239,30 @@ def accuracy_gate(run: Run, true_leaf: np.ndarray, float_probs: np.ndarray, quan
     worst = max(levels, key=lambda k: levels[k]["drop_points"])
     passed = all(v["drop_points"] <= max_drop for v in levels.values())
     agree = agreement(float_probs, quant_probs)
-    message = (f"{mode} accuracy drop per level (points, max allowed {max_drop:g}): "
-               + ", ".join(f"{k} {v['float'] * 100:.1f} -> {v[mode] * 100:.1f} ({v['drop_points']:+.1f})"
-                           for k, v in levels.items())
-               + f"; top-1 agreement {agree * 100:.1f}% on {len(true_leaf)} val images")
+    message = (
+        f"{mode} accuracy drop per level (points, max allowed {max_drop:g}): "
+        + ", ".join(
+            f"{k} {v['float'] * 100:.1f} -> {v[mode] * 100:.1f} ({v['drop_points']:+.1f})"
+            for k, v in levels.items()
+        )
+        + f"; top-1 agreement {agree * 100:.1f}% on {len(true_leaf)} val images"
+    )
     if not passed:
         message = f"accuracy gate failed at {worst}: " + message
-    metrics = {"float": {k: m_float[k] for k in slim}, mode: {k: m_quant[k] for k in slim},
-               "agreement": agree, "per_level": levels,
-               "gate": {"max_drop_points": max_drop, "passed": passed}}
-    return {"passed": passed, "message": message, "drop_points": {k: v["drop_points"] for k, v in levels.items()},
-            "agreement": agree, "metrics": metrics}
+    metrics = {
+        "float": {k: m_float[k] for k in slim},
+        mode: {k: m_quant[k] for k in slim},
+        "agreement": agree,
+        "per_level": levels,
+        "gate": {"max_drop_points": max_drop, "passed": passed},
+    }
+    return {
+        "passed": passed,
+        "message": message,
+        "drop_points": {k: v["drop_points"] for k, v in levels.items()},
+        "agreement": agree,
+        "metrics": metrics,
+    }
 
 
 def _load(items: list[tuple[str, int]], spec: InputSpec, desc: str) -> tuple[np.ndarray, np.ndarray]:
@@ -221,8 +274,13 @@ def _load(items: list[tuple[str, int]], spec: InputSpec, desc: str) -> tuple[np.
     except DataError as exc:
         raise RunDirError(f"no usable {desc}: {exc}") from None
     if errors:
-        log.warning("%d of %d %s could not be read and were skipped (first: %s)", len(errors), len(items),
-                    desc, errors[0])
+        log.warning(
+            "%d of %d %s could not be read and were skipped (first: %s)",
+            len(errors),
+            len(items),
+            desc,
+            errors[0],
+        )
     return images, np.array([index[s.path] for s in kept], dtype=np.int64)
 
 
@@ -235,24 +293,32 @@ def _load_keras_model(run: Run) -> tuple[Any, Any]:
     except Exception as exc:  # Keras raises many types for a damaged or foreign file
         raise RunDirError(f"{run.model_path}: cannot load the Keras model: {str(exc)[:300]}") from None
     if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise RunDirError(f"{run.model_path}: the model has {len(model.inputs)} inputs and {len(model.outputs)} "
-                          "outputs; a classifier run has exactly one of each")
+        raise RunDirError(
+            f"{run.model_path}: the model has {len(model.inputs)} inputs and {len(model.outputs)} "
+            "outputs; a classifier run has exactly one of each"
+        )
     expected = (run.input_spec.height, run.input_spec.width, 3)
     if tuple(model.input_shape[1:]) != expected:
-        raise RunDirError(f"{run.model_path}: input shape {tuple(model.input_shape[1:])} does not match "
-                          f"input_spec.json {expected}")
+        raise RunDirError(
+            f"{run.model_path}: input shape {tuple(model.input_shape[1:])} does not match "
+            f"input_spec.json {expected}"
+        )
     classes = model.output_shape[-1]
     if len(model.output_shape) != 2 or classes != run.taxonomy.num_leaves:
-        raise RunDirError(f"{run.model_path}: the model outputs {classes} classes but taxonomy.json has "
-                          f"{run.taxonomy.num_leaves} leaves: the taxonomy does not belong to this model")
+        raise RunDirError(
+            f"{run.model_path}: the model outputs {classes} classes but taxonomy.json has "
+            f"{run.taxonomy.num_leaves} leaves: the taxonomy does not belong to this model"
+        )
     return model, keras
 
 
 def _predict(model: Any, images: np.ndarray, batch: int = 32) -> np.ndarray:
     from tqdm import tqdm
 
-    out = [model.predict_on_batch(images[i : i + batch].astype(np.float32))
-           for i in tqdm(range(0, len(images), batch), desc="evaluating float", unit="batch", leave=False)]
+    out = [
+        model.predict_on_batch(images[i : i + batch].astype(np.float32))
+        for i in tqdm(range(0, len(images), batch), desc="evaluating float", unit="batch", leave=False)
+    ]
     return np.concatenate([np.asarray(o) for o in out])
 
 
@@ -279,8 +345,10 @@ def _check_integer(tflite: bytes, mode: str) -> None:
     if static["float_tensors"]:
         raise QuantizationError(
             f"the model is not fully integer: {static['float_tensors']} float tensors, used by "
-            f"{', '.join(static['float_ops'])} (ops without an int8 kernel; replace them, or use --mode dynamic "
-            "for a CPU-only model)")
+            f"{', '.join(static['float_ops'])} (ops without an int8 kernel; replace them, or use --mode "
+            "dynamic "
+            "for a CPU-only model)"
+        )
 
 
 def _probabilities(raw: np.ndarray, info: dict[str, Any]) -> np.ndarray:

@@ -18,14 +18,51 @@ from taxonedge.train.backbones import find_backbone
 
 # TFLite builtin ops the Edge TPU compiler maps (coral.ai/docs/edgetpu/models-intro, "Supported operations"),
 # for int8/uint8 tensors with static shapes. Anything else runs on the CPU and splits the graph.
-SUPPORTED_OPS = frozenset({
-    "ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "DEPTHWISE_CONV_2D", "DEQUANTIZE", "EXPAND_DIMS",
-    "FULLY_CONNECTED", "L2_NORMALIZATION", "LOGISTIC", "LSTM", "MAXIMUM", "MAX_POOL_2D", "MEAN", "MINIMUM",
-    "MUL", "PACK", "PAD", "PRELU", "QUANTIZE", "REDUCE_MAX", "REDUCE_MIN", "RELU", "RELU6", "RELU_N1_TO_1",
-    "RESHAPE", "RESIZE_BILINEAR", "RESIZE_NEAREST_NEIGHBOR", "RSQRT", "SLICE", "SOFTMAX", "SPACE_TO_DEPTH",
-    "SPLIT", "SQUARED_DIFFERENCE", "SQUEEZE", "STRIDED_SLICE", "SUB", "SUM", "TANH", "TRANSPOSE",
-    "TRANSPOSE_CONV",
-})
+SUPPORTED_OPS = frozenset(
+    {
+        "ADD",
+        "AVERAGE_POOL_2D",
+        "CONCATENATION",
+        "CONV_2D",
+        "DEPTHWISE_CONV_2D",
+        "DEQUANTIZE",
+        "EXPAND_DIMS",
+        "FULLY_CONNECTED",
+        "L2_NORMALIZATION",
+        "LOGISTIC",
+        "LSTM",
+        "MAXIMUM",
+        "MAX_POOL_2D",
+        "MEAN",
+        "MINIMUM",
+        "MUL",
+        "PACK",
+        "PAD",
+        "PRELU",
+        "QUANTIZE",
+        "REDUCE_MAX",
+        "REDUCE_MIN",
+        "RELU",
+        "RELU6",
+        "RELU_N1_TO_1",
+        "RESHAPE",
+        "RESIZE_BILINEAR",
+        "RESIZE_NEAREST_NEIGHBOR",
+        "RSQRT",
+        "SLICE",
+        "SOFTMAX",
+        "SPACE_TO_DEPTH",
+        "SPLIT",
+        "SQUARED_DIFFERENCE",
+        "SQUEEZE",
+        "STRIDED_SLICE",
+        "SUB",
+        "SUM",
+        "TANH",
+        "TRANSPOSE",
+        "TRANSPOSE_CONV",
+    }
+)
 ON_CHIP_MEMORY_BYTES = 8 * 1024 * 1024  # parameters beyond this stream from host memory on every inference
 COMPILER = "edgetpu_compiler"
 
@@ -41,8 +78,10 @@ def backbone_warnings(backbone: str, model_size: int | None = None) -> list[str]
     warnings = [entry.edgetpu_note] if entry and entry.edgetpu_note else []
     covered = entry is not None and entry.exceeds_on_chip_memory
     if model_size is not None and model_size > ON_CHIP_MEMORY_BYTES and not covered:
-        warnings.append(f"the model is {model_size / 2**20:.1f} MiB, over the Edge TPU's 8 MiB on-chip memory: "
-                        "parameters that do not fit stream from the host on every inference")
+        warnings.append(
+            f"the model is {model_size / 2**20:.1f} MiB, over the Edge TPU's 8 MiB on-chip memory: "
+            "parameters that do not fit stream from the host on every inference"
+        )
     return warnings
 
 
@@ -54,27 +93,40 @@ def check_model(model: bytes) -> dict[str, Any]:
     module, _ = interpreter_module()
     # Without the default XNNPACK delegate, so the op list is the model's own (no DELEGATE nodes).
     interpreter = module.Interpreter(
-        model_content=model, experimental_op_resolver_type=module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        model_content=model,
+        experimental_op_resolver_type=module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    )
     details = interpreter._get_ops_details()  # execution order
     ops = [op["op_name"] for op in details]
     tensors = interpreter.get_tensor_details()
     is_float = {t["index"]: getattr(t["dtype"], "__name__", "") in {"float32", "float16"} for t in tensors}
     float_tensors = sorted({t["name"] for t in tensors if is_float[t["index"]]})
-    float_ops = sorted({op["op_name"] for op in details
-                        if any(is_float.get(int(i), False) for i in [*op["inputs"], *op["outputs"]] if i >= 0)})
+    float_ops = sorted(
+        {
+            op["op_name"]
+            for op in details
+            if any(is_float.get(int(i), False) for i in [*op["inputs"], *op["outputs"]] if i >= 0)
+        }
+    )
     dynamic = sorted({t["name"] for t in tensors if any(int(d) < 0 for d in t.get("shape_signature", []))})
     unsupported = sorted({op for op in ops if op not in SUPPORTED_OPS})
     first_bad = next((i for i, op in enumerate(ops) if op not in SUPPORTED_OPS), None)
     problems = []
     if unsupported:
-        problems.append(f"unsupported ops {', '.join(unsupported)}: the graph splits at op #{first_bad} "
-                        f"({ops[first_bad]}); {len(ops) - first_bad} of {len(ops)} ops would run on the CPU")
+        problems.append(
+            f"unsupported ops {', '.join(unsupported)}: the graph splits at op #{first_bad} "
+            f"({ops[first_bad]}); {len(ops) - first_bad} of {len(ops)} ops would run on the CPU"
+        )
     if float_tensors:
-        problems.append(f"{len(float_tensors)} float tensors (e.g. '{float_tensors[0]}', used by "
-                        f"{', '.join(float_ops) or 'no op'}): the Edge TPU needs a full-int8 model")
+        problems.append(
+            f"{len(float_tensors)} float tensors (e.g. '{float_tensors[0]}', used by "
+            f"{', '.join(float_ops) or 'no op'}): the Edge TPU needs a full-int8 model"
+        )
     if dynamic:
-        problems.append(f"{len(dynamic)} tensors with dynamic shapes (e.g. '{dynamic[0]}'): the Edge TPU "
-                        "needs static shapes")
+        problems.append(
+            f"{len(dynamic)} tensors with dynamic shapes (e.g. '{dynamic[0]}'): the Edge TPU "
+            "needs static shapes"
+        )
     return {
         "compatible": not problems,
         "ops_total": len(ops),
@@ -99,7 +151,9 @@ _TEXT_LINES = {
     "compiler_version": re.compile(r"Edge TPU Compiler version\s+(\S+)"),
     "on_chip_memory_used": re.compile(r"On-chip memory used for caching model parameters:\s*(\S+)"),
     "on_chip_memory_remaining": re.compile(r"On-chip memory remaining for caching model parameters:\s*(\S+)"),
-    "off_chip_memory_used": re.compile(r"Off-chip memory used for streaming uncached model parameters:\s*(\S+)"),
+    "off_chip_memory_used": re.compile(
+        r"Off-chip memory used for streaming uncached model parameters:\s*(\S+)"
+    ),
 }
 # "CONV_2D                        52         Mapped to Edge TPU"
 _OP_ROW = re.compile(r"^([A-Z][A-Z0-9_]+)\s+(\d+)\s+(\S.*?)\s*$")
@@ -141,7 +195,9 @@ def parse_compiler_log(text: str) -> dict[str, Any]:
     return report
 
 
-def compile_model(model: bytes, compiler: str | None = None, timeout: float = 300) -> tuple[bytes | None, dict]:
+def compile_model(
+    model: bytes, compiler: str | None = None, timeout: float = 300
+) -> tuple[bytes | None, dict]:
     """Run edgetpu_compiler on `model`. Returns (compiled model or None, parsed report). Raises
     FileNotFoundError when the compiler is not on PATH."""
     exe = shutil.which(compiler or COMPILER)
@@ -151,10 +207,15 @@ def compile_model(model: bytes, compiler: str | None = None, timeout: float = 30
         source = Path(tmp) / "model.tflite"
         source.write_bytes(model)
         try:
-            proc = subprocess.run([exe, "-s", "-o", tmp, str(source)], capture_output=True, text=True,
-                                  timeout=timeout)
+            proc = subprocess.run(
+                [exe, "-s", "-o", tmp, str(source)], capture_output=True, text=True, timeout=timeout
+            )
         except subprocess.TimeoutExpired:
-            return None, {"compiled": False, "all_mapped": False, "errors": [f"timed out after {timeout:.0f} s"]}
+            return None, {
+                "compiled": False,
+                "all_mapped": False,
+                "errors": [f"timed out after {timeout:.0f} s"],
+            }
         log_file = Path(tmp) / "model_edgetpu.log"
         text = proc.stdout + "\n" + proc.stderr
         if log_file.exists():
@@ -165,13 +226,16 @@ def compile_model(model: bytes, compiler: str | None = None, timeout: float = 30
         if proc.returncode != 0 or not compiled.exists():
             report["compiled"] = report["all_mapped"] = False
             if not report["errors"]:
-                report["errors"] = [f"exit code {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}"]
+                report["errors"] = [
+                    f"exit code {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}"
+                ]
             return None, report
         return compiled.read_bytes(), report
 
 
-def edgetpu_report(model: bytes, mode: str, backbone: str, policy: str = "auto",
-                   compiler: str | None = None) -> tuple[dict[str, Any], bytes | None]:
+def edgetpu_report(
+    model: bytes, mode: str, backbone: str, policy: str = "auto", compiler: str | None = None
+) -> tuple[dict[str, Any], bytes | None]:
     """The manifest's `edgetpu` section and the compiled model (or None).
 
     policy: "auto" compiles when the compiler is on PATH; "require" fails (EdgeTpuError) unless the model is
@@ -179,10 +243,15 @@ def edgetpu_report(model: bytes, mode: str, backbone: str, policy: str = "auto",
     """
     if mode != "int8":
         if policy == "require":
-            raise EdgeTpuError(f"--mode {mode} cannot run on the Edge TPU (it needs full int8): use --mode int8 "
-                               "or --edgetpu skip")
-        return {"status": "not applicable", "summary": f"{mode} model: CPU only (the Edge TPU needs full int8)",
-                "warnings": backbone_warnings(backbone, len(model))}, None
+            raise EdgeTpuError(
+                f"--mode {mode} cannot run on the Edge TPU (it needs full int8): use --mode int8 "
+                "or --edgetpu skip"
+            )
+        return {
+            "status": "not applicable",
+            "summary": f"{mode} model: CPU only (the Edge TPU needs full int8)",
+            "warnings": backbone_warnings(backbone, len(model)),
+        }, None
     static = check_model(model)
     report: dict[str, Any] = {"static": static, "warnings": backbone_warnings(backbone, len(model))}
     if policy == "skip":
@@ -193,11 +262,15 @@ def edgetpu_report(model: bytes, mode: str, backbone: str, policy: str = "auto",
         compiled, log = compile_model(model, compiler)
     except FileNotFoundError:
         if policy == "require":
-            raise EdgeTpuError(f"{compiler or COMPILER} is not on PATH; it is needed for --edgetpu require "
-                               "(install it on an x86-64 Debian host from Coral's apt repository)") from None
+            raise EdgeTpuError(
+                f"{compiler or COMPILER} is not on PATH; it is needed for --edgetpu require "
+                "(install it on an x86-64 Debian host from Coral's apt repository)"
+            ) from None
         report["status"] = "compiler not found"
-        report["summary"] = (f"{compiler or COMPILER} not on PATH: shipping the CPU model only; static check: "
-                             + _static_words(static))
+        report["summary"] = (
+            f"{compiler or COMPILER} not on PATH: shipping the CPU model only; static check: "
+            + _static_words(static)
+        )
         return report, None
     report["compiler"] = log
     if compiled is None:
@@ -205,13 +278,17 @@ def edgetpu_report(model: bytes, mode: str, backbone: str, policy: str = "auto",
         report["summary"] = "edgetpu_compiler failed: " + "; ".join(log.get("errors", []))[:300]
     elif log["all_mapped"]:
         report["status"] = "compiled"
-        report["summary"] = (f"compiled, all {log.get('edgetpu_ops', '?')} ops on the Edge TPU "
-                             f"(on-chip memory {log.get('on_chip_memory_used', '?')})")
+        report["summary"] = (
+            f"compiled, all {log.get('edgetpu_ops', '?')} ops on the Edge TPU "
+            f"(on-chip memory {log.get('on_chip_memory_used', '?')})"
+        )
     else:
         names = ", ".join(sorted({r["op"] for r in log["not_mapped"]})) or "unknown"
         report["status"] = "partially mapped"
-        report["summary"] = (f"compiled, but {log.get('cpu_ops', '?')} ops run on the CPU ({names}); "
-                             f"{log.get('edgetpu_ops', '?')} on the Edge TPU")
+        report["summary"] = (
+            f"compiled, but {log.get('cpu_ops', '?')} ops run on the CPU ({names}); "
+            f"{log.get('edgetpu_ops', '?')} on the Edge TPU"
+        )
     if policy == "require" and (compiled is None or not log["all_mapped"]):
         raise EdgeTpuError(f"--edgetpu require: {report['summary']}")
     return report, compiled

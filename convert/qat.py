@@ -39,20 +39,48 @@ def layer_weights(model: Any) -> dict[str, list[np.ndarray]]:
     return out
 
 
-def run_qat(run: Any, model: Any, images: np.ndarray, labels: np.ndarray, calibration: np.ndarray,
-            epochs: int = 1, seed: int = 0, timeout: float = 6 * 3600) -> bytes:
-    """Fine-tune `model` (Keras 3, the run's float model) quantization-aware; returns full-int8 TFLite bytes."""
+def run_qat(
+    run: Any,
+    model: Any,
+    images: np.ndarray,
+    labels: np.ndarray,
+    calibration: np.ndarray,
+    epochs: int = 1,
+    seed: int = 0,
+    timeout: float = 6 * 3600,
+) -> bytes:
+    """Fine-tune `model` (Keras 3, the run's float model) quantization-aware; returns full-int8 TFLite
+    bytes."""
     with tempfile.TemporaryDirectory(prefix="taxonedge-qat-") as tmp:
         tmp_path = Path(tmp)
         weights = layer_weights(model)
-        np.savez(tmp_path / "weights.npz", **{f"{name}::{i}": w for name, ws in weights.items()
-                                              for i, w in enumerate(ws)})
+        np.savez(
+            tmp_path / "weights.npz",
+            **{f"{name}::{i}": w for name, ws in weights.items() for i, w in enumerate(ws)},
+        )
         check = calibration[:4].astype(np.float32)
-        np.savez(tmp_path / "data.npz", images=images, labels=labels, calibration=calibration,
-                 check_inputs=check, check_outputs=model.predict(check, verbose=0))
+        np.savez(
+            tmp_path / "data.npz",
+            images=images,
+            labels=labels,
+            calibration=calibration,
+            check_inputs=check,
+            check_outputs=model.predict(check, verbose=0),
+        )
         env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
-        cmd = [sys.executable, "-m", "taxonedge.convert.qat", "--run", str(run.path), "--work", tmp,
-               "--epochs", str(epochs), "--seed", str(seed)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "taxonedge.convert.qat",
+            "--run",
+            str(run.path),
+            "--work",
+            tmp,
+            "--epochs",
+            str(epochs),
+            "--seed",
+            str(seed),
+        ]
         # The child's progress goes to the user's terminal; its one-line error, if any, to error.txt.
         proc = subprocess.run(cmd, env=env, timeout=timeout)
         result, error = tmp_path / "model.tflite", tmp_path / "error.txt"
@@ -76,8 +104,11 @@ def _flatten(model: Any, keras: Any) -> Any:
         for layer in sub.layers:
             if isinstance(layer, keras.layers.InputLayer):
                 continue
-            node = next(n for n in layer._inbound_nodes
-                        if all(id(t) in mapping for t in _flat(n.input_tensors, keras)))
+            node = next(
+                n
+                for n in layer._inbound_nodes
+                if all(id(t) in mapping for t in _flat(n.input_tensors, keras))
+            )
             if hasattr(layer, "layers"):
                 outputs = replay(layer, [lookup(t) for t in _flat(node.input_tensors, keras)])
             else:
@@ -134,7 +165,9 @@ def _per_channel_depthwise() -> None:
     def per_channel_call(self: Any, inputs: Any, training: Any, weights: Any, **kwargs: Any) -> Any:
         import tensorflow as tf
 
-        if weights["min_var"].shape[0] == inputs.shape[-1]:  # ranges along the last axis: not a depthwise kernel
+        if (
+            weights["min_var"].shape[0] == inputs.shape[-1]
+        ):  # ranges along the last axis: not a depthwise kernel
             return call(self, inputs, training, weights, **kwargs)
         outputs = call(self, tf.transpose(inputs, (0, 1, 3, 2)), training, weights, **kwargs)
         return tf.transpose(outputs, (0, 1, 3, 2))
@@ -192,7 +225,9 @@ def calibrate_ranges(qmodel: Any, calibration: np.ndarray, batch: int = 16) -> N
         kwargs["ema_decay"] = decay[0]
         return original(*args, **kwargs)
 
-    dropouts = [layer for layer in qmodel.layers if getattr(layer, "layer", layer).__class__.__name__ == "Dropout"]
+    dropouts = [
+        layer for layer in qmodel.layers if getattr(layer, "layer", layer).__class__.__name__ == "Dropout"
+    ]
     rates = [getattr(layer, "layer", layer).rate for layer in dropouts]
     quant_ops.MovingAvgQuantize = running_mean
     try:
@@ -233,18 +268,25 @@ def _child(args: argparse.Namespace) -> None:
         saved_layer = weights.pop(layer.name)
         layer.set_weights([saved_layer[i] for i in range(len(saved_layer))])
     if weights:
-        raise QatError(f"trained weights for layers the rebuilt model lacks: {', '.join(sorted(weights)[:5])}")
+        raise QatError(
+            f"trained weights for layers the rebuilt model lacks: {', '.join(sorted(weights)[:5])}"
+        )
     data = np.load(work / "data.npz")
     got = model.predict(data["check_inputs"], verbose=0)
     if not np.allclose(got, data["check_outputs"], atol=1e-3):
-        raise QatError("the tf_keras rebuild does not reproduce the Keras 3 model's outputs "
-                       f"(max difference {np.abs(got - data['check_outputs']).max():.4f})")
+        raise QatError(
+            "the tf_keras rebuild does not reproduce the Keras 3 model's outputs "
+            f"(max difference {np.abs(got - data['check_outputs']).max():.4f})"
+        )
 
     qmodel = quantize(model)
     freeze_batchnorm(qmodel)
     calibrate_ranges(qmodel, data["calibration"].astype(np.float32))
-    qmodel.compile(optimizer=tf_keras.optimizers.Adam(LEARNING_RATE),
-                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    qmodel.compile(
+        optimizer=tf_keras.optimizers.Adam(LEARNING_RATE),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
     images, labels = data["images"].astype(np.float32), data["labels"]
     qmodel.fit(images, labels, epochs=args.epochs, batch_size=16, shuffle=True, verbose=2)  # one line/epoch
     tflite = to_tflite(qmodel, tf_keras, "int8", data["calibration"])
@@ -252,8 +294,10 @@ def _child(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m taxonedge.convert.qat",
-                                     description="Quantization-aware training child process (used by convert).")
+    parser = argparse.ArgumentParser(
+        prog="python -m taxonedge.convert.qat",
+        description="Quantization-aware training child process (used by convert).",
+    )
     parser.add_argument("--run", required=True)
     parser.add_argument("--work", required=True)
     parser.add_argument("--epochs", type=int, default=1)

@@ -37,7 +37,9 @@ def stratified(items: Sequence[tuple[str, int]], n: int, seed: int = 0) -> list[
     return out
 
 
-def to_tflite(model: Any, keras_module: Any, mode: str = "int8", calibration: np.ndarray | None = None) -> bytes:
+def to_tflite(
+    model: Any, keras_module: Any, mode: str = "int8", calibration: np.ndarray | None = None
+) -> bytes:
     """Convert `model` (one input of raw pixels, one output) with batch size fixed to 1.
 
     int8: full integer (TFLITE_BUILTINS_INT8 only), uint8 input and output, calibrated on `calibration`
@@ -68,26 +70,38 @@ def to_tflite(model: Any, keras_module: Any, mode: str = "int8", calibration: np
     elif mode == "float16":
         converter.target_spec.supported_types = [tf.float16]
     try:
-        # Keras' export prints a page of "Saved artifact ... Captures" to stdout: keep the CLI output readable.
+        # Keras' export prints a page of "Saved artifact ... Captures" to stdout: keep the CLI output
+        # readable.
         with contextlib.redirect_stdout(io.StringIO()):
             return converter.convert()
-    except Exception as exc:  # the converter raises ConverterError/RuntimeError/ValueError for unsupported ops
+    except (
+        Exception
+    ) as exc:  # the converter raises ConverterError/RuntimeError/ValueError for unsupported ops
         first = str(exc).strip().splitlines()
-        reason = next((line for line in first if "error" in line.lower()), first[0] if first else type(exc).__name__)
+        reason = next(
+            (line for line in first if "error" in line.lower()), first[0] if first else type(exc).__name__
+        )
         raise QuantizationError(
             f"the TFLite converter could not make a {mode} model: {reason[:400]}"
-            + (" (an op without an integer kernel? try --mode dynamic for a CPU-only model)" if mode == "int8" else "")
+            + (
+                " (an op without an integer kernel? try --mode dynamic for a CPU-only model)"
+                if mode == "int8"
+                else ""
+            )
         ) from None
 
 
 def io_details(model: bytes) -> dict[str, Any]:
-    """Input and output tensor facts of a converted model, named as the device's signature runner names them."""
+    """Input and output tensor facts of a converted model, named as the device's signature runner names
+    them."""
     from taxonedge.edge.runtime import make_interpreter
 
     interpreter = make_interpreter(model)
     inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
     if len(inputs) != 1 or len(outputs) != 1:
-        raise QuantizationError(f"the model has {len(inputs)} inputs and {len(outputs)} outputs; expected 1 and 1")
+        raise QuantizationError(
+            f"the model has {len(inputs)} inputs and {len(outputs)} outputs; expected 1 and 1"
+        )
     signatures = interpreter.get_signature_list()
     names = next(iter(signatures.values()))["outputs"] if signatures else ["output_0"]
     (in_scale, in_zero), (out_scale, out_zero) = inputs[0]["quantization"], outputs[0]["quantization"]

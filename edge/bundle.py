@@ -139,8 +139,16 @@ class Manifest(BaseModel):
 class Bundle:
     """A verified bundle held in memory. Build with `read_bundle`."""
 
-    def __init__(self, manifest: Manifest, manifest_bytes: bytes, files: dict[str, bytes],
-                 signature: bytes | None, sha256: str, path: Path | None, signature_status: str):
+    def __init__(
+        self,
+        manifest: Manifest,
+        manifest_bytes: bytes,
+        files: dict[str, bytes],
+        signature: bytes | None,
+        sha256: str,
+        path: Path | None,
+        signature_status: str,
+    ):
         self.manifest = manifest
         self.manifest_bytes = manifest_bytes
         self.files = files
@@ -175,8 +183,12 @@ class Bundle:
 
     def describe(self) -> dict[str, Any]:
         """A short identity for status messages and label payloads."""
-        return {"name": self.name, "version": self.version, "sha256": self.sha256,
-                "taxonomy_hash": self.manifest.taxonomy_hash}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "sha256": self.sha256,
+            "taxonomy_hash": self.manifest.taxonomy_hash,
+        }
 
 
 def sha256_hex(data: bytes) -> str:
@@ -187,8 +199,12 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def read_bundle(source: str | Path | bytes, public_key: Ed25519PublicKey | None = None,
-                require_signature: bool = False, max_bytes: int = MAX_BUNDLE_BYTES) -> Bundle:
+def read_bundle(
+    source: str | Path | bytes,
+    public_key: Ed25519PublicKey | None = None,
+    require_signature: bool = False,
+    max_bytes: int = MAX_BUNDLE_BYTES,
+) -> Bundle:
     """Read and verify a bundle from a path or bytes. Raises BundleError on anything wrong.
 
     With `public_key`, a signature must be present and valid. `require_signature` without a key is a
@@ -265,14 +281,28 @@ def read_bundle(source: str | Path | bytes, public_key: Ed25519PublicKey | None 
         # untrusted input: whatever the taxonomy reader trips on is a refusal, named, not a traceback
         raise BundleError(f"{where}: taxonomy in {MANIFEST} is invalid: {_one_line(exc)}") from None
     if taxonomy.hash != manifest.taxonomy_hash:
-        raise BundleError(f"{where}: taxonomy hash is {taxonomy.hash}, the manifest says {manifest.taxonomy_hash}")
-    if manifest.output.leaf_order != taxonomy.leaf_labels or manifest.output.num_classes != taxonomy.num_leaves:
-        raise BundleError(f"{where}: output leaf_order does not match the taxonomy's {taxonomy.num_leaves} leaves")
+        raise BundleError(
+            f"{where}: taxonomy hash is {taxonomy.hash}, the manifest says {manifest.taxonomy_hash}"
+        )
+    if (
+        manifest.output.leaf_order != taxonomy.leaf_labels
+        or manifest.output.num_classes != taxonomy.num_leaves
+    ):
+        raise BundleError(
+            f"{where}: output leaf_order does not match the taxonomy's {taxonomy.num_leaves} leaves"
+        )
     return Bundle(manifest, manifest_bytes, members, signature, sha256_hex(raw), path, status)
 
 
-def build_manifest(*, model: ModelInfo | dict, taxonomy: Taxonomy, input_spec: InputSpec,
-                   output: OutputSpec | dict | None = None, files: dict[str, bytes], **fields: Any) -> Manifest:
+def build_manifest(
+    *,
+    model: ModelInfo | dict,
+    taxonomy: Taxonomy,
+    input_spec: InputSpec,
+    output: OutputSpec | dict | None = None,
+    files: dict[str, bytes],
+    **fields: Any,
+) -> Manifest:
     """A manifest for `files`, with the taxonomy, its hash and every file's sha256 filled in."""
     output_fields = dict(output) if isinstance(output, dict) else (output.model_dump() if output else {})
     output_fields.update(num_classes=taxonomy.num_leaves, leaf_order=taxonomy.leaf_labels)
@@ -287,21 +317,28 @@ def build_manifest(*, model: ModelInfo | dict, taxonomy: Taxonomy, input_spec: I
     )
 
 
-def write_bundle(path: str | Path, manifest: Manifest, files: dict[str, bytes],
-                 sign_key: Ed25519PrivateKey | None = None) -> Path:
+def write_bundle(
+    path: str | Path, manifest: Manifest, files: dict[str, bytes], sign_key: Ed25519PrivateKey | None = None
+) -> Path:
     """Write `files` and `manifest` (whose file entries must match) atomically; sign when a key is given."""
     path = Path(path)
     for name in files:
         if name not in KNOWN_FILES:
             raise BundleError(f"'{name}' is not a bundle v1 file (expected one of {', '.join(KNOWN_FILES)})")
     if set(files) != set(manifest.files):
-        raise BundleError("the manifest's file list does not match the files given: rebuild it with build_manifest")
+        raise BundleError(
+            "the manifest's file list does not match the files given: rebuild it with build_manifest"
+        )
     for name, data in files.items():
         if sha256_hex(data) != manifest.files[name].sha256:
-            raise BundleError(f"sha256 of '{name}' does not match the manifest: rebuild it with build_manifest")
+            raise BundleError(
+                f"sha256 of '{name}' does not match the manifest: rebuild it with build_manifest"
+            )
     if sign_key is not None:
         manifest = manifest.model_copy(update={"signing_key_id": key_id(sign_key.public_key())})
-    manifest_bytes = json.dumps(manifest.model_dump(mode="json"), indent=2, ensure_ascii=False).encode("utf-8")
+    manifest_bytes = json.dumps(manifest.model_dump(mode="json"), indent=2, ensure_ascii=False).encode(
+        "utf-8"
+    )
     members = {MANIFEST: manifest_bytes, **files}
     if sign_key is not None:
         members[SIGNATURE] = sign(sign_key, manifest_bytes)
@@ -311,14 +348,22 @@ def write_bundle(path: str | Path, manifest: Manifest, files: dict[str, bytes],
     return path
 
 
-def resign_bundle(source: str | Path | bytes, out: str | Path, sign_key: Ed25519PrivateKey,
-                  public_key: Ed25519PublicKey | None = None, version: str | None = None) -> Bundle:
+def resign_bundle(
+    source: str | Path | bytes,
+    out: str | Path,
+    sign_key: Ed25519PrivateKey,
+    public_key: Ed25519PublicKey | None = None,
+    version: str | None = None,
+) -> Bundle:
     """Write a verified copy of a bundle signed with `sign_key` (optionally as model `version`); the files
-    are unchanged, the manifest gets the new `signing_key_id`. With `public_key` the old signature must verify."""
+    are unchanged, the manifest gets the new `signing_key_id`. With `public_key` the old signature must
+    verify."""
     old = read_bundle(source, public_key=public_key)
     manifest = old.manifest
     if version is not None:
-        manifest = manifest.model_copy(update={"model": manifest.model.model_copy(update={"version": version})})
+        manifest = manifest.model_copy(
+            update={"model": manifest.model.model_copy(update={"version": version})}
+        )
         try:  # the same checks a reader makes
             manifest = Manifest.model_validate(manifest.model_dump(mode="json"))
         except ValidationError as exc:
@@ -328,7 +373,8 @@ def resign_bundle(source: str | Path | bytes, out: str | Path, sign_key: Ed25519
 
 
 def _tar_bytes(members: dict[str, bytes]) -> bytes:
-    """The canonical tar of `members`, in order: fixed mode, owner and mtime, so equal content gives equal bytes."""
+    """The canonical tar of `members`, in order: fixed mode, owner and mtime, so equal content gives equal
+    bytes."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members.items():
@@ -356,7 +402,8 @@ def _check_sums(members: dict[str, bytes], where: str) -> None:
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write temp + fsync + rename + fsync directory: after a crash the file is either old or new, never partial."""
+    """Write temp + fsync + rename + fsync directory: after a crash the file is either old or new, never
+    partial."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -19,11 +19,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("--config", "-c", metavar="FILE", help="TOML configuration file (required)")
-    run.add_argument("--validate-config", nargs="?", const=True, default=None, metavar="FILE",
-                     help="check the configuration (keys, types, files it names) and exit: 0 if valid. "
-                          "FILE, or the --config file when FILE is left out")
-    run.add_argument("--max-frames", type=int, default=None, metavar="N",
-                     help="stop after N classified frames (for demos and tests)")
+    run.add_argument(
+        "--validate-config",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="FILE",
+        help="check the configuration (keys, types, files it names) and exit: 0 if valid. "
+        "FILE, or the --config file when FILE is left out",
+    )
+    run.add_argument(
+        "--max-frames",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop after N classified frames (for demos and tests)",
+    )
     run.set_defaults(func=_run)
 
     inspect = sub.add_parser(
@@ -37,7 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     inspect.add_argument("bundle", metavar="BUNDLE", help="bundle file (.tebundle)")
-    inspect.add_argument("--pubkey", metavar="KEY", help="Ed25519 public key (PEM) the signature must verify against")
+    inspect.add_argument(
+        "--pubkey", metavar="KEY", help="Ed25519 public key (PEM) the signature must verify against"
+    )
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(func=_inspect)
 
@@ -54,7 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "each device's outcome; --cancel withdraws it). Targets: SITE/LINE/DEVICE or groups/NAME "
             "(devices listing NAME in mqtt.groups). Topics and payloads: docs/deploy.md.\n\n"
             "exit status:\n"
-            "  0  every device committed and serves the bundle (--no-wait: published; --pending, --cancel: done)\n"
+            "  0  every device committed and serves the bundle (--no-wait: published; --pending, --cancel: "
+            "done)\n"
             "  1  a device rejected the bundle, rolled it back, or answered a repeated --id with an outcome\n"
             "     that leaves another model serving; or the broker refused or could not be reached\n"
             "  2  bad arguments or a bundle not worth sending (unreadable, damaged, --pubkey mismatch):\n"
@@ -64,35 +78,77 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     deploy.add_argument("bundle", nargs="?", metavar="BUNDLE", help="signed bundle file (.tebundle)")
-    deploy.add_argument("--broker", required=True, type=_broker, metavar="HOST[:PORT]",
-                        help="MQTT broker (port 1883 by default)")
-    deploy.add_argument("--target", "-t", action="append", metavar="SITE/LINE/DEVICE|groups/NAME",
-                        help="device or fleet group; repeat for several (with --pending: default all)")
+    deploy.add_argument(
+        "--broker",
+        required=True,
+        type=_broker,
+        metavar="HOST[:PORT]",
+        help="MQTT broker (port 1883 by default)",
+    )
+    deploy.add_argument(
+        "--target",
+        "-t",
+        action="append",
+        metavar="SITE/LINE/DEVICE|groups/NAME",
+        help="device or fleet group; repeat for several (with --pending: default all)",
+    )
     deploy.add_argument("--prefix", default="taxonedge", help="topic prefix the devices use (mqtt.prefix)")
-    deploy.add_argument("--timeout", type=float, default=300.0, metavar="S",
-                        help="give up after S seconds without every device's outcome (default 300)")
-    deploy.add_argument("--id", metavar="ID",
-                        help="deployment id (default: from the bundle's name, version and hash: a device that "
-                             "committed it and still serves it answers with that outcome, one serving another "
-                             "model runs it again); use a new one to retry after a rejection. With --cancel: "
-                             "withdraw only this id")
-    deploy.add_argument("--url", metavar="URL",
-                        help="have devices fetch the bundle from this file:// or https:// URL instead of "
-                             "sending it over MQTT")
-    deploy.add_argument("--chunk-size", type=int, default=256 * 1024, metavar="BYTES",
-                        help="MQTT chunk size (default 256 KiB)")
-    deploy.add_argument("--expect", type=int, default=1, metavar="N",
-                        help="for groups: wait for at least N devices to answer (default 1)")
-    deploy.add_argument("--no-wait", action="store_true",
-                        help="publish (retained) and exit 0 saying where it is pending; do not follow devices")
-    deploy.add_argument("--pending", action="store_true",
-                        help="list the retained deployments of --target (default: all) and each device's outcome")
-    deploy.add_argument("--cancel", action="store_true",
-                        help="withdraw the retained deployment of each --target (devices that started it finish)")
+    deploy.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="give up after S seconds without every device's outcome (default 300)",
+    )
+    deploy.add_argument(
+        "--id",
+        metavar="ID",
+        help="deployment id (default: from the bundle's name, version and hash: a device that "
+        "committed it and still serves it answers with that outcome, one serving another "
+        "model runs it again); use a new one to retry after a rejection. With --cancel: "
+        "withdraw only this id",
+    )
+    deploy.add_argument(
+        "--url",
+        metavar="URL",
+        help="have devices fetch the bundle from this file:// or https:// URL instead of "
+        "sending it over MQTT",
+    )
+    deploy.add_argument(
+        "--chunk-size",
+        type=int,
+        default=256 * 1024,
+        metavar="BYTES",
+        help="MQTT chunk size (default 256 KiB)",
+    )
+    deploy.add_argument(
+        "--expect",
+        type=int,
+        default=1,
+        metavar="N",
+        help="for groups: wait for at least N devices to answer (default 1)",
+    )
+    deploy.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="publish (retained) and exit 0 saying where it is pending; do not follow devices",
+    )
+    deploy.add_argument(
+        "--pending",
+        action="store_true",
+        help="list the retained deployments of --target (default: all) and each device's outcome",
+    )
+    deploy.add_argument(
+        "--cancel",
+        action="store_true",
+        help="withdraw the retained deployment of each --target (devices that started it finish)",
+    )
     deploy.add_argument("--pubkey", metavar="KEY", help="check the bundle's signature locally before sending")
     deploy.add_argument("--username", help="broker user name")
     deploy.add_argument("--password-file", metavar="FILE", help="file holding the broker password")
-    deploy.add_argument("--password-env", metavar="VAR", help="environment variable holding the broker password")
+    deploy.add_argument(
+        "--password-env", metavar="VAR", help="environment variable holding the broker password"
+    )
     deploy.add_argument("--ca-file", metavar="FILE", help="CA certificate for a TLS broker")
     deploy.set_defaults(func=_deploy)
 
@@ -108,10 +164,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     sign.add_argument("bundle", metavar="BUNDLE", help="bundle file (.tebundle)")
-    sign.add_argument("--key", required=True, metavar="KEY", help="Ed25519 private key (PEM) from `taxonedge keygen`")
+    sign.add_argument(
+        "--key", required=True, metavar="KEY", help="Ed25519 private key (PEM) from `taxonedge keygen`"
+    )
     sign.add_argument("--out", required=True, metavar="FILE", help="where to write the signed bundle")
-    sign.add_argument("--version", dest="model_version", metavar="V", help="set the model version in the manifest")
-    sign.add_argument("--pubkey", metavar="KEY", help="require the bundle's current signature to verify against KEY")
+    sign.add_argument(
+        "--version", dest="model_version", metavar="V", help="set the model version in the manifest"
+    )
+    sign.add_argument(
+        "--pubkey", metavar="KEY", help="require the bundle's current signature to verify against KEY"
+    )
     sign.set_defaults(func=_sign)
 
     listen = sub.add_parser(
@@ -123,19 +185,28 @@ def register(sub: argparse._SubParsersAction) -> None:
             "messages. '+' in --site/--line/--device listens to many devices."
         ),
     )
-    listen.add_argument("--broker", type=_broker, default=("127.0.0.1", 1883), metavar="HOST[:PORT]",
-                        help="MQTT broker (default 127.0.0.1:1883)")
+    listen.add_argument(
+        "--broker",
+        type=_broker,
+        default=("127.0.0.1", 1883),
+        metavar="HOST[:PORT]",
+        help="MQTT broker (default 127.0.0.1:1883)",
+    )
     listen.add_argument("--prefix", default="taxonedge", help="topic prefix (mqtt.prefix)")
     listen.add_argument("--site", default="+", help="site (default: all)")
     listen.add_argument("--line", default="+", help="line (default: all)")
     listen.add_argument("--device", default="+", help="device (default: all)")
     listen.add_argument("--topic", action="append", metavar="FILTER", help="subscribe to this filter instead")
     listen.add_argument("--json", action="store_true", help="print raw JSON messages, one per line")
-    listen.add_argument("--count", type=int, metavar="N", help="exit 0 after N labels (non-zero if fewer by --timeout)")
+    listen.add_argument(
+        "--count", type=int, metavar="N", help="exit 0 after N labels (non-zero if fewer by --timeout)"
+    )
     listen.add_argument("--timeout", type=float, metavar="S", help="stop after S seconds")
     listen.add_argument("--username", help="broker user name")
     listen.add_argument("--password-file", metavar="FILE", help="file holding the broker password")
-    listen.add_argument("--password-env", metavar="VAR", help="environment variable holding the broker password")
+    listen.add_argument(
+        "--password-env", metavar="VAR", help="environment variable holding the broker password"
+    )
     listen.add_argument("--ca-file", metavar="FILE", help="CA certificate for a TLS broker")
     listen.set_defaults(func=_listen)
 
@@ -146,8 +217,10 @@ def _run(args: argparse.Namespace) -> int:
     # `run --validate-config FILE` and `run --config FILE --validate-config` say the same thing
     if isinstance(args.validate_config, str):
         if args.config and args.config != args.validate_config:
-            raise CliError(f"--config {args.config} and --validate-config {args.validate_config} name two "
-                           "files: give one")
+            raise CliError(
+                f"--config {args.config} and --validate-config {args.validate_config} name two "
+                "files: give one"
+            )
         args.config, args.validate_config = args.validate_config, True
     if not args.config:
         raise CliError("--config FILE is required (see examples/config.toml for every key)")
@@ -162,8 +235,10 @@ def _run(args: argparse.Namespace) -> int:
         problems = validate(config)
         if problems:
             raise CliError("\n".join(problems), 2)
-        print(f"{args.config}: valid ({config.source.type} source, {config.trigger.mode} trigger, "
-              f"{config.inference.backend} backend, MQTT {config.mqtt.host}:{config.mqtt.port})")
+        print(
+            f"{args.config}: valid ({config.source.type} source, {config.trigger.mode} trigger, "
+            f"{config.inference.backend} backend, MQTT {config.mqtt.host}:{config.mqtt.port})"
+        )
         return 0
     try:
         return Daemon(config, max_frames=args.max_frames).run()

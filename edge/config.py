@@ -169,8 +169,11 @@ class SourceConfig(_Strict):
         # "capture.roi.3: Field required"; and a crop that can never fit fails now, not on every frame.
         if value is None:
             return value
-        if (not isinstance(value, list | tuple) or len(value) != 4
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        if (
+            not isinstance(value, list | tuple)
+            or len(value) != 4
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ):
             raise ValueError(f"expected 4 whole numbers [x, y, width, height] in pixels, got {value!r}")
         x, y, width, height = value
         if x < 0 or y < 0 or width <= 0 or height <= 0:
@@ -217,7 +220,8 @@ class InferenceConfig(_Strict):
         return value
 
     def in_flight_limit(self, invoke_s: float) -> int:
-        """Frames at the worker at once in continuous mode, given the invoke's moving average (0: none yet)."""
+        """Frames at the worker at once in continuous mode, given the invoke's moving average (0: none
+        yet)."""
         if self.max_in_flight != "auto":
             return self.max_in_flight
         return 2 if 0 < invoke_s < AUTO_IN_FLIGHT_INVOKE_S else 1
@@ -336,8 +340,10 @@ def _decode(data: bytes, where: str) -> str:
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise ConfigError(f"{where}:{line}:{column}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset "
-                          f"{exc.start}): TOML files must be UTF-8; save the file as UTF-8") from None
+        raise ConfigError(
+            f"{where}:{line}:{column}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset "
+            f"{exc.start}): TOML files must be UTF-8; save the file as UTF-8"
+        ) from None
 
 
 def parse_config(text: str, where: str = "config") -> Config:

@@ -43,8 +43,16 @@ class CommandError(PayloadError):
 
 
 class Control:
-    def __init__(self, config: Config, boot_id: str, serving: Serving, pipeline: Pipeline,
-                 publish: Callable[..., None], state: Callable[[], dict], status_changed: Callable[[bool], None]):
+    def __init__(
+        self,
+        config: Config,
+        boot_id: str,
+        serving: Serving,
+        pipeline: Pipeline,
+        publish: Callable[..., None],
+        state: Callable[[], dict],
+        status_changed: Callable[[bool], None],
+    ):
         self.config = config
         self.base = config.topic_base
         self.topics = DeviceTopics(self.base)
@@ -64,7 +72,12 @@ class Control:
 
     def topic_filters(self) -> list[str]:
         """What the device subscribes to after every (re)connect."""
-        return [self.topics.commands, self.topics.trigger, self.topics.status, *(f for f, _ in self.subscriptions)]
+        return [
+            self.topics.commands,
+            self.topics.trigger,
+            self.topics.status,
+            *(f for f, _ in self.subscriptions),
+        ]
 
     def enqueue(self, topic: str, payload: bytes, properties: Any) -> None:
         """From the MQTT network thread: never blocks; a full queue drops and counts."""
@@ -108,8 +121,11 @@ class Control:
         except PayloadError:
             status = {}
         if status.get("boot_id") != self.boot_id and not self.pipeline.stopping.is_set():
-            log.info("the broker holds a status of another boot (%s, %s): publishing ours again",
-                     status.get("boot_id"), status.get("state"))
+            log.info(
+                "the broker holds a status of another boot (%s, %s): publishing ours again",
+                status.get("boot_id"),
+                status.get("state"),
+            )
             self.status_changed(True)
 
     # ---- triggers ----------------------------------------------------------------------------------
@@ -128,8 +144,12 @@ class Control:
         self.triggers += 1
         overflow = trigger.trigger(item_id)
         if overflow is not None:
-            log.warning("item %r: more than trigger.max_waiting = %d items waiting: labelled unknown (%s)",
-                        overflow.item_id, self.config.trigger.max_waiting, overflow.reason)
+            log.warning(
+                "item %r: more than trigger.max_waiting = %d items waiting: labelled unknown (%s)",
+                overflow.item_id,
+                self.config.trigger.max_waiting,
+                overflow.reason,
+            )
             self.pipeline.publisher.publish_item(overflow, None, self.serving.bundle, self.serving.backend)
         self.pipeline.item_event.set()
 
@@ -152,7 +172,11 @@ class Control:
 
     def _refuse_trigger(self, why: str) -> None:
         self.triggers_refused += 1
-        level = logging.WARNING if self.triggers_refused <= 10 or self.triggers_refused % 1000 == 0 else logging.DEBUG
+        level = (
+            logging.WARNING
+            if self.triggers_refused <= 10 or self.triggers_refused % 1000 == 0
+            else logging.DEBUG
+        )
         log.log(level, "trigger message refused (%s); %d refused so far", why, self.triggers_refused)
 
     # ---- commands ----------------------------------------------------------------------------------
@@ -168,8 +192,10 @@ class Control:
             if refused is None:
                 response_topic = candidate
             else:
-                problem = (f"response topic {candidate!r} refused: {refused}; use one under "
-                           f"{replies_prefix(self.config.mqtt.prefix)}")
+                problem = (
+                    f"response topic {candidate!r} refused: {refused}; use one under "
+                    f"{replies_prefix(self.config.mqtt.prefix)}"
+                )
         answer = self._answer(name, payload, problem)
         properties = None
         if correlation is not None and self.config.mqtt.protocol == "v5":
@@ -200,8 +226,13 @@ class Control:
         return answer
 
     def commands_by_name(self) -> dict[str, Callable[[dict], dict]]:
-        return {"pause": self._cmd_pause, "resume": self._cmd_resume, "set_thresholds": self._cmd_thresholds,
-                "snapshot": self._cmd_snapshot, "state": self._cmd_state}
+        return {
+            "pause": self._cmd_pause,
+            "resume": self._cmd_resume,
+            "set_thresholds": self._cmd_thresholds,
+            "snapshot": self._cmd_snapshot,
+            "state": self._cmd_state,
+        }
 
     @staticmethod
     def _no_args(args: dict, allowed: tuple[str, ...] = ()) -> None:
@@ -230,14 +261,17 @@ class Control:
         """{"depth_1": 0.8, ...}: override per-depth thresholds until restart (null resets one)."""
         values = args["thresholds"] if set(args) == {"thresholds"} else args
         depth = self.serving.bundle.taxonomy.depth
-        usage = (f'send {{"depth_1": 0.8, ...}}: keys depth_1..depth_{depth}, values between 0 and 1, '
-                 "null resets one")
+        usage = (
+            f'send {{"depth_1": 0.8, ...}}: keys depth_1..depth_{depth}, values between 0 and 1, '
+            "null resets one"
+        )
         if not isinstance(values, dict) or not values:
             raise CommandError(usage)
         keys = {f"depth_{d}" for d in range(1, depth + 1)}
         for key, value in values.items():
-            ok_value = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                         and 0.0 <= value <= 1.0)
+            ok_value = value is None or (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+            )
             if key not in keys or not ok_value:
                 raise CommandError(f"{key} = {value!r}: {usage}")
         return {"thresholds": self.serving.set_thresholds(values)}
@@ -258,7 +292,12 @@ class Control:
         atomic_write(path, data)
         for old in sorted(folder.glob("snapshot-*.jpg"))[:-MAX_SNAPSHOTS]:  # bounded, oldest go first
             old.unlink(missing_ok=True)
-        result = {"path": str(path), "bytes": len(data), "frame": frame.origin, "captured_at": utc_ms(frame.wall)}
+        result = {
+            "path": str(path),
+            "bytes": len(data),
+            "frame": frame.origin,
+            "captured_at": utc_ms(frame.wall),
+        }
         if args.get("inline") is True:
             result["jpeg_base64"] = base64.b64encode(data).decode("ascii")
         return result

@@ -88,8 +88,9 @@ class Daemon:
     def worker_info(self) -> WorkerInfo | None:
         return self.serving.info
 
-    def publish(self, topic: str, payload: Any, qos: int = 1, retain: bool = False,
-                properties: Any = None) -> None:
+    def publish(
+        self, topic: str, payload: Any, qos: int = 1, retain: bool = False, properties: Any = None
+    ) -> None:
         """A control-plane message (status, answers, deployment progress); labels go through the outbox."""
         self.link.publish(topic, json_bytes(payload), qos=qos, retain=retain, properties=properties)
 
@@ -115,11 +116,22 @@ class Daemon:
         try:
             self.serving.start(bundle)
         except WorkerError as exc:
-            hint = ' (set inference.backend = "auto" to fall back to the CPU)' if cfg.inference.backend == "edgetpu" else ""
+            hint = (
+                ' (set inference.backend = "auto" to fall back to the CPU)'
+                if cfg.inference.backend == "edgetpu"
+                else ""
+            )
             raise StartupError(f"{exc}{hint}", 3) from None
         info = self.serving.info
-        log.info("model %s %s (%s) on %s via %s, warm-up %.0f ms", bundle.name, bundle.version,
-                 bundle.sha256[:12], info.backend, info.runtime, info.warmup_s * 1000)
+        log.info(
+            "model %s %s (%s) on %s via %s, warm-up %.0f ms",
+            bundle.name,
+            bundle.version,
+            bundle.sha256[:12],
+            info.backend,
+            info.runtime,
+            info.warmup_s * 1000,
+        )
         if info.degraded_reason:
             log.warning("%s", info.degraded_reason)
         self._build(bundle, problems)
@@ -128,15 +140,29 @@ class Daemon:
         # (measured here: 20 ms with the GIL held, every thread stalled, against 0.8 ms).
         gc.collect()
         gc.freeze()
-        will: Status = {"state": "offline", "reason": "connection lost", "boot_id": self.boot_id,
-                        "device": cfg.device.id}
-        self.link = MqttLink(cfg.mqtt, client_id_for(cfg.mqtt, cfg.device.id), self.outbox,
-                             self.topics.status, json_bytes(will), self._on_connected, self.control.enqueue)
+        will: Status = {
+            "state": "offline",
+            "reason": "connection lost",
+            "boot_id": self.boot_id,
+            "device": cfg.device.id,
+        }
+        self.link = MqttLink(
+            cfg.mqtt,
+            client_id_for(cfg.mqtt, cfg.device.id),
+            self.outbox,
+            self.topics.status,
+            json_bytes(will),
+            self._on_connected,
+            self.control.enqueue,
+        )
         self.publisher.link = self.health.link = self.link
         self.capture.start()
         self.link.start()
-        for name, target in (("inference", self.pipeline.run), ("control", self.control.run),
-                             ("health", self.health.run)):
+        for name, target in (
+            ("inference", self.pipeline.run),
+            ("control", self.control.run),
+            ("health", self.health.run),
+        ):
             self.threads.append(start_thread(target, name))
         self.health.start_metrics()
         # Plugins attach once MQTT is up (subscriptions are redone on every reconnect anyway), but a
@@ -150,18 +176,39 @@ class Daemon:
         cfg = self.config
         trigger = None
         if cfg.trigger.mode == "item":
-            trigger = ItemTrigger(bundle.taxonomy, cfg.trigger.frames_per_item, cfg.trigger.vote_agreement,
-                                  cfg.trigger.item_timeout_s, cfg.trigger.max_waiting)
+            trigger = ItemTrigger(
+                bundle.taxonomy,
+                cfg.trigger.frames_per_item,
+                cfg.trigger.vote_agreement,
+                cfg.trigger.item_timeout_s,
+                cfg.trigger.max_waiting,
+            )
         self.capture = Capture(cfg.source, cfg.capture)
         self.publisher = LabelPublisher(cfg, self.boot_id, self.outbox)
-        self.pipeline = Pipeline(cfg, self.capture, self.serving, self.publisher, trigger, self.stopping,
-                                 self.max_frames)
+        self.pipeline = Pipeline(
+            cfg, self.capture, self.serving, self.publisher, trigger, self.stopping, self.max_frames
+        )
         self.pipeline.listeners = self._listeners
-        self.health = Health(cfg, self.boot_id, self.capture, self.serving, self.pipeline, self.publisher,
-                             self.outbox, self.publish)
+        self.health = Health(
+            cfg,
+            self.boot_id,
+            self.capture,
+            self.serving,
+            self.pipeline,
+            self.publisher,
+            self.outbox,
+            self.publish,
+        )
         self.health.startup_problems = problems
-        self.control = Control(cfg, self.boot_id, self.serving, self.pipeline, self.publish, self.health.state,
-                               lambda force: self.health.publish_status(force=force))
+        self.control = Control(
+            cfg,
+            self.boot_id,
+            self.serving,
+            self.pipeline,
+            self.publish,
+            self.health.state,
+            lambda force: self.health.publish_status(force=force),
+        )
         self.control.subscriptions = self._subscriptions
         self.health.control = self.control
 
@@ -203,8 +250,12 @@ class Daemon:
         self._detach_plugin()
         if self.link.connected.is_set():
             self.health.publish_stats(final=True)
-            offline: Status = {"state": "offline", "reason": "failed" if self.pipeline.failed else "stopped",
-                               "boot_id": self.boot_id, "device": self.config.device.id}
+            offline: Status = {
+                "state": "offline",
+                "reason": "failed" if self.pipeline.failed else "stopped",
+                "boot_id": self.boot_id,
+                "device": self.config.device.id,
+            }
             info = self.link.client.publish(self.topics.status, json_bytes(offline), qos=1, retain=True)
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(2.0)
@@ -223,8 +274,11 @@ class Daemon:
             self.link.notify_outbox()
             time.sleep(0.02)
         if self.outbox.depth():
-            log.warning("%d labels stay in the outbox %s; they are sent on the next start",
-                        self.outbox.depth(), self.outbox.path)
+            log.warning(
+                "%d labels stay in the outbox %s; they are sent on the next start",
+                self.outbox.depth(),
+                self.outbox.path,
+            )
 
     # ---- helpers --------------------------------------------------------------------------------------
     def _initial_bundle(self, problems: list[str]) -> Bundle:
@@ -267,8 +321,10 @@ def public_key_problem(config: Config) -> str | None:
     if key is None:
         return None
     if not Path(key).is_file():
-        return (f"model.public_key: {key} does not exist (the fleet's public key, made with "
-                "`taxonedge keygen`; the demo's is examples/models/grocery/taxonedge-demo.pub)")
+        return (
+            f"model.public_key: {key} does not exist (the fleet's public key, made with "
+            "`taxonedge keygen`; the demo's is examples/models/grocery/taxonedge-demo.pub)"
+        )
     try:
         load_public_key(key)
     except SigningKeyError as exc:

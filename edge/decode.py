@@ -41,15 +41,16 @@ class Decision:
     top_k: tuple[tuple[str, float], ...] = field(default=())  # leaf alternatives
 
 
-
 def decision_fields(decision: Decision, reason: str | None = None) -> dict:
     """The decision's part of a label message (protocol.Label): label, path, levels, decision, reason, top_k.
     `reason` says why an unknown is unknown (`low_confidence` when the caller knows nothing more)."""
     fields: dict = {
         "label": decision.label,
         "path": list(decision.path),
-        "levels": [{"depth": lv.depth, "id": lv.id, "name": lv.name, "score": lv.score, "passed": lv.passed}
-                   for lv in decision.levels],
+        "levels": [
+            {"depth": lv.depth, "id": lv.id, "name": lv.name, "score": lv.score, "passed": lv.passed}
+            for lv in decision.levels
+        ],
         "decision": decision.decision,
         "top_k": [{"label": label, "score": score} for label, score in decision.top_k],
     }
@@ -83,13 +84,17 @@ class Decoder:
         for parent, children in [(None, taxonomy.roots)] + [(n.label, n.children) for n in taxonomy.nodes()]:
             if children:
                 leaves = [self._leaves_under[c.label] for c in children]
-                self._groups[parent] = (np.concatenate(leaves),
-                                        np.repeat(np.arange(len(children)), [len(x) for x in leaves]))
+                self._groups[parent] = (
+                    np.concatenate(leaves),
+                    np.repeat(np.arange(len(children)), [len(x) for x in leaves]),
+                )
 
     def decode(self, leaf_probs: np.ndarray) -> Decision:
         probs = np.asarray(leaf_probs, dtype=np.float64)
         if probs.shape != (self.taxonomy.num_leaves,):
-            raise ValueError(f"expected {self.taxonomy.num_leaves} leaf probabilities, got shape {probs.shape}")
+            raise ValueError(
+                f"expected {self.taxonomy.num_leaves} leaf probabilities, got shape {probs.shape}"
+            )
         if not np.all(np.isfinite(probs)):
             raise ValueError("leaf probabilities contain NaN or infinity")
         levels: list[LevelScore] = []
@@ -116,7 +121,9 @@ class Decoder:
         else:
             kind = "backed-off"
         order = np.argsort(-probs)[: self.top_k]
-        top = tuple((self.taxonomy.leaves[i].label, round(min(max(float(probs[i]), 0.0), 1.0), 6)) for i in order)
+        top = tuple(
+            (self.taxonomy.leaves[i].label, round(min(max(float(probs[i]), 0.0), 1.0), 6)) for i in order
+        )
         return Decision(
             decision=kind,
             label=kept[-1].label if kept else None,

@@ -33,8 +33,14 @@ DEFAULT_CHUNK = 256 * 1024
 EXIT_FAILED, EXIT_TIMEOUT = 1, 3
 
 
-def make_request(data: bytes, deployment_id: str, chunk_size: int = DEFAULT_CHUNK, url: str | None = None) -> dict:
-    request: dict[str, Any] = {"id": deployment_id, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+def make_request(
+    data: bytes, deployment_id: str, chunk_size: int = DEFAULT_CHUNK, url: str | None = None
+) -> dict:
+    request: dict[str, Any] = {
+        "id": deployment_id,
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
     if url is not None:
         request["url"] = url
     else:
@@ -50,7 +56,7 @@ def deploy_topic(prefix: str, target: str) -> str:
 
 
 def chunk(data: bytes, chunk_size: int, index: int) -> bytes:
-    return data[index * chunk_size:(index + 1) * chunk_size]
+    return data[index * chunk_size : (index + 1) * chunk_size]
 
 
 def parse_target(target: str) -> str:
@@ -71,7 +77,9 @@ class Session:
         host, port = args.broker
         self.client_id = f"taxonedge-deploy-{uuid.uuid4().hex[:8]}"
         self.reply_topic = f"{replies_prefix(args.prefix)}{self.client_id}"
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5
+        )
         if args.username:
             self.client.username_pw_set(args.username, password_from_args(args))
         if args.ca_file:
@@ -164,8 +172,10 @@ def deploy_command(args: Any) -> int:
     except BundleError as exc:
         raise CliError(f"not deploying: {exc}") from None
     if bundle.signature is None:
-        print("warning: the bundle is unsigned; devices with model.require_signature (the default) reject it",
-              file=sys.stderr)
+        print(
+            "warning: the bundle is unsigned; devices with model.require_signature (the default) reject it",
+            file=sys.stderr,
+        )
     # The default id is the bundle's hash: a device that has this bundle committed and serving answers with
     # that outcome (repeat); pass --id to try again after a rejection.
     deployment_id = args.id or f"{bundle.name}-{bundle.version}-{bundle.sha256[:12]}".replace("/", "-")
@@ -183,8 +193,14 @@ def deploy_command(args: Any) -> int:
         for topic in deploy_topics:
             session.client.unsubscribe(topic)
             session.filters.remove(topic)
-        session.subscribe([DeviceTopics(f"{args.prefix}/{'+/+/+' if t.startswith('groups/') else t}").deploy_progress(deployment_id)
-                           for t in targets])
+        session.subscribe(
+            [
+                DeviceTopics(f"{args.prefix}/{'+/+/+' if t.startswith('groups/') else t}").deploy_progress(
+                    deployment_id
+                )
+                for t in targets
+            ]
+        )
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = session.reply_topic
         props.CorrelationData = deployment_id.encode()
@@ -193,20 +209,25 @@ def deploy_command(args: Any) -> int:
             keep = chunks if old and old.get("id") == deployment_id else 0
             if old:
                 _clear_chunks(session, topic, old, keep)
-            # Retained: a device that is off (or reconnecting) gets the request and the chunks when it connects
+            # Retained: a device that is off (or reconnecting) gets the request and the chunks when it
+            # connects
             session.publish(topic, json.dumps(request), retain=True, properties=props).wait_for_publish(10)
         if chunks:
             with tqdm(total=len(data), unit="B", unit_scale=True, desc="upload", file=sys.stderr) as bar:
                 for i in range(chunks):
                     piece = chunk(data, args.chunk_size, i)
-                    infos = [session.publish(deploy_chunk(t, deployment_id, i), piece, retain=True)
-                             for t in deploy_topics]
+                    infos = [
+                        session.publish(deploy_chunk(t, deployment_id, i), piece, retain=True)
+                        for t in deploy_topics
+                    ]
                     for info in infos:
                         info.wait_for_publish(30)
                     bar.update(len(piece))
         if args.no_wait:
-            print(f"{deployment_id}: pending on {_count(targets)} (retained: each device runs it when it "
-                  f"connects; `taxonedge deploy --pending` shows outcomes, `--cancel` withdraws it)")
+            print(
+                f"{deployment_id}: pending on {_count(targets)} (retained: each device runs it when it "
+                f"connects; `taxonedge deploy --pending` shows outcomes, `--cancel` withdraws it)"
+            )
             return 0
         return _follow(session, targets, request, data, bundle.sha256, args, deploy_topics)
     finally:
@@ -248,8 +269,15 @@ def _clear_chunks(session: Session, topic: str, request: dict, keep: int = 0) ->
             session.publish(deploy_chunk(topic, request["id"], i), b"", retain=True)
 
 
-def _follow(session: Session, targets: list[str], request: dict, data: bytes, sha256: str, args: Any,
-            deploy_topics: list[str]) -> int:
+def _follow(
+    session: Session,
+    targets: list[str],
+    request: dict,
+    data: bytes,
+    sha256: str,
+    args: Any,
+    deploy_topics: list[str],
+) -> int:
     """Show each device's progress until all are final (or --timeout); resend chunks devices ask for."""
     from tqdm import tqdm
 
@@ -277,24 +305,33 @@ def _follow(session: Session, targets: list[str], request: dict, data: bytes, sh
                 for i in payload["missing"]:
                     if isinstance(i, int) and 0 <= i < request.get("chunks", 0):
                         for topic in deploy_topics:
-                            session.publish(deploy_chunk(topic, deployment_id, i), chunk(data, args.chunk_size, i),
-                                            retain=True)
+                            session.publish(
+                                deploy_chunk(topic, deployment_id, i),
+                                chunk(data, args.chunk_size, i),
+                                retain=True,
+                            )
             if (old.get("state"), old.get("received")) != (payload.get("state"), payload.get("received")):
                 tqdm.write(_line(device, payload, prefix), file=sys.stderr)
         finished = all(states.get(d, {}).get("state") in FINAL for d in expected) and all(
-            s.get("state") in FINAL for s in states.values())
+            s.get("state") in FINAL for s in states.values()
+        )
         enough = len(states) >= len(expected) + (args.expect if groups else 0)
         settled = not groups or time.monotonic() - last_new > 2.0
         if finished and enough and settled:
             break
     else:
-        pending = sorted((expected - set(states)) | {d for d, s in states.items() if s.get("state") not in FINAL})
+        pending = sorted(
+            (expected - set(states)) | {d for d, s in states.items() if s.get("state") not in FINAL}
+        )
         _summary(states, prefix, sha256)
         for device in pending:
-            print(f"{_short(device, prefix)}: no outcome within {args.timeout:g} s "
-                  f"(last state: {states.get(device, {}).get('state', 'no answer')}); the request stays "
-                  "retained and runs when the device connects (`taxonedge deploy --pending` shows it, "
-                  "`--cancel` withdraws it)", file=sys.stderr)
+            print(
+                f"{_short(device, prefix)}: no outcome within {args.timeout:g} s "
+                f"(last state: {states.get(device, {}).get('state', 'no answer')}); the request stays "
+                "retained and runs when the device connects (`taxonedge deploy --pending` shows it, "
+                "`--cancel` withdraws it)",
+                file=sys.stderr,
+            )
         if groups and len(states) < args.expect:
             print(f"{len(states)} device(s) answered, --expect {args.expect}", file=sys.stderr)
         return EXIT_TIMEOUT
@@ -305,8 +342,11 @@ def _follow(session: Session, targets: list[str], request: dict, data: bytes, sh
 def _answers(payload: dict, deployment_id: str, nonce: str) -> bool:
     """A device's progress on this request: its id, and its nonce when the device sends one (an outcome
     retained from an earlier run of the same id has another)."""
-    return (payload.get("id") == deployment_id and isinstance(payload.get("device"), str)
-            and payload.get("nonce", nonce) == nonce)
+    return (
+        payload.get("id") == deployment_id
+        and isinstance(payload.get("device"), str)
+        and payload.get("nonce", nonce) == nonce
+    )
 
 
 def _serves(payload: dict, sha256: str) -> bool:
@@ -329,16 +369,23 @@ def pending_command(args: Any) -> int:
         session.close()
     import paho.mqtt.client as mqtt
 
-    requests = {m.topic: _json(m.payload) for m in messages if m.payload and any(
-        mqtt.topic_matches_sub(t, m.topic) for t in topics)}
-    outcomes = [p for m in messages if not any(mqtt.topic_matches_sub(t, m.topic) for t in topics)
-                and isinstance(p := _json(m.payload), dict)]
+    requests = {
+        m.topic: _json(m.payload)
+        for m in messages
+        if m.payload and any(mqtt.topic_matches_sub(t, m.topic) for t in topics)
+    }
+    outcomes = [
+        p
+        for m in messages
+        if not any(mqtt.topic_matches_sub(t, m.topic) for t in topics)
+        and isinstance(p := _json(m.payload), dict)
+    ]
     shown = 0
     for topic, request in sorted(requests.items()):
         if not isinstance(request, dict) or not isinstance(request.get("id"), str):
             continue
         shown += 1
-        target = topic[len(prefix) + 1:].removesuffix("/model/deploy").removesuffix("/deploy")
+        target = topic[len(prefix) + 1 :].removesuffix("/model/deploy").removesuffix("/deploy")
         print(f"{target}: {request['id']} pending (issued {request.get('issued', '?')})")
         answers = [p for p in outcomes if _answers(p, request["id"], request.get("nonce") or "")]
         if not target.startswith("groups/") and not answers:
@@ -378,7 +425,7 @@ def cancel_command(args: Any) -> int:
 
 
 def _short(device: str, prefix: str) -> str:
-    return device[len(prefix) + 1:] if device.startswith(prefix + "/") else device
+    return device[len(prefix) + 1 :] if device.startswith(prefix + "/") else device
 
 
 def _line(device: str, payload: dict, prefix: str) -> str:
@@ -400,8 +447,10 @@ def _summary(states: dict[str, dict], prefix: str, sha256: str) -> None:
         line = _line(device, payload, prefix)
         if payload.get("state") == "committed" and not _serves(payload, sha256):
             model = payload.get("model") if isinstance(payload.get("model"), dict) else {}
-            line += (f"; but it serves {model.get('name', '?')} {model.get('version', '?')} "
-                     f"({str(model.get('sha256', '?'))[:12]}), not this bundle: deploy with a new --id")
+            line += (
+                f"; but it serves {model.get('name', '?')} {model.get('version', '?')} "
+                f"({str(model.get('sha256', '?'))[:12]}), not this bundle: deploy with a new --id"
+            )
         print(line)
 
 
@@ -426,8 +475,10 @@ def sign_command(args: Any) -> int:
         raise CliError(f"not signing: {exc}") from None
     except OSError as exc:
         raise CliError(f"--out {args.out}: cannot write: {exc.strerror or exc}") from None
-    print(f"{args.out}: {bundle.name} {bundle.version}, signed by key {key_id(key.public_key())}, "
-          f"sha256 {bundle.sha256[:12]}; devices need its public key as model.public_key")
+    print(
+        f"{args.out}: {bundle.name} {bundle.version}, signed by key {key_id(key.public_key())}, "
+        f"sha256 {bundle.sha256[:12]}; devices need its public key as model.public_key"
+    )
     return 0
 
 
@@ -439,7 +490,9 @@ def password_from_args(args: Any) -> str | None:
         try:
             return Path(args.password_file).read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise CliError(f"--password-file {args.password_file}: cannot read: {exc.strerror or exc}") from None
+            raise CliError(
+                f"--password-file {args.password_file}: cannot read: {exc.strerror or exc}"
+            ) from None
     if args.password_env:
         if args.password_env not in os.environ:
             raise CliError(f"--password-env: environment variable {args.password_env} is not set")

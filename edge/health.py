@@ -28,8 +28,17 @@ log = logging.getLogger(__name__)
 
 
 class Health:
-    def __init__(self, config: Config, boot_id: str, capture: Capture, serving: Serving, pipeline: Pipeline,
-                 publisher: LabelPublisher, outbox: Outbox, publish: Callable[..., None]):
+    def __init__(
+        self,
+        config: Config,
+        boot_id: str,
+        capture: Capture,
+        serving: Serving,
+        pipeline: Pipeline,
+        publisher: LabelPublisher,
+        outbox: Outbox,
+        publish: Callable[..., None],
+    ):
         self.config = config
         self.topics = DeviceTopics(config.topic_base)
         self.boot_id = boot_id
@@ -71,17 +80,26 @@ class Health:
             return
         self._last_status = key
         status: Status = {
-            "state": key[0], "reasons": list(key[1]), "boot_id": self.boot_id,  # type: ignore[typeddict-item]
-            "device": self.config.device.id, "backend": key[2], "runtime": info.runtime if info else None,
-            "version": __version__, "since": utc_ms(time.time())}
+            "state": key[0],
+            "reasons": list(key[1]),
+            "boot_id": self.boot_id,  # type: ignore[typeddict-item]
+            "device": self.config.device.id,
+            "backend": key[2],
+            "runtime": info.runtime if info else None,
+            "version": __version__,
+            "since": utc_ms(time.time()),
+        }
         self.publish(self.topics.status, status, qos=1, retain=True)
 
     def publish_model(self) -> None:
         bundle = self.serving.bundle
         info = self.serving.info
         model: ModelStatus = {
-            **bundle.describe(), "signature": bundle.signature_status,  # type: ignore[typeddict-item]
-            "backend": info.backend if info else None, "since": utc_ms(time.time())}
+            **bundle.describe(),
+            "signature": bundle.signature_status,  # type: ignore[typeddict-item]
+            "backend": info.backend if info else None,
+            "since": utc_ms(time.time()),
+        }
         self.publish(self.topics.model, model, qos=1, retain=True)
 
     def connected(self) -> None:
@@ -101,25 +119,39 @@ class Health:
         lat, sent, inv = (ms_percentiles(x) for x in (pub.latencies, pub.publish_latencies, pipe.invokes))
         control, link = self.control, self.link
         return {  # type: ignore[typeddict-item]
-            "state": self.status_state(), "reasons": self.reasons(), "boot_id": self.boot_id,
-            "paused": pipe.paused.is_set(), "backend": info.backend if info else None,
-            "runtime": info.runtime if info else None, "model": self.serving.bundle.describe(),
+            "state": self.status_state(),
+            "reasons": self.reasons(),
+            "boot_id": self.boot_id,
+            "paused": pipe.paused.is_set(),
+            "backend": info.backend if info else None,
+            "runtime": info.runtime if info else None,
+            "model": self.serving.bundle.describe(),
             "thresholds": self.serving.thresholds(),
-            "source": self.capture.status(), "frames_captured": self.capture.frames,
-            **pipe.frame_counts(), "frames_classified": pipe.classified, "labels": pub.labels,
-            "latency_ms_p50": lat[0], "latency_ms_p99": lat[1],
-            "publish_latency_ms_p50": sent[0], "publish_latency_ms_p99": sent[1],
+            "source": self.capture.status(),
+            "frames_captured": self.capture.frames,
+            **pipe.frame_counts(),
+            "frames_classified": pipe.classified,
+            "labels": pub.labels,
+            "latency_ms_p50": lat[0],
+            "latency_ms_p99": lat[1],
+            "publish_latency_ms_p50": sent[0],
+            "publish_latency_ms_p99": sent[1],
             "invoke_ms_p50": inv[0],
-            "inference_errors": pipe.inference_errors, "preprocess_errors": pipe.preprocess_errors,
-            "worker_restarts": self.serving.worker_restarts, "edgetpu_reprobes": self.serving.reprobes,
-            "outbox_depth": self.outbox.depth(), "outbox_evicted": self.outbox.counter("evicted"),
+            "inference_errors": pipe.inference_errors,
+            "preprocess_errors": pipe.preprocess_errors,
+            "worker_restarts": self.serving.worker_restarts,
+            "edgetpu_reprobes": self.serving.reprobes,
+            "outbox_depth": self.outbox.depth(),
+            "outbox_evicted": self.outbox.counter("evicted"),
             "outbox_expired": self.outbox.counter("expired"),
-            "mqtt_connected": bool(link and link.connected.is_set()), "mqtt_error": link.last_error if link else None,
+            "mqtt_connected": bool(link and link.connected.is_set()),
+            "mqtt_error": link.last_error if link else None,
             "commands": control.commands if control else 0,
             "control_dropped": control.control_dropped if control else 0,
             "triggers": control.triggers if control else 0,
             "triggers_refused": control.triggers_refused if control else 0,
-            "items_waiting": trig.waiting() if trig else 0, "items_timed_out": trig.timed_out if trig else 0,
+            "items_waiting": trig.waiting() if trig else 0,
+            "items_timed_out": trig.timed_out if trig else 0,
             "items_overflowed": trig.overflowed if trig else 0,
             "last_frame_time": utc_ms(self.capture.last_frame_wall) if self.capture.last_frame_wall else None,
             "last_inference_time": utc_ms(pipe.last_inference_wall) if pipe.last_inference_wall else None,
@@ -132,13 +164,19 @@ class Health:
         count, since = self._stats_mark
         classified = self.pipeline.classified
         self._stats_mark = classified, now
-        stats: Stats = {**self.state(), "fps": round((classified - count) / max(now - since, 1e-9), 2),
-                        "final": final, "time": utc_ms(time.time())}
+        stats: Stats = {
+            **self.state(),
+            "fps": round((classified - count) / max(now - since, 1e-9), 2),
+            "final": final,
+            "time": utc_ms(time.time()),
+        }
         self.publish(self.topics.stats, stats, qos=1 if final else 0)
 
     def status_line(self) -> str:
-        return (f"{self.status_state()} on {self.serving.backend}: {self.pipeline.classified} frames, "
-                f"{self.publisher.labels} labels, outbox {self.outbox.depth()}")
+        return (
+            f"{self.status_state()} on {self.serving.backend}: {self.pipeline.classified} frames, "
+            f"{self.publisher.labels} labels, outbox {self.outbox.depth()}"
+        )
 
     # ---- the health thread -------------------------------------------------------------------------
     def run(self) -> None:

@@ -67,12 +67,24 @@ def _slot_bytes(model: InterpreterModel) -> int:
 def _slot_views(buffer: Any, model: InterpreterModel, slots: int) -> list[np.ndarray]:
     """The shared buffer as `slots` input images, daemon and worker alike."""
     shape, size = (model.height, model.width, 3), _slot_bytes(model)
-    return [np.frombuffer(buffer, dtype=model.dtype, count=size // np.dtype(model.dtype).itemsize,
-                          offset=i * size).reshape(shape) for i in range(slots)]
+    return [
+        np.frombuffer(
+            buffer, dtype=model.dtype, count=size // np.dtype(model.dtype).itemsize, offset=i * size
+        ).reshape(shape)
+        for i in range(slots)
+    ]
 
 
-def _worker_main(conn: Any, model: InterpreterModel, backend: str, device: str | None, num_threads: int | None,
-                 warmup_runs: int, buffer: Any | None, slots: int) -> None:
+def _worker_main(
+    conn: Any,
+    model: InterpreterModel,
+    backend: str,
+    device: str | None,
+    num_threads: int | None,
+    warmup_runs: int,
+    buffer: Any | None,
+    slots: int,
+) -> None:
     """The child: load, warm up, answer ('ready', info), then for each message (a slot number of the shared
     buffer, or an image sent whole) answer ('ok', probabilities, invoke s) or ('error', text, s) until EOF.
     A ('raw', image) message is answered with the raw output tensor instead (the update's self-test)."""
@@ -135,9 +147,17 @@ class InferenceWorker:
     the shared buffer, reused only after its answer came back.
     """
 
-    def __init__(self, bundle: Bundle, backend: str = "auto", device: str | None = None,
-                 num_threads: int | None = None, warmup_runs: int = 3, invoke_timeout_s: float = 5.0,
-                 start_timeout_s: float = 120.0, slots: int = 2):
+    def __init__(
+        self,
+        bundle: Bundle,
+        backend: str = "auto",
+        device: str | None = None,
+        num_threads: int | None = None,
+        warmup_runs: int = 3,
+        invoke_timeout_s: float = 5.0,
+        start_timeout_s: float = 120.0,
+        slots: int = 2,
+    ):
         self.bundle = bundle
         self.backend = backend
         self.device = device
@@ -168,9 +188,19 @@ class InferenceWorker:
             buffer, self._images = None, []
         self._next_slot = 0
         self._process = ctx.Process(
-            target=_worker_main, name="taxonedge-infer", daemon=True,
-            args=(child, model, self.backend, self.device, self.num_threads, self.warmup_runs, buffer,
-                  self.slots),
+            target=_worker_main,
+            name="taxonedge-infer",
+            daemon=True,
+            args=(
+                child,
+                model,
+                self.backend,
+                self.device,
+                self.num_threads,
+                self.warmup_runs,
+                buffer,
+                self.slots,
+            ),
         )
         self._process.start()
         child.close()
@@ -187,8 +217,11 @@ class InferenceWorker:
         if message[0] != "ready":
             self.stop()
             cause, _, detail = message[1].partition(": ")
-            raise WorkerError(f"inference worker could not load {self.bundle.name} {self.bundle.version}: "
-                              f"{message[1]}", cause, detail)
+            raise WorkerError(
+                f"inference worker could not load {self.bundle.name} {self.bundle.version}: {message[1]}",
+                cause,
+                detail,
+            )
         self.info = message[1]
         return self.info
 
@@ -232,7 +265,9 @@ class InferenceWorker:
         try:
             if not self._conn.poll(self.invoke_timeout_s):
                 self.stop()
-                raise WorkerDied(f"inference did not answer within {self.invoke_timeout_s:.1f} s (hung): worker killed")
+                raise WorkerDied(
+                    f"inference did not answer within {self.invoke_timeout_s:.1f} s (hung): worker killed"
+                )
             message = self._conn.recv()
         except (EOFError, OSError):
             code = self._process.exitcode if self._process is not None else None

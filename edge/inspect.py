@@ -27,8 +27,11 @@ def model_ops(model: bytes) -> dict[str, Any]:
         name = getattr(tensor["dtype"], "__name__", str(tensor["dtype"]))
         dtypes[name] = dtypes.get(name, 0) + 1
     float_tensors = dtypes.get("float32", 0) + dtypes.get("float16", 0)
-    return {"ops": dict(sorted(ops.items())), "tensor_dtypes": dict(sorted(dtypes.items())),
-            "fully_integer": float_tensors == 0}
+    return {
+        "ops": dict(sorted(ops.items())),
+        "tensor_dtypes": dict(sorted(dtypes.items())),
+        "fully_integer": float_tensors == 0,
+    }
 
 
 def signature_words(bundle: Bundle) -> str:
@@ -58,12 +61,19 @@ def describe(bundle: Bundle) -> dict[str, Any]:
         "signature_text": signature_words(bundle),
         "signing_key_id": m.signing_key_id,
         "manifest": m.model_dump(mode="json", exclude={"taxonomy"}),
-        "taxonomy": {"summary": bundle.taxonomy.summary(), "hash": m.taxonomy_hash,
-                     "leaves": bundle.taxonomy.leaf_labels},
+        "taxonomy": {
+            "summary": bundle.taxonomy.summary(),
+            "hash": m.taxonomy_hash,
+            "leaves": bundle.taxonomy.leaf_labels,
+        },
         "file_sizes": files,
         "bundle_size": (len(bundle.manifest_bytes) + sum(files.values())),
-        "edgetpu": {"status": m.edgetpu.get("status", "unknown"), "text": edgetpu_words(bundle),
-                    "has_model": bundle.has_edgetpu_model, "warnings": m.edgetpu.get("warnings", [])},
+        "edgetpu": {
+            "status": m.edgetpu.get("status", "unknown"),
+            "text": edgetpu_words(bundle),
+            "has_model": bundle.has_edgetpu_model,
+            "warnings": m.edgetpu.get("warnings", []),
+        },
     }
     if bundle.path is not None:
         info["bundle_size"] = bundle.path.stat().st_size
@@ -82,35 +92,44 @@ def render(info: dict[str, Any]) -> str:
         f"bundle     {info['path'] or '-'}  ({info['bundle_size'] / 1e6:.2f} MB)",
         f"sha256     {info['sha256']}",
         f"signature  {info['signature_text']}",
-        f"model      {model['name']} {model['version']}  backbone {model['backbone']}  created {model['created_at']}",
+        f"model      {model['name']} {model['version']}  backbone {model['backbone']}  created "
+        f"{model['created_at']}",
         f"format     {m['format']} v{m['format_version']}  compatible '{m['compatible']}'  "
         f"min daemon {m['min_daemon_version']}",
         f"taxonomy   {info['taxonomy']['summary']}  {info['taxonomy']['hash'][:23]}...",
-        f"input      {m['input']['height']}x{m['input']['width']}x3 {m['input']['color_order']} {m['input']['dtype']} "
+        f"input      {m['input']['height']}x{m['input']['width']}x3 {m['input']['color_order']} "
+        f"{m['input']['dtype']} "
         f"(scale {m['input']['scale']:g}, zero point {m['input']['zero_point']}; crop {m['input']['crop']} "
         f"{m['input']['crop_fraction']:g}, resize {m['input']['resize']})",
         f"output     '{m['output']['name']}' {m['output']['kind']} x{m['output']['num_classes']} "
         f"{m['output']['dtype']} (scale {m['output']['scale']:g}, zero point {m['output']['zero_point']})",
-        f"quantized  {q['mode']}" + (" (quantization-aware)" if q["qat"] else "")
+        f"quantized  {q['mode']}"
+        + (" (quantization-aware)" if q["qat"] else "")
         + (f", {q['calibration_images']} calibration images" if q["calibration_images"] else "")
         + f", temperature {m['temperature']:g}",
-        "thresholds " + (", ".join(f"{k} {v:.3f}" for k, v in m["thresholds"].items()) or "none (accept all)")
+        "thresholds "
+        + (", ".join(f"{k} {v:.3f}" for k, v in m["thresholds"].items()) or "none (accept all)")
         + _threshold_note((m.get("metrics") or {}).get("thresholds") or {}),
         "files      " + ", ".join(f"{n} {s / 1e6:.2f} MB" for n, s in info["file_sizes"].items()),
     ]
     ops = info.get("model", {})
     if "ops" in ops:
         lines.append("ops        " + ", ".join(f"{k} x{v}" for k, v in ops["ops"].items()))
-        lines.append("tensors    " + ", ".join(f"{k} x{v}" for k, v in ops["tensor_dtypes"].items())
-                     + ("  (fully integer)" if ops["fully_integer"] else "  (NOT fully integer)"))
+        lines.append(
+            "tensors    "
+            + ", ".join(f"{k} x{v}" for k, v in ops["tensor_dtypes"].items())
+            + ("  (fully integer)" if ops["fully_integer"] else "  (NOT fully integer)")
+        )
     elif "error" in ops:
         lines.append(f"ops        cannot list: {ops['error']}")
     lines.append(f"edge tpu   {info['edgetpu']['text']}")
     lines.extend(f"  warning  {w}" for w in info["edgetpu"]["warnings"])
     if m["golden"]:
         g = m["golden"]
-        lines.append(f"golden     {g.get('count', '?')} self-test images, tolerance {g.get('tolerance', '?')} "
-                     f"{g.get('unit', '')}".rstrip())
+        lines.append(
+            f"golden     {g.get('count', '?')} self-test images, tolerance {g.get('tolerance', '?')} "
+            f"{g.get('unit', '')}".rstrip()
+        )
     lines.extend(_metrics_lines(m["metrics"]))
     return "\n".join(lines)
 
@@ -122,8 +141,13 @@ def _threshold_note(chosen: dict[str, Any]) -> str:
     note = f"  (for {chosen['target_precision']:g} precision"
     check = chosen.get("two_fold_check")
     if check:
-        note += "; two-fold check " + " / ".join(
-            "-" if row["precision"] is None else f"{100 * row['precision']:.1f}" for row in check.values()) + " %"
+        note += (
+            "; two-fold check "
+            + " / ".join(
+                "-" if row["precision"] is None else f"{100 * row['precision']:.1f}" for row in check.values()
+            )
+            + " %"
+        )
     return note + ")"
 
 
@@ -134,13 +158,20 @@ def _metrics_lines(metrics: dict[str, Any]) -> list[str]:
         return ["metrics    " + json.dumps(metrics, sort_keys=True)[:2000]] if metrics else []
     quant = next((k for k in next(iter(levels.values())) if k not in ("float", "drop_points")), "quantized")
     gate = metrics.get("gate", {})
-    lines = [f"accuracy   {'level':<10} {'float':>7} {quant:>8} {'drop':>7}   (validation, n={metrics.get('float', {}).get('n', '?')})"]
+    lines = [
+        f"accuracy   {'level':<10} {'float':>7} {quant:>8} {'drop':>7}   (validation, "
+        f"n={metrics.get('float', {}).get('n', '?')})"
+    ]
     for key, row in levels.items():
-        lines.append(f"           {key:<10} {row['float'] * 100:6.1f}% {row.get(quant, 0) * 100:7.1f}% "
-                     f"{row['drop_points']:+6.2f}")
-    lines.append(f"           top-1 agreement {metrics.get('agreement', 0) * 100:.1f}%; gate "
-                 + ("passed" if gate.get("passed") else "FAILED (written with --force)")
-                 + f" (max drop {gate.get('max_drop_points', '?')} points)")
+        lines.append(
+            f"           {key:<10} {row['float'] * 100:6.1f}% {row.get(quant, 0) * 100:7.1f}% "
+            f"{row['drop_points']:+6.2f}"
+        )
+    lines.append(
+        f"           top-1 agreement {metrics.get('agreement', 0) * 100:.1f}%; gate "
+        + ("passed" if gate.get("passed") else "FAILED (written with --force)")
+        + f" (max drop {gate.get('max_drop_points', '?')} points)"
+    )
     return lines
 
 

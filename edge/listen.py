@@ -31,19 +31,34 @@ def format_label(msg: dict[str, Any]) -> str:
     clock = str(msg.get("timestamp", ""))[11:23]
     where = "/".join(str(msg.get(k, "?")) for k in ("site", "line", "device"))
     label = ARROW.join(msg.get("path") or []) or "unknown"
-    scores = " / ".join(f"{lv.get('score', 0):.2f}" + ("" if lv.get("passed") else "✗") for lv in msg.get("levels", []))
-    parts = [f"{clock}  {where}  #{msg.get('seq', '?'):<5} {label:<42} {msg.get('decision', '?'):<10} ({scores})"]
+    scores = " / ".join(
+        f"{lv.get('score', 0):.2f}" + ("" if lv.get("passed") else "✗") for lv in msg.get("levels", [])
+    )
+    parts = [
+        f"{clock}  {where}  #{msg.get('seq', '?'):<5} {label:<42} {msg.get('decision', '?'):<10} ({scores})"
+    ]
     if msg.get("item_id") is not None:
         vote = msg.get("vote") or {}
-        parts.append(f"item {msg['item_id']}" + (f" {vote.get('agreeing')}/{vote.get('frames')} agree" if vote else ""))
+        parts.append(
+            f"item {msg['item_id']}" + (f" {vote.get('agreeing')}/{vote.get('frames')} agree" if vote else "")
+        )
     if msg.get("latency_ms") is not None:
         parts.append(f"{msg['latency_ms']:.1f} ms")
     return "  ".join(parts)
 
 
-def listen(host: str, port: int, topics: list[str], as_json: bool = False, count: int | None = None,
-           timeout: float | None = None, out: TextIO = sys.stdout, username: str | None = None,
-           password: str | None = None, ca_file: str | None = None) -> int:
+def listen(
+    host: str,
+    port: int,
+    topics: list[str],
+    as_json: bool = False,
+    count: int | None = None,
+    timeout: float | None = None,
+    out: TextIO = sys.stdout,
+    username: str | None = None,
+    password: str | None = None,
+    ca_file: str | None = None,
+) -> int:
     """Subscribe and print until `count` labels arrived, `timeout` seconds passed, or Ctrl-C."""
     import paho.mqtt.client as mqtt
 
@@ -104,9 +119,20 @@ def listen_command(args: argparse.Namespace) -> int:
 
     password = password_from_args(args)
     started = time.monotonic()
-    code = listen(host, port, topics, as_json=args.json, count=args.count, timeout=args.timeout,
-                  username=args.username, password=password, ca_file=args.ca_file)
+    code = listen(
+        host,
+        port,
+        topics,
+        as_json=args.json,
+        count=args.count,
+        timeout=args.timeout,
+        username=args.username,
+        password=password,
+        ca_file=args.ca_file,
+    )
     if code and args.count is not None:
-        print(f"taxonedge listen: fewer than {args.count} labels in {time.monotonic() - started:.0f} s",
-              file=sys.stderr)
+        print(
+            f"taxonedge listen: fewer than {args.count} labels in {time.monotonic() - started:.0f} s",
+            file=sys.stderr,
+        )
     return code

@@ -48,8 +48,10 @@ RESEND_WINDOW_S = 2.0
 _FIXES = {
     "Bad user name or password": "check mqtt.username and the password file / environment variable",
     # mosquitto also answers a wrong password with "Not authorized" under MQTT v5.
-    "Not authorized": ("the broker refuses this client: check mqtt.username and the password (file, "
-                       "credential or environment variable), and the broker's password_file and acl_file"),
+    "Not authorized": (
+        "the broker refuses this client: check mqtt.username and the password (file, "
+        "credential or environment variable), and the broker's password_file and acl_file"
+    ),
     "Client identifier not valid": "set a different mqtt.client_id",
     "Server unavailable": "the broker is up but not accepting clients; it is retried",
     "Bad authentication method": "check mqtt.username / password and the broker's auth setup",
@@ -57,7 +59,8 @@ _FIXES = {
 
 
 def client_id_for(cfg: MqttConfig, device: str) -> str:
-    """A client id unique per process, so that two daemons (or a restart overlap) never kick each other off."""
+    """A client id unique per process, so that two daemons (or a restart overlap) never kick each other
+    off."""
     return cfg.client_id or f"taxonedge-{device}-{uuid.uuid4().hex[:8]}"
 
 
@@ -65,12 +68,20 @@ def describe_connect_error(exc: BaseException, cfg: MqttConfig) -> str:
     """One line saying what went wrong connecting and what to check."""
     where = f"{cfg.host}:{cfg.port}"
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return (f"TLS certificate of {where} does not verify ({exc.verify_message}): check mqtt.tls.ca_file "
-                "and that the broker certificate names this host")
+        return (
+            f"TLS certificate of {where} does not verify ({exc.verify_message}): check mqtt.tls.ca_file "
+            "and that the broker certificate names this host"
+        )
     if isinstance(exc, ssl.SSLError):
-        return f"TLS handshake with {where} failed ({exc.reason or exc}): check mqtt.tls and the broker's listener"
+        return (
+            f"TLS handshake with {where} failed ({exc.reason or exc}): check mqtt.tls and the broker's "
+            "listener"
+        )
     if isinstance(exc, ConnectionRefusedError):
-        return f"nothing listens on {where} (connection refused): is the broker running, are mqtt.host/port right?"
+        return (
+            f"nothing listens on {where} (connection refused): is the broker running, are "
+            "mqtt.host/port right?"
+        )
     if isinstance(exc, TimeoutError):
         return f"connecting to {where} timed out: check the network and mqtt.host"
     return f"cannot connect to {where}: {exc}"
@@ -80,11 +91,15 @@ def describe_dropped(cfg: MqttConfig) -> str:
     """One line for a connection the broker closed before answering CONNECT."""
     where = f"{cfg.host}:{cfg.port}"
     if cfg.tls is not None:
-        return (f"the broker at {where} closed the connection before accepting it: it most likely refused "
-                "the client certificate: check mqtt.tls.cert_file/key_file (signed by the broker's CA, "
-                "not expired) and the broker log")
-    return (f"the broker at {where} closed the connection before accepting it: is it a TLS listener "
-            "(then set mqtt.tls)? check the broker log")
+        return (
+            f"the broker at {where} closed the connection before accepting it: it most likely refused "
+            "the client certificate: check mqtt.tls.cert_file/key_file (signed by the broker's CA, "
+            "not expired) and the broker log"
+        )
+    return (
+        f"the broker at {where} closed the connection before accepting it: is it a TLS listener "
+        "(then set mqtt.tls)? check the broker log"
+    )
 
 
 class MqttLink:
@@ -94,15 +109,26 @@ class MqttLink:
     retained state there. `on_message(topic, payload, properties)` must only enqueue work.
     """
 
-    def __init__(self, cfg: MqttConfig, client_id: str, outbox: Outbox, will_topic: str, will_payload: bytes,
-                 on_connected: Callable[[], None], on_message: Callable[[str, bytes, Any], None],
-                 window: int = 50):
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        client_id: str,
+        outbox: Outbox,
+        will_topic: str,
+        will_payload: bytes,
+        on_connected: Callable[[], None],
+        on_message: Callable[[str, bytes, Any], None],
+        window: int = 50,
+    ):
         self.cfg = cfg
         self.outbox = outbox
         self.window = window
         self.v5 = cfg.protocol == "v5"
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
-                                  protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311)
+        self.client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311,
+        )
         self.client.max_inflight_messages_set(window)
         will_props = None
         if self.v5:
@@ -112,9 +138,11 @@ class MqttLink:
         if cfg.username is not None:
             self.client.username_pw_set(cfg.username, cfg.password())
         if cfg.tls is not None:
-            self.client.tls_set(ca_certs=str(cfg.tls.ca_file),
-                                certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
-                                keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None)
+            self.client.tls_set(
+                ca_certs=str(cfg.tls.ca_file),
+                certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
+                keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
+            )
         # Every socket write happens on the network thread. Without a loop_start() thread paho writes from
         # whichever thread calls publish(), and two threads popping its packet queue reorder packets (seen:
         # label seq 2 before seq 1) or interleave their bytes. With this hook set (paho's external-loop API)
@@ -140,7 +168,8 @@ class MqttLink:
         self._send_lock = threading.Lock()  # held while publishing rows and settling their acks
         self._sent: dict[int, OutboxMessage] = {}  # paho mid -> outbox row (under _send_lock)
         self._last_sent_id = 0  # (under _send_lock)
-        # Rows the broker acknowledged lately (time.monotonic() of the PUBACK, row; under _send_lock): a broker
+        # Rows the broker acknowledged lately (time.monotonic() of the PUBACK, row; under _send_lock): a
+        # broker
         # that crashes acknowledges a message before it saves it, so after a lost connection the ones acked
         # within RESEND_WINDOW_S of the loss are sent again (at least once: consumers de-duplicate by msg_id).
         self._acked: deque[tuple[float, OutboxMessage]] = deque()
@@ -169,8 +198,12 @@ class MqttLink:
         # calling this must not stall behind it (the row is stored; the sender gets to it in its turn).
         if message is not None and self.connected.is_set() and self._send_lock.acquire(blocking=False):
             try:
-                if (message.id == self._last_sent_id + 1 and len(self._sent) < self.window
-                        and self.connected.is_set() and self._publish_row(message)):
+                if (
+                    message.id == self._last_sent_id + 1
+                    and len(self._sent) < self.window
+                    and self.connected.is_set()
+                    and self._publish_row(message)
+                ):
                     return True
             finally:
                 self._send_lock.release()
@@ -181,10 +214,13 @@ class MqttLink:
         return len(self._sent)
 
     # ---- publishing ------------------------------------------------------------------------------
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
-                properties: Any = None) -> None:
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, properties: Any = None
+    ) -> None:
         """A control-plane message (not a label). While disconnected paho queues QoS 1 in memory."""
-        self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties if self.v5 else None)
+        self.client.publish(
+            topic, payload, qos=qos, retain=retain, properties=properties if self.v5 else None
+        )
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         # While disconnected paho answers MQTT_ERR_NO_CONN and nothing happens: on_connected redoes it.
@@ -213,8 +249,12 @@ class MqttLink:
                 self._publish_row(row, again=True)
                 self.resent += 1
         if rows:
-            log.info("sent %d label(s) again that the broker acknowledged within %.0f s before the connection "
-                     "was lost (a crashed broker may not have saved them)", len(rows), RESEND_WINDOW_S)
+            log.info(
+                "sent %d label(s) again that the broker acknowledged within %.0f s before the connection "
+                "was lost (a crashed broker may not have saved them)",
+                len(rows),
+                RESEND_WINDOW_S,
+            )
 
     def _publish_row(self, message: OutboxMessage, again: bool = False) -> bool:
         """Hand one outbox row to paho (under _send_lock); False when paho refused it (it stays stored)."""
@@ -232,7 +272,8 @@ class MqttLink:
         return True
 
     def _drain_acks(self) -> None:
-        """Settle the PUBACKs that came in (under _send_lock, so that every mid is recorded before its ack)."""
+        """Settle the PUBACKs that came in (under _send_lock, so that every mid is recorded before its
+        ack)."""
         acked: list[int] = []
         while True:
             try:
@@ -248,8 +289,11 @@ class MqttLink:
             else:
                 # Kept in the outbox: it is replayed on the next start, after the broker's ACL is fixed.
                 self.refused_acks += 1
-                log.error("the broker refused label row %d (%s): check the ACL for this client's topics",
-                          row.id, reason)
+                log.error(
+                    "the broker refused label row %d (%s): check the ACL for this client's topics",
+                    row.id,
+                    reason,
+                )
         self.outbox.ack(*acked)
         horizon = time.monotonic() - RESEND_WINDOW_S
         while self._acked and self._acked[0][0] < horizon:
@@ -325,8 +369,10 @@ class MqttLink:
         if reason.is_failure:
             name = str(reason)
             fix = _FIXES.get(name, "check the broker log")
-            self._report(f"the broker at {self.cfg.host}:{self.cfg.port} refused the connection: {name}: {fix}",
-                         self._backoff)
+            self._report(
+                f"the broker at {self.cfg.host}:{self.cfg.port} refused the connection: {name}: {fix}",
+                self._backoff,
+            )
             return
         self.connects += 1
         self.last_error = None
@@ -358,7 +404,9 @@ class MqttLink:
                 return
             out, mutex = queue_and_lock
             now = time.time()
-            expired = [mid for mid, row in self._sent.items() if row.expires_at is not None and row.expires_at < now]
+            expired = [
+                mid for mid, row in self._sent.items() if row.expires_at is not None and row.expires_at < now
+            ]
             with mutex:
                 for mid in expired:
                     out.pop(mid, None)
@@ -377,23 +425,30 @@ class MqttLink:
     def _resend_queue(self) -> tuple[Any, Any] | None:
         """paho's unacknowledged messages (mid -> MQTTMessage, in resend order) and their lock; None (said
         once) where a paho version lacks them. paho has no public way to edit what it re-sends
-        (drop_out_messages() takes everything, and publishing again would reorder), hence the private names."""
+        (drop_out_messages() takes everything, and publishing again would reorder), hence the private
+        names."""
         out = getattr(self.client, "_out_messages", None)
         mutex = getattr(self.client, "_out_message_mutex", None)
         if out is not None and mutex is not None:
             return out, mutex
         if not self._warned_paho:
             self._warned_paho = True
-            log.warning("this paho version has no _out_messages: labels in flight across a reconnect are "
-                        "re-sent even when expired, with their original expiry")
+            log.warning(
+                "this paho version has no _out_messages: labels in flight across a reconnect are "
+                "re-sent even when expired, with their original expiry"
+            )
         return None
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self._accepted = False
         if self.connected.is_set() and not self._stop.is_set():
             self.disconnects += 1
-            log.warning("MQTT disconnected from %s:%d (%s); the outbox keeps labels until it is back",
-                        self.cfg.host, self.cfg.port, reason)
+            log.warning(
+                "MQTT disconnected from %s:%d (%s); the outbox keeps labels until it is back",
+                self.cfg.host,
+                self.cfg.port,
+                reason,
+            )
         self.connected.clear()
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
@@ -405,4 +460,3 @@ class MqttLink:
             self._on_message_cb(message.topic, message.payload, getattr(message, "properties", None))
         except Exception:  # noqa: BLE001
             log.exception("dropping an incoming message on %r", getattr(message, "_topic", b"?"))
-

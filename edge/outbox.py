@@ -59,7 +59,9 @@ class Outbox:
             "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, "
             "payload BLOB NOT NULL, qos INTEGER NOT NULL, expires_at REAL, created_at REAL NOT NULL)"
         )
-        self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)"
+        )
         self._depth = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         self._expired_at = 0.0  # when expired rows were last deleted
 
@@ -73,7 +75,9 @@ class Outbox:
                 if self._depth >= self.max_messages:
                     excess = self._depth - self.max_messages + 1
                     self._db.execute(
-                        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?)", (excess,))
+                        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?)",
+                        (excess,),
+                    )
                     self._bump("evicted", excess)
                     self._depth -= excess
                 cur = self._db.execute(
@@ -96,8 +100,10 @@ class Outbox:
         with self._lock:
             if now - self._expired_at >= 1.0:  # a write transaction: once a second, not once per label
                 self._expired_at = now
-                cur = self._db.execute("DELETE FROM outbox WHERE id > ? AND expires_at IS NOT NULL AND expires_at < ?",
-                                       (after_id, now))
+                cur = self._db.execute(
+                    "DELETE FROM outbox WHERE id > ? AND expires_at IS NOT NULL AND expires_at < ?",
+                    (after_id, now),
+                )
                 if cur.rowcount > 0:
                     self._bump("expired", cur.rowcount)
                     self._depth -= cur.rowcount
@@ -135,11 +141,14 @@ class Outbox:
         return deleted
 
     def _delete(self, message_ids: tuple[int, ...]) -> int:
-        """Delete rows by id (under _lock), 500 per statement (sqlite's bound-variable limit); how many were."""
+        """Delete rows by id (under _lock), 500 per statement (sqlite's bound-variable limit); how many
+        were."""
         deleted = 0
         for start in range(0, len(message_ids), 500):
-            chunk = message_ids[start:start + 500]
-            deleted += self._db.execute(f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))})", chunk).rowcount
+            chunk = message_ids[start : start + 500]
+            deleted += self._db.execute(
+                f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))})", chunk
+            ).rowcount
         return deleted
 
     def depth(self) -> int:
@@ -174,4 +183,6 @@ class Outbox:
     def _bump(self, name: str, n: int) -> None:
         self._db.execute(
             "INSERT INTO counters (name, value) VALUES (?, ?) "
-            "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (name, n))
+            "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            (name, n),
+        )

@@ -72,8 +72,16 @@ class _InFlight:
 
 
 class Pipeline:
-    def __init__(self, config: Config, capture: Capture, serving: Serving, publisher: LabelPublisher,
-                 trigger: ItemTrigger | None, stopping: threading.Event, max_frames: int | None = None):
+    def __init__(
+        self,
+        config: Config,
+        capture: Capture,
+        serving: Serving,
+        publisher: LabelPublisher,
+        trigger: ItemTrigger | None,
+        stopping: threading.Event,
+        max_frames: int | None = None,
+    ):
         self.config = config
         self.capture = capture
         self.serving = serving
@@ -138,7 +146,11 @@ class Pipeline:
                     ready = self._hand_over(ready, inflight, depth)
                 if answer is not None:
                     self._complete(*answer)
-            if self.max_frames and self.classified >= self.max_frames and not (trig is not None and trig.busy):
+            if (
+                self.max_frames
+                and self.classified >= self.max_frames
+                and not (trig is not None and trig.busy)
+            ):
                 break
         while inflight:
             answer = self._collect(inflight)
@@ -237,9 +249,13 @@ class Pipeline:
     def _may_prepare(self, inflight: deque[_InFlight]) -> bool:
         """Take the next frame now, while the worker is busy?"""
         lead = self._invoke_avg * len(inflight)
-        return not (self.paused.is_set() or self.stopping.is_set() or self.serving.switch_waiting
-                    or time.monotonic() < self._next_at - lead
-                    or (self.max_frames and self.classified + len(inflight) + 1 > self.max_frames))
+        return not (
+            self.paused.is_set()
+            or self.stopping.is_set()
+            or self.serving.switch_waiting
+            or time.monotonic() < self._next_at - lead
+            or (self.max_frames and self.classified + len(inflight) + 1 > self.max_frames)
+        )
 
     def _prepare_next(self, inflight: deque[_InFlight]) -> _Ready | None:
         """The next frame, asked for so that it is decoded and preprocessed just when the worker is free."""
@@ -298,7 +314,9 @@ class Pipeline:
             self._worker_died(exc, inflight)
 
     # ---- answers -----------------------------------------------------------------------------------
-    def _collect(self, inflight: deque[_InFlight]) -> tuple[_InFlight, np.ndarray | None, float, str | None] | None:
+    def _collect(
+        self, inflight: deque[_InFlight]
+    ) -> tuple[_InFlight, np.ndarray | None, float, str | None] | None:
         """Wait for the oldest frame's answer: (entry, leaf probabilities or None, invoke s, error)."""
         entry = inflight[0]
         try:
@@ -313,7 +331,9 @@ class Pipeline:
         self._invoke_avg += (0.1 if self._invoke_avg else 1.0) * (invoke_s - self._invoke_avg)
         return entry, probs, invoke_s, None
 
-    def _complete(self, entry: _InFlight, probs: np.ndarray | None, invoke_s: float, error: str | None) -> None:
+    def _complete(
+        self, entry: _InFlight, probs: np.ndarray | None, invoke_s: float, error: str | None
+    ) -> None:
         """Decode an answer, tell listeners, publish (or vote)."""
         decision = None
         if probs is not None:
@@ -338,7 +358,9 @@ class Pipeline:
             self.inference_errors += 1
             # a broken model fails every frame: log a new error at once, a repeated one every 100th time
             if error != self._last_error or self.inference_errors % 100 == 0:
-                log.warning("frame %s: %s (%d inference errors so far)", frame.origin, error, self.inference_errors)
+                log.warning(
+                    "frame %s: %s (%d inference errors so far)", frame.origin, error, self.inference_errors
+                )
             self._last_error = error
         now = time.monotonic()
         latency = now - frame.captured
@@ -347,8 +369,15 @@ class Pipeline:
         self.last_progress = now
         if decision is not None:
             self.invokes.append(invoke_s)
-        result = InferenceResult(decision is not None, error, latency, decision.decision if decision else None,
-                                 entry.bundle.sha256, invoke_s, decision.label if decision else None)
+        result = InferenceResult(
+            decision is not None,
+            error,
+            latency,
+            decision.decision if decision else None,
+            entry.bundle.sha256,
+            invoke_s,
+            decision.label if decision else None,
+        )
         for listener in list(self.listeners):
             try:
                 listener(result)

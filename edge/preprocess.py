@@ -55,7 +55,8 @@ def decode_image(data: bytes | np.ndarray) -> np.ndarray:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """An image file -> HxWx3 BGR uint8. Raises ImageError naming the file when it is unreadable or corrupt."""
+    """An image file -> HxWx3 BGR uint8. Raises ImageError naming the file when it is unreadable or
+    corrupt."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -103,8 +104,10 @@ def margin_spec(spec: InputSpec) -> InputSpec:
     """
     if spec.crop != "center" or spec.crop_fraction == 1.0:
         return spec
-    size = {"height": int(round(spec.height / spec.crop_fraction)),
-            "width": int(round(spec.width / spec.crop_fraction))}
+    size = {
+        "height": int(round(spec.height / spec.crop_fraction)),
+        "width": int(round(spec.width / spec.crop_fraction)),
+    }
     return InputSpec.model_validate({**spec.model_dump(), **size, "crop_fraction": 1.0})
 
 

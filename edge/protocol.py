@@ -27,11 +27,20 @@ SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 Score = Annotated[float, Field(ge=0, le=1)]
 Count = Annotated[int, Field(ge=0)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-UtcMs = Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$",
-                             description="UTC, milliseconds")]
-Backend = Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,32}$", description=(
-    "the inference backend that produced it: cpu, edgetpu or another plug-in's name (edge/backends/); "
-    "unknown when none was told"))]
+UtcMs = Annotated[
+    str, Field(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$", description="UTC, milliseconds")
+]
+Backend = Annotated[
+    str,
+    Field(
+        pattern=r"^[a-z0-9_-]{1,32}$",
+        description=(
+            "the inference backend that produced it: cpu, edgetpu or another plug-in's name "
+            "(edge/backends/); "
+            "unknown when none was told"
+        ),
+    ),
+]
 UnknownReason = Literal["low_confidence", "no_frames", "timed_out", "overflow", "shutdown", "source_ended"]
 _STRICT = ConfigDict(extra="forbid")
 
@@ -78,7 +87,7 @@ class DeviceTopics:
 
     def command_name(self, topic: str) -> str | None:
         prefix = f"{self.base}/cmd/"
-        return topic[len(prefix):] if topic.startswith(prefix) else None
+        return topic[len(prefix) :] if topic.startswith(prefix) else None
 
     def response(self, name: str) -> str:
         """Where a command is answered when its request named no (allowed) response topic."""
@@ -167,33 +176,54 @@ class Label(TypedDict):
 
     __pydantic_config__ = _STRICT  # type: ignore[misc]
     schema: Literal["taxonedge.label/1"]
-    msg_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$", description="unique per label, stable across re-sends")]
+    msg_id: Annotated[
+        str, Field(pattern=r"^[0-9a-f]{32}$", description="unique per label, stable across re-sends")
+    ]
     boot_id: Annotated[str, Field(min_length=1, description="changes on every daemon start")]
     seq: Annotated[int, Field(ge=1, description="1, 2, 3, ... within one boot_id")]
     device: str
     site: str
     line: str
-    timestamp: Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$",
-                                    description="UTC capture time of the (last) frame, milliseconds")]
+    timestamp: Annotated[
+        str,
+        Field(
+            pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$",
+            description="UTC capture time of the (last) frame, milliseconds",
+        ),
+    ]
     item_id: Annotated[str | None, Field(description="the trigger's item id in item mode, else null")]
     label: Annotated[str | None, Field(description="the decided label path joined by '/', null when unknown")]
     path: list[str]
-    levels: Annotated[list[LevelEntry], Field(
-        description="the most probable node at each depth down the chosen path, including the first that "
-                    "failed its threshold")]
+    levels: Annotated[
+        list[LevelEntry],
+        Field(
+            description="the most probable node at each depth down the chosen path, including the first that "
+            "failed its threshold"
+        ),
+    ]
     decision: Literal["accepted", "backed-off", "unknown"]
-    reason: NotRequired[Annotated[UnknownReason, Field(
-        description="only when decision is unknown: low_confidence (not even the top level passed), "
-                    "no_frames (an item got no frame: its inference failed), timed_out (item_timeout_s "
-                    "passed before any frame was classified), overflow (more than trigger.max_waiting items "
-                    "waited: the oldest gets this label at once), shutdown (the daemon stopped before the "
-                    "item's turn), source_ended (the video file or folder ended before the item's turn)")]]
+    reason: NotRequired[
+        Annotated[
+            UnknownReason,
+            Field(
+                description="only when decision is unknown: low_confidence (not even the top level passed), "
+                "no_frames (an item got no frame: its inference failed), timed_out (item_timeout_s "
+                "passed before any frame was classified), overflow (more than trigger.max_waiting items "
+                "waited: the oldest gets this label at once), shutdown (the daemon stopped before the "
+                "item's turn), source_ended (the video file or folder ended before the item's turn)"
+            ),
+        ]
+    ]
     top_k: list[TopKEntry]
     vote: VoteEntry | None
     model: ModelRef
     backend: Backend
-    latency_ms: Annotated[float, Field(ge=0, description="capture of the frame to the label entering the outbox")]
-    inference_ms: Annotated[float, Field(ge=0, description="the interpreter's invoke time (0 for an item vote)")]
+    latency_ms: Annotated[
+        float, Field(ge=0, description="capture of the frame to the label entering the outbox")
+    ]
+    inference_ms: Annotated[
+        float, Field(ge=0, description="the interpreter's invoke time (0 for an item vote)")
+    ]
 
 
 # ---- status, model, stats -------------------------------------------------------------------------
@@ -255,10 +285,22 @@ class DeviceState(TypedDict):
     thresholds: dict[str, Score]
     source: SourceStatus
     frames_captured: Count
-    frames_dropped: Annotated[int, Field(ge=0, description=(
-        "frames replaced in the capture slot by a newer one while inference was busy with another frame"))]
-    frames_idle: Annotated[int, Field(ge=0, description=(
-        "frames captured while nothing wanted one: item mode between items, or paused"))]
+    frames_dropped: Annotated[
+        int,
+        Field(
+            ge=0,
+            description=(
+                "frames replaced in the capture slot by a newer one while inference was busy with another "
+                "frame"
+            ),
+        ),
+    ]
+    frames_idle: Annotated[
+        int,
+        Field(
+            ge=0, description=("frames captured while nothing wanted one: item mode between items, or paused")
+        ),
+    ]
     frames_classified: Count
     labels: Count
     latency_ms_p50: Annotated[float, Field(ge=0)]
@@ -296,7 +338,8 @@ class Stats(DeviceState):
 
 # ---- commands -------------------------------------------------------------------------------------
 class CommandAnswer(TypedDict):
-    """The answer to `<base>/cmd/<name>`, on the request's response topic (or `<base>/cmd/<name>/response`)."""
+    """The answer to `<base>/cmd/<name>`, on the request's response topic (or
+    `<base>/cmd/<name>/response`)."""
 
     __pydantic_config__ = _STRICT  # type: ignore[misc]
     ok: bool
@@ -307,8 +350,18 @@ class CommandAnswer(TypedDict):
 
 
 # ---- deployments ----------------------------------------------------------------------------------
-DeployState = Literal["receiving", "received", "verifying", "staged", "warming", "self_test", "switched",
-                      "committed", "rejected", "rolled_back"]
+DeployState = Literal[
+    "receiving",
+    "received",
+    "verifying",
+    "staged",
+    "warming",
+    "self_test",
+    "switched",
+    "committed",
+    "rejected",
+    "rolled_back",
+]
 FINAL_STATES = ("committed", "rejected", "rolled_back")  # a deployment's outcome: retained, nothing follows
 
 
@@ -322,9 +375,16 @@ class DeployProgress(TypedDict):
     device: str
     state: DeployState
     time: NotRequired[str]
-    nonce: NotRequired[Annotated[str, Field(
-        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
-        description="the request's nonce (one per `taxonedge deploy` run): which request this answers")]]
+    nonce: NotRequired[
+        Annotated[
+            str,
+            Field(
+                pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                description="the request's nonce (one per `taxonedge deploy` run): which request this "
+                "answers",
+            ),
+        ]
+    ]
     reason: NotRequired[str | None]
     repeat: NotRequired[bool]
     size: NotRequired[Count]
@@ -338,7 +398,11 @@ class DeployProgress(TypedDict):
 
 
 MESSAGES: dict[str, Any] = {
-    "label": Label, "status": Status, "model": ModelStatus, "stats": Stats, "command-answer": CommandAnswer,
+    "label": Label,
+    "status": Status,
+    "model": ModelStatus,
+    "stats": Stats,
+    "command-answer": CommandAnswer,
     "deploy-progress": DeployProgress,
 }
 
@@ -346,8 +410,11 @@ MESSAGES: dict[str, Any] = {
 def json_schema(name: str) -> dict:
     """The JSON Schema (2020-12) of one message, generated from its TypedDict."""
     schema = TypeAdapter(MESSAGES[name]).json_schema()
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
-            "$id": f"https://taxonedge.example/schemas/{name}.schema.json", **schema}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"https://taxonedge.example/schemas/{name}.schema.json",
+        **schema,
+    }
 
 
 def write_schemas(folder: Path = SCHEMA_DIR) -> list[Path]:
@@ -365,7 +432,7 @@ def message_kind(topic: str, base: str) -> str | None:
     kinds = {topics.labels: "label", topics.status: "status", topics.stats: "stats", topics.model: "model"}
     if topic in kinds:
         return kinds[topic]
-    rest = topic[len(topics.deploy) + 1:] if topic.startswith(f"{topics.deploy}/") else None
+    rest = topic[len(topics.deploy) + 1 :] if topic.startswith(f"{topics.deploy}/") else None
     if rest is not None and "/" not in rest:
         return "deploy-progress"
     name = topics.command_name(topic)

@@ -26,7 +26,9 @@ from .trigger import ItemResult
 
 
 def utc_ms(wall: float) -> str:
-    return datetime.fromtimestamp(wall, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return (
+        datetime.fromtimestamp(wall, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
 
 
 def ms_percentiles(seconds: deque[float]) -> tuple[float, float]:
@@ -50,8 +52,16 @@ class LabelPublisher:
         self.latencies: deque[float] = deque(maxlen=2000)  # capture to decision
         self.publish_latencies: deque[float] = deque(maxlen=2000)  # capture to handed to the broker
 
-    def message(self, frame: Frame | None, decision: Decision, latency_s: float, invoke_s: float,
-                bundle: Bundle, backend: str, item: ItemResult | None = None) -> Label:
+    def message(
+        self,
+        frame: Frame | None,
+        decision: Decision,
+        latency_s: float,
+        invoke_s: float,
+        bundle: Bundle,
+        backend: str,
+        item: ItemResult | None = None,
+    ) -> Label:
         """The label message; takes the next seq, so call it under the lock."""
         self._seq += 1
         dev = self.config.device
@@ -66,20 +76,32 @@ class LabelPublisher:
             "timestamp": utc_ms(frame.wall if frame else time.time()),
             "item_id": item.item_id if item else None,
             **decision_fields(decision, item.reason if item else None),  # type: ignore[typeddict-item]
-            "vote": ({"frames": item.frames, "agreeing": item.agreeing, "agreement": round(item.agreement, 4)}
-                     if item else None),
+            "vote": (
+                {"frames": item.frames, "agreeing": item.agreeing, "agreement": round(item.agreement, 4)}
+                if item
+                else None
+            ),
             "model": {"name": bundle.name, "version": bundle.version, "sha256": bundle.sha256},
             "backend": backend,  # type: ignore[typeddict-item]
             "latency_ms": round(max(latency_s, 0.0) * 1000, 3),
             "inference_ms": round(invoke_s * 1000, 3),
         }
 
-    def publish(self, frame: Frame | None, decision: Decision, latency_s: float, invoke_s: float,
-                bundle: Bundle, backend: str, item: ItemResult | None = None) -> None:
+    def publish(
+        self,
+        frame: Frame | None,
+        decision: Decision,
+        latency_s: float,
+        invoke_s: float,
+        bundle: Bundle,
+        backend: str,
+        item: ItemResult | None = None,
+    ) -> None:
         with self._lock:
             payload = self.message(frame, decision, latency_s, invoke_s, bundle, backend, item)
-            message = self.outbox.put(self.topic, json_bytes(payload), qos=1,
-                                      expiry_s=self.config.mqtt.label_expiry_s)
+            message = self.outbox.put(
+                self.topic, json_bytes(payload), qos=1, expiry_s=self.config.mqtt.label_expiry_s
+            )
             self.labels += 1
         published = self.link is not None and self.link.notify_outbox(message)
         self.latencies.append(latency_s)

@@ -37,7 +37,8 @@ class ModelError(ValueError):
 
 @cache
 def interpreter_module() -> tuple[Any, str]:
-    """(module with Interpreter and load_delegate, its name). tflite_runtime first: it is what Coral images ship."""
+    """(module with Interpreter and load_delegate, its name). tflite_runtime first: it is what Coral images
+    ship."""
     errors = []
     for name in ("tflite_runtime.interpreter", "ai_edge_litert.interpreter"):
         try:
@@ -49,7 +50,9 @@ def interpreter_module() -> tuple[Any, str]:
             return module, name.split(".")[0]
         except ImportError as exc:
             errors.append(f"{name}: {exc}")
-    raise ImportError("no TFLite runtime: pip install 'taxonedge[edge]' (ai-edge-litert). Tried: " + "; ".join(errors))
+    raise ImportError(
+        "no TFLite runtime: pip install 'taxonedge[edge]' (ai-edge-litert). Tried: " + "; ".join(errors)
+    )
 
 
 def load_edgetpu_delegate(device: str | None = None, library: str = EDGETPU_LIBRARY) -> Any:
@@ -60,7 +63,11 @@ def load_edgetpu_delegate(device: str | None = None, library: str = EDGETPU_LIBR
     try:
         try:
             return module.load_delegate(library, options)
-        except (OSError, ValueError, RuntimeError) as exc:  # OSError: library absent; ValueError: older runtimes
+        except (
+            OSError,
+            ValueError,
+            RuntimeError,
+        ) as exc:  # OSError: library absent; ValueError: older runtimes
             message = f"Edge TPU delegate {library} ({device or 'any device'}): {exc}"
         # Raised outside the except block so the half-built Delegate is freed now, under the quiet hook.
         gc.collect()
@@ -144,9 +151,18 @@ class InterpreterModel:
     def of(cls, bundle: Bundle) -> InterpreterModel:
         spec, out = bundle.manifest.input, bundle.manifest.output
         golden = bundle.golden()
-        return cls(bundle.model_bytes(), bundle.model_bytes(edgetpu=True) if bundle.has_edgetpu_model else None,
-                   spec.height, spec.width, spec.dtype, out.name, out.num_classes, out.scale, out.zero_point,
-                   golden[0] if golden is not None else None)
+        return cls(
+            bundle.model_bytes(),
+            bundle.model_bytes(edgetpu=True) if bundle.has_edgetpu_model else None,
+            spec.height,
+            spec.width,
+            spec.dtype,
+            out.name,
+            out.num_classes,
+            out.scale,
+            out.zero_point,
+            golden[0] if golden is not None else None,
+        )
 
     @property
     def has_edgetpu_model(self) -> bool:
@@ -160,7 +176,9 @@ class Classifier:
     because `get_output_details()` order is not the Keras output order.
     """
 
-    def __init__(self, bundle: Bundle | InterpreterModel, num_threads: int | None = None, delegate: Any = None):
+    def __init__(
+        self, bundle: Bundle | InterpreterModel, num_threads: int | None = None, delegate: Any = None
+    ):
         """With an Edge TPU `delegate`, on the bundle's Edge TPU model (edge/backends/edgetpu.py)."""
         model = bundle if isinstance(bundle, InterpreterModel) else InterpreterModel.of(bundle)
         self.bundle = None if isinstance(bundle, InterpreterModel) else bundle
@@ -202,7 +220,9 @@ def _io_details(interpreter: Any, model: InterpreterModel) -> tuple[dict, dict]:
     name = model.output_name
     output = _output_by_signature_name(interpreter, name) if len(outputs) > 1 else outputs[0]
     if tuple(output["shape"]) != (1, model.num_classes):
-        raise ModelError(f"model output '{name}' is {tuple(output['shape'].tolist())}, expected (1, {model.num_classes})")
+        raise ModelError(
+            f"model output '{name}' is {tuple(output['shape'].tolist())}, expected (1, {model.num_classes})"
+        )
     return inputs[0], output
 
 

@@ -71,9 +71,14 @@ class Serving:
 
     def new_worker(self, bundle: Bundle, backend: str | None = None) -> InferenceWorker:
         inf = self.config.inference
-        worker = InferenceWorker(bundle, backend=backend or inf.backend, device=inf.edgetpu_device,
-                                 num_threads=inf.interpreter_threads(), warmup_runs=inf.warmup_runs,
-                                 invoke_timeout_s=inf.invoke_timeout_s)
+        worker = InferenceWorker(
+            bundle,
+            backend=backend or inf.backend,
+            device=inf.edgetpu_device,
+            num_threads=inf.interpreter_threads(),
+            warmup_runs=inf.warmup_runs,
+            invoke_timeout_s=inf.invoke_timeout_s,
+        )
         worker.start()
         return worker
 
@@ -130,8 +135,13 @@ class Serving:
         self.worker, self.bundle = pending.worker, pending.bundle
         self.decoder = self.make_decoder(pending.bundle)
         start_thread(old.stop, "old-worker-stop")
-        log.info("now serving %s %s (%s) on %s", pending.bundle.name, pending.bundle.version,
-                 pending.bundle.sha256[:12], self.backend)
+        log.info(
+            "now serving %s %s (%s) on %s",
+            pending.bundle.name,
+            pending.bundle.version,
+            pending.bundle.sha256[:12],
+            self.backend,
+        )
         for callback in self.on_swap:
             callback(pending.bundle)
         if pending.future is not None:
@@ -160,15 +170,24 @@ class Serving:
         """On the CPU because auto found no accelerator: try again now and then, in a separate worker, when
         one shows (plugged in since; edge/backends: `present`, which loads nothing)."""
         info = self.worker.info
-        if (self.config.inference.backend != "auto" or info is None or info.backend != "cpu" or self.probing
-                or not self.bundle.has_edgetpu_model or time.monotonic() < self._probe_due):
+        if (
+            self.config.inference.backend != "auto"
+            or info is None
+            or info.backend != "cpu"
+            or self.probing
+            or not self.bundle.has_edgetpu_model
+            or time.monotonic() < self._probe_due
+        ):
             return  # a bundle without an Edge TPU model runs on the CPU whatever is plugged in
         self.reprobes += 1
         self._probe_due = time.monotonic() + self.config.inference.reprobe_interval_s
         if not backends.accelerator_present(self.config.inference.edgetpu_device):
-            log.log(logging.INFO if self.reprobes == 1 else logging.DEBUG,
-                    "accelerator re-probe: none present (e.g. no /dev/apex_*, no Coral USB id); "
-                    "looking again every %.0f s", self.config.inference.reprobe_interval_s)
+            log.log(
+                logging.INFO if self.reprobes == 1 else logging.DEBUG,
+                "accelerator re-probe: none present (e.g. no /dev/apex_*, no Coral USB id); "
+                "looking again every %.0f s",
+                self.config.inference.reprobe_interval_s,
+            )
             return
         self.probing = True
         bundle = self.bundle

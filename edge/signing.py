@@ -43,7 +43,9 @@ def load_private_key(path: str | Path) -> Ed25519PrivateKey:
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
-        raise SigningKeyError(f"{path}: not a readable unencrypted PEM private key ({type(exc).__name__})") from None
+        raise SigningKeyError(
+            f"{path}: not a readable unencrypted PEM private key ({type(exc).__name__})"
+        ) from None
     if not isinstance(key, Ed25519PrivateKey):
         raise SigningKeyError(f"{path}: not an Ed25519 private key (make one with `taxonedge keygen`)")
     return key

@@ -84,8 +84,16 @@ class Slots:
         state = self.state()
         if state.trial is None:
             raise RuntimeError("no trial to commit")
-        self.save(state.model_copy(update={
-            "previous": state.committed, "committed": state.trial, "trial": None, "trial_id": None}))
+        self.save(
+            state.model_copy(
+                update={
+                    "previous": state.committed,
+                    "committed": state.trial,
+                    "trial": None,
+                    "trial_id": None,
+                }
+            )
+        )
 
     def rollback(self) -> None:
         self.save(self.state().model_copy(update={"trial": None, "trial_id": None}))
@@ -124,12 +132,23 @@ def startup_bundle(config: Config, problems: list[str] | None = None) -> Path | 
     slots.remove_temporaries()
     state = slots.state()
     if state.trial is not None:
-        log.warning("model slot %s (deployment %s) was not committed before the restart: rolling back",
-                    state.trial, state.trial_id)
-        state = state.model_copy(update={
-            "trial": None, "trial_id": None,
-            "interrupted": {"id": state.trial_id, "slot": state.trial, "time": utc_now(),
-                            "reason": "the daemon stopped before the new model was committed"}})
+        log.warning(
+            "model slot %s (deployment %s) was not committed before the restart: rolling back",
+            state.trial,
+            state.trial_id,
+        )
+        state = state.model_copy(
+            update={
+                "trial": None,
+                "trial_id": None,
+                "interrupted": {
+                    "id": state.trial_id,
+                    "slot": state.trial,
+                    "time": utc_now(),
+                    "reason": "the daemon stopped before the new model was committed",
+                },
+            }
+        )
         slots.save(state)
     for slot in (state.committed, state.previous):
         if slot is None:

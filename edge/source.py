@@ -117,7 +117,13 @@ class _OpenCvReader:
     @property
     def name(self) -> str:
         cfg = self.cfg
-        return str(cfg.path if isinstance(cfg, VideoSource) else cfg.url if isinstance(cfg, StreamSource) else cfg.device)
+        return str(
+            cfg.path
+            if isinstance(cfg, VideoSource)
+            else cfg.url
+            if isinstance(cfg, StreamSource)
+            else cfg.device
+        )
 
     def open(self) -> None:
         cfg = self.cfg
@@ -129,8 +135,11 @@ class _OpenCvReader:
             cap = cv2.VideoCapture(cfg.url, cv2.CAP_FFMPEG)
         else:
             cap = cv2.VideoCapture(cfg.device)
-            for prop, value in ((cv2.CAP_PROP_FRAME_WIDTH, cfg.width), (cv2.CAP_PROP_FRAME_HEIGHT, cfg.height),
-                                (cv2.CAP_PROP_FPS, cfg.fps)):
+            for prop, value in (
+                (cv2.CAP_PROP_FRAME_WIDTH, cfg.width),
+                (cv2.CAP_PROP_FRAME_HEIGHT, cfg.height),
+                (cv2.CAP_PROP_FPS, cfg.fps),
+            ):
                 if value:
                     cap.set(prop, value)
         if not cap.isOpened():
@@ -147,8 +156,12 @@ class _OpenCvReader:
             if isinstance(self.cfg, VideoSource):
                 if self.total and self.count < self.total - 1:
                     # A truncated or damaged file ends before the frame count in its header.
-                    log.warning("video %s ended at frame %d of %d (truncated or damaged file)",
-                                self.name, self.count, self.total)
+                    log.warning(
+                        "video %s ended at frame %d of %d (truncated or damaged file)",
+                        self.name,
+                        self.count,
+                        self.total,
+                    )
                 if self.count == 0:
                     raise SourceError(f"video {self.name} has no readable frame (damaged file?)")
                 raise SourceEnded
@@ -231,7 +244,9 @@ def crop_roi(image: np.ndarray, roi: tuple[int, int, int, int] | None) -> np.nda
     x, y, w, h = roi
     crop = image[max(0, y) : y + h, max(0, x) : x + w]
     if crop.shape[0] < 2 or crop.shape[1] < 2:
-        raise ImageError(f"region of interest {list(roi)} lies outside the {image.shape[1]}x{image.shape[0]} frame")
+        raise ImageError(
+            f"region of interest {list(roi)} lies outside the {image.shape[1]}x{image.shape[0]} frame"
+        )
     return crop
 
 
@@ -284,15 +299,24 @@ class Capture:
             return False
         self.stalls += 1
         self.state = "stalled"
-        log.warning("source %s stalled: no frame for %.1f s, reopening", self.reader.name, self.cfg.stall_timeout_s)
+        log.warning(
+            "source %s stalled: no frame for %.1f s, reopening", self.reader.name, self.cfg.stall_timeout_s
+        )
         self.reader = make_reader(self.source_cfg)
         self.start()
         return True
 
     def status(self) -> dict:
-        return {"state": self.state, "source": self.reader.name, "frames": self.frames,
-                "dropped": self.slot.dropped, "reconnects": self.reconnects, "stalls": self.stalls,
-                "corrupt": self.corrupt, "last_error": self.last_error}
+        return {
+            "state": self.state,
+            "source": self.reader.name,
+            "frames": self.frames,
+            "dropped": self.slot.dropped,
+            "reconnects": self.reconnects,
+            "stalls": self.stalls,
+            "corrupt": self.corrupt,
+            "last_error": self.last_error,
+        }
 
     def _run(self, generation: int) -> None:
         reader = self.reader

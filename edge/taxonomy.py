@@ -34,7 +34,8 @@ class TaxonomyError(ValueError):
 
 
 def slugify(name: str) -> str:
-    """A lower-case ASCII name safe as an MQTT topic level and a file name: `Granny Smith` -> `granny-smith`."""
+    """A lower-case ASCII name safe as an MQTT topic level and a file name: `Granny Smith` ->
+    `granny-smith`."""
     ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
     slug = _SLUG_DROP.sub("-", ascii_name.lower()).strip("-")
     return re.sub(r"-{2,}", "-", slug)
@@ -168,8 +169,14 @@ class Taxonomy:
                 path = prefix + (item["name"],)
                 children = build(item.get("children") or [], path)
                 nodes.append(
-                    _make_node(item["name"], path, display=item.get("display"), id=item.get("id"),
-                               slug=item.get("slug"), children=children)
+                    _make_node(
+                        item["name"],
+                        path,
+                        display=item.get("display"),
+                        id=item.get("id"),
+                        slug=item.get("slug"),
+                        children=children,
+                    )
                 )
             return nodes
 
@@ -272,11 +279,13 @@ class Taxonomy:
         return {label: i for i, label in enumerate(self.leaf_labels)}
 
     def level_nodes(self, depth: int) -> list[Node]:
-        """The nodes that stand at `depth` (1-based): real nodes there, plus shallower leaves as themselves."""
+        """The nodes that stand at `depth` (1-based): real nodes there, plus shallower leaves as
+        themselves."""
         return self._levels[depth - 1][0]
 
     def level_matrix(self, depth: int) -> np.ndarray:
-        """(num_leaves, len(level_nodes(depth))) 0/1 matrix: leaf probabilities @ M = per-depth probabilities."""
+        """(num_leaves, len(level_nodes(depth))) 0/1 matrix: leaf probabilities @ M = per-depth
+        probabilities."""
         return self._levels[depth - 1][1]
 
     def level_index(self, depth: int) -> np.ndarray:
@@ -311,8 +320,11 @@ class Taxonomy:
 
     @cached_property
     def hash(self) -> str:
-        """sha256 of the canonical tree (names, ids, slugs, order): equal hashes mean interchangeable models."""
-        canonical = json.dumps(self.to_dict()["nodes"], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        """sha256 of the canonical tree (names, ids, slugs, order): equal hashes mean interchangeable
+        models."""
+        canonical = json.dumps(
+            self.to_dict()["nodes"], sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        )
         return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     def summary(self) -> str:
@@ -329,8 +341,14 @@ class Taxonomy:
         return f"Taxonomy({self.summary()})"
 
 
-def _make_node(name: str, path: tuple[str, ...], display: str | None = None, id: str | None = None,
-               slug: str | None = None, children: list[Node] | None = None) -> Node:
+def _make_node(
+    name: str,
+    path: tuple[str, ...],
+    display: str | None = None,
+    id: str | None = None,
+    slug: str | None = None,
+    children: list[Node] | None = None,
+) -> Node:
     if not isinstance(name, str) or not name.strip():
         raise TaxonomyError(f"empty node name under '{'/'.join(path[:-1]) or 'the top level'}'")
     if any(ord(ch) < 32 for ch in name):
@@ -341,5 +359,11 @@ def _make_node(name: str, path: tuple[str, ...], display: str | None = None, id:
     # Without an explicit stable id the id is the slug path, which is stable as long as names are.
     parent_slug_path = [slugify(p) for p in path[:-1]]
     node_id = str(id) if id is not None else "/".join([*parent_slug_path, node_slug])
-    return Node(name=name, display=display or name.replace("-", " ").replace("_", " "), slug=node_slug,
-                id=node_id, path=path, children=children or [])
+    return Node(
+        name=name,
+        display=display or name.replace("-", " ").replace("_", " "),
+        slug=node_slug,
+        id=node_id,
+        path=path,
+        children=children or [],
+    )

@@ -1,11 +1,13 @@
 """When to classify: every frame (`continuous`), or K frames per item announced by a trigger message.
 
 In `item` mode a photo-eye event (an MQTT message with an item id) starts a vote over the next
-`frames_per_item` classified frames, all captured after the trigger arrived; the item gets ONE result: the deepest label path that at least
+`frames_per_item` classified frames, all captured after the trigger arrived; the item gets ONE result:
+the deepest label path that at least
 `vote_agreement` of its frames agree on (agreement on a parent when the frames disagree below it),
 else `unknown`. Items arriving while one is being voted on wait in a bounded queue (`trigger.max_waiting`).
 
-Every accepted trigger ends in exactly one result: a vote, or `unknown` with a reason (protocol.UnknownReason):
+Every accepted trigger ends in exactly one result: a vote, or `unknown` with a reason
+(protocol.UnknownReason):
 `overflow` for the oldest waiting item when the queue is full, `timed_out` for an item that got no frame in
 `item_timeout_s`, `shutdown` / `source_ended` for the items still waiting when the daemon stops.
 """
@@ -55,8 +57,9 @@ def vote(decisions: list[Decision | None], taxonomy: Taxonomy, agreement: float)
             continue
         prefix, count = counts.most_common(1)[0]
         if count / n >= agreement:
-            return _combined(prefix, [d for d in decisions if d is not None and d.path[:depth] == prefix],
-                             taxonomy), count
+            return _combined(
+                prefix, [d for d in decisions if d is not None and d.path[:depth] == prefix], taxonomy
+            ), count
     return UNKNOWN, sum(1 for p in paths if not p)
 
 
@@ -78,15 +81,23 @@ def _combined(path: tuple[str, ...], agreeing: list[Decision], taxonomy: Taxonom
         label="/".join(path),
         path=path,
         levels=tuple(levels),
-        top_k=tuple((label, min(round(score, 6), 1.0)) for label, score in top.most_common(len(agreeing[0].top_k))),
+        top_k=tuple(
+            (label, min(round(score, 6), 1.0)) for label, score in top.most_common(len(agreeing[0].top_k))
+        ),
     )
 
 
 class ItemTrigger:
     """Item votes. Thread-safe: MQTT's control thread calls `trigger`, the inference loop the rest."""
 
-    def __init__(self, taxonomy: Taxonomy, frames_per_item: int, agreement: float, timeout_s: float,
-                 max_waiting: int = 100):
+    def __init__(
+        self,
+        taxonomy: Taxonomy,
+        frames_per_item: int,
+        agreement: float,
+        timeout_s: float,
+        max_waiting: int = 100,
+    ):
         self.taxonomy = taxonomy
         self.frames_per_item = frames_per_item
         self.agreement = agreement

@@ -67,8 +67,17 @@ from .vetting import Failed
 
 log = logging.getLogger(__name__)
 
-STATES = ("received", "verifying", "staged", "warming", "self_test", "switched", "committed",
-          "rejected", "rolled_back")
+STATES = (
+    "received",
+    "verifying",
+    "staged",
+    "warming",
+    "self_test",
+    "switched",
+    "committed",
+    "rejected",
+    "rolled_back",
+)
 FINAL = FINAL_STATES
 # Test hook: pause after reporting this state (env "STATE" or "STATE:SECONDS") so a test can SIGKILL there.
 PAUSE_ENV = "TAXONEDGE_UPDATE_PAUSE_AT"
@@ -93,7 +102,9 @@ class DeployRequest(BaseModel):
     @model_validator(mode="after")
     def _one_transport(self) -> DeployRequest:
         if self.id == DEPLOY_REJECTED:
-            raise ValueError(f"id '{DEPLOY_REJECTED}' is reserved (the topic of unreadable requests' answers)")
+            raise ValueError(
+                f"id '{DEPLOY_REJECTED}' is reserved (the topic of unreadable requests' answers)"
+            )
         if self.url is not None:
             if not self.url.startswith(("file://", "https://")):
                 raise ValueError("url must start with file:// or https://")
@@ -101,7 +112,9 @@ class DeployRequest(BaseModel):
         if self.chunk_size is None or self.chunks is None:
             raise ValueError("give either url, or chunk_size and chunks")
         if self.chunks != math.ceil(self.size / self.chunk_size):
-            raise ValueError(f"chunks={self.chunks} does not match size {self.size} / chunk_size {self.chunk_size}")
+            raise ValueError(
+                f"chunks={self.chunks} does not match size {self.size} / chunk_size {self.chunk_size}"
+            )
         return self
 
 
@@ -154,9 +167,16 @@ class InProgress:
         self.path = path
 
     def save(self, dep: Deployment, state: str) -> None:
-        record = {"id": dep.id, "state": state, "time": utc_now(), "sha256": dep.request.sha256,
-                  "nonce": dep.request.nonce, "topic": dep.topic, "response_topic": dep.response_topic,
-                  "correlation": dep.correlation.hex() if dep.correlation is not None else None}
+        record = {
+            "id": dep.id,
+            "state": state,
+            "time": utc_now(),
+            "sha256": dep.request.sha256,
+            "nonce": dep.request.nonce,
+            "topic": dep.topic,
+            "response_topic": dep.response_topic,
+            "correlation": dep.correlation.hex() if dep.correlation is not None else None,
+        }
         atomic_write(self.path, json.dumps(record).encode())
 
     def clear(self) -> None:
@@ -183,8 +203,9 @@ class UpdaterHost(Protocol):
     @property
     def active_bundle(self) -> Bundle: ...
 
-    def publish(self, topic: str, payload: Any, qos: int = 1, retain: bool = False,
-                properties: Any = None) -> None: ...
+    def publish(
+        self, topic: str, payload: Any, qos: int = 1, retain: bool = False, properties: Any = None
+    ) -> None: ...
 
     def subscribe(self, topic_filter: str, handler: Callable[[str, bytes, Any], None]) -> None: ...
 
@@ -211,8 +232,10 @@ class HealthWindow:
         """None when healthy, else the reason."""
         results = self.results
         if len(results) < self.size:
-            return (f"health window incomplete: {len(results)} of {self.size} inferences in "
-                    f"{cfg.health_timeout_s:g} s")
+            return (
+                f"health window incomplete: {len(results)} of {self.size} inferences in "
+                f"{cfg.health_timeout_s:g} s"
+            )
         failed = [r for r in results if not r.ok]
         if failed:
             return f"health window: {len(failed)} of {len(results)} inferences failed ({failed[0].error})"
@@ -223,14 +246,18 @@ class HealthWindow:
             old_median = float(np.median([r.latency_s for r in baseline]))
             budget = cfg.latency_factor * old_median + cfg.latency_slack_s
         if budget is not None and median > budget:
-            return (f"health window: median latency {median * 1000:.1f} ms is over the budget of "
-                    f"{budget * 1000:.1f} ms")
+            return (
+                f"health window: median latency {median * 1000:.1f} ms is over the budget of "
+                f"{budget * 1000:.1f} ms"
+            )
         if len(baseline) >= 5:
             old = _unknown_rate(baseline)
             new = _unknown_rate(results)
             if new - old > cfg.max_unknown_rate_increase:
-                return (f"health window: unknown rate rose from {old:.0%} to {new:.0%} "
-                        f"(allowed rise {cfg.max_unknown_rate_increase:.0%})")
+                return (
+                    f"health window: unknown rate rose from {old:.0%} to {new:.0%} "
+                    f"(allowed rise {cfg.max_unknown_rate_increase:.0%})"
+                )
         return None
 
 
@@ -296,18 +323,30 @@ class Updater:
             return
         active = self.daemon.active_bundle
         if active is not None and active.sha256 == record.get("sha256"):
-            self._finish_interrupted(record, "committed", None, model=active.describe(),
-                                     detail="the daemon restarted after the switch; this model serves")
+            self._finish_interrupted(
+                record,
+                "committed",
+                None,
+                model=active.describe(),
+                detail="the daemon restarted after the switch; this model serves",
+            )
         else:
-            self._finish_interrupted(record, "rejected", (
-                f"interrupted: the daemon stopped while the deployment was at '{record.get('state')}'; "
-                "the old model serves: deploy again"))
+            self._finish_interrupted(
+                record,
+                "rejected",
+                (
+                    f"interrupted: the daemon stopped while the deployment was at '{record.get('state')}'; "
+                    "the old model serves: deploy again"
+                ),
+            )
 
     def _finish_interrupted(self, record: dict, state: str, reason: str | None, **details: Any) -> None:
         now = utc_now()
         nonce = record.get("nonce")
-        self.history.record(record["id"], {"state": state, "reason": reason, "time": now,
-                                           "sha256": record.get("sha256"), "nonce": nonce})
+        self.history.record(
+            record["id"],
+            {"state": state, "reason": reason, "time": now, "sha256": record.get("sha256"), "nonce": nonce},
+        )
         payload = {"id": record["id"], "device": self.base, "state": state, "time": now, **details}
         if reason:
             payload["reason"] = reason
@@ -343,14 +382,20 @@ class Updater:
         self._latest[topic] = request.id
         self.submit(Deployment(request, topic, response_topic, correlation))
 
-    def _reject_unreadable(self, topic: str, payload: bytes, why: str, response_topic: str | None,
-                           correlation: bytes | None) -> None:
+    def _reject_unreadable(
+        self, topic: str, payload: bytes, why: str, response_topic: str | None, correlation: bytes | None
+    ) -> None:
         """Answer a request that cannot be run: on `<base>/model/deploy/rejected` (retained, for whoever
         sent it without a response topic) and on its response topic."""
         reason = _clean(f"malformed deploy request on {topic}: {why}")
         log.warning("%s", reason)
-        answer = {"id": _id_of(payload), "device": self.base, "state": "rejected", "time": utc_now(),
-                  "reason": reason}
+        answer = {
+            "id": _id_of(payload),
+            "device": self.base,
+            "state": "rejected",
+            "time": utc_now(),
+            "reason": reason,
+        }
         self._send(self.topics.deploy_progress(DEPLOY_REJECTED), answer, None, retain=True)
         if response_topic:
             self._send(response_topic, answer, correlation)
@@ -362,8 +407,12 @@ class Updater:
             return None
         problem = response_topic_problem(topic, self.base, self.config.mqtt.prefix)
         if problem:
-            log.warning("deploy request's response topic %r refused: %s (use %s...)", topic, problem,
-                        replies_prefix(self.config.mqtt.prefix))
+            log.warning(
+                "deploy request's response topic %r refused: %s (use %s...)",
+                topic,
+                problem,
+                replies_prefix(self.config.mqtt.prefix),
+            )
             return None
         return topic
 
@@ -377,12 +426,17 @@ class Updater:
                 self._clear_request(dep)
                 return False
             serving = self.daemon.active_bundle
-            rerun = done is not None and done["state"] == "committed" and (
-                serving is None or done.get("sha256") != serving.sha256)
+            rerun = (
+                done is not None
+                and done["state"] == "committed"
+                and (serving is None or done.get("sha256") != serving.sha256)
+            )
             if rerun:  # committed once, but another model serves now: the operator wants this one back
                 log.info("deployment %s committed before but does not serve now: running it again", dep.id)
             elif done is not None:
-                log.info("deployment %s was already done (%s): answering with its outcome", dep.id, done["state"])
+                log.info(
+                    "deployment %s was already done (%s): answering with its outcome", dep.id, done["state"]
+                )
                 details = {"model": serving.describe()} if done["state"] == "committed" and serving else {}
                 self._report(dep, done["state"], reason=done.get("reason"), repeat=True, **details)
                 return False
@@ -390,13 +444,22 @@ class Updater:
                 if self.current.id == dep.id:  # a resent request of the running deployment
                     self._report(self.current, self.current.state, repeat=True)
                 else:
-                    self._report(dep, "rejected", reason=f"busy: deployment {self.current.id} is in progress",
-                                 record=False)
+                    self._report(
+                        dep,
+                        "rejected",
+                        reason=f"busy: deployment {self.current.id} is in progress",
+                        record=False,
+                    )
                 return False
             if dep.request.size > self.config.model.max_bundle_bytes:
-                self._report(dep, "rejected", reason=(
-                    f"size: {dep.request.size} bytes is over model.max_bundle_bytes "
-                    f"({self.config.model.max_bundle_bytes})"))
+                self._report(
+                    dep,
+                    "rejected",
+                    reason=(
+                        f"size: {dep.request.size} bytes is over model.max_bundle_bytes "
+                        f"({self.config.model.max_bundle_bytes})"
+                    ),
+                )
                 return False
             if dep.request.chunks is not None:
                 dep.part = self.incoming / f"{dep.id}.part"
@@ -413,7 +476,12 @@ class Updater:
         dep = self.current
         if not payload:  # a retained chunk being cleared
             return
-        if dep is None or dep.part is None or len(parts) != 4 or (parts[0], parts[1], parts[2]) != (dep.topic, dep.id, "chunk"):
+        if (
+            dep is None
+            or dep.part is None
+            or len(parts) != 4
+            or (parts[0], parts[1], parts[2]) != (dep.topic, dep.id, "chunk")
+        ):
             return
         req = dep.request
         try:
@@ -422,8 +490,13 @@ class Updater:
             return
         expected = min(req.chunk_size, req.size - index * req.chunk_size) if 0 <= index < req.chunks else -1
         if len(payload) != expected:
-            log.warning("deployment %s: chunk %s has %d bytes, expected %d: ignored", dep.id, parts[3],
-                        len(payload), expected)
+            log.warning(
+                "deployment %s: chunk %s has %d bytes, expected %d: ignored",
+                dep.id,
+                parts[3],
+                len(payload),
+                expected,
+            )
             return
         with dep.lock:
             if index in dep.received or dep.complete.is_set():
@@ -472,7 +545,9 @@ class Updater:
         data = self._receive(dep)
         self._report(dep, "received", size=len(data))
         self._report(dep, "verifying")
-        bundle = vetting.verify(data, dep.request.size, dep.request.sha256, self.config, self.daemon.active_bundle)
+        bundle = vetting.verify(
+            data, dep.request.size, dep.request.sha256, self.config, self.daemon.active_bundle
+        )
         active = self.daemon.active_bundle
         if active is not None and bundle.sha256 == active.sha256:
             self._report(dep, "committed", model=bundle.describe(), detail="this model is already serving")
@@ -520,13 +595,24 @@ class Updater:
                     continue
                 missing = dep.missing()
                 if retries >= self.cfg.chunk_retries:
-                    raise Failed("rejected", (
-                        f"truncated chunk stream: {len(dep.received)} of {req.chunks} chunks received, none for "
-                        f"{self.cfg.chunk_timeout_s:g} s after {retries} requests for the missing ones"))
+                    raise Failed(
+                        "rejected",
+                        (
+                            f"truncated chunk stream: {len(dep.received)} of {req.chunks} chunks received, "
+                            "none for "
+                            f"{self.cfg.chunk_timeout_s:g} s after {retries} requests for the missing ones"
+                        ),
+                    )
                 retries += 1
                 dep.last_chunk = time.monotonic()
-                self._report(dep, "receiving", received=len(dep.received), chunks=req.chunks,
-                             missing=missing[:1000], record=False)
+                self._report(
+                    dep,
+                    "receiving",
+                    received=len(dep.received),
+                    chunks=req.chunks,
+                    missing=missing[:1000],
+                    record=False,
+                )
             data = dep.part.read_bytes()
         return data
 
@@ -538,8 +624,15 @@ class Updater:
         return window.verdict(baseline, self.cfg)
 
     # ---- reporting -----------------------------------------------------------------------------------
-    def _report(self, dep: Deployment, state: str, reason: str | None = None, record: bool = True,
-                repeat: bool = False, **details: Any) -> None:
+    def _report(
+        self,
+        dep: Deployment,
+        state: str,
+        reason: str | None = None,
+        record: bool = True,
+        repeat: bool = False,
+        **details: Any,
+    ) -> None:
         dep.state = state
         payload = {"id": dep.id, "device": self.base, "state": state, "time": utc_now(), **details}
         if reason:
@@ -547,10 +640,20 @@ class Updater:
         if repeat:
             payload["repeat"] = True
         if dep.request.nonce:
-            payload["nonce"] = dep.request.nonce  # which request this answers (`taxonedge deploy` filters on it)
+            payload["nonce"] = (
+                dep.request.nonce
+            )  # which request this answers (`taxonedge deploy` filters on it)
         if state in FINAL and record and not repeat:
-            self.history.record(dep.id, {"state": state, "reason": reason, "time": payload["time"],
-                                         "sha256": dep.request.sha256, "nonce": dep.request.nonce})
+            self.history.record(
+                dep.id,
+                {
+                    "state": state,
+                    "reason": reason,
+                    "time": payload["time"],
+                    "sha256": dep.request.sha256,
+                    "nonce": dep.request.nonce,
+                },
+            )
         if dep is self.current and not repeat and dep.source_file is None:
             if state in FINAL:
                 self.in_progress.clear()
@@ -577,7 +680,9 @@ class Updater:
         for i in range(dep.request.chunks or 0):
             self._send(f"{topic}/{dep.id}/chunk/{i}", b"", None, retain=True)
 
-    def _send(self, topic: str, payload: dict | bytes, correlation: bytes | None, retain: bool = False) -> None:
+    def _send(
+        self, topic: str, payload: dict | bytes, correlation: bytes | None, retain: bool = False
+    ) -> None:
         properties = None
         if correlation is not None:
             from paho.mqtt.packettypes import PacketTypes
@@ -589,7 +694,6 @@ class Updater:
             self.daemon.publish(topic, payload, qos=1, retain=retain, properties=properties)
         except Exception as exc:  # reporting must not break the deployment itself
             log.warning("cannot publish deployment progress on %s: %s", topic, exc)
-
 
 
 class DropFolder:
@@ -624,19 +728,25 @@ class DropFolder:
     def take(self, path: Path) -> None:
         data = path.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
-        request = DeployRequest(id=f"local-{digest[:16]}", size=max(len(data), 1), sha256=digest,
-                                url=path.resolve().as_uri())
+        request = DeployRequest(
+            id=f"local-{digest[:16]}", size=max(len(data), 1), sha256=digest, url=path.resolve().as_uri()
+        )
         dep = Deployment(request, topic="watch_dir", source_file=path)
         if not self.updater.submit(dep):  # seen before (its recorded outcome decides where it goes), or busy
-            done = self.updater.history.get(dep.id) or {"state": "rejected", "reason": "busy with another deployment"}
+            done = self.updater.history.get(dep.id) or {
+                "state": "rejected",
+                "reason": "busy with another deployment",
+            }
             self._file_away(path, done["state"], done.get("reason"))
             return
+
         # The worker reads the file; once it is done, move the file out of the way with its outcome.
         def follow() -> None:
             while self.updater.current is dep:
                 time.sleep(0.2)
             outcome = self.updater.history.get(dep.id) or {"state": "rejected", "reason": "unknown"}
             self._file_away(path, outcome["state"], outcome.get("reason"))
+
         self.updater.spawn(follow, f"update-watch-{dep.id}")
 
     @staticmethod
@@ -647,6 +757,7 @@ class DropFolder:
         if reason:  # written whole or not at all: whoever watches the folder never reads it half-written
             atomic_write(target / f"{path.name}.reason.txt", (reason + "\n").encode())
 
+
 def _why(exc: BaseException) -> str:
     """One line on what is wrong with a request."""
     if isinstance(exc, RecursionError):
@@ -656,7 +767,9 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, ValidationError):
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        return f"{loc}: {err['msg'].removeprefix('Value error, ')} (see docs/deploy.md for the request fields)"
+        return (
+            f"{loc}: {err['msg'].removeprefix('Value error, ')} (see docs/deploy.md for the request fields)"
+        )
     first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
     return f"not JSON: {first}" if isinstance(exc, json.JSONDecodeError) else first
 

@@ -43,12 +43,11 @@ def fetch(url: str, limit: int, cfg: UpdateConfig) -> bytes:
     """A bundle from a file:// or https:// URL, at most `limit` bytes."""
     try:
         if url.startswith("file://"):
-            path = Path(urllib.request.url2pathname(url[len("file://"):]))
+            path = Path(urllib.request.url2pathname(url[len("file://") :]))
             if path.stat().st_size > limit:
                 raise Failed("rejected", f"size: {path} is over model.max_bundle_bytes ({limit})")
             return path.read_bytes()
-        context = ssl.create_default_context(
-            cafile=str(cfg.fetch_ca_file) if cfg.fetch_ca_file else None)
+        context = ssl.create_default_context(cafile=str(cfg.fetch_ca_file) if cfg.fetch_ca_file else None)
         with urllib.request.urlopen(url, timeout=cfg.fetch_timeout_s, context=context) as resp:
             data = resp.read(limit + 1)
     except OSError as exc:
@@ -73,25 +72,40 @@ def verify(data: bytes, size: int, sha256: str, config: Config, active: Bundle |
     except BundleError as exc:  # its message starts with "bundle: "
         reason = str(exc)
         if "unsigned" in reason:
-            reason += (" (model.require_signature is on: sign it with `taxonedge convert --sign-key` or "
-                       "`taxonedge sign`)")
+            reason += (
+                " (model.require_signature is on: sign it with `taxonedge convert --sign-key` or "
+                "`taxonedge sign`)"
+            )
         raise Failed("rejected", reason) from None
     manifest = bundle.manifest
     if manifest.compatible != model.compatible:
-        raise Failed("rejected", f"compatible: the bundle is for '{manifest.compatible}', this device "
-                                 f"accepts '{model.compatible}'")
+        raise Failed(
+            "rejected",
+            f"compatible: the bundle is for '{manifest.compatible}', this device "
+            f"accepts '{model.compatible}'",
+        )
     if _version_tuple(manifest.min_daemon_version) > _version_tuple(__version__):
-        raise Failed("rejected", f"min_daemon_version: the bundle needs taxonedge >= "
-                                 f"{manifest.min_daemon_version}, this daemon is {__version__}")
+        raise Failed(
+            "rejected",
+            f"min_daemon_version: the bundle needs taxonedge >= "
+            f"{manifest.min_daemon_version}, this daemon is {__version__}",
+        )
     spec = manifest.input
     if spec.dtype == "float32" and config.inference.backend == "edgetpu":
         raise Failed("rejected", "input: a float32 model cannot run on the Edge TPU (inference.backend)")
-    if active is not None and model.taxonomy_policy == "same" and \
-            manifest.taxonomy_hash != active.manifest.taxonomy_hash:
-        raise Failed("rejected", (
-            f"taxonomy: the bundle's taxonomy ({bundle.taxonomy.num_leaves} leaves, hash "
-            f"{manifest.taxonomy_hash[:12]}) differs from the serving one ({active.taxonomy.num_leaves} "
-            f"leaves, hash {active.manifest.taxonomy_hash[:12]}) and model.taxonomy_policy = 'same'"))
+    if (
+        active is not None
+        and model.taxonomy_policy == "same"
+        and manifest.taxonomy_hash != active.manifest.taxonomy_hash
+    ):
+        raise Failed(
+            "rejected",
+            (
+                f"taxonomy: the bundle's taxonomy ({bundle.taxonomy.num_leaves} leaves, hash "
+                f"{manifest.taxonomy_hash[:12]}) differs from the serving one ({active.taxonomy.num_leaves} "
+                f"leaves, hash {active.manifest.taxonomy_hash[:12]}) and model.taxonomy_policy = 'same'"
+            ),
+        )
     return bundle
 
 
@@ -100,9 +114,14 @@ def self_test(bundle: Bundle, config: Config, report: Callable[..., None]) -> No
     of the Edge TPU library costs the worker, never the daemon), while the daemon's model serves."""
     report("warming")
     inference = config.inference
-    worker = InferenceWorker(bundle, backend=inference.backend, device=inference.edgetpu_device,
-                             num_threads=inference.interpreter_threads(), warmup_runs=inference.warmup_runs,
-                             invoke_timeout_s=inference.invoke_timeout_s)
+    worker = InferenceWorker(
+        bundle,
+        backend=inference.backend,
+        device=inference.edgetpu_device,
+        num_threads=inference.interpreter_threads(),
+        warmup_runs=inference.warmup_runs,
+        invoke_timeout_s=inference.invoke_timeout_s,
+    )
     try:
         try:
             info = worker.start()
@@ -114,16 +133,20 @@ def self_test(bundle: Bundle, config: Config, report: Callable[..., None]) -> No
     finally:
         worker.stop()
 
-def _golden_test(bundle: Bundle, cfg: UpdateConfig, worker: InferenceWorker, backend: str,
-                 report: Callable[..., None]) -> None:
+
+def _golden_test(
+    bundle: Bundle, cfg: UpdateConfig, worker: InferenceWorker, backend: str, report: Callable[..., None]
+) -> None:
     """The bundle's golden inputs must give its recorded outputs (exactly on the CPU, within the
     backend's tolerance on an accelerator)."""
     spec = bundle.manifest.input
     golden = bundle.golden()
     if golden is None:
         if cfg.require_golden:
-            raise Failed("rejected", "self_test: the bundle has no golden self-test set "
-                                     "(model.update.require_golden is on)")
+            raise Failed(
+                "rejected",
+                "self_test: the bundle has no golden self-test set (model.update.require_golden is on)",
+            )
         inputs, outputs = np.zeros((1, spec.height, spec.width, 3), dtype=np.dtype(spec.dtype)), None
     else:
         inputs, outputs = golden
@@ -133,7 +156,9 @@ def _golden_test(bundle: Bundle, cfg: UpdateConfig, worker: InferenceWorker, bac
         for i, image in enumerate(inputs):
             out = worker.raw(image)
             if not np.all(np.isfinite(out.astype(np.float64))):
-                raise Failed("rejected", f"self_test: the output for golden input {i} is not finite (NaN or inf)")
+                raise Failed(
+                    "rejected", f"self_test: the output for golden input {i} is not finite (NaN or inf)"
+                )
             if outputs is None:
                 continue
             expected = outputs[i]
@@ -141,9 +166,12 @@ def _golden_test(bundle: Bundle, cfg: UpdateConfig, worker: InferenceWorker, bac
                 raise Failed("rejected", f"self_test: output shape {out.shape}, golden {expected.shape}")
             diff = float(np.max(np.abs(out.astype(np.float64) - expected.astype(np.float64))))
             if not diff <= tolerance:
-                raise Failed("rejected", (
-                    f"self_test: golden input {i} gives outputs differing by {diff:g} from the recorded "
-                    f"ones (tolerance {tolerance} on {backend})"))
+                raise Failed(
+                    "rejected",
+                    (
+                        f"self_test: golden input {i} gives outputs differing by {diff:g} from the recorded "
+                        f"ones (tolerance {tolerance} on {backend})"
+                    ),
+                )
     except WorkerError as exc:
         raise Failed("rejected", f"self_test: {exc}") from None
-

@@ -64,7 +64,9 @@ class Broker:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {(self.workdir / 'mosquitto.log').read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"mosquitto exited: {(self.workdir / 'mosquitto.log').read_text()[-2000:]}"
+                )
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
                     return
@@ -101,8 +103,16 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 
 # ---- generated images -----------------------------------------------------------------------------
 # Each class is a distinct colour and shape so that a tiny model learns it in a few epochs.
-_PALETTE = [(220, 40, 40), (40, 200, 40), (40, 60, 220), (230, 210, 40), (200, 40, 200), (40, 210, 210),
-            (250, 140, 20), (120, 120, 120)]
+_PALETTE = [
+    (220, 40, 40),
+    (40, 200, 40),
+    (40, 60, 220),
+    (230, 210, 40),
+    (200, 40, 200),
+    (40, 210, 210),
+    (250, 140, 20),
+    (120, 120, 120),
+]
 
 
 def class_image(index: int, rng: np.random.Generator, size: int = 64) -> np.ndarray:
@@ -120,7 +130,9 @@ def class_image(index: int, rng: np.random.Generator, size: int = 64) -> np.ndar
     return img
 
 
-def write_image_tree(root: Path, labels: list[str], per_class: int = 12, size: int = 64, seed: int = 0) -> Path:
+def write_image_tree(
+    root: Path, labels: list[str], per_class: int = 12, size: int = 64, seed: int = 0
+) -> Path:
     """Write `per_class` JPEGs for each label path under `root` (`Fruit/Apple/Granny-Smith/0.jpg`)."""
     import cv2
 
@@ -134,7 +146,8 @@ def write_image_tree(root: Path, labels: list[str], per_class: int = 12, size: i
 
 
 def write_frames_folder(root: Path, per_class: int = 3, seed: int = 0) -> Path:
-    """A flat folder `root/frames` of JPEGs named 000.jpg, 001.jpg, ... in class order, as a folder source reads."""
+    """A flat folder `root/frames` of JPEGs named 000.jpg, 001.jpg, ... in class order, as a folder source
+    reads."""
     tree = write_image_tree(root / "tree", TINY_LABELS, per_class=per_class, seed=seed)
     flat = root / "frames"
     flat.mkdir()
@@ -163,11 +176,19 @@ def needs_shared(*paths: Path) -> pytest.MarkDecorator:
     return pytest.mark.skipif(bool(missing), reason=f"../shared not available ({', '.join(missing)})")
 
 
-def run_cli(*args: str, check: bool = True, timeout: float = 600, env: dict | None = None
-            ) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, check: bool = True, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run `python -m taxonedge ARGS` in a subprocess, as a user would, and return the result."""
-    proc = subprocess.run([sys.executable, "-m", "taxonedge", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        [sys.executable, "-m", "taxonedge", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"taxonedge {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"taxonedge {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc

@@ -21,7 +21,9 @@ BASE = f"taxonedge/plant/line1/{DEVICE}"
 REPLIES = "taxonedge/replies/tests"  # answers never go under the device's own BASE (protocol.py)
 
 
-def write_config(path: Path, broker: Any, bundle: Path, source: str, state_dir: Path, extra: str = "") -> Path:
+def write_config(
+    path: Path, broker: Any, bundle: Path, source: str, state_dir: Path, extra: str = ""
+) -> Path:
     """A daemon config: `source` is the TOML body of the [source] table; `extra` more tables."""
     path.write_text(f"""
 [device]
@@ -57,8 +59,9 @@ class Recorder:
     def __init__(self, port: int, topics: tuple[str, ...] = (f"{BASE}/#", REPLIES)):
         self.messages: list[tuple[str, Any, Any]] = []
         self._cond = threading.Condition()
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"rec-{time.monotonic_ns()}",
-                                  protocol=paho.MQTTv5)
+        self.client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2, client_id=f"rec-{time.monotonic_ns()}", protocol=paho.MQTTv5
+        )
         self.topics = topics
         self.client.on_connect = lambda c, u, f, rc, p: [c.subscribe(t, qos=1) for t in self.topics]
         self.client.on_message = self._on_message
@@ -109,9 +112,12 @@ class DaemonProcess:
     def __init__(self, config: Path, *args: str, env: dict | None = None):
         self.log_path = config.with_suffix(f".{time.monotonic_ns()}.log")
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - stays open while the daemon runs
-        self.proc = subprocess.Popen([sys.executable, "-m", "taxonedge", "run", "--config", str(config), *args],
-                                     stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "taxonedge", "run", "--config", str(config), *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
 
     @property
     def log(self) -> str:
@@ -132,7 +138,9 @@ class DaemonProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
-            raise AssertionError(f"daemon did not exit within {timeout} s; log:\n{self.log[-3000:]}") from None
+            raise AssertionError(
+                f"daemon did not exit within {timeout} s; log:\n{self.log[-3000:]}"
+            ) from None
         finally:
             self._log.close()
 
@@ -147,8 +155,9 @@ class Watcher:
     def __init__(self, port: int):
         self.messages: list[tuple[str, bytes, Properties | None]] = []
         self._lock = threading.Lock()
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"watcher-{time.monotonic_ns()}",
-                                  protocol=paho.MQTTv5)
+        self.client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2, client_id=f"watcher-{time.monotonic_ns()}", protocol=paho.MQTTv5
+        )
         ready = threading.Event()
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe("#", qos=1)
         self.client.on_subscribe = lambda *a: ready.set()
@@ -178,13 +187,17 @@ class Watcher:
         self.client.disconnect()
 
 
-SCHEMAS = {name: json.loads((Path(__file__).resolve().parents[1] / "edge" / "schemas" / f"{name}.schema.json")
-                            .read_text()) for name in ("label", "status", "stats", "model", "command-answer",
-                                                      "deploy-progress")}
+SCHEMAS = {
+    name: json.loads(
+        (Path(__file__).resolve().parents[1] / "edge" / "schemas" / f"{name}.schema.json").read_text()
+    )
+    for name in ("label", "status", "stats", "model", "command-answer", "deploy-progress")
+}
 
 
-def validate_device_messages(messages: list[tuple[str, bytes, Any]], base: str, replies: str | None = None
-                             ) -> list[dict]:
+def validate_device_messages(
+    messages: list[tuple[str, bytes, Any]], base: str, replies: str | None = None
+) -> list[dict]:
     """Every message a device published under `base` (and its answers on `replies`) against the schema
     generated from edge/protocol.py; returns the labels."""
     import jsonschema

@@ -14,9 +14,28 @@ import pytest
 from .conftest import run_cli
 
 TINY_TRAIN_ARGS = (
-    "--backbone", "mobilenet_v2", "--alpha", "0.35", "--input-size", "64", "--weights", "none",
-    "--head-epochs", "40", "--head-lr", "0.01", "--epochs", "2", "--unfreeze", "20", "--aux-parent", "0.5",
-    "--batch-size", "16", "--seed", "1",
+    "--backbone",
+    "mobilenet_v2",
+    "--alpha",
+    "0.35",
+    "--input-size",
+    "64",
+    "--weights",
+    "none",
+    "--head-epochs",
+    "40",
+    "--head-lr",
+    "0.01",
+    "--epochs",
+    "2",
+    "--unfreeze",
+    "20",
+    "--aux-parent",
+    "0.5",
+    "--batch-size",
+    "16",
+    "--seed",
+    "1",
 )
 
 
@@ -24,6 +43,16 @@ TINY_TRAIN_ARGS = (
 def tiny_run(tiny_tree: Path, tiny_val_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """RUN_DIR of `taxonedge train` on the tiny uneven-depth tree, validated on the tiny val tree."""
     out = tmp_path_factory.mktemp("tiny_run") / "run"
-    run_cli("train", "--data", str(tiny_tree), "--val", str(tiny_val_tree), "--out", str(out), *TINY_TRAIN_ARGS,
-            "--taxonomy-name", "tiny-goods")
+    run_cli(
+        "train",
+        "--data",
+        str(tiny_tree),
+        "--val",
+        str(tiny_val_tree),
+        "--out",
+        str(out),
+        *TINY_TRAIN_ARGS,
+        "--taxonomy-name",
+        "tiny-goods",
+    )
     return out

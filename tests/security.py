@@ -50,19 +50,65 @@ class Pki:
         return self.dir / f"{self.name}-ca.key"
 
     def create(self) -> Pki:
-        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                 "-keyout", self.ca_key.name, "-out", self.ca_cert.name, "-days", "2",
-                 "-subj", f"/CN=taxonedge test {self.name} CA", cwd=self.dir)
+        _openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            self.ca_key.name,
+            "-out",
+            self.ca_cert.name,
+            "-days",
+            "2",
+            "-subj",
+            f"/CN=taxonedge test {self.name} CA",
+            cwd=self.dir,
+        )
         return self
 
     def issue(self, name: str, common_name: str, server: bool = False) -> tuple[Path, Path]:
         """A key and a certificate signed by this CA: (cert, key)."""
         key, csr, cert = (self.dir / f"{self.name}-{name}.{ext}" for ext in ("key", "csr", "crt"))
         ext = ["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"] if server else []
-        _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                 "-keyout", key.name, "-out", csr.name, "-subj", f"/CN={common_name}", *ext, cwd=self.dir)
-        _openssl("x509", "-req", "-in", csr.name, "-CA", self.ca_cert.name, "-CAkey", self.ca_key.name,
-                 "-CAcreateserial", "-days", "2", "-copy_extensions", "copy", "-out", cert.name, cwd=self.dir)
+        _openssl(
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            key.name,
+            "-out",
+            csr.name,
+            "-subj",
+            f"/CN={common_name}",
+            *ext,
+            cwd=self.dir,
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            csr.name,
+            "-CA",
+            self.ca_cert.name,
+            "-CAkey",
+            self.ca_key.name,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-copy_extensions",
+            "copy",
+            "-out",
+            cert.name,
+            cwd=self.dir,
+        )
         return cert, key
 
 
@@ -163,11 +209,21 @@ def make_fleet_pki(directory: Path) -> tuple[Pki, Pki]:
     return fleet, rogue
 
 
-def tls_client(pki: Pki, username: str | None, password: str | None, *, ca: Path | None = None,
-               cert: str | None = None, client_id: str | None = None) -> paho.Client:
+def tls_client(
+    pki: Pki,
+    username: str | None,
+    password: str | None,
+    *,
+    ca: Path | None = None,
+    cert: str | None = None,
+    client_id: str | None = None,
+) -> paho.Client:
     """A paho MQTT v5 client with TLS; `cert` names the certificate (e.g. 'd1') issued by `pki`."""
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id or f"test-{username}-{os.getpid()}",
-                         protocol=paho.MQTTv5)
+    client = paho.Client(
+        paho.CallbackAPIVersion.VERSION2,
+        client_id=client_id or f"test-{username}-{os.getpid()}",
+        protocol=paho.MQTTv5,
+    )
     certfile = keyfile = None
     if cert is not None:
         certfile, keyfile = str(pki.dir / f"{pki.name}-{cert}.crt"), str(pki.dir / f"{pki.name}-{cert}.key")
@@ -219,6 +275,7 @@ def try_connect(client: paho.Client, port: int, timeout: float = 5.0) -> Outcome
 # (seccomp on socket()), MemoryDenyWriteExecute= (the kernel's PR_SET_MDWE), NoNewPrivileges= and an empty
 # CapabilityBoundingSet=. Then the real daemon is exec'ed inside it.
 
+
 def unit_values(unit_text: str, key: str) -> list[str]:
     out = []
     for line in unit_text.splitlines():
@@ -236,8 +293,9 @@ def expand_syscall_group(name: str, seen: set[str] | None = None) -> set[str]:
     if name in seen:
         return set()
     seen.add(name)
-    proc = subprocess.run(["systemd-analyze", "syscall-filter", name], capture_output=True, text=True,
-                          check=True, timeout=30)
+    proc = subprocess.run(
+        ["systemd-analyze", "syscall-filter", name], capture_output=True, text=True, check=True, timeout=30
+    )
     calls: set[str] = set()
     for line in proc.stdout.splitlines()[1:]:
         item = line.strip()
@@ -255,11 +313,15 @@ def unit_sandbox_spec(unit_text: str) -> dict:
         allow = allow - names if deny else allow | names
     families = [n for v in unit_values(unit_text, "RestrictAddressFamilies") for n in v.split()]
     errno_name = (unit_values(unit_text, "SystemCallErrorNumber") or ["EPERM"])[-1]
-    return {"allow": sorted(allow), "families": families, "errno": errno_name,
-            "mdwe": unit_values(unit_text, "MemoryDenyWriteExecute") == ["yes"]}
+    return {
+        "allow": sorted(allow),
+        "families": families,
+        "errno": errno_name,
+        "mdwe": unit_values(unit_text, "MemoryDenyWriteExecute") == ["yes"],
+    }
 
 
-SANDBOX_LAUNCHER = r'''
+SANDBOX_LAUNCHER = r"""
 import ctypes, errno, json, mmap, os, socket, sys
 spec = json.loads(sys.argv[1])
 libc = ctypes.CDLL(None, use_errno=True)
@@ -325,11 +387,12 @@ if spec.get("writable"):
 if spec["mdwe"]:
     refused("W+X memory", lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC))
 os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
-'''
+"""
 
 
-def sandboxed_command(unit_text: str, argv: list[str], writable: list[Path] | None = None,
-                      read_only_probe: Path | None = None) -> list[str]:
+def sandboxed_command(
+    unit_text: str, argv: list[str], writable: list[Path] | None = None, read_only_probe: Path | None = None
+) -> list[str]:
     """`python -c LAUNCHER SPEC ARGV...`: applies the unit's sandbox, then execs `python ARGV...`.
 
     With `writable` (the state directory and a stand-in for PrivateTmp=, which the caller passes as

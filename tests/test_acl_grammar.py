@@ -62,13 +62,27 @@ def allowed(rules: list[Rule], username: str, access: str, topic: str) -> bool:
 
 def test_a_device_may_use_every_topic_of_its_own_and_no_other_devices():
     rules, me = read_acl(ACL), "sorter-07"
-    writes = [DEVICE.labels, DEVICE.status, DEVICE.stats, DEVICE.model, DEVICE.deploy_progress("dep-1"),
-              DEVICE.deploy_progress(DEPLOY_REJECTED), DEVICE.response("state"),
-              DEVICE.deploy, deploy_chunk(DEVICE.deploy, "dep-1", 0),  # clearing its own retained request
-              f"{replies_prefix(PREFIX)}operator/1"]
-    reads = [DEVICE.command("state"), DEVICE.trigger, DEVICE.status, DEVICE.deploy,
-             deploy_chunk(DEVICE.deploy, "dep-1", 3), group_deploy(PREFIX, "line-a"),
-             deploy_chunk(group_deploy(PREFIX, "line-a"), "dep-2", 0)]
+    writes = [
+        DEVICE.labels,
+        DEVICE.status,
+        DEVICE.stats,
+        DEVICE.model,
+        DEVICE.deploy_progress("dep-1"),
+        DEVICE.deploy_progress(DEPLOY_REJECTED),
+        DEVICE.response("state"),
+        DEVICE.deploy,
+        deploy_chunk(DEVICE.deploy, "dep-1", 0),  # clearing its own retained request
+        f"{replies_prefix(PREFIX)}operator/1",
+    ]
+    reads = [
+        DEVICE.command("state"),
+        DEVICE.trigger,
+        DEVICE.status,
+        DEVICE.deploy,
+        deploy_chunk(DEVICE.deploy, "dep-1", 3),
+        group_deploy(PREFIX, "line-a"),
+        deploy_chunk(group_deploy(PREFIX, "line-a"), "dep-2", 0),
+    ]
     missing = [f"write {t}" for t in writes if not allowed(rules, me, "write", t)]
     missing += [f"read {t}" for t in reads if not allowed(rules, me, "read", t)]
     assert not missing, "the ACL example denies the device topics it uses:\n" + "\n".join(missing)
@@ -79,7 +93,11 @@ def test_a_device_may_use_every_topic_of_its_own_and_no_other_devices():
 
 def test_the_filters_a_device_subscribes_to_are_readable():
     rules, me = read_acl(ACL), "sorter-07"
-    for topic_filter in (DEVICE.commands, deploy_chunks(DEVICE.deploy), deploy_chunks(group_deploy(PREFIX, "g"))):
+    for topic_filter in (
+        DEVICE.commands,
+        deploy_chunks(DEVICE.deploy),
+        deploy_chunks(group_deploy(PREFIX, "g")),
+    ):
         concrete = topic_filter.replace("+", "x")
         assert allowed(rules, me, "read", concrete), topic_filter
 

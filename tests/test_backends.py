@@ -52,8 +52,9 @@ def test_the_shipped_backends_register_themselves():
 def test_an_unknown_backend_is_refused_by_name(tmp_path, broker):
     from taxonedge.edge.config import ConfigError, load_config
 
-    cfg = write_config(tmp_path / "c.toml", broker, tmp_path / "b.tebundle", 'type = "folder"\npath = "."',
-                       tmp_path / "st")
+    cfg = write_config(
+        tmp_path / "c.toml", broker, tmp_path / "b.tebundle", 'type = "folder"\npath = "."', tmp_path / "st"
+    )
     cfg.write_text(cfg.read_text().replace('backend = "auto"', 'backend = "hailo"'))
     with pytest.raises(ConfigError, match="inference.backend.*hailo.*auto, cpu, edgetpu"):
         load_config(cfg)
@@ -65,11 +66,18 @@ def test_a_toy_backend_in_one_file_serves_a_bundle_in_the_daemon(tmp_path, broke
     plugins.mkdir()
     (plugins / "toy_backend.py").write_text(TOY)
     count_file = tmp_path / "invokes.txt"
-    env = {"TAXONEDGE_BACKENDS": "toy_backend", "TOY_COUNT_FILE": str(count_file),
-           "PYTHONPATH": os.pathsep.join([str(plugins), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        "TAXONEDGE_BACKENDS": "toy_backend",
+        "TOY_COUNT_FILE": str(count_file),
+        "PYTHONPATH": os.pathsep.join([str(plugins), os.environ.get("PYTHONPATH", "")]),
+    }
     bundle = write_tiny_bundle(tmp_path / "tiny.tebundle")
-    frames = next(p for p in write_image_tree(tmp_path / "tree", TINY_LABELS[:1], per_class=4).rglob("*.jpg")).parent
-    cfg = write_config(tmp_path / "c.toml", broker, bundle, f'type = "folder"\npath = "{frames}"', tmp_path / "st")
+    frames = next(
+        p for p in write_image_tree(tmp_path / "tree", TINY_LABELS[:1], per_class=4).rglob("*.jpg")
+    ).parent
+    cfg = write_config(
+        tmp_path / "c.toml", broker, bundle, f'type = "folder"\npath = "{frames}"', tmp_path / "st"
+    )
     cfg.write_text(cfg.read_text().replace('backend = "auto"', 'backend = "toy"'))
     rec = Recorder(broker.port)
     try:
@@ -79,7 +87,9 @@ def test_a_toy_backend_in_one_file_serves_a_bundle_in_the_daemon(tmp_path, broke
         labels = labels_of(rec)
         assert {lb["backend"] for lb in labels} == {"toy"}
         assert rec.on("status")[0]["backend"] == "toy" and rec.on("status")[0]["state"] == "online"
-        validate_device_messages([(t, _raw(p), props) for t, p, props in rec.messages], "taxonedge/plant/line1/dev1")
+        validate_device_messages(
+            [(t, _raw(p), props) for t, p, props in rec.messages], "taxonedge/plant/line1/dev1"
+        )
     finally:
         rec.close()
     assert len(Path(count_file).read_text()) >= len(labels)  # the toy's interpreter answered every frame

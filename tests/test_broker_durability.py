@@ -1,4 +1,5 @@
-"""The shipped broker config keeps what it acknowledged: broker SIGKILLs during a replay burst, counted end to end.
+"""The shipped broker config keeps what it acknowledged: broker SIGKILLs during a replay burst, counted end
+to end.
 
 A consumer with a persistent session (clean_start false, session expiry, QoS 1) subscribes and goes away; a
 real daemon labels into a mosquitto that runs the persistence lines of systemd/mosquitto/taxonedge.conf
@@ -33,15 +34,28 @@ SHIPPED = REPO / "systemd" / "mosquitto" / "taxonedge.conf"
 # Lines of the shipped config a loopback test broker cannot take: TLS, accounts, ACL, the listener itself.
 KILLS_IN_BURST = 2
 LOST_PER_KILL = 0  # the daemon re-sends what was acknowledged just before a lost connection
-NEEDS_CERTS_OR_ACCOUNTS = {"listener", "cafile", "certfile", "keyfile", "tls_version", "require_certificate",
-                           "password_file", "acl_file", "allow_anonymous", "per_listener_settings"}
+NEEDS_CERTS_OR_ACCOUNTS = {
+    "listener",
+    "cafile",
+    "certfile",
+    "keyfile",
+    "tls_version",
+    "require_certificate",
+    "password_file",
+    "acl_file",
+    "allow_anonymous",
+    "per_listener_settings",
+}
 
 
 def shipped_settings() -> list[str]:
     """Every setting line of the shipped broker config except those that need certificates or accounts."""
     lines = [line.strip() for line in SHIPPED.read_text().splitlines()]
-    return [line for line in lines if line and not line.startswith("#")
-            and line.split()[0] not in NEEDS_CERTS_OR_ACCOUNTS]
+    return [
+        line
+        for line in lines
+        if line and not line.startswith("#") and line.split()[0] not in NEEDS_CERTS_OR_ACCOUNTS
+    ]
 
 
 def test_the_shipped_config_saves_after_every_change() -> None:
@@ -61,8 +75,11 @@ def durable_broker() -> Iterator[Broker]:
     if os.geteuid() == 0:  # mosquitto started as root saves as user mosquitto
         os.chown(store, pwd.getpwnam("mosquitto").pw_uid, -1)
     port = free_port()
-    config = (f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence_location {store}/\n"
-              + "\n".join(shipped_settings()) + "\n")
+    config = (
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence_location {store}/\n"
+        + "\n".join(shipped_settings())
+        + "\n"
+    )
     broker = Broker(port=port, workdir=workdir, extra_config=config)
     broker.start()
     yield broker
@@ -71,7 +88,8 @@ def durable_broker() -> Iterator[Broker]:
 
 
 class Consumer:
-    """A logistics consumer with a persistent session: what it misses while away waits for it at the broker."""
+    """A logistics consumer with a persistent session: what it misses while away waits for it at the
+    broker."""
 
     def __init__(self, port: int):
         self.port = port
@@ -79,7 +97,9 @@ class Consumer:
         self._lock = threading.Lock()
 
     def connect(self) -> paho.Client:
-        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="consumer-durable", protocol=paho.MQTTv5)
+        client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2, client_id="consumer-durable", protocol=paho.MQTTv5
+        )
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
         subscribed = threading.Event()
@@ -122,7 +142,8 @@ class Consumer:
 
 
 def daemon_connects(broker: Broker, after: int, timeout: float = 15.0) -> bool:
-    """True once the broker's log shows the daemon's connection number `after`+1 (its log lines accumulate)."""
+    """True once the broker's log shows the daemon's connection number `after`+1 (its log lines
+    accumulate)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         log = (broker.workdir / "mosquitto.log").read_text(errors="replace")
@@ -149,7 +170,9 @@ def test_broker_sigkills_during_the_replay_burst_lose_no_acknowledged_label(tmp_
         assert live.wait(lambda r: len(labels_of(r)) >= 40, 30), daemon.log
         connections = 1
         broker.kill()
-        for _ in range(KILLS_IN_BURST):  # each outage fills the outbox; the broker dies again while it is replayed
+        for _ in range(
+            KILLS_IN_BURST
+        ):  # each outage fills the outbox; the broker dies again while it is replayed
             time.sleep(2.0)
             broker.start()
             assert daemon_connects(broker, connections), daemon.log
@@ -180,4 +203,6 @@ def test_broker_sigkills_during_the_replay_burst_lose_no_acknowledged_label(tmp_
     # closes it: after a lost connection it sends again what the broker acknowledged within
     # mqtt.RESEND_WINDOW_S before (duplicates, which the consumer drops by msg_id).
     kills = 1 + KILLS_IN_BURST
-    assert len(lost) <= LOST_PER_KILL * kills, f"{len(lost)} of {last} acknowledged labels lost: seq {lost[:50]}"
+    assert len(lost) <= LOST_PER_KILL * kills, (
+        f"{len(lost)} of {last} acknowledged labels lost: seq {lost[:50]}"
+    )

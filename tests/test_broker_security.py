@@ -50,8 +50,9 @@ def rogue(pkis: tuple[Pki, Pki]) -> Pki:
 
 
 def start_broker(pki: Pki, require_certificate: bool = True) -> SecureBroker:
-    return SecureBroker(world_readable_dir("taxonedge-broker-"), pki, dict(PASSWORDS),
-                        require_certificate=require_certificate).start()
+    return SecureBroker(
+        world_readable_dir("taxonedge-broker-"), pki, dict(PASSWORDS), require_certificate=require_certificate
+    ).start()
 
 
 @pytest.fixture
@@ -127,14 +128,21 @@ def session(pki: Pki, broker: SecureBroker, user: str) -> Session:
 
 # ---- the ACL ------------------------------------------------------------------------------------------
 
+
 def test_device_publishes_only_under_its_own_prefix(pki: Pki, secure_broker: SecureBroker) -> None:
     operator = session(pki, secure_broker, OPERATOR)
     device = session(pki, secure_broker, "d1")
     try:
         assert operator.subscribe("taxonedge/#") == "Granted QoS 1"
         allowed = [f"{D1}/labels", f"{D1}/status", f"{D1}/model/deploy/42", f"{D1}/cmd/ping/response"]
-        denied = [f"{D2}/labels", f"{D2}/cmd/reboot", "taxonedge/s1/l1/labels", "taxonedge/groups/g1/deploy",
-                  "taxonedge/d1/labels", "elsewhere/d1"]
+        denied = [
+            f"{D2}/labels",
+            f"{D2}/cmd/reboot",
+            "taxonedge/s1/l1/labels",
+            "taxonedge/groups/g1/deploy",
+            "taxonedge/d1/labels",
+            "elsewhere/d1",
+        ]
         for topic in allowed:
             assert device.publish(topic) == "Success", topic
         for topic in denied:
@@ -152,18 +160,38 @@ def test_device_reads_only_its_own_command_and_model_topics(pki: Pki, secure_bro
     operator = session(pki, secure_broker, OPERATOR)
     device = session(pki, secure_broker, "d1")
     try:
-        for own in (f"{D1}/cmd/#", f"{D1}/model/deploy/#", f"{D1}/trigger", f"{D1}/status",
-                    "taxonedge/groups/g1/deploy/#"):
+        for own in (
+            f"{D1}/cmd/#",
+            f"{D1}/model/deploy/#",
+            f"{D1}/trigger",
+            f"{D1}/status",
+            "taxonedge/groups/g1/deploy/#",
+        ):
             assert device.subscribe(own) == "Granted QoS 1", own
         # mosquitto 2.0 grants any subscription and applies the ACL to each message it would deliver:
         # filters over other devices' topics and the whole tree are accepted, and deliver nothing foreign.
         for foreign in (f"{D2}/cmd/#", f"{D2}/model/#", f"{D2}/labels", "taxonedge/#"):
             device.subscribe(foreign)
         # its own trigger (item mode) and its own status (a restarted daemon corrects a late will) too
-        readable = [f"{D1}/cmd/ping", f"{D1}/model/deploy", f"{D1}/model/deploy/chunk/0", f"{D1}/trigger",
-                    f"{D1}/status", "taxonedge/groups/g1/deploy", "taxonedge/groups/g2/deploy/chunk/3"]
-        unreadable = [f"{D2}/cmd/ping", f"{D2}/model/deploy", f"{D2}/labels", f"{D1}/labels", f"{D2}/trigger",
-                      f"{D2}/status", "taxonedge/s1/l1/d1x/cmd/ping", "taxonedge/groups/g1/other"]
+        readable = [
+            f"{D1}/cmd/ping",
+            f"{D1}/model/deploy",
+            f"{D1}/model/deploy/chunk/0",
+            f"{D1}/trigger",
+            f"{D1}/status",
+            "taxonedge/groups/g1/deploy",
+            "taxonedge/groups/g2/deploy/chunk/3",
+        ]
+        unreadable = [
+            f"{D2}/cmd/ping",
+            f"{D2}/model/deploy",
+            f"{D2}/labels",
+            f"{D1}/labels",
+            f"{D2}/trigger",
+            f"{D2}/status",
+            "taxonedge/s1/l1/d1x/cmd/ping",
+            "taxonedge/groups/g1/other",
+        ]
         for topic in unreadable + readable:
             assert operator.publish(topic) == "Success", topic
         marker = f"{D1}/cmd/marker"
@@ -176,7 +204,8 @@ def test_device_reads_only_its_own_command_and_model_topics(pki: Pki, secure_bro
 
 
 def test_replies_go_only_under_the_reply_prefix_and_each_account_reads_its_own(
-        pki: Pki, secure_broker: SecureBroker) -> None:
+    pki: Pki, secure_broker: SecureBroker
+) -> None:
     """Devices answer on <prefix>/replies/<client> (never their own topics, edge/protocol.py); the ACL lets
     them write there and lets each account read the replies addressed to it, and no one else's."""
     operator = session(pki, secure_broker, OPERATOR)
@@ -204,6 +233,7 @@ def test_replies_go_only_under_the_reply_prefix_and_each_account_reads_its_own(
 
 # ---- refusals -----------------------------------------------------------------------------------------
 
+
 def test_valid_device_connects(pki: Pki, secure_broker: SecureBroker) -> None:
     # The control for the refusals below: the same setup with the right credentials gets in.
     outcome = try_connect(tls_client(pki, "d1", PASSWORDS["d1"], cert="d1"), secure_broker.port)
@@ -222,24 +252,32 @@ def refused_client(case: str, pki: Pki, rogue: Pki) -> paho.Client:
         "unknown user": lambda: tls_client(pki, "d9", d1, cert="d1"),
         "another device's password": lambda: tls_client(pki, "d1", PASSWORDS["d2"], cert="d1"),
         # Trusts the real broker, but presents a certificate the fleet CA never signed.
-        "client certificate from an untrusted CA": lambda: tls_client(rogue, "d1", d1, cert="d1", ca=pki.ca_cert),
+        "client certificate from an untrusted CA": lambda: tls_client(
+            rogue, "d1", d1, cert="d1", ca=pki.ca_cert
+        ),
         "no client certificate": lambda: tls_client(pki, "d1", d1),
-        "broker certificate not trusted by the client": lambda: tls_client(pki, "d1", d1, cert="d1", ca=rogue.ca_cert),
+        "broker certificate not trusted by the client": lambda: tls_client(
+            pki, "d1", d1, cert="d1", ca=rogue.ca_cert
+        ),
     }[case]()
 
 
-@pytest.mark.parametrize("case,expected", [
-    ("no credentials", "Not authorized"),
-    ("wrong password", "Not authorized"),
-    ("unknown user", "Not authorized"),
-    ("another device's password", "Not authorized"),
-    ("client certificate from an untrusted CA", ""),
-    ("no client certificate", ""),
-    ("broker certificate not trusted by the client", "certificate verify failed"),
-    ("plain TCP", ""),
-])
-def test_clients_without_valid_credentials_are_refused(case: str, expected: str, pki: Pki, rogue: Pki,
-                                                      secure_broker: SecureBroker) -> None:
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("no credentials", "Not authorized"),
+        ("wrong password", "Not authorized"),
+        ("unknown user", "Not authorized"),
+        ("another device's password", "Not authorized"),
+        ("client certificate from an untrusted CA", ""),
+        ("no client certificate", ""),
+        ("broker certificate not trusted by the client", "certificate verify failed"),
+        ("plain TCP", ""),
+    ],
+)
+def test_clients_without_valid_credentials_are_refused(
+    case: str, expected: str, pki: Pki, rogue: Pki, secure_broker: SecureBroker
+) -> None:
     outcome = try_connect(refused_client(case, pki, rogue), secure_broker.port)
     print(f"{case}: {outcome}")
     assert not outcome.connected
@@ -248,11 +286,21 @@ def test_clients_without_valid_credentials_are_refused(case: str, expected: str,
 
 # ---- the daemon's own MQTT link -----------------------------------------------------------------------
 
-def link_config(pki: Pki, port: int, password_file: str = "mqtt-password", ca: Path | None = None,
-                cert: str = "d1") -> MqttConfig:
-    return MqttConfig(host="127.0.0.1", port=port, username="d1", password_file=Path(password_file),
-                      tls=TlsConfig(ca_file=ca or pki.ca_cert, cert_file=pki.dir / f"{pki.name}-{cert}.crt",
-                                    key_file=pki.dir / f"{pki.name}-{cert}.key"))
+
+def link_config(
+    pki: Pki, port: int, password_file: str = "mqtt-password", ca: Path | None = None, cert: str = "d1"
+) -> MqttConfig:
+    return MqttConfig(
+        host="127.0.0.1",
+        port=port,
+        username="d1",
+        password_file=Path(password_file),
+        tls=TlsConfig(
+            ca_file=ca or pki.ca_cert,
+            cert_file=pki.dir / f"{pki.name}-{cert}.crt",
+            key_file=pki.dir / f"{pki.name}-{cert}.key",
+        ),
+    )
 
 
 @pytest.fixture
@@ -265,8 +313,15 @@ def credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def start_link(cfg: MqttConfig, outbox: Outbox, attempts: list[float] | None = None) -> MqttLink:
-    link = MqttLink(cfg, "taxonedge-d1-test", outbox, f"{D1}/status", b"offline",
-                    on_connected=lambda: None, on_message=lambda *a: None)
+    link = MqttLink(
+        cfg,
+        "taxonedge-d1-test",
+        outbox,
+        f"{D1}/status",
+        b"offline",
+        on_connected=lambda: None,
+        on_message=lambda *a: None,
+    )
     if attempts is not None:
         # Observe (not replace) the link's connection attempts: when each one starts.
         connect = link.client.connect
@@ -281,7 +336,8 @@ def start_link(cfg: MqttConfig, outbox: Outbox, attempts: list[float] | None = N
 
 
 def test_daemon_link_delivers_with_tls_client_certificate_and_systemd_credential(
-        pki: Pki, secure_broker: SecureBroker, credentials: Path, tmp_path: Path) -> None:
+    pki: Pki, secure_broker: SecureBroker, credentials: Path, tmp_path: Path
+) -> None:
     (credentials / "mqtt-password").write_text(PASSWORDS["d1"] + "\n")
     operator = session(pki, secure_broker, OPERATOR)
     outbox = Outbox(tmp_path / "outbox.sqlite")
@@ -302,15 +358,37 @@ def test_daemon_link_delivers_with_tls_client_certificate_and_systemd_credential
         outbox.close()
 
 
-@pytest.mark.parametrize("case,expected", [
-    ("wrong password", ["refused the connection", "Not authorized", "check mqtt.username and the password"]),
-    ("untrusted broker certificate", ["TLS certificate of 127.0.0.1", "does not verify", "check mqtt.tls.ca_file"]),
-    ("client certificate from an untrusted CA", ["closed the connection before accepting it",
-                                                 "refused the client certificate", "mqtt.tls.cert_file"]),
-])
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        (
+            "wrong password",
+            ["refused the connection", "Not authorized", "check mqtt.username and the password"],
+        ),
+        (
+            "untrusted broker certificate",
+            ["TLS certificate of 127.0.0.1", "does not verify", "check mqtt.tls.ca_file"],
+        ),
+        (
+            "client certificate from an untrusted CA",
+            [
+                "closed the connection before accepting it",
+                "refused the client certificate",
+                "mqtt.tls.cert_file",
+            ],
+        ),
+    ],
+)
 def test_daemon_link_reports_a_refusal_clearly_and_retries_with_backoff(
-        case: str, expected: list[str], pki: Pki, rogue: Pki, secure_broker: SecureBroker, credentials: Path,
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    case: str,
+    expected: list[str],
+    pki: Pki,
+    rogue: Pki,
+    secure_broker: SecureBroker,
+    credentials: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     (credentials / "mqtt-password").write_text("wrong\n" if case == "wrong password" else PASSWORDS["d1"])
     if case == "untrusted broker certificate":
         cfg = link_config(pki, secure_broker.port, ca=rogue.ca_cert)
@@ -364,7 +442,10 @@ def test_optional_client_certificate_password_only_listener(pki: Pki) -> None:
 
 # ---- the real daemon ----------------------------------------------------------------------------------
 
-def test_daemon_refused_then_admitted_keeps_every_label(pki: Pki, secure_broker: SecureBroker, tmp_path: Path) -> None:
+
+def test_daemon_refused_then_admitted_keeps_every_label(
+    pki: Pki, secure_broker: SecureBroker, tmp_path: Path
+) -> None:
     """`taxonedge run` with TLS, a client certificate and its password as a systemd credential: a wrong
     password is reported in one clear line, the daemon keeps classifying into its outbox and retrying, and
     once the broker accepts it every label arrives."""
@@ -377,11 +458,15 @@ def test_daemon_refused_then_admitted_keeps_every_label(pki: Pki, secure_broker:
     credentials = tmp_path / "credentials"
     credentials.mkdir()
     (credentials / "mqtt-password").write_text("not-the-password\n")
-    mqtt = (f'username = "{DEVICE}"\npassword_file = "mqtt-password"\n'
-            f'[mqtt.tls]\nca_file = "{pki.ca_cert}"\ncert_file = "{pki.dir / "fleet-d1.crt"}"\n'
-            f'key_file = "{pki.dir / "fleet-d1.key"}"\n')
+    mqtt = (
+        f'username = "{DEVICE}"\npassword_file = "mqtt-password"\n'
+        f'[mqtt.tls]\nca_file = "{pki.ca_cert}"\ncert_file = "{pki.dir / "fleet-d1.crt"}"\n'
+        f'key_file = "{pki.dir / "fleet-d1.key"}"\n'
+    )
     source = f'type = "folder"\npath = "{flat}"\nloop = true\npacing = "realtime"\nfps = 10'
-    config = write_config(tmp_path / "config.toml", secure_broker, bundle, source, tmp_path / "state", extra=mqtt)
+    config = write_config(
+        tmp_path / "config.toml", secure_broker, bundle, source, tmp_path / "state", extra=mqtt
+    )
     operator = session(pki, secure_broker, OPERATOR)
     operator.subscribe(f"taxonedge/plant/line1/{DEVICE}/labels")
     daemon = DaemonProcess(config, env={"CREDENTIALS_DIRECTORY": str(credentials)})
@@ -391,7 +476,9 @@ def test_daemon_refused_then_admitted_keeps_every_label(pki: Pki, secure_broker:
             time.sleep(0.2)
         time.sleep(3)  # classifying into the outbox meanwhile, retrying with backoff
         refusals = [line for line in daemon.log.splitlines() if "refused the connection" in line]
-        assert len(refusals) == 1 and "Not authorized" in refusals[0] and "password" in refusals[0], daemon.log
+        assert len(refusals) == 1 and "Not authorized" in refusals[0] and "password" in refusals[0], (
+            daemon.log
+        )
         assert daemon.proc.poll() is None and operator.received == []
         # The operator registers the password the device holds; the daemon's next retry gets in.
         secure_broker.reload({**PASSWORDS, DEVICE: "not-the-password"})
@@ -400,7 +487,10 @@ def test_daemon_refused_then_admitted_keeps_every_label(pki: Pki, secure_broker:
         seqs = sorted({json.loads(p)["seq"] for p in operator.payloads})
         # Labels made while refused were kept and delivered: the first ones are there, without gaps.
         assert seqs[0] == 1 and seqs == list(range(1, len(seqs) + 1)), seqs
-        print(f"refused once ({refusals[0].split('MQTT: ')[-1][:90]}...), then {len(seqs)} labels, seq 1..{seqs[-1]}")
+        print(
+            f"refused once ({refusals[0].split('MQTT: ')[-1][:90]}...), then {len(seqs)} labels, seq "
+            f"1..{seqs[-1]}"
+        )
     finally:
         if daemon.proc.poll() is None:
             daemon.kill()

@@ -29,8 +29,13 @@ MODEL_BYTES = b"TFL3" + bytes(range(256)) * 20  # content is opaque to the bundl
 def make_bundle(path, sign_key=None, model=MODEL_BYTES):
     tax = Taxonomy.from_paths(TINY_LABELS, name="tiny")
     files = {MODEL: model}
-    manifest = build_manifest(model=ModelInfo(name="m", version="3", created_at=utc_now()), taxonomy=tax,
-                              input_spec=InputSpec(), files=files, thresholds={"depth_1": 0.7})
+    manifest = build_manifest(
+        model=ModelInfo(name="m", version="3", created_at=utc_now()),
+        taxonomy=tax,
+        input_spec=InputSpec(),
+        files=files,
+        thresholds={"depth_1": 0.7},
+    )
     return write_bundle(path, manifest, files, sign_key=sign_key)
 
 
@@ -110,7 +115,9 @@ def test_manifest_edit_is_caught_without_and_with_signature(tmp_path, keys):
     # an attacker who also fixes SHA256SUMS still cannot forge the signature
     import hashlib
 
-    sums = "".join(f"{hashlib.sha256(members[n]).hexdigest()}  {n}\n" for n in ("manifest.json", "manifest.sig"))
+    sums = "".join(
+        f"{hashlib.sha256(members[n]).hexdigest()}  {n}\n" for n in ("manifest.json", "manifest.sig")
+    )
     members["SHA256SUMS"] = sums.encode()
     with pytest.raises(BundleError, match="does not verify"):
         read_bundle(_tar_bytes(members), public_key=load_public_key(keys / "k.pub"))
@@ -138,7 +145,9 @@ def test_unsupported_format_version(tmp_path):
     members["manifest.json"] = json.dumps(manifest).encode()
     import hashlib
 
-    members["SHA256SUMS"] = f"{hashlib.sha256(members['manifest.json']).hexdigest()}  manifest.json\n".encode()
+    members["SHA256SUMS"] = (
+        f"{hashlib.sha256(members['manifest.json']).hexdigest()}  manifest.json\n".encode()
+    )
     from taxonedge.edge.bundle import _tar_bytes
 
     with pytest.raises(BundleError, match="format_version 2 is not supported"):

@@ -109,18 +109,29 @@ def test_max_in_flight_auto_follows_the_invoke_time():
     assert pinned.in_flight_limit(0.003) == 1
     for bad in ("3", '"fast"'):
         text = GOOD + f"\n[inference]\nmax_in_flight = {bad}\n"
-        with pytest.raises(ConfigError, match=rf"config:{line_of(text, 'max_in_flight')}: inference.max_in_flight"):
+        with pytest.raises(
+            ConfigError, match=rf"config:{line_of(text, 'max_in_flight')}: inference.max_in_flight"
+        ):
             parse_config(text)
 
 
-@pytest.mark.parametrize(("roi", "message"), [
-    ("[0, 0, 100]", "expected 4 whole numbers [x, y, width, height] in pixels, got [0, 0, 100]"),
-    ("[0, 0, 100, 100, 5]", "expected 4 whole numbers [x, y, width, height] in pixels, got [0, 0, 100, 100, 5]"),
-    ('[0, "a", 100, 100]', "expected 4 whole numbers [x, y, width, height] in pixels, got [0, 'a', 100, 100]"),
-    ("[0, 0, 1.5, 100]", "expected 4 whole numbers"),
-    ("[0, true, 100, 100]", "expected 4 whole numbers"),
-    ("[0, 0, -100, 100]", "x and y must be >= 0, width and height > 0; got [0, 0, -100, 100]"),
-])
+@pytest.mark.parametrize(
+    ("roi", "message"),
+    [
+        ("[0, 0, 100]", "expected 4 whole numbers [x, y, width, height] in pixels, got [0, 0, 100]"),
+        (
+            "[0, 0, 100, 100, 5]",
+            "expected 4 whole numbers [x, y, width, height] in pixels, got [0, 0, 100, 100, 5]",
+        ),
+        (
+            '[0, "a", 100, 100]',
+            "expected 4 whole numbers [x, y, width, height] in pixels, got [0, 'a', 100, 100]",
+        ),
+        ("[0, 0, 1.5, 100]", "expected 4 whole numbers"),
+        ("[0, true, 100, 100]", "expected 4 whole numbers"),
+        ("[0, 0, -100, 100]", "x and y must be >= 0, width and height > 0; got [0, 0, -100, 100]"),
+    ],
+)
 def test_wrong_roi_gets_one_line_with_the_key_the_line_and_what_a_roi_is(tmp_path, roi, message):
     text = GOOD + f"\n[capture]\nstall_timeout_s = 5\nroi = {roi}\n"
     path = tmp_path / "c.toml"
@@ -133,7 +144,8 @@ def test_wrong_roi_gets_one_line_with_the_key_the_line_and_what_a_roi_is(tmp_pat
 
 
 def test_non_utf8_config_is_one_line_with_file_line_and_column(tmp_path):
-    """The issue's reproduction, through the real command: one line, exit 2, no UnicodeDecodeError traceback."""
+    """The issue's reproduction, through the real command: one line, exit 2, no UnicodeDecodeError
+    traceback."""
     path = tmp_path / "c.toml"
     path.write_bytes(GOOD.encode() + b"# caf\xe9\n")
     proc = run_cli("run", "--validate-config", str(path), check=False, timeout=60)
@@ -141,7 +153,8 @@ def test_non_utf8_config_is_one_line_with_file_line_and_column(tmp_path):
     line = len(GOOD.splitlines()) + 1
     assert proc.stderr.splitlines() == [
         f"taxonedge run: error: {path}:{line}:6: not UTF-8 (byte 0xe9 at offset {len(GOOD) + 5}): "
-        "TOML files must be UTF-8; save the file as UTF-8"]
+        "TOML files must be UTF-8; save the file as UTF-8"
+    ]
 
 
 def test_deep_nesting_and_control_characters_in_keys_stay_one_line():
@@ -155,11 +168,15 @@ def test_deep_nesting_and_control_characters_in_keys_stay_one_line():
 
 # ---- bytes-level fuzz of config files through `taxonedge run --validate-config` ----------------------------
 
+
 def _seed(folder: Path) -> bytes:
     # valid as it stands (validate() finds nothing): a folder source that exists, no bundle to read
-    return (GOOD.replace('type = "video"\npath = "/data/belt.mp4"', f'type = "folder"\npath = "{folder}"')
-            .replace("/opt/models/grocery.tebundle", str(folder / "missing.tebundle"))
-            .replace('bundle = "', '# bundle = "') + "\n[trigger]\nmode = \"item\"\nmax_waiting = 10\n").encode()
+    return (
+        GOOD.replace('type = "video"\npath = "/data/belt.mp4"', f'type = "folder"\npath = "{folder}"')
+        .replace("/opt/models/grocery.tebundle", str(folder / "missing.tebundle"))
+        .replace('bundle = "', '# bundle = "')
+        + '\n[trigger]\nmode = "item"\nmax_waiting = 10\n'
+    ).encode()
 
 
 @st.composite
@@ -170,11 +187,17 @@ def config_bytes(draw: st.DrawFn, seed: bytes) -> bytes:
     if kind == "random":
         return draw(st.binary(max_size=300))
     if kind == "latin1":
-        return seed.replace(b"sorter-2", draw(st.sampled_from([b"sorter-\xe9", b"\xff\xfe", b"\xc3", b"\xed\xa0\x80"])))
+        return seed.replace(
+            b"sorter-2", draw(st.sampled_from([b"sorter-\xe9", b"\xff\xfe", b"\xc3", b"\xed\xa0\x80"]))
+        )
     start = draw(st.integers(0, len(seed)))
     end = draw(st.integers(start, min(len(seed), start + 40)))
-    chunk = draw(st.one_of(st.binary(min_size=1, max_size=12),
-                           st.sampled_from([b"[", b"]", b"=", b'"', b"\n", b"#", b"\x00", b"\\", b"{", b"."])))
+    chunk = draw(
+        st.one_of(
+            st.binary(min_size=1, max_size=12),
+            st.sampled_from([b"[", b"]", b"=", b'"', b"\n", b"#", b"\x00", b"\\", b"{", b"."]),
+        )
+    )
     if kind == "replace":
         return seed[:start] + chunk + seed[end:]
     if kind == "insert":
@@ -187,8 +210,12 @@ def config_bytes(draw: st.DrawFn, seed: bytes) -> bytes:
 _ANSWER = re.compile(r"^[a-z_]+(\.[a-z_0-9]+)*: ")  # a problem validate() names by its key
 
 
-@settings(max_examples=150, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=st.data())
 def test_fuzzed_config_files_are_valid_or_refused_with_one_line_each(tmp_path, data):
     """Every input is valid (exit 0) or refused (exit 2) with lines that each name the file (with the line
@@ -209,8 +236,9 @@ def test_fuzzed_config_files_are_valid_or_refused_with_one_line_each(tmp_path, d
         return
     assert code == 2, (code, err.getvalue())
     first, *rest = err.getvalue().splitlines()
-    assert first.startswith(f"taxonedge run: error: {path}") or _ANSWER.match(first.removeprefix(
-        "taxonedge run: error: ")), first
+    assert first.startswith(f"taxonedge run: error: {path}") or _ANSWER.match(
+        first.removeprefix("taxonedge run: error: ")
+    ), first
     for line in rest:
         assert line.startswith(f"{path}") or _ANSWER.match(line), line
     assert "Traceback" not in err.getvalue()

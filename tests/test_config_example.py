@@ -95,8 +95,13 @@ def test_the_walk_notices_a_missing_key_and_a_wrong_default() -> None:
 
 
 def test_the_example_validates_from_the_repository_root() -> None:
-    proc = subprocess.run([sys.executable, "-m", "taxonedge", "run", "--validate-config", "examples/config.toml"],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "taxonedge", "run", "--validate-config", "examples/config.toml"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("examples/config.toml: valid (video source"), proc.stdout
 

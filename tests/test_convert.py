@@ -23,8 +23,9 @@ SIZE = 32
 DATA = Path(__file__).parent / "data"
 
 
-def write_run(run: Path, train_tree: Path, val_tree: Path, config: dict | None = None, epochs: int = 15,
-              build=None) -> Path:
+def write_run(
+    run: Path, train_tree: Path, val_tree: Path, config: dict | None = None, epochs: int = 15, build=None
+) -> Path:
     """A run directory in exactly the layout `taxonedge train` writes, with a small real Keras 3 model."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
@@ -35,8 +36,9 @@ def write_run(run: Path, train_tree: Path, val_tree: Path, config: dict | None =
     spec = InputSpec(height=SIZE, width=SIZE)
     splits = {}
     for key, tree in (("train", train_tree), ("val", val_tree)):
-        splits[key] = [[str(p.resolve()), str(p.parent.relative_to(tree))]
-                       for p in sorted(tree.rglob("*.jpg"))]
+        splits[key] = [
+            [str(p.resolve()), str(p.parent.relative_to(tree))] for p in sorted(tree.rglob("*.jpg"))
+        ]
     x = np.stack([load_image(p, spec) for p, _ in splits["train"]]).astype("float32")
     y = np.array([taxonomy.leaf_index(label) for _, label in splits["train"]])
     config = config or {"backbone": "tiny-cnn", "input_size": SIZE, "seed": 0}
@@ -56,8 +58,9 @@ def write_run(run: Path, train_tree: Path, val_tree: Path, config: dict | None =
     (run / "taxonomy.json").write_text(json.dumps(taxonomy.to_dict()))
     (run / "input_spec.json").write_text(spec.model_dump_json())
     (run / "config.json").write_text(json.dumps(config))
-    (run / "calibration.json").write_text(json.dumps({"temperature": 1.0, "thresholds": {"depth_1": 0.5},
-                                                      "target_precision": 0.98}))
+    (run / "calibration.json").write_text(
+        json.dumps({"temperature": 1.0, "thresholds": {"depth_1": 0.5}, "target_precision": 0.98})
+    )
     (run / "splits.json").write_text(json.dumps({**splits, "val_source": "separate"}))
     (run / "metrics.json").write_text("{}")
     return run
@@ -74,8 +77,20 @@ def converted(tmp_path_factory, tiny_convert_run) -> tuple[Path, Path, object]:
     tmp = tmp_path_factory.mktemp("converted")
     generate_keypair(tmp / "k.key", tmp / "k.pub")
     bundle = tmp / "tiny.tebundle"
-    proc = run_cli("convert", "--run", str(tiny_convert_run), "--out", str(bundle), "--sign-key", str(tmp / "k.key"),
-                   "--calibration-images", "32", "--version", "7", env={"PATH": "/usr/bin:/bin"})
+    proc = run_cli(
+        "convert",
+        "--run",
+        str(tiny_convert_run),
+        "--out",
+        str(bundle),
+        "--sign-key",
+        str(tmp / "k.key"),
+        "--calibration-images",
+        "32",
+        "--version",
+        "7",
+        env={"PATH": "/usr/bin:/bin"},
+    )
     return bundle, tmp / "k.pub", proc
 
 
@@ -90,10 +105,15 @@ def test_ptq_int8_bundle_is_complete_and_runs_like_the_float_model(converted, ti
     m = bundle.manifest
     assert bundle.signature_status == "valid"
     assert m.model.version == "7" and m.model.backbone == "tiny-cnn"
-    assert m.quantization.mode == "int8" and not m.quantization.qat and m.quantization.calibration_images == 32
-    # Input spec from the converted tensor: raw uint8 pixels (scale 1, zero point 0), as the device feeds them.
+    assert (
+        m.quantization.mode == "int8" and not m.quantization.qat and m.quantization.calibration_images == 32
+    )
+    # Input spec from the converted tensor: raw uint8 pixels (scale 1, zero point 0), as the device feeds
+    # them.
     assert (m.input.dtype, m.input.scale, m.input.zero_point) == ("uint8", 1.0, 0)
-    assert m.output.name == "output_0" and m.output.dtype == "uint8" and m.output.scale == pytest.approx(1 / 256)
+    assert (
+        m.output.name == "output_0" and m.output.dtype == "uint8" and m.output.scale == pytest.approx(1 / 256)
+    )
     assert m.temperature == 1.0
     # Back-off thresholds are re-chosen on the int8 outputs (what the device decides on); the float
     # calibration is kept for the record, and every published depth reaches the target precision on val.
@@ -101,7 +121,10 @@ def test_ptq_int8_bundle_is_complete_and_runs_like_the_float_model(converted, ti
     assert chosen["float_calibration"] == {"depth_1": 0.5} and chosen["deployed"] == m.thresholds
     # with what they are worth on new images of the same kind (calibrate.check_thresholds, tested there)
     assert set(chosen["two_fold_check"]) == set(m.thresholds)
-    assert all(row["precision"] is None or 0.0 <= row["precision"] <= 1.0 for row in chosen["two_fold_check"].values())
+    assert all(
+        row["precision"] is None or 0.0 <= row["precision"] <= 1.0
+        for row in chosen["two_fold_check"].values()
+    )
     assert set(m.thresholds) == {"depth_1", "depth_2", "depth_3"}
     for depth, row in m.metrics["backoff_deployed"].items():
         if depth.startswith("depth_") and row["count"]:
@@ -130,21 +153,49 @@ def test_ptq_int8_bundle_is_complete_and_runs_like_the_float_model(converted, ti
     from taxonedge.edge.preprocess import load_image
 
     splits = json.loads((tiny_convert_run / "splits.json").read_text())
-    correct = [bundle.taxonomy.leaf_labels[int(classifier.probabilities(load_image(p, m.input)).argmax())] == label
-               for p, label in splits["val"]]
+    correct = [
+        bundle.taxonomy.leaf_labels[int(classifier.probabilities(load_image(p, m.input)).argmax())] == label
+        for p, label in splits["val"]
+    ]
     assert np.mean(correct) > 0.9
 
 
 def test_gate_refuses_and_writes_nothing(tiny_convert_run, tmp_path):
     out = tmp_path / "refused.tebundle"
     # A negative allowance demands that int8 beat float by 50 points at every level: impossible.
-    proc = run_cli("convert", "--run", str(tiny_convert_run), "--out", str(out), "--max-drop", "-50",
-                   "--calibration-images", "16", check=False)
+    proc = run_cli(
+        "convert",
+        "--run",
+        str(tiny_convert_run),
+        "--out",
+        str(out),
+        "--max-drop",
+        "-50",
+        "--calibration-images",
+        "16",
+        check=False,
+    )
     assert proc.returncode == 1, proc.stderr
-    assert "accuracy gate failed" in proc.stderr and "depth_1" in proc.stderr and "no bundle written" in proc.stderr
+    assert (
+        "accuracy gate failed" in proc.stderr
+        and "depth_1" in proc.stderr
+        and "no bundle written" in proc.stderr
+    )
     assert not out.exists() and list(tmp_path.iterdir()) == []  # no temp file left either
-    forced = run_cli("convert", "--run", str(tiny_convert_run), "--out", str(out), "--max-drop", "-50",
-                     "--calibration-images", "16", "--force", "--edgetpu", "skip")
+    forced = run_cli(
+        "convert",
+        "--run",
+        str(tiny_convert_run),
+        "--out",
+        str(out),
+        "--max-drop",
+        "-50",
+        "--calibration-images",
+        "16",
+        "--force",
+        "--edgetpu",
+        "skip",
+    )
     assert "FORCED" in forced.stdout
     m = read_bundle(out).manifest
     assert m.metrics["gate"]["passed"] is False and m.edgetpu["status"] == "skipped"
@@ -161,7 +212,9 @@ def test_gate_refuses_a_model_that_loses_accuracy_in_int8(tmp_path, tiny_convert
     trained = keras.saving.load_model(run / "model.keras")
     dense = trained.layers[-2]
     features = trained.layers[-3].output
-    big = keras.layers.Dense(1, kernel_initializer="zeros", bias_initializer=keras.initializers.Constant(5000.0))
+    big = keras.layers.Dense(
+        1, kernel_initializer="zeros", bias_initializer=keras.initializers.Constant(5000.0)
+    )
     joined = keras.layers.Concatenate()([features, big(features)])
     head = keras.layers.Dense(dense.units)
     lossy = keras.Model(trained.inputs, keras.layers.Softmax()(head(joined)))
@@ -177,8 +230,18 @@ def test_gate_refuses_a_model_that_loses_accuracy_in_int8(tmp_path, tiny_convert
 @pytest.mark.parametrize("mode", ["float16", "dynamic"])
 def test_cpu_modes_are_labelled_and_refused_for_the_edgetpu(tiny_convert_run, tmp_path, mode):
     out = tmp_path / f"{mode}.tebundle"
-    refused = run_cli("convert", "--run", str(tiny_convert_run), "--out", str(out), "--mode", mode,
-                      "--edgetpu", "require", check=False)
+    refused = run_cli(
+        "convert",
+        "--run",
+        str(tiny_convert_run),
+        "--out",
+        str(out),
+        "--mode",
+        mode,
+        "--edgetpu",
+        "require",
+        check=False,
+    )
     assert refused.returncode == 1 and "needs full int8" in refused.stderr and not out.exists()
     run_cli("convert", "--run", str(tiny_convert_run), "--out", str(out), "--mode", mode)
     bundle = read_bundle(out)
@@ -191,8 +254,19 @@ def test_cpu_modes_are_labelled_and_refused_for_the_edgetpu(tiny_convert_run, tm
 
 def test_absent_compiler_with_require_fails_cleanly(tiny_convert_run, tmp_path):
     out = tmp_path / "b.tebundle"
-    proc = run_cli("convert", "--run", str(tiny_convert_run), "--out", str(out), "--edgetpu", "require",
-                   "--calibration-images", "16", env={"PATH": "/usr/bin:/bin"}, check=False)
+    proc = run_cli(
+        "convert",
+        "--run",
+        str(tiny_convert_run),
+        "--out",
+        str(out),
+        "--edgetpu",
+        "require",
+        "--calibration-images",
+        "16",
+        env={"PATH": "/usr/bin:/bin"},
+        check=False,
+    )
     assert proc.returncode == 1 and "edgetpu_compiler is not on PATH" in proc.stderr and not out.exists()
 
 
@@ -206,7 +280,8 @@ def _fake_compiler(folder: Path, log_name: str, exit_code: int = 0) -> Path:
         "#!/bin/sh\n"
         '# args: -s -o OUTDIR MODEL\nout="$3"; model="$4"\n'
         f'cat "{DATA / log_name}"\n'
-        f'[ {exit_code} -eq 0 ] && cp "$model" "$out/model_edgetpu.tflite" && echo "# compiled" >> "$out/model_edgetpu.log"\n'
+        f'[ {exit_code} -eq 0 ] && cp "$model" "$out/model_edgetpu.tflite" && echo "# compiled" >> '
+        '"$out/model_edgetpu.log"\n'
         f"exit {exit_code}\n"
     )
     exe.chmod(0o755)
@@ -216,12 +291,24 @@ def _fake_compiler(folder: Path, log_name: str, exit_code: int = 0) -> Path:
 def test_compiler_on_path_adds_the_edgetpu_model(tiny_convert_run, tmp_path):
     bin_dir = _fake_compiler(tmp_path / "bin", "edgetpu_compiler_all_mapped.log")
     out = tmp_path / "tpu.tebundle"
-    run_cli("convert", "--run", str(tiny_convert_run), "--out", str(out), "--edgetpu", "require",
-            "--calibration-images", "16", env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
+    run_cli(
+        "convert",
+        "--run",
+        str(tiny_convert_run),
+        "--out",
+        str(out),
+        "--edgetpu",
+        "require",
+        "--calibration-images",
+        "16",
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+    )
     bundle = read_bundle(out)
     report = bundle.manifest.edgetpu
     assert report["status"] == "compiled" and report["compiler"]["all_mapped"]
-    assert report["compiler"]["edgetpu_ops"] == 67 and report["compiler"]["compiler_version"] == "16.0.384591198"
+    assert (
+        report["compiler"]["edgetpu_ops"] == 67 and report["compiler"]["compiler_version"] == "16.0.384591198"
+    )
     assert bundle.files[MODEL_EDGETPU] == bundle.files[MODEL]  # what the (stand-in) compiler wrote
 
 
@@ -229,20 +316,41 @@ def test_compiler_that_maps_only_part_fails_require(tiny_convert_run, tmp_path):
     bin_dir = _fake_compiler(tmp_path / "bin", "edgetpu_compiler_partial.log")
     out = tmp_path / "tpu.tebundle"
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
-    proc = run_cli("convert", "--run", str(tiny_convert_run), "--out", str(out), "--edgetpu", "require",
-                   "--calibration-images", "16", env=env, check=False)
+    proc = run_cli(
+        "convert",
+        "--run",
+        str(tiny_convert_run),
+        "--out",
+        str(out),
+        "--edgetpu",
+        "require",
+        "--calibration-images",
+        "16",
+        env=env,
+        check=False,
+    )
     assert proc.returncode == 1 and "125 ops run on the CPU" in proc.stderr and "HARD_SWISH" in proc.stderr
     assert not out.exists()
     # auto: shipped, with the partial report and the compiled model (it still runs, partly on the CPU).
-    run_cli("convert", "--run", str(tiny_convert_run), "--out", str(out), "--calibration-images", "16", env=env)
+    run_cli(
+        "convert", "--run", str(tiny_convert_run), "--out", str(out), "--calibration-images", "16", env=env
+    )
     assert read_bundle(out).manifest.edgetpu["status"] == "partially mapped"
 
 
 def test_compiler_failure_ships_cpu_model_in_auto_mode(tiny_convert_run, tmp_path):
     bin_dir = _fake_compiler(tmp_path / "bin", "edgetpu_compiler_op_version.log", exit_code=1)
     out = tmp_path / "b.tebundle"
-    run_cli("convert", "--run", str(tiny_convert_run), "--out", str(out), "--calibration-images", "16",
-            env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
+    run_cli(
+        "convert",
+        "--run",
+        str(tiny_convert_run),
+        "--out",
+        str(out),
+        "--calibration-images",
+        "16",
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+    )
     bundle = read_bundle(out)
     assert bundle.manifest.edgetpu["status"] == "compile failed"
     assert "FULLY_CONNECTED' version '12'" in bundle.manifest.edgetpu["summary"]
@@ -252,7 +360,9 @@ def test_compiler_failure_ships_cpu_model_in_auto_mode(tiny_convert_run, tmp_pat
 # ---- bad input ------------------------------------------------------------------------------------
 def _convert_fails(run: Path, tmp_path: Path, *extra: str) -> str:
     out = tmp_path / "never.tebundle"
-    proc = run_cli("convert", "--run", str(run), "--out", str(out), "--calibration-images", "8", *extra, check=False)
+    proc = run_cli(
+        "convert", "--run", str(run), "--out", str(out), "--calibration-images", "8", *extra, check=False
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "no bundle written" in proc.stderr
     assert not out.exists()
@@ -328,27 +438,67 @@ def test_empty_calibration_set(tiny_convert_run, tmp_path):
 def test_bad_sign_key_fails_before_any_work(tiny_convert_run, tmp_path):
     (tmp_path / "not.key").write_text("hello")
     assert "not a readable unencrypted PEM private key" in _convert_fails(
-        tiny_convert_run, tmp_path, "--sign-key", str(tmp_path / "not.key"))
+        tiny_convert_run, tmp_path, "--sign-key", str(tmp_path / "not.key")
+    )
 
 
 def test_qat_for_a_backbone_the_trainer_cannot_rebuild(tiny_convert_run, tmp_path):
     out = tmp_path / "never.tebundle"
-    proc = run_cli("convert", "--run", str(tiny_convert_run), "--out", str(out), "--qat", "yes",
-                   "--calibration-images", "8", "--qat-images", "8", check=False)
+    proc = run_cli(
+        "convert",
+        "--run",
+        str(tiny_convert_run),
+        "--out",
+        str(out),
+        "--qat",
+        "yes",
+        "--calibration-images",
+        "8",
+        "--qat-images",
+        "8",
+        check=False,
+    )
     assert proc.returncode == 1 and "quantization-aware training failed" in proc.stderr
     assert "unknown backbone 'tiny-cnn'" in proc.stderr and not out.exists()
     # --qat auto: the gate's numbers stay in the message, with the reason QAT could not help.
-    proc = run_cli("convert", "--run", str(tiny_convert_run), "--out", str(out), "--qat", "auto", "--max-drop", "-50",
-                   "--calibration-images", "8", "--qat-images", "8", check=False)
+    proc = run_cli(
+        "convert",
+        "--run",
+        str(tiny_convert_run),
+        "--out",
+        str(out),
+        "--qat",
+        "auto",
+        "--max-drop",
+        "-50",
+        "--calibration-images",
+        "8",
+        "--qat-images",
+        "8",
+        check=False,
+    )
     assert proc.returncode == 1 and "accuracy gate failed" in proc.stderr and "leaf" in proc.stderr
     assert "--qat auto could not run quantization-aware training" in proc.stderr and not out.exists()
 
 
-def test_target_precision_overrides_the_runs_for_the_deployed_thresholds(converted, tiny_convert_run, tmp_path):
+def test_target_precision_overrides_the_runs_for_the_deployed_thresholds(
+    converted, tiny_convert_run, tmp_path
+):
     default = read_bundle(converted[0]).manifest
     out = tmp_path / "strict.tebundle"
-    run_cli("convert", "--run", str(tiny_convert_run), "--out", str(out), "--calibration-images", "32",
-            "--edgetpu", "skip", "--target-precision", "1.0")
+    run_cli(
+        "convert",
+        "--run",
+        str(tiny_convert_run),
+        "--out",
+        str(out),
+        "--calibration-images",
+        "32",
+        "--edgetpu",
+        "skip",
+        "--target-precision",
+        "1.0",
+    )
     strict = read_bundle(out).manifest
     assert strict.metrics["thresholds"]["target_precision"] == 1.0
     assert default.metrics["thresholds"]["target_precision"] == 0.98  # the run's, when not given
@@ -357,13 +507,34 @@ def test_target_precision_overrides_the_runs_for_the_deployed_thresholds(convert
             assert row["precision"] == 1.0 or strict.thresholds[depth] == 1.0, (depth, row)
     # same int8 model and validation outputs: a stricter target never lowers a threshold
     assert all(strict.thresholds[d] >= default.thresholds[d] for d in default.thresholds)
-    proc = run_cli("convert", "--run", str(tiny_convert_run), "--out", str(tmp_path / "x.tebundle"),
-                   "--target-precision", "0", check=False)
-    assert proc.returncode == 2 and "between 0 and 1" in proc.stderr and not (tmp_path / "x.tebundle").exists()
+    proc = run_cli(
+        "convert",
+        "--run",
+        str(tiny_convert_run),
+        "--out",
+        str(tmp_path / "x.tebundle"),
+        "--target-precision",
+        "0",
+        check=False,
+    )
+    assert (
+        proc.returncode == 2 and "between 0 and 1" in proc.stderr and not (tmp_path / "x.tebundle").exists()
+    )
 
 
 def test_help_lists_the_options():
     out = run_cli("convert", "--help").stdout
-    for option in ("--run", "--out", "--mode", "--qat", "--calibration-images", "--max-drop", "--force",
-                   "--sign-key", "--edgetpu", "--name", "--version"):
+    for option in (
+        "--run",
+        "--out",
+        "--mode",
+        "--qat",
+        "--calibration-images",
+        "--max-drop",
+        "--force",
+        "--sign-key",
+        "--edgetpu",
+        "--name",
+        "--version",
+    ):
         assert option in out

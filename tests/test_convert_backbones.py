@@ -17,11 +17,22 @@ def test_vgg16_converts_with_an_edgetpu_warning(tmp_path, tiny_tree, tiny_val_tr
     from taxonedge.train.model import build_classifier
 
     config = {"backbone": "vgg16", "input_size": 32, "dropout": 0.0, "weights": "none", "seed": 0}
-    run = write_run(tmp_path / "run", tiny_tree, tiny_val_tree, config=config, epochs=1, build=build_classifier)
+    run = write_run(
+        tmp_path / "run", tiny_tree, tiny_val_tree, config=config, epochs=1, build=build_classifier
+    )
     out = tmp_path / "vgg.tebundle"
     # --force: one epoch from random weights; the gate has its own tests.
-    proc = run_cli("convert", "--run", str(run), "--out", str(out), "--calibration-images", "8", "--force",
-                   env={"PATH": "/usr/bin:/bin"})
+    proc = run_cli(
+        "convert",
+        "--run",
+        str(run),
+        "--out",
+        str(out),
+        "--calibration-images",
+        "8",
+        "--force",
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert "warning: VGG16" in proc.stdout and "8 MB on-chip memory" in proc.stdout
     bundle = read_bundle(out)
     assert bundle.manifest.model.backbone == "vgg16" and bundle.manifest.quantization.mode == "int8"
@@ -33,15 +44,18 @@ def test_vgg16_converts_with_an_edgetpu_warning(tmp_path, tiny_tree, tiny_val_tr
     assert "warning  VGG16" in shown
 
 
-def test_a_run_written_by_taxonedge_train_converts(tiny_run, tmp_path):  # noqa: F811
+def test_a_run_written_by_taxonedge_train_converts(tiny_run, tmp_path):
     """The run-directory contract with the trainer: everything the manifest takes from the run arrives."""
     import json
 
     from taxonedge.edge.taxonomy import Taxonomy
 
     out = tmp_path / "trained.tebundle"
-    # A 2-epoch model on 24 val images: one image is 4.2 points, so the gate is loosened; it has its own tests.
-    run_cli("convert", "--run", str(tiny_run), "--out", str(out), "--calibration-images", "32", "--max-drop", "25")
+    # A 2-epoch model on 24 val images: one image is 4.2 points, so the gate is loosened; it has its own
+    # tests.
+    run_cli(
+        "convert", "--run", str(tiny_run), "--out", str(out), "--calibration-images", "32", "--max-drop", "25"
+    )
     m = read_bundle(out).manifest
     calibration = json.loads((tiny_run / "calibration.json").read_text())
     assert m.metrics["thresholds"]["float_calibration"] == pytest.approx(calibration["thresholds"])

@@ -105,7 +105,7 @@ def test_static_check_finds_hard_swish_split_and_float_tensors():
 
 def test_absent_compiler_is_said_plainly(monkeypatch):
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
-    model = (REFERENCE / "mobilenet_v2_1.0_224_quant.tflite")
+    model = REFERENCE / "mobilenet_v2_1.0_224_quant.tflite"
     if not model.exists():
         pytest.skip("../shared not available")
     report, compiled = edgetpu_report(model.read_bytes(), "int8", "mobilenet_v2", policy="auto")

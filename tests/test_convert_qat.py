@@ -18,14 +18,32 @@ def test_qat_auto_runs_after_the_gate_fails_and_makes_a_full_int8_bundle(tmp_pat
     from taxonedge.convert.edgetpu import check_model
     from taxonedge.train.model import build_classifier
 
-    config = {"backbone": "mobilenet_v2", "alpha": 0.35, "input_size": 32, "dropout": 0.0, "weights": "none",
-              "seed": 0}
-    run = write_run(tmp_path / "run", tiny_tree, tiny_val_tree, config=config, epochs=4, build=build_classifier)
+    config = {
+        "backbone": "mobilenet_v2",
+        "alpha": 0.35,
+        "input_size": 32,
+        "dropout": 0.0,
+        "weights": "none",
+        "seed": 0,
+    }
+    run = write_run(
+        tmp_path / "run", tiny_tree, tiny_val_tree, config=config, epochs=4, build=build_classifier
+    )
     out = tmp_path / "qat.tebundle"
     # An impossible allowance makes post-training int8 miss the gate, so --qat auto must run QAT; --force
     # then writes the QAT bundle so that it can be checked.
-    result = convert(Options(run=run, out=out, qat="auto", max_drop=-50, force=True, calibration_images=16,
-                             qat_images=32, edgetpu="skip"))
+    result = convert(
+        Options(
+            run=run,
+            out=out,
+            qat="auto",
+            max_drop=-50,
+            force=True,
+            calibration_images=16,
+            qat_images=32,
+            edgetpu="skip",
+        )
+    )
     assert "post_training" in result.gate and result.gate["forced"]
     bundle = read_bundle(out)
     m = bundle.manifest

@@ -14,7 +14,9 @@ from .conftest import TINY_LABELS, write_frames_folder
 from .daemonkit import BASE, DaemonProcess, Recorder, labels_of, write_config
 from .tinymodels import write_tiny_bundle
 
-SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "edge" / "schemas" / "label.schema.json").read_text())
+SCHEMA = json.loads(
+    (Path(__file__).resolve().parents[1] / "edge" / "schemas" / "label.schema.json").read_text()
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +39,13 @@ def recorder(broker):
     rec.close()
 
 
-def test_labels_follow_the_schema_and_status_says_degraded_without_edgetpu(tmp_path, broker, bundle, images, recorder):
+def test_labels_follow_the_schema_and_status_says_degraded_without_edgetpu(
+    tmp_path, broker, bundle, images, recorder
+):
     (images / "006b.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")  # a corrupt JPEG among good ones
-    cfg = write_config(tmp_path / "c.toml", broker, bundle, f'type = "folder"\npath = "{images}"', tmp_path / "st")
+    cfg = write_config(
+        tmp_path / "c.toml", broker, bundle, f'type = "folder"\npath = "{images}"', tmp_path / "st"
+    )
     daemon = DaemonProcess(cfg)
     assert daemon.wait(60) == 0, daemon.log
     assert recorder.wait(lambda r: len(labels_of(r)) >= 12, 5)
@@ -63,7 +69,9 @@ def test_labels_follow_the_schema_and_status_says_degraded_without_edgetpu(tmp_p
 
 
 @pytest.mark.parametrize("how", ["terminate", "kill"])
-def test_broker_restart_mid_stream_loses_nothing_and_keeps_order(tmp_path, broker, bundle, images, recorder, how):
+def test_broker_restart_mid_stream_loses_nothing_and_keeps_order(
+    tmp_path, broker, bundle, images, recorder, how
+):
     source = f'type = "folder"\npath = "{images}"\nloop = true\npacing = "realtime"\nfps = 40'
     cfg = write_config(tmp_path / "c.toml", broker, bundle, source, tmp_path / "st")
     cfg.write_text(cfg.read_text().replace("warmup_runs = 1", "warmup_runs = 1\nmax_in_flight = 2"))
@@ -103,7 +111,10 @@ def test_sigkill_then_restart_delivers_the_outbox(tmp_path, broker, bundle, imag
         if db.exists():
             try:
                 with sqlite3.connect(db) as con:
-                    held = [json.loads(p)["msg_id"] for (p,) in con.execute("SELECT payload FROM outbox ORDER BY id")]
+                    held = [
+                        json.loads(p)["msg_id"]
+                        for (p,) in con.execute("SELECT payload FROM outbox ORDER BY id")
+                    ]
             except sqlite3.OperationalError:  # the daemon is still creating the table
                 continue
     assert len(held) >= 20, daemon.log
@@ -125,7 +136,9 @@ def test_sigkill_then_restart_delivers_the_outbox(tmp_path, broker, bundle, imag
 
 
 def test_config_typo_names_key_and_line(tmp_path, broker, bundle, images):
-    cfg = write_config(tmp_path / "c.toml", broker, bundle, f'type = "folder"\npath = "{images}"', tmp_path / "st")
+    cfg = write_config(
+        tmp_path / "c.toml", broker, bundle, f'type = "folder"\npath = "{images}"', tmp_path / "st"
+    )
     text = cfg.read_text().replace("will_delay_s = 0", "will_delay = 0")
     cfg.write_text(text)
     line = text.splitlines().index("will_delay = 0") + 1
@@ -141,7 +154,9 @@ def test_config_typo_names_key_and_line(tmp_path, broker, bundle, images):
 
 def test_validate_config_takes_the_file_itself(tmp_path, broker, bundle, images):
     """`run --validate-config FILE`, the issue's spelling, is the same check as with --config FILE."""
-    cfg = write_config(tmp_path / "c.toml", broker, bundle, f'type = "folder"\npath = "{images}"', tmp_path / "st")
+    cfg = write_config(
+        tmp_path / "c.toml", broker, bundle, f'type = "folder"\npath = "{images}"', tmp_path / "st"
+    )
     from .conftest import run_cli
 
     ok = run_cli("run", "--validate-config", str(cfg), check=False)
@@ -149,15 +164,22 @@ def test_validate_config_takes_the_file_itself(tmp_path, broker, bundle, images)
     cfg.write_text(cfg.read_text().replace("will_delay_s = 0", "will_delay = 0"))
     bad = run_cli("run", "--validate-config", str(cfg), check=False)
     assert bad.returncode == 2 and "mqtt.will_delay: unknown key" in bad.stderr
-    both = run_cli("run", "--config", str(tmp_path / "other.toml"), "--validate-config", str(cfg), check=False)
+    both = run_cli(
+        "run", "--config", str(tmp_path / "other.toml"), "--validate-config", str(cfg), check=False
+    )
     assert both.returncode == 2 and "give one" in both.stderr
     missing = run_cli("run", check=False)
     assert missing.returncode == 2 and "--config FILE is required" in missing.stderr
 
 
 def test_validate_config_checks_the_files_it_names(tmp_path, broker, images):
-    cfg = write_config(tmp_path / "c.toml", broker, tmp_path / "missing.tebundle",
-                       f'type = "folder"\npath = "{images}"', tmp_path / "st")
+    cfg = write_config(
+        tmp_path / "c.toml",
+        broker,
+        tmp_path / "missing.tebundle",
+        f'type = "folder"\npath = "{images}"',
+        tmp_path / "st",
+    )
     from .conftest import run_cli
 
     proc = run_cli("run", "--validate-config", "--config", str(cfg), check=False)
@@ -166,7 +188,9 @@ def test_validate_config_checks_the_files_it_names(tmp_path, broker, images):
 
 
 def test_strict_edgetpu_backend_fails_clearly(tmp_path, broker, bundle, images):
-    cfg = write_config(tmp_path / "c.toml", broker, bundle, f'type = "folder"\npath = "{images}"', tmp_path / "st")
+    cfg = write_config(
+        tmp_path / "c.toml", broker, bundle, f'type = "folder"\npath = "{images}"', tmp_path / "st"
+    )
     cfg.write_text(cfg.read_text().replace('backend = "auto"', 'backend = "edgetpu"'))
     daemon = DaemonProcess(cfg)
     assert daemon.wait(60) == 3
@@ -176,8 +200,9 @@ def test_strict_edgetpu_backend_fails_clearly(tmp_path, broker, bundle, images):
 def test_worker_abort_restarts_the_worker_not_the_daemon(tmp_path, broker, bundle, images, recorder):
     # unpaced and unthrottled: two frames are at the worker when it dies
     source = f'type = "folder"\npath = "{images}"\nloop = true\npacing = "fast"'
-    cfg = write_config(tmp_path / "c.toml", broker, bundle, source, tmp_path / "st",
-                       "\n[trigger]\nmax_rate_hz = 10000\n")
+    cfg = write_config(
+        tmp_path / "c.toml", broker, bundle, source, tmp_path / "st", "\n[trigger]\nmax_rate_hz = 10000\n"
+    )
     cfg.write_text(cfg.read_text().replace("warmup_runs = 1", "warmup_runs = 1\nmax_in_flight = 2"))
     # test-only hook: the worker calls os.abort() on its 5th invoke, as libedgetpu does on a USB error
     daemon = DaemonProcess(cfg, env={"TAXONEDGE_TEST_WORKER_ABORT_AT": "5"})
@@ -207,8 +232,15 @@ def test_sigterm_publishes_offline_and_exits_zero(tmp_path, broker, bundle, imag
     assert not any(s["final"] for s in recorder.on("stats"))
     assert daemon.terminate() == 0
     stats = recorder.on("stats")[-1]
-    for key in ("fps", "latency_ms_p50", "latency_ms_p99", "backend", "outbox_depth", "last_frame_time",
-                "last_inference_time"):
+    for key in (
+        "fps",
+        "latency_ms_p50",
+        "latency_ms_p99",
+        "backend",
+        "outbox_depth",
+        "last_frame_time",
+        "last_inference_time",
+    ):
         assert key in stats
     # the final stats close the run's figures, and arrive before offline
     order = [(t.rsplit("/", 1)[1], p) for t, p, _ in recorder.messages if t.endswith(("/stats", "/status"))]

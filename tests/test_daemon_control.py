@@ -46,7 +46,9 @@ def start(tmp_path, broker, bundle):
     daemons: list[Daemon] = []
 
     def make(source: str, extra: str = "", edit=None) -> Daemon:
-        cfg_path = write_config(tmp_path / f"c{len(daemons)}.toml", broker, bundle, source, tmp_path / "st", extra)
+        cfg_path = write_config(
+            tmp_path / f"c{len(daemons)}.toml", broker, bundle, source, tmp_path / "st", extra
+        )
         if edit:
             cfg_path.write_text(edit(cfg_path.read_text()))
         daemon = Daemon(load_config(cfg_path))
@@ -79,7 +81,10 @@ def test_pause_resume_thresholds_snapshot_and_state(start, broker, one_class_ima
         count = len(labels_of(rec))
         time.sleep(0.5)
         assert len(labels_of(rec)) == count  # paused: no new labels
-        assert rec.on("status")[-1]["state"] == "degraded" and "paused by command" in rec.on("status")[-1]["reasons"]
+        assert (
+            rec.on("status")[-1]["state"] == "degraded"
+            and "paused by command" in rec.on("status")[-1]["reasons"]
+        )
         rec.request("set_thresholds", json.dumps({"depth_1": 1.0}).encode(), b"t")
         rec.request("resume", b"{}", b"r")
         assert rec.wait(lambda r: len(labels_of(r)) >= count + 3)
@@ -111,16 +116,24 @@ def test_malformed_oversized_and_unknown_commands_never_crash(start, broker, one
     names = st.one_of(
         st.sampled_from(["state", "pause", "resume", "set_thresholds", "snapshot", "reboot", "deploy_now"]),
         # control characters are excluded: mosquitto drops a client that publishes them in a topic
-        st.text(st.characters(blacklist_characters="/+#\x00", blacklist_categories=("Cs", "Cc")), min_size=1, max_size=20),
+        st.text(
+            st.characters(blacklist_characters="/+#\x00", blacklist_categories=("Cs", "Cc")),
+            min_size=1,
+            max_size=20,
+        ),
     )
     payloads = st.one_of(
         st.binary(max_size=300),
-        st.recursive(st.none() | st.booleans() | st.floats(allow_nan=True) | st.text(max_size=20) | st.integers(),
-                     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4),
-                     max_leaves=10).map(lambda v: json.dumps(v).encode()),
-        st.dictionaries(st.sampled_from(["depth_1", "depth_2", "depth_3", "depth_0", "inline", "id"]),
-                        st.one_of(st.floats(-2, 2), st.booleans(), st.none(), st.text(max_size=5)),
-                        max_size=3).map(lambda d: json.dumps(d).encode()),
+        st.recursive(
+            st.none() | st.booleans() | st.floats(allow_nan=True) | st.text(max_size=20) | st.integers(),
+            lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4),
+            max_leaves=10,
+        ).map(lambda v: json.dumps(v).encode()),
+        st.dictionaries(
+            st.sampled_from(["depth_1", "depth_2", "depth_3", "depth_0", "inline", "id"]),
+            st.one_of(st.floats(-2, 2), st.booleans(), st.none(), st.text(max_size=5)),
+            max_size=3,
+        ).map(lambda d: json.dumps(d).encode()),
         st.just(b"{" * (MAX_COMMAND_BYTES + 10)),
     )
 
@@ -138,7 +151,9 @@ def test_malformed_oversized_and_unknown_commands_never_crash(start, broker, one
     try:
         check()
         rec.request("resume", b"", b"final-resume")
-        rec.request("set_thresholds", json.dumps({"depth_1": None, "depth_2": None, "depth_3": None}).encode(), b"x")
+        rec.request(
+            "set_thresholds", json.dumps({"depth_1": None, "depth_2": None, "depth_3": None}).encode(), b"x"
+        )
         before = len(labels_of(rec))
         assert rec.wait(lambda r: len(labels_of(r)) >= before + 3, 10), "labels stopped flowing"
         assert all(t.is_alive() for t in daemon.threads)
@@ -148,7 +163,7 @@ def test_malformed_oversized_and_unknown_commands_never_crash(start, broker, one
 
 
 def test_item_votes_give_one_result_per_item(start, broker, one_class_images):
-    extra = "\n[trigger]\nmode = \"item\"\nframes_per_item = 3\nvote_agreement = 0.6\n"
+    extra = '\n[trigger]\nmode = "item"\nframes_per_item = 3\nvote_agreement = 0.6\n'
     rec = Recorder(broker.port)
     daemon = start(live(one_class_images, fps=40), extra)
     try:
@@ -172,7 +187,7 @@ def test_item_votes_give_one_result_per_item(start, broker, one_class_images):
 def test_an_item_votes_on_frames_captured_after_its_trigger(start, broker, one_class_images):
     """A photo-eye event means the item is under the camera now: the frame already waiting in the capture
     slot (up to one frame interval old, here 0.5 s) shows the belt before it and must not vote."""
-    extra = "\n[trigger]\nmode = \"item\"\nframes_per_item = 1\n"
+    extra = '\n[trigger]\nmode = "item"\nframes_per_item = 1\n'
     rec = Recorder(broker.port)
     daemon = start(live(one_class_images, fps=2), extra)
     try:
@@ -184,7 +199,10 @@ def test_an_item_votes_on_frames_captured_after_its_trigger(start, broker, one_c
             label = labels_of(rec)[-1]
             captured = datetime.fromisoformat(label["timestamp"].replace("Z", "+00:00"))
             assert label["item_id"] == f"box-{n}"
-            assert captured >= sent_at.replace(microsecond=sent_at.microsecond // 1000 * 1000), (captured, sent_at)
+            assert captured >= sent_at.replace(microsecond=sent_at.microsecond // 1000 * 1000), (
+                captured,
+                sent_at,
+            )
         assert daemon.pipeline.classified == 3
     finally:
         rec.close()
@@ -211,8 +229,15 @@ def test_switch_model_while_labels_flow(start, broker, one_class_images, bundle_
         assert {r.model_sha256 for r in results} == {old_sha, new.sha256}
         assert all(r.ok and r.decision in ("accepted", "backed-off", "unknown") for r in results)
 
-        broken = Bundle(new.manifest, new.manifest_bytes, {**new.files, MODEL: b"not a tflite model"}, None,
-                        "0" * 64, None, "unsigned")
+        broken = Bundle(
+            new.manifest,
+            new.manifest_bytes,
+            {**new.files, MODEL: b"not a tflite model"},
+            None,
+            "0" * 64,
+            None,
+            "unsigned",
+        )
         with pytest.raises(WorkerError, match="could not load"):
             daemon.switch_model(broken).result(60)
         assert daemon.active_bundle.sha256 == new.sha256  # the serving model is untouched
@@ -263,12 +288,18 @@ def test_prometheus_metrics(start, one_class_images):
     port = free_port()
     daemon = start(live(one_class_images, fps=20), f"\n[health]\nprometheus_port = {port}\n")
     time.sleep(1.0)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.health.metrics_port}/metrics", timeout=5).read().decode()
-    value = float(next(line.split()[-1] for line in text.splitlines()
-                       if line.startswith("taxonedge_frames_classified ")))
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{daemon.health.metrics_port}/metrics", timeout=5)
+        .read()
+        .decode()
+    )
+    value = float(
+        next(
+            line.split()[-1] for line in text.splitlines() if line.startswith("taxonedge_frames_classified ")
+        )
+    )
     assert value > 0
     assert "taxonedge_outbox_depth" in text and "taxonedge_source_dropped" in text
-
 
 
 def test_a_model_that_outputs_nan_is_reported_not_published(start, broker, one_class_images, tmp_path):
@@ -299,8 +330,11 @@ def test_next_frame_is_at_the_worker_before_an_answer_is_published(start, broker
     folder = write_image_tree(tmp_path / "many", TINY_LABELS[:1], per_class=60, seed=4)
     folder = next(p for p in folder.rglob("*.jpg")).parent
     rec = Recorder(broker.port)
-    daemon = start(f'type = "folder"\npath = "{folder}"\npacing = "fast"', "\n[trigger]\nmax_rate_hz = 100000\n",
-                   edit=lambda t: t.replace("warmup_runs = 1", "warmup_runs = 1\nmax_in_flight = 1"))
+    daemon = start(
+        f'type = "folder"\npath = "{folder}"\npacing = "fast"',
+        "\n[trigger]\nmax_rate_hz = 100000\n",
+        edit=lambda t: t.replace("warmup_runs = 1", "warmup_runs = 1\nmax_in_flight = 1"),
+    )
     at_worker: list[int] = []
     names: set[str] = set()
 
@@ -324,15 +358,20 @@ def test_next_frame_is_at_the_worker_before_an_answer_is_published(start, broker
 
 
 @pytest.mark.parametrize("setting", ["2", '"auto"'])
-def test_max_in_flight_2_queues_the_next_frame_at_the_worker_before_the_answer(start, broker, tmp_path, setting):
+def test_max_in_flight_2_queues_the_next_frame_at_the_worker_before_the_answer(
+    start, broker, tmp_path, setting
+):
     """max_in_flight = 2: the next frame is handed over as soon as it is prepared, while the worker still
     infers the current one, so the worker never waits for the pipe (an accelerator's case); never more
     than two at once, labels in order. "auto" (the default) does the same for a model this fast."""
     folder = write_image_tree(tmp_path / "many", TINY_LABELS[:1], per_class=60, seed=4)
     folder = next(p for p in folder.rglob("*.jpg")).parent
     rec = Recorder(broker.port)
-    daemon = start(f'type = "folder"\npath = "{folder}"\npacing = "fast"', "\n[trigger]\nmax_rate_hz = 100000\n",
-                   edit=lambda t: t.replace("warmup_runs = 1", f"warmup_runs = 1\nmax_in_flight = {setting}"))
+    daemon = start(
+        f'type = "folder"\npath = "{folder}"\npacing = "fast"',
+        "\n[trigger]\nmax_rate_hz = 100000\n",
+        edit=lambda t: t.replace("warmup_runs = 1", f"warmup_runs = 1\nmax_in_flight = {setting}"),
+    )
     worker = daemon.serving.worker
     outstanding: list[int] = []
     submit = worker.submit
@@ -359,8 +398,9 @@ def _usb_accelerator(usb: Path) -> None:
     (usb / "2-1" / "idProduct").write_text("089a\n")
 
 
-def test_reprobe_spawns_a_probe_worker_only_when_an_edgetpu_shows(start, one_class_images, bundle, tmp_path,
-                                                                  monkeypatch):
+def test_reprobe_spawns_a_probe_worker_only_when_an_edgetpu_shows(
+    start, one_class_images, bundle, tmp_path, monkeypatch
+):
     """On the CPU under backend auto, a re-probe costs a new worker process: it is spent only when the kernel
     shows an accelerator. Here none is plugged in, then a USB Accelerator's ids appear (its library is
     still absent, so the probe fails and the daemon stays on the CPU)."""
@@ -371,9 +411,12 @@ def test_reprobe_spawns_a_probe_worker_only_when_an_edgetpu_shows(start, one_cla
     monkeypatch.setattr(runtime, "USB_ROOT", usb)
     monkeypatch.setattr(runtime, "DEV_ROOT", tmp_path / "dev")
     tpu_bundle = write_tiny_bundle(tmp_path / "tpu.tebundle", edgetpu_model=True)
-    daemon = start(live(one_class_images), edit=lambda t: t.replace('backend = "auto"',
-                                                                    'backend = "auto"\nreprobe_interval_s = 0.2')
-                   .replace(str(bundle), str(tpu_bundle)))
+    daemon = start(
+        live(one_class_images),
+        edit=lambda t: t.replace('backend = "auto"', 'backend = "auto"\nreprobe_interval_s = 0.2').replace(
+            str(bundle), str(tpu_bundle)
+        ),
+    )
     assert daemon.active_bundle.has_edgetpu_model
     spawned: list[str] = []
     new_worker = daemon.serving.new_worker
@@ -405,8 +448,10 @@ def test_a_bundle_without_an_edgetpu_model_is_never_reprobed(start, one_class_im
     usb.mkdir()
     _usb_accelerator(usb)
     monkeypatch.setattr(runtime, "USB_ROOT", usb)
-    daemon = start(live(one_class_images), edit=lambda t: t.replace('backend = "auto"',
-                                                                    'backend = "auto"\nreprobe_interval_s = 0.1'))
+    daemon = start(
+        live(one_class_images),
+        edit=lambda t: t.replace('backend = "auto"', 'backend = "auto"\nreprobe_interval_s = 0.1'),
+    )
     assert not daemon.active_bundle.has_edgetpu_model
     time.sleep(1.0)
     assert daemon.serving.reprobes == 0 and not daemon.serving.probing

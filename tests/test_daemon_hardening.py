@@ -42,8 +42,14 @@ def recorder(broker):
 def item_config(tmp_path: Path, broker, bundle: Path, frames: Path, mqtt: str = "", **trigger) -> Path:
     source = f'type = "folder"\npath = "{frames}"\nloop = true\npacing = "realtime"\nfps = 60'
     keys = {"mode": '"item"', "frames_per_item": 2, "item_timeout_s": 2, **trigger}
-    cfg = write_config(tmp_path / "c.toml", broker, bundle, source, tmp_path / "st",
-                       "\n[trigger]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()))
+    cfg = write_config(
+        tmp_path / "c.toml",
+        broker,
+        bundle,
+        source,
+        tmp_path / "st",
+        "\n[trigger]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()),
+    )
     if mqtt:
         cfg.write_text(cfg.read_text().replace("will_delay_s = 0\n", mqtt + "\n"))
     return cfg
@@ -60,16 +66,22 @@ def publish(port: int, topic: str, payloads: list[bytes]) -> None:
 
 
 def started(rec: Recorder, daemon: DaemonProcess) -> None:
-    assert rec.wait(lambda r: any(s.get("state") in ("online", "degraded") for s in r.on("status")), 60), daemon.log
+    assert rec.wait(lambda r: any(s.get("state") in ("online", "degraded") for s in r.on("status")), 60), (
+        daemon.log
+    )
 
 
 def answers(rec: Recorder) -> dict[bytes, dict]:
-    return {getattr(p, "CorrelationData", None): m for t, m, p in rec.messages
-            if t == REPLIES or t.endswith("/response")}
+    return {
+        getattr(p, "CorrelationData", None): m
+        for t, m, p in rec.messages
+        if t == REPLIES or t.endswith("/response")
+    }
 
 
-def test_a_lone_surrogate_in_an_id_is_refused_and_the_daemon_keeps_labelling(tmp_path, broker, bundle, frames,
-                                                                             recorder):
+def test_a_lone_surrogate_in_an_id_is_refused_and_the_daemon_keeps_labelling(
+    tmp_path, broker, bundle, frames, recorder
+):
     daemon = DaemonProcess(item_config(tmp_path, broker, bundle, frames))
     started(recorder, daemon)
     publish(broker.port, f"{BASE}/trigger", [b'{"item_id": "x\\ud800"}', b'{"item_id": true}', b"ok-1"])
@@ -88,10 +100,12 @@ def test_a_lone_surrogate_in_an_id_is_refused_and_the_daemon_keeps_labelling(tmp
     assert daemon.terminate() == 0, daemon.log
 
 
-def test_every_accepted_trigger_ends_in_one_label_overflow_and_shutdown_included(tmp_path, broker, bundle,
-                                                                                 frames, recorder):
-    daemon = DaemonProcess(item_config(tmp_path, broker, bundle, frames, max_waiting=20, item_timeout_s=30,
-                                         frames_per_item=10))
+def test_every_accepted_trigger_ends_in_one_label_overflow_and_shutdown_included(
+    tmp_path, broker, bundle, frames, recorder
+):
+    daemon = DaemonProcess(
+        item_config(tmp_path, broker, bundle, frames, max_waiting=20, item_timeout_s=30, frames_per_item=10)
+    )
     started(recorder, daemon)
     ids = [f"item-{i}" for i in range(60)]
     publish(broker.port, f"{BASE}/trigger", [i.encode() for i in ids])
@@ -109,15 +123,18 @@ def test_every_accepted_trigger_ends_in_one_label_overflow_and_shutdown_included
     assert stats["triggers"] == len(ids)
 
 
-def test_commands_deep_nesting_unknown_keys_and_bad_thresholds_get_an_answer(tmp_path, broker, bundle, frames,
-                                                                             recorder):
+def test_commands_deep_nesting_unknown_keys_and_bad_thresholds_get_an_answer(
+    tmp_path, broker, bundle, frames, recorder
+):
     daemon = DaemonProcess(item_config(tmp_path, broker, bundle, frames))
     started(recorder, daemon)
-    cases = {b"deep": ("state", b"[" * 1000 + b"]" * 1000, "nested too deeply"),
-             b"deep2": ("state", b'{"a":' * 1000 + b"1" + b"}" * 1000, "nested too deeply"),
-             b"d01": ("set_thresholds", b'{"depth_01": 0.99}', "depth_01"),
-             b"extra": ("pause", b'{"now": true}', "unknown keys"),
-             b"snap": ("snapshot", b'{"inline": true, "size": 3}', "unknown keys")}
+    cases = {
+        b"deep": ("state", b"[" * 1000 + b"]" * 1000, "nested too deeply"),
+        b"deep2": ("state", b'{"a":' * 1000 + b"1" + b"}" * 1000, "nested too deeply"),
+        b"d01": ("set_thresholds", b'{"depth_01": 0.99}', "depth_01"),
+        b"extra": ("pause", b'{"now": true}', "unknown keys"),
+        b"snap": ("snapshot", b'{"inline": true, "size": 3}', "unknown keys"),
+    }
     for corr, (name, payload, _) in cases.items():
         recorder.request(name, payload, corr)
     assert recorder.wait(lambda r: set(cases) <= set(answers(r)), 10), daemon.log
@@ -134,7 +151,9 @@ def test_answers_never_go_to_the_devices_own_topics(tmp_path, broker, bundle, fr
 
     daemon = DaemonProcess(item_config(tmp_path, broker, bundle, frames))
     started(recorder, daemon)
-    for i, topic in enumerate([f"{BASE}/labels", f"{BASE}/status", f"{BASE}/cmd/pause", "taxonedge/groups/g/deploy"]):
+    for i, topic in enumerate(
+        [f"{BASE}/labels", f"{BASE}/status", f"{BASE}/cmd/pause", "taxonedge/groups/g/deploy"]
+    ):
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = topic
         props.CorrelationData = f"own-{i}".encode()
@@ -146,8 +165,11 @@ def test_answers_never_go_to_the_devices_own_topics(tmp_path, broker, bundle, fr
         assert answer["ok"] is False and "refused" in answer["error"] and "replies/" in answer["error"]
     assert [t for t, _, p in recorder.messages if t == f"{BASE}/cmd/state/response"]
     assert labels_of(recorder) == [] and all(s.get("state") != "paused" for s in recorder.on("status"))
-    assert not any(isinstance(p, dict) and "ok" in p for t, p, _ in recorder.messages
-                   if t in (f"{BASE}/labels", f"{BASE}/status"))
+    assert not any(
+        isinstance(p, dict) and "ok" in p
+        for t, p, _ in recorder.messages
+        if t in (f"{BASE}/labels", f"{BASE}/status")
+    )
     assert daemon.terminate() == 0, daemon.log
 
 
@@ -170,7 +192,9 @@ def test_retained_status_ends_online_after_a_crash_and_a_quick_restart(tmp_path,
     rec = Recorder(broker.port)
     try:
         # the first process's will (its boot, offline) comes after the second's online ...
-        assert rec.wait(lambda r: any(s.get("reason") == "connection lost" for s in r.on("status")), 15), second.log
+        assert rec.wait(lambda r: any(s.get("reason") == "connection lost" for s in r.on("status")), 15), (
+            second.log
+        )
         # ... and the second one answers it
         assert rec.wait(lambda r: r.on("status")[-1].get("state") in ("online", "degraded"), 10), second.log
         boot = rec.on("status")[-1]["boot_id"]
@@ -194,8 +218,14 @@ def test_item_mode_labels_say_source_ended_when_a_video_file_ends(tmp_path, brok
         writer.write(cv2.imread(str(path)))
     writer.release()
     source = f'type = "video"\npath = "{video}"\nloop = false'
-    cfg = write_config(tmp_path / "v.toml", broker, bundle, source, tmp_path / "st",
-                       '\n[trigger]\nmode = "item"\nframes_per_item = 2\n')
+    cfg = write_config(
+        tmp_path / "v.toml",
+        broker,
+        bundle,
+        source,
+        tmp_path / "st",
+        '\n[trigger]\nmode = "item"\nframes_per_item = 2\n',
+    )
     daemon = DaemonProcess(cfg)
     started(recorder, daemon)
     publish(broker.port, f"{BASE}/trigger", [b"late-1", b"late-2"])
@@ -206,10 +236,13 @@ def test_item_mode_labels_say_source_ended_when_a_video_file_ends(tmp_path, brok
     for label in labels.values():  # voted on frames if it got any, else says why not
         assert label["decision"] != "unknown" or label["reason"] in ("source_ended", "no_frames"), label
     assert any(lb.get("reason") == "source_ended" for lb in labels.values()) or all(
-        lb["vote"]["frames"] > 0 for lb in labels.values())
+        lb["vote"]["frames"] > 0 for lb in labels.values()
+    )
 
 
-def test_a_corrupt_installed_model_falls_back_and_status_says_degraded(tmp_path, broker, bundle, frames, recorder):
+def test_a_corrupt_installed_model_falls_back_and_status_says_degraded(
+    tmp_path, broker, bundle, frames, recorder
+):
     slots = Slots(tmp_path / "st")
     slots.dir.mkdir(parents=True)
     slots.path("a").write_bytes(bundle.read_bytes()[:-100])  # cut short, as a failing SD card leaves it
@@ -224,11 +257,16 @@ def test_a_corrupt_installed_model_falls_back_and_status_says_degraded(tmp_path,
 
 def test_a_missing_public_key_is_named_as_such(tmp_path, broker, bundle, frames):
     cfg = item_config(tmp_path, broker, bundle, frames)
-    cfg.write_text(cfg.read_text().replace("require_signature = false",
-                                           f'require_signature = true\npublic_key = "{tmp_path}/signing.pub"'))
+    cfg.write_text(
+        cfg.read_text().replace(
+            "require_signature = false", f'require_signature = true\npublic_key = "{tmp_path}/signing.pub"'
+        )
+    )
     proc = run_cli("run", "--validate-config", str(cfg), check=False)
     assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and "model.public_key" in proc.stderr and "does not exist" in proc.stderr
+    assert (
+        proc.stderr.count("\n") == 1 and "model.public_key" in proc.stderr and "does not exist" in proc.stderr
+    )
     assert "model.bundle" not in proc.stderr
 
 

@@ -76,15 +76,26 @@ def test_the_source_vanishes_and_comes_back_and_status_says_so(tmp_path, broker,
     try:
         assert rec.wait(lambda r: len(labels_of(r)) >= 5, 30), daemon.log
         folder.rename(tmp_path / "away")
-        assert rec.wait(lambda r: any(s.get("reasons") and any("source reconnecting" in x for x in s["reasons"])
-                                      for s in r.on("status")), 15), daemon.log
-        status = next(s for s in rec.on("status") if any("source reconnecting" in x for x in s.get("reasons", [])))
+        assert rec.wait(
+            lambda r: any(
+                s.get("reasons") and any("source reconnecting" in x for x in s["reasons"])
+                for s in r.on("status")
+            ),
+            15,
+        ), daemon.log
+        status = next(
+            s for s in rec.on("status") if any("source reconnecting" in x for x in s.get("reasons", []))
+        )
         assert status["state"] == "degraded" and any(str(folder) in x for x in status["reasons"])
         seen = len(labels_of(rec))
         (tmp_path / "away").rename(folder)
         assert rec.wait(lambda r: len(labels_of(r)) >= seen + 5, 30), daemon.log
-        assert rec.wait(lambda r: not any("source" in x for x in r.on("status")[-1]["reasons"]), 10)  # cleared
-        assert rec.wait(lambda r: any(s.get("source", {}).get("reconnects", 0) >= 1 for s in r.on("stats")), 15)
+        assert rec.wait(
+            lambda r: not any("source" in x for x in r.on("status")[-1]["reasons"]), 10
+        )  # cleared
+        assert rec.wait(
+            lambda r: any(s.get("source", {}).get("reconnects", 0) >= 1 for s in r.on("stats")), 15
+        )
     finally:
         rec.close()
         assert daemon.terminate() == 0, daemon.log
@@ -121,18 +132,30 @@ def test_wrong_password_is_reported_with_what_to_fix(tmp_path, bundle, live_sour
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "sorter", "right-secret"], check=True)
     os.chmod(passwd, 0o644)
     port = free_port()
-    secured = Broker(port=port, workdir=work,
-                     extra_config=f"listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\n")
+    secured = Broker(
+        port=port,
+        workdir=work,
+        extra_config=f"listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\n",
+    )
     secured.start()
     try:
-        cfg = write_config(tmp_path / "c.toml", secured, bundle, live_source, tmp_path / "st",
-                           'username = "sorter"\npassword_env = "TEST_MQTT_PASSWORD"\n')
+        cfg = write_config(
+            tmp_path / "c.toml",
+            secured,
+            bundle,
+            live_source,
+            tmp_path / "st",
+            'username = "sorter"\npassword_env = "TEST_MQTT_PASSWORD"\n',
+        )
         daemon = DaemonProcess(cfg, env={"TEST_MQTT_PASSWORD": "wrong"})
         time.sleep(4)
         assert daemon.proc.poll() is None  # keeps running and retrying
         assert daemon.terminate() == 0
         # mosquitto 2.0 answers a wrong password with "Not authorized" under v5
-        assert "refused the connection: Not authorized: the broker refuses this client: check mqtt.username" in daemon.log
+        assert (
+            "refused the connection: Not authorized: the broker refuses this client: check mqtt.username"
+            in daemon.log
+        )
         assert daemon.log.count("refused the connection") == 1  # one line, then quiet retries
         good = DaemonProcess(cfg, env={"TEST_MQTT_PASSWORD": "right-secret"})
         time.sleep(3)
@@ -150,7 +173,9 @@ def test_edgetpu_is_reprobed_while_on_cpu(tmp_path, broker, live_source):
     rec = Recorder(broker.port)
     daemon = DaemonProcess(cfg)
     try:
-        assert rec.wait(lambda r: any(s.get("edgetpu_reprobes", 0) >= 2 for s in r.on("stats")), 30), daemon.log
+        assert rec.wait(lambda r: any(s.get("edgetpu_reprobes", 0) >= 2 for s in r.on("stats")), 30), (
+            daemon.log
+        )
         assert rec.on("stats")[-1]["backend"] == "cpu"
     finally:
         rec.close()

@@ -73,4 +73,8 @@ def test_frames_from_before_a_trigger_do_not_vote():
     assert not trig.before_trigger("b", before)  # not the item being voted on
     trig.add("a", decided("Fruit/Avocado"))
     # b's trigger came with a's: a frame taken after it (while a was voting) is b's to use
-    assert trig.want_frame() == "b" and not trig.before_trigger("b", after_b) and trig.before_trigger("b", before)
+    assert (
+        trig.want_frame() == "b"
+        and not trig.before_trigger("b", after_b)
+        and trig.before_trigger("b", before)
+    )

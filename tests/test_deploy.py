@@ -19,11 +19,14 @@ def bundle_file(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("args, code, words", [
-    (["--target", "s1/l1"], 2, "expected SITE/LINE/DEVICE or groups/NAME"),
-    (["--target", "s1/+/dev1"], 2, "expected SITE/LINE/DEVICE or groups/NAME"),
-    (["--target", "s1/l1/dev1", "--broker", "127.0.0.1:PORT"], 1, "cannot connect to the broker"),
-])
+@pytest.mark.parametrize(
+    "args, code, words",
+    [
+        (["--target", "s1/l1"], 2, "expected SITE/LINE/DEVICE or groups/NAME"),
+        (["--target", "s1/+/dev1"], 2, "expected SITE/LINE/DEVICE or groups/NAME"),
+        (["--target", "s1/l1/dev1", "--broker", "127.0.0.1:PORT"], 1, "cannot connect to the broker"),
+    ],
+)
 def test_bad_arguments_fail_clearly(bundle_file, args, code, words):
     args = [a.replace("PORT", str(free_port())) for a in args]
     if "--broker" not in args:
@@ -41,11 +44,27 @@ def test_damaged_or_foreign_bundle_is_not_sent(tmp_path, bundle_file):
     proc = run_cli("deploy", str(damaged), "--broker", "127.0.0.1:1", "--target", "a/b/c", check=False)
     assert proc.returncode == 2 and "not deploying" in proc.stderr
     generate_keypair(tmp_path / "x.key", tmp_path / "x.pub")
-    proc = run_cli("deploy", str(bundle_file), "--broker", "127.0.0.1:1", "--target", "a/b/c",
-                   "--pubkey", str(tmp_path / "x.pub"), check=False)
+    proc = run_cli(
+        "deploy",
+        str(bundle_file),
+        "--broker",
+        "127.0.0.1:1",
+        "--target",
+        "a/b/c",
+        "--pubkey",
+        str(tmp_path / "x.pub"),
+        check=False,
+    )
     assert proc.returncode == 2 and "does not verify" in proc.stderr
-    proc = run_cli("deploy", str(tmp_path / "missing.tebundle"), "--broker", "127.0.0.1:1", "--target", "a/b/c",
-                   check=False)
+    proc = run_cli(
+        "deploy",
+        str(tmp_path / "missing.tebundle"),
+        "--broker",
+        "127.0.0.1:1",
+        "--target",
+        "a/b/c",
+        check=False,
+    )
     assert proc.returncode == 2 and "cannot read" in proc.stderr
 
 
@@ -58,9 +77,22 @@ def test_group_deployment_by_url(tmp_path, broker, bundle_file):
     host = SeamHost(config, read_verified(old, config.model))
     update.attach(host)
     try:
-        proc = run_cli("deploy", str(bundle_file), "--broker", f"127.0.0.1:{broker.port}",
-                       "--target", "groups/line-a", "--url", bundle_file.as_uri(), "--pubkey",
-                       str(made["public_key"]), "--timeout", "60", check=False, timeout=120)
+        proc = run_cli(
+            "deploy",
+            str(bundle_file),
+            "--broker",
+            f"127.0.0.1:{broker.port}",
+            "--target",
+            "groups/line-a",
+            "--url",
+            bundle_file.as_uri(),
+            "--pubkey",
+            str(made["public_key"]),
+            "--timeout",
+            "60",
+            check=False,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "s1/l1/dev1" in proc.stdout and "committed" in proc.stdout
         assert host.active_bundle.sha256 == read_verified(bundle_file, config.model).sha256

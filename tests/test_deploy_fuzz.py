@@ -22,8 +22,12 @@ from .daemonkit import DaemonProcess
 from .update_host import Observer, signed_bundles, write_config
 
 # FUZZ_EXAMPLES=5000 for a longer hunt; CI runs the default
-SETTINGS = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 150)), deadline=None, suppress_health_check=[HealthCheck.too_slow],
-                    database=None)
+SETTINGS = settings(
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", 150)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    database=None,
+)
 
 
 def _made() -> dict:
@@ -37,15 +41,20 @@ def _members(data: bytes) -> dict[str, bytes]:
 def _with_sums(members: dict[str, bytes]) -> bytes:
     """Re-tar `members` with a SHA256SUMS that matches them: damage that gets past the framing checks."""
     members = {k: v for k, v in members.items() if k != CHECKSUMS}
-    sums = "".join(f"{hashlib.sha256(members[n]).hexdigest()}  {n}\n" for n in (MANIFEST, SIGNATURE) if n in members)
+    sums = "".join(
+        f"{hashlib.sha256(members[n]).hexdigest()}  {n}\n" for n in (MANIFEST, SIGNATURE) if n in members
+    )
     return _tar_bytes({**members, CHECKSUMS: sums.encode()})
 
 
 def _refused_in_one_line(data: bytes, public_key) -> None:
     """Both readers either accept `data` or raise BundleError / SigningKeyError with one line."""
     model = ModelConfig(public_key=public_key, require_signature=public_key is not None)
-    for read in (lambda: read_bundle(data), lambda: read_bundle(data, public_key=None, max_bytes=len(data) + 1),
-                 lambda: read_verified(data, model)):
+    for read in (
+        lambda: read_bundle(data),
+        lambda: read_bundle(data, public_key=None, max_bytes=len(data) + 1),
+        lambda: read_verified(data, model),
+    ):
         try:
             read()
         except (BundleError, SigningKeyError) as exc:
@@ -55,16 +64,17 @@ def _refused_in_one_line(data: bytes, public_key) -> None:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=12)
+    max_leaves=12,
+)
 
 
 @SETTINGS
 @given(cut=st.integers(min_value=0, max_value=10**9))
 def test_truncated_bundle(cut):
     data = _made()["new"]
-    _refused_in_one_line(data[:cut % len(data)], _made()["public_key"])
+    _refused_in_one_line(data[: cut % len(data)], _made()["public_key"])
 
 
 @SETTINGS
@@ -77,8 +87,12 @@ def test_bit_flips(flips):
 
 
 @SETTINGS
-@given(action=st.sampled_from(["drop", "replace", "add", "rename", "reorder"]), which=st.integers(0, 10),
-       content=st.binary(max_size=300), name=st.text(min_size=1, max_size=30))
+@given(
+    action=st.sampled_from(["drop", "replace", "add", "rename", "reorder"]),
+    which=st.integers(0, 10),
+    content=st.binary(max_size=300),
+    name=st.text(min_size=1, max_size=30),
+)
 def test_tar_members_changed(action, which, content, name):
     members = _members(_made()["new"])
     names = list(members)
@@ -103,18 +117,49 @@ def test_tar_members_changed(action, which, content, name):
 
 
 @SETTINGS
-@given(path=st.lists(st.sampled_from(["model", "taxonomy", "input", "output", "files", "thresholds", "nodes",
-                                      "name", "version", "format_version", "leaf_order", "num_classes",
-                                      "model.tflite", "sha256", "size", "children", "0", "height", "dtype"]),
-                     min_size=1, max_size=4),
-       value=json_values, delete=st.booleans())
+@given(
+    path=st.lists(
+        st.sampled_from(
+            [
+                "model",
+                "taxonomy",
+                "input",
+                "output",
+                "files",
+                "thresholds",
+                "nodes",
+                "name",
+                "version",
+                "format_version",
+                "leaf_order",
+                "num_classes",
+                "model.tflite",
+                "sha256",
+                "size",
+                "children",
+                "0",
+                "height",
+                "dtype",
+            ]
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    value=json_values,
+    delete=st.booleans(),
+)
 def test_manifest_fields_wrong(path, value, delete):
     members = _members(_made()["new"])
     manifest = json.loads(members[MANIFEST])
     node = manifest
     for key in path[:-1]:
-        child = node.get(key) if isinstance(node, dict) else (node[int(key)] if key.isdigit() and isinstance(
-            node, list) and int(key) < len(node) else None)
+        child = (
+            node.get(key)
+            if isinstance(node, dict)
+            else (
+                node[int(key)] if key.isdigit() and isinstance(node, list) and int(key) < len(node) else None
+            )
+        )
         if not isinstance(child, (dict, list)):
             break
         node = child
@@ -127,14 +172,23 @@ def test_manifest_fields_wrong(path, value, delete):
     elif isinstance(node, list) and node:
         node[0] = value
     members[MANIFEST] = json.dumps(manifest).encode()
-    _refused_in_one_line(_with_sums(members), _made()["public_key"])  # signed manifest changed: signature fails
+    _refused_in_one_line(
+        _with_sums(members), _made()["public_key"]
+    )  # signed manifest changed: signature fails
     members.pop(SIGNATURE, None)
     _refused_in_one_line(_with_sums(members), None)  # unsigned: the manifest itself must be checked
 
 
 @SETTINGS
-@given(raw=st.one_of(st.binary(max_size=200), st.just(b"[" * 100_000), st.just(b"\xff\xfe{}"),
-                     st.just(b'{"a": "\\ud800"}'), st.just(b"1" * 5000)))
+@given(
+    raw=st.one_of(
+        st.binary(max_size=200),
+        st.just(b"[" * 100_000),
+        st.just(b"\xff\xfe{}"),
+        st.just(b'{"a": "\\ud800"}'),
+        st.just(b"1" * 5000),
+    )
+)
 def test_manifest_bytes_garbage(raw):
     members = _members(_made()["new"])
     members[MANIFEST] = raw
@@ -169,7 +223,9 @@ def test_real_daemon_rejects_garbage_bundles_and_keeps_labelling(tmp_path, broke
     }
     old = tmp_path / "old.tebundle"
     old.write_bytes(made["old"])
-    config = write_config(tmp_path, broker.port, made["public_key"], old, frames=write_frames_folder(tmp_path))
+    config = write_config(
+        tmp_path, broker.port, made["public_key"], old, frames=write_frames_folder(tmp_path)
+    )
     observer = Observer(broker.port)
     daemon = DaemonProcess(config)
     try:

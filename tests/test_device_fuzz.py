@@ -30,25 +30,66 @@ COMMANDS = ["state", "pause", "resume", "set_thresholds", "snapshot"]
 
 _json_values = st.recursive(
     st.none() | st.booleans() | st.floats(allow_nan=True) | st.integers() | st.text(max_size=20),
-    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4), max_leaves=12)
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4),
+    max_leaves=12,
+)
 PAYLOADS = st.one_of(
     st.binary(max_size=400),
     st.text(max_size=60).map(lambda t: t.encode("utf-8", "surrogatepass")),  # lone surrogates as raw bytes
     _json_values.map(lambda v: json.dumps(v).encode()),
-    st.dictionaries(st.sampled_from(["id", "item_id", "depth_1", "depth_3", "depth_01", "inline", "size",
-                                     "sha256", "chunks", "chunk_size", "url", "thresholds", "x\\ud800"]),
-                    _json_values, max_size=4).map(lambda d: json.dumps(d).encode()),
-    st.sampled_from([b'{"item_id": "x\\ud800"}', b'{"id": "x\\ud800"}', b'{"\\ud800": 1}', b'{"item_id": true}',
-                     b'{"item_id": 12}', b'{"item_id": ""}', b"\xff\xfe", b"[" * 1000 + b"]" * 1000,
-                     b'{"a":' * 1000 + b"1" + b"}" * 1000, b"9" * 5000, b"x" * 20000, b"{" * 20000, b"",
-                     b'{"id": "d1", "size": 0, "sha256": "00", "chunks": 1, "chunk_size": 1}',
-                     b'{"id": "d2", "size": 10, "sha256": "' + b"a" * 64 + b'", "chunk_size": 4, "chunks": 3}',
-                     b'{"id": "d3", "size": 10, "sha256": "' + b"a" * 64 + b'", "url": "file:///etc/passwd"}']),
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "id",
+                "item_id",
+                "depth_1",
+                "depth_3",
+                "depth_01",
+                "inline",
+                "size",
+                "sha256",
+                "chunks",
+                "chunk_size",
+                "url",
+                "thresholds",
+                "x\\ud800",
+            ]
+        ),
+        _json_values,
+        max_size=4,
+    ).map(lambda d: json.dumps(d).encode()),
+    st.sampled_from(
+        [
+            b'{"item_id": "x\\ud800"}',
+            b'{"id": "x\\ud800"}',
+            b'{"\\ud800": 1}',
+            b'{"item_id": true}',
+            b'{"item_id": 12}',
+            b'{"item_id": ""}',
+            b"\xff\xfe",
+            b"[" * 1000 + b"]" * 1000,
+            b'{"a":' * 1000 + b"1" + b"}" * 1000,
+            b"9" * 5000,
+            b"x" * 20000,
+            b"{" * 20000,
+            b"",
+            b'{"id": "d1", "size": 0, "sha256": "00", "chunks": 1, "chunk_size": 1}',
+            b'{"id": "d2", "size": 10, "sha256": "' + b"a" * 64 + b'", "chunk_size": 4, "chunks": 3}',
+            b'{"id": "d3", "size": 10, "sha256": "' + b"a" * 64 + b'", "url": "file:///etc/passwd"}',
+        ]
+    ),
 )
-NAMES = st.one_of(st.sampled_from(COMMANDS + ["reboot", "deploy"]), st.text(
-    st.characters(blacklist_characters="/+#\x00", blacklist_categories=("Cs", "Cc")), min_size=1, max_size=12))
-RESPONSE_TOPICS = st.sampled_from([REPLIES, f"{BASE}/labels", f"{BASE}/status", f"{BASE}/cmd/pause",
-                                   f"{BASE}/trigger", GROUP_DEPLOY, None])
+NAMES = st.one_of(
+    st.sampled_from(COMMANDS + ["reboot", "deploy"]),
+    st.text(
+        st.characters(blacklist_characters="/+#\x00", blacklist_categories=("Cs", "Cc")),
+        min_size=1,
+        max_size=12,
+    ),
+)
+RESPONSE_TOPICS = st.sampled_from(
+    [REPLIES, f"{BASE}/labels", f"{BASE}/status", f"{BASE}/cmd/pause", f"{BASE}/trigger", GROUP_DEPLOY, None]
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +99,23 @@ def bundle(tmp_path_factory) -> Path:
 
 @pytest.mark.timeout(600)
 def test_no_payload_on_any_topic_stops_the_device_or_goes_unanswered(tmp_path, broker, bundle):
-    frames = next(p for p in write_image_tree(tmp_path / "tree", TINY_LABELS[:1], per_class=4).rglob("*.jpg")).parent
+    frames = next(
+        p for p in write_image_tree(tmp_path / "tree", TINY_LABELS[:1], per_class=4).rglob("*.jpg")
+    ).parent
     source = f'type = "folder"\npath = "{frames}"\nloop = true\npacing = "realtime"\nfps = 60'
-    cfg = write_config(tmp_path / "c.toml", broker, bundle, source, tmp_path / "st",
-                       '\n[trigger]\nmode = "item"\nframes_per_item = 1\nitem_timeout_s = 1\n')
-    cfg.write_text(cfg.read_text().replace("stats_interval_s = 1", 'stats_interval_s = 1\ngroups = ["fuzz"]')
-                   .replace("[inference]", "[model.update]\nchunk_timeout_s = 0.5\nchunk_retries = 1\n\n[inference]"))
+    cfg = write_config(
+        tmp_path / "c.toml",
+        broker,
+        bundle,
+        source,
+        tmp_path / "st",
+        '\n[trigger]\nmode = "item"\nframes_per_item = 1\nitem_timeout_s = 1\n',
+    )
+    cfg.write_text(
+        cfg.read_text()
+        .replace("stats_interval_s = 1", 'stats_interval_s = 1\ngroups = ["fuzz"]')
+        .replace("[inference]", "[model.update]\nchunk_timeout_s = 0.5\nchunk_retries = 1\n\n[inference]")
+    )
     watcher = Watcher(broker.port)
     daemon = DaemonProcess(cfg)
     fuzzer = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="fuzzer", protocol=paho.MQTTv5)
@@ -72,7 +124,9 @@ def test_no_payload_on_any_topic_stops_the_device_or_goes_unanswered(tmp_path, b
     counter = iter(range(10**6))
     sent = {"triggers": 0, "commands": 0}
     try:
-        assert watcher.wait(lambda: any(t == f"{BASE}/status" for t, _, _ in watcher.snapshot()), 60), daemon.log
+        assert watcher.wait(lambda: any(t == f"{BASE}/status" for t, _, _ in watcher.snapshot()), 60), (
+            daemon.log
+        )
 
         def send(topic: str, payload: bytes, response: str | None) -> bytes:
             corr = f"c{next(counter)}".encode()
@@ -84,7 +138,9 @@ def test_no_payload_on_any_topic_stops_the_device_or_goes_unanswered(tmp_path, b
             return corr
 
         def answered(corr: bytes, topic: str) -> bool:
-            return any(getattr(p, "CorrelationData", None) == corr and t == topic for t, _, p in watcher.snapshot())
+            return any(
+                getattr(p, "CorrelationData", None) == corr and t == topic for t, _, p in watcher.snapshot()
+            )
 
         @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         @given(name=NAMES, payload=PAYLOADS, response=RESPONSE_TOPICS)
@@ -92,7 +148,9 @@ def test_no_payload_on_any_topic_stops_the_device_or_goes_unanswered(tmp_path, b
             corr = send(f"{BASE}/cmd/{name}", payload, response)
             sent["commands"] += 1
             where = response if response == REPLIES else f"{BASE}/cmd/{name}/response"
-            assert watcher.wait(lambda: answered(corr, where), 10), f"no answer to cmd/{name} {payload[:80]!r}"
+            assert watcher.wait(lambda: answered(corr, where), 10), (
+                f"no answer to cmd/{name} {payload[:80]!r}"
+            )
 
         @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         @given(payload=PAYLOADS)
@@ -101,10 +159,15 @@ def test_no_payload_on_any_topic_stops_the_device_or_goes_unanswered(tmp_path, b
             sent["triggers"] += 1
 
         @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-        @given(payload=PAYLOADS, response=RESPONSE_TOPICS, where=st.sampled_from(["device", "group", "chunk"]))
+        @given(
+            payload=PAYLOADS, response=RESPONSE_TOPICS, where=st.sampled_from(["device", "group", "chunk"])
+        )
         def deployments(payload: bytes, response: str | None, where: str) -> None:
-            topic = {"device": f"{BASE}/model/deploy", "group": GROUP_DEPLOY,
-                     "chunk": f"{BASE}/model/deploy/d2/chunk/0"}[where]
+            topic = {
+                "device": f"{BASE}/model/deploy",
+                "group": GROUP_DEPLOY,
+                "chunk": f"{BASE}/model/deploy/d2/chunk/0",
+            }[where]
             corr = send(topic, payload, response)
             # An empty payload on a deploy topic clears a retained request (`deploy --cancel`): not a request.
             if response == REPLIES and where != "chunk" and payload.strip():
@@ -126,8 +189,9 @@ def test_no_payload_on_any_topic_stops_the_device_or_goes_unanswered(tmp_path, b
         assert watcher.wait(lambda: final_labels() == 3, 30), daemon.log
         assert daemon.proc.poll() is None, daemon.log
         assert daemon.terminate(60) == 0, daemon.log
-        assert watcher.wait(lambda: any(t == f"{BASE}/stats" and b'"final":true' in p
-                                        for t, p, _ in watcher.snapshot()), 10)
+        assert watcher.wait(
+            lambda: any(t == f"{BASE}/stats" and b'"final":true' in p for t, p, _ in watcher.snapshot()), 10
+        )
     finally:
         fuzzer.loop_stop()
         fuzzer.disconnect()

@@ -19,17 +19,27 @@ def _metrics(folder: Path) -> dict:
     return json.loads((folder / "metrics.json").read_text())
 
 
-def test_evaluate_run_writes_metrics_and_reports(tiny_run: Path, tiny_val_tree: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_evaluate_run_writes_metrics_and_reports(tiny_run: Path, tiny_val_tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     proc = run_cli("evaluate", "--model", str(tiny_run), "--data", str(tiny_val_tree), "--out", str(out))
     assert "leaf" in proc.stdout and str(out) in proc.stdout
     metrics = _metrics(out)
     assert list(metrics["accuracy"]) == ["depth_1", "depth_2", "leaf"]
     assert metrics["accuracy"] == _metrics(tiny_run)["accuracy"]  # the run was scored on the same val tree
-    for key in ("top5", "macro_f1", "hierarchical", "mistake_severity", "backoff", "per_class", "accuracy_summed"):
+    for key in (
+        "top5",
+        "macro_f1",
+        "hierarchical",
+        "mistake_severity",
+        "backoff",
+        "per_class",
+        "accuracy_summed",
+    ):
         assert key in metrics
     calibration = json.loads((tiny_run / "calibration.json").read_text())
-    assert {f"depth_{d}": metrics["backoff"][f"depth_{d}"]["threshold"] for d in (1, 2, 3)} == calibration["thresholds"]
+    assert {f"depth_{d}": metrics["backoff"][f"depth_{d}"]["threshold"] for d in (1, 2, 3)} == calibration[
+        "thresholds"
+    ]
     for png in ("confusion.png", "reliability.png"):
         image = cv2.imread(str(out / png))
         assert image is not None and image.shape[0] > 200, png
@@ -38,7 +48,7 @@ def test_evaluate_run_writes_metrics_and_reports(tiny_run: Path, tiny_val_tree: 
     assert all(f"| {label} | 6 |" in report for label in TINY_LABELS)
 
 
-def test_evaluate_int8_bundle_through_litert(tiny_run: Path, tiny_val_tree: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_evaluate_int8_bundle_through_litert(tiny_run: Path, tiny_val_tree: Path, tmp_path: Path) -> None:
     bundle = tmp_path / "tiny.tebundle"
     run_cli("convert", "--run", str(tiny_run), "--out", str(bundle), "--edgetpu", "skip", "--force")
     out = tmp_path / "eval_int8"
@@ -51,8 +61,11 @@ def test_evaluate_int8_bundle_through_litert(tiny_run: Path, tiny_val_tree: Path
         assert abs(metrics["accuracy"][key] - value) <= 2 / 24 + 1e-9, key
 
 
-def test_evaluate_skips_corrupt_images_and_rejects_unknown_labels(tiny_run: Path, tiny_val_tree: Path,  # noqa: F811
-                                                                 tmp_path: Path) -> None:
+def test_evaluate_skips_corrupt_images_and_rejects_unknown_labels(
+    tiny_run: Path,
+    tiny_val_tree: Path,
+    tmp_path: Path,
+) -> None:
     data = shutil.copytree(tiny_val_tree, tmp_path / "val")
     broken = data / TINY_LABELS[1] / "zz-broken.jpg"
     broken.write_bytes(b"\xff\xd8 truncated")
@@ -63,7 +76,9 @@ def test_evaluate_skips_corrupt_images_and_rejects_unknown_labels(tiny_run: Path
     assert str(broken) in (out / "report.md").read_text()
 
     unknown = write_image_tree(tmp_path / "other", ["Fruit/Kiwi"], per_class=2)
-    proc = run_cli("evaluate", "--model", str(tiny_run), "--data", str(unknown), "--out", str(out), check=False)
+    proc = run_cli(
+        "evaluate", "--model", str(tiny_run), "--data", str(unknown), "--out", str(out), check=False
+    )
     assert proc.returncode == 2 and "Fruit/Kiwi" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("evaluate", "--model", str(tmp_path), "--data", str(data), "--out", str(out), check=False)
     assert proc.returncode == 2 and "no model.keras" in proc.stderr
@@ -71,34 +86,61 @@ def test_evaluate_skips_corrupt_images_and_rejects_unknown_labels(tiny_run: Path
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
-def test_evaluate_fits_thresholds_for_the_device_config(tiny_run: Path, tiny_val_tree: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_evaluate_fits_thresholds_for_the_device_config(
+    tiny_run: Path, tiny_val_tree: Path, tmp_path: Path
+) -> None:
     import numpy as np
     from taxonedge.edge.config import ModelConfig, tomllib
     from taxonedge.edge.taxonomy import Taxonomy
     from taxonedge.train.calibrate import choose_thresholds
 
     out = tmp_path / "eval"
-    proc = run_cli("evaluate", "--model", str(tiny_run), "--data", str(tiny_val_tree), "--out", str(out),
-                   "--fit-thresholds", "0.9")
+    proc = run_cli(
+        "evaluate",
+        "--model",
+        str(tiny_run),
+        "--data",
+        str(tiny_val_tree),
+        "--out",
+        str(out),
+        "--fit-thresholds",
+        "0.9",
+    )
     fitted = _metrics(out)["fitted_thresholds"]
-    assert fitted["target_precision"] == 0.9 and list(fitted["thresholds"]) == ["depth_1", "depth_2", "depth_3"]
+    assert fitted["target_precision"] == 0.9 and list(fitted["thresholds"]) == [
+        "depth_1",
+        "depth_2",
+        "depth_3",
+    ]
     # the same rule as training and convert, on the probabilities evaluate saw
     saved = np.load(out / "predictions.npz")
     taxonomy = Taxonomy.from_dict(json.loads((tiny_run / "taxonomy.json").read_text()))
-    assert fitted["thresholds"] == choose_thresholds(taxonomy, saved["probs"].astype(np.float64),
-                                                     saved["true_leaf"], 0.9)
+    assert fitted["thresholds"] == choose_thresholds(
+        taxonomy, saved["probs"].astype(np.float64), saved["true_leaf"], 0.9
+    )
     for key, threshold in fitted["thresholds"].items():
         here = fitted["on_these_images"][key]
         assert threshold == 1.0 or here["precision"] >= 0.9, key  # reached here, or never published
         check = fitted["two_fold"][key]
-        assert 0.0 <= check["coverage"] <= 1.0 and (check["precision"] is None or 0.0 <= check["precision"] <= 1.0)
+        assert 0.0 <= check["coverage"] <= 1.0 and (
+            check["precision"] is None or 0.0 <= check["precision"] <= 1.0
+        )
     # what it prints is a device config fragment that puts exactly these thresholds in force
-    fragment = proc.stdout[proc.stdout.index("[model]"):]
+    fragment = proc.stdout[proc.stdout.index("[model]") :]
     model = ModelConfig(**tomllib.loads(fragment)["model"], require_signature=False)
     assert model.thresholds == fitted["thresholds"]
     assert "Thresholds fitted on these images" in (out / "report.md").read_text()
 
-    proc = run_cli("evaluate", "--model", str(tiny_run), "--data", str(tiny_val_tree), "--out", str(out),
-                   "--fit-thresholds", "1.5", check=False)
+    proc = run_cli(
+        "evaluate",
+        "--model",
+        str(tiny_run),
+        "--data",
+        str(tiny_val_tree),
+        "--out",
+        str(out),
+        "--fit-thresholds",
+        "1.5",
+        check=False,
+    )
     assert proc.returncode == 2 and "between 0 and 1" in proc.stderr
-

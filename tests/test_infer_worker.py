@@ -72,7 +72,9 @@ def test_without_shared_memory_images_go_through_the_pipe(bundle, monkeypatch, c
     import multiprocessing.context
 
     def no_shm(self, *args):
-        raise FileNotFoundError(2, "No such file or directory", "/dev/shm")  # what a container without it gives
+        raise FileNotFoundError(
+            2, "No such file or directory", "/dev/shm"
+        )  # what a container without it gives
 
     monkeypatch.setattr(multiprocessing.context.BaseContext, "RawArray", no_shm)
     worker = InferenceWorker(bundle, backend="cpu", warmup_runs=1)

@@ -17,7 +17,7 @@ from .test_convert import converted, tiny_convert_run  # noqa: F401  (session fi
 pytestmark = pytest.mark.slow
 
 
-def test_readable_output_shows_everything_a_person_checks(converted):  # noqa: F811
+def test_readable_output_shows_everything_a_person_checks(converted):
     bundle, pub, _ = converted
     out = run_cli("inspect", str(bundle), "--pubkey", str(pub)).stdout
     assert "signature  valid (key " in out
@@ -28,9 +28,16 @@ def test_readable_output_shows_everything_a_person_checks(converted):  # noqa: F
     thresholds = read_bundle(bundle).manifest.thresholds  # chosen by convert on the int8 outputs
     assert "thresholds " + ", ".join(f"{k} {v:.3f}" for k, v in thresholds.items()) in out
     check = read_bundle(bundle).manifest.metrics["thresholds"]["two_fold_check"]
-    assert "(for 0.98 precision; two-fold check " + " / ".join(
-        "-" if r["precision"] is None else f"{100 * r['precision']:.1f}" for r in check.values()) + " %)" in out
-    assert "edge tpu   compiler not found - edgetpu_compiler not on PATH" in out and "no Edge TPU model (CPU only)" in out
+    assert (
+        "(for 0.98 precision; two-fold check "
+        + " / ".join("-" if r["precision"] is None else f"{100 * r['precision']:.1f}" for r in check.values())
+        + " %)"
+        in out
+    )
+    assert (
+        "edge tpu   compiler not found - edgetpu_compiler not on PATH" in out
+        and "no Edge TPU model (CPU only)" in out
+    )
     assert "golden     8 self-test images, tolerance 0 quantized steps" in out
     ops_line = next(line for line in out.splitlines() if line.startswith("ops "))
     assert "CONV_2D x1" in ops_line and "FULLY_CONNECTED x1" in ops_line and "DELEGATE" not in ops_line
@@ -42,19 +49,27 @@ def test_readable_output_shows_everything_a_person_checks(converted):  # noqa: F
     assert "present, not checked" in unchecked and "--pubkey" in unchecked
 
 
-def test_json_output(converted):  # noqa: F811
+def test_json_output(converted):
     bundle, pub, _ = converted
     info = json.loads(run_cli("inspect", str(bundle), "--json", "--pubkey", str(pub)).stdout)
     assert info["signature"] == "valid"
-    assert info["edgetpu"] == {"status": "compiler not found", "text": info["edgetpu"]["text"],
-                               "has_model": False, "warnings": []}
-    assert info["model"]["fully_integer"] and info["model"]["tensor_dtypes"].keys() <= {"uint8", "int8", "int32"}
+    assert info["edgetpu"] == {
+        "status": "compiler not found",
+        "text": info["edgetpu"]["text"],
+        "has_model": False,
+        "warnings": [],
+    }
+    assert info["model"]["fully_integer"] and info["model"]["tensor_dtypes"].keys() <= {
+        "uint8",
+        "int8",
+        "int32",
+    }
     assert info["manifest"]["metrics"]["gate"]["passed"] is True
     assert info["file_sizes"]["model.tflite"] == info["manifest"]["files"]["model.tflite"]["size"]
     assert info["bundle_size"] == bundle.stat().st_size
 
 
-def test_one_flipped_byte_anywhere_is_refused(converted, tmp_path):  # noqa: F811
+def test_one_flipped_byte_anywhere_is_refused(converted, tmp_path):
     bundle, pub, _ = converted
     data = bundle.read_bytes()
     model_start = data.index(b"TFL3") - 4  # inside model.tflite
@@ -69,7 +84,7 @@ def test_one_flipped_byte_anywhere_is_refused(converted, tmp_path):  # noqa: F81
     assert "model.tflite" in proc.stderr
 
 
-def test_edited_manifest_fails_the_signature(converted, tmp_path):  # noqa: F811
+def test_edited_manifest_fails_the_signature(converted, tmp_path):
     """An attacker lowers a threshold and fixes SHA256SUMS so that the bundle is self-consistent: only the
     signature can catch it."""
     from taxonedge.edge.bundle import _tar_bytes
@@ -80,8 +95,9 @@ def test_edited_manifest_fails_the_signature(converted, tmp_path):  # noqa: F811
     manifest = json.loads(members["manifest.json"])
     manifest["thresholds"]["depth_1"] = 0.01
     members["manifest.json"] = json.dumps(manifest, indent=2).encode()
-    members["SHA256SUMS"] = "".join(f"{hashlib.sha256(members[n]).hexdigest()}  {n}\n"
-                                    for n in ("manifest.json", "manifest.sig")).encode()
+    members["SHA256SUMS"] = "".join(
+        f"{hashlib.sha256(members[n]).hexdigest()}  {n}\n" for n in ("manifest.json", "manifest.sig")
+    ).encode()
     path = tmp_path / "edited.tebundle"
     path.write_bytes(_tar_bytes(members))
     assert "present, not checked" in run_cli("inspect", str(path)).stdout  # consistent, but...

@@ -16,10 +16,37 @@ from pathlib import Path
 
 from .conftest import REPO
 
-KERNEL = {"bundle", "taxonomy", "preprocess", "signing", "decode", "runtime", "protocol", "schemas", "backends",
-          "thresholds"}
-SERVICE = {"config", "daemon", "pipeline", "serving", "control", "health", "publish", "source", "infer",
-           "outbox", "mqtt", "update", "vetting", "slots", "trigger", "notify", "osthread"}
+KERNEL = {
+    "bundle",
+    "taxonomy",
+    "preprocess",
+    "signing",
+    "decode",
+    "runtime",
+    "protocol",
+    "schemas",
+    "backends",
+    "thresholds",
+}
+SERVICE = {
+    "config",
+    "daemon",
+    "pipeline",
+    "serving",
+    "control",
+    "health",
+    "publish",
+    "source",
+    "infer",
+    "outbox",
+    "mqtt",
+    "update",
+    "vetting",
+    "slots",
+    "trigger",
+    "notify",
+    "osthread",
+}
 TOOLS = {"cli", "deploy", "listen", "inspect"}
 PACKAGES = {"edge": "taxonedge.edge", "train": "taxonedge.train", "convert": "taxonedge.convert"}
 
@@ -79,4 +106,8 @@ def test_the_rule_catches_a_violation(tmp_path):
     """The checker itself: a kernel module reaching into the service is found."""
     bad = tmp_path / "decode.py"
     bad.write_text("from .daemon import Daemon\nfrom . import update\n")
-    assert imports(bad, "taxonedge.edge") == {"taxonedge.edge.daemon", "taxonedge.edge", "taxonedge.edge.update"}
+    assert imports(bad, "taxonedge.edge") == {
+        "taxonedge.edge.daemon",
+        "taxonedge.edge",
+        "taxonedge.edge.update",
+    }

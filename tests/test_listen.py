@@ -11,11 +11,22 @@ import paho.mqtt.client as paho
 from taxonedge.edge.listen import format_label
 
 LABEL = {
-    "schema": "taxonedge.label/1", "seq": 12, "site": "dc", "line": "l1", "device": "cam",
-    "timestamp": "2026-11-29T20:57:24.533Z", "item_id": "A-1", "vote": {"frames": 5, "agreeing": 4, "agreement": 0.8},
-    "path": ["Fruit", "Apple"], "decision": "backed-off", "latency_ms": 7.25,
-    "levels": [{"depth": 1, "score": 0.99, "passed": True}, {"depth": 2, "score": 0.97, "passed": True},
-               {"depth": 3, "score": 0.61, "passed": False}],
+    "schema": "taxonedge.label/1",
+    "seq": 12,
+    "site": "dc",
+    "line": "l1",
+    "device": "cam",
+    "timestamp": "2026-11-29T20:57:24.533Z",
+    "item_id": "A-1",
+    "vote": {"frames": 5, "agreeing": 4, "agreement": 0.8},
+    "path": ["Fruit", "Apple"],
+    "decision": "backed-off",
+    "latency_ms": 7.25,
+    "levels": [
+        {"depth": 1, "score": 0.99, "passed": True},
+        {"depth": 2, "score": 0.97, "passed": True},
+        {"depth": 3, "score": 0.61, "passed": False},
+    ],
 }
 
 
@@ -29,9 +40,23 @@ def test_format_label_reads_like_the_hierarchy():
 
 
 def test_listen_prints_labels_from_a_real_broker(broker):
-    proc = subprocess.Popen([sys.executable, "-m", "taxonedge", "listen", "--broker", f"127.0.0.1:{broker.port}",
-                             "--count", "2", "--timeout", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "taxonedge",
+            "listen",
+            "--broker",
+            f"127.0.0.1:{broker.port}",
+            "--count",
+            "2",
+            "--timeout",
+            "30",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     pub = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
     pub.connect("127.0.0.1", broker.port)
     pub.loop_start()
@@ -40,7 +65,9 @@ def test_listen_prints_labels_from_a_real_broker(broker):
         seq = 0
         while proc.poll() is None and time.monotonic() < deadline:  # until the listener has subscribed
             seq += 1
-            pub.publish("taxonedge/dc/l1/cam/labels", json.dumps({**LABEL, "seq": seq}), qos=1).wait_for_publish(5)
+            pub.publish(
+                "taxonedge/dc/l1/cam/labels", json.dumps({**LABEL, "seq": seq}), qos=1
+            ).wait_for_publish(5)
             pub.publish("taxonedge/dc/l1/cam/labels", b"not json", qos=1).wait_for_publish(5)
             time.sleep(0.2)
         out, err = proc.communicate(timeout=30)

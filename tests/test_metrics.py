@@ -71,11 +71,13 @@ def test_per_class_and_macro_f1(tax: Taxonomy) -> None:
 
 def test_backoff_with_thresholds(tax: Taxonomy) -> None:
     truth = np.array([0, 1, 3])
-    probs = np.array([
-        [0.90, 0.05, 0.03, 0.02],  # confident and right: reaches the leaf
-        [0.45, 0.40, 0.10, 0.05],  # Fruit/Apple is sure (0.85), the apple variety is not: backs off
-        [0.10, 0.10, 0.30, 0.50],  # Vegetables 0.5 < 0.6: unknown
-    ])
+    probs = np.array(
+        [
+            [0.90, 0.05, 0.03, 0.02],  # confident and right: reaches the leaf
+            [0.45, 0.40, 0.10, 0.05],  # Fruit/Apple is sure (0.85), the apple variety is not: backs off
+            [0.10, 0.10, 0.30, 0.50],  # Vegetables 0.5 < 0.6: unknown
+        ]
+    )
     b = backoff(tax, probs, truth, {"depth_1": 0.6, "depth_2": 0.6, "depth_3": 0.6})
     assert b["depth_1"]["count"] == 2 and b["depth_2"]["count"] == 2 and b["depth_3"]["count"] == 1
     assert b["depth_3"]["precision"] == 1.0
@@ -84,8 +86,10 @@ def test_backoff_with_thresholds(tax: Taxonomy) -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.lists(st.floats(0.01, 1.0), min_size=4, max_size=4), min_size=1, max_size=12),
-       st.lists(st.floats(0.0, 1.0), min_size=3, max_size=3))
+@given(
+    st.lists(st.lists(st.floats(0.01, 1.0), min_size=4, max_size=4), min_size=1, max_size=12),
+    st.lists(st.floats(0.0, 1.0), min_size=3, max_size=3),
+)
 def test_backoff_matches_device_decoder(rows, ts) -> None:
     tax = Taxonomy.from_paths(LABELS, name="t")
     probs = np.array(rows)
@@ -124,6 +128,8 @@ def test_rejects_bad_input(tax: Taxonomy) -> None:
 
 
 def test_metrics_module_imports_no_tensorflow() -> None:
-    code = ("import sys, taxonedge.train.metrics, taxonedge.train.calibrate; "
-            "sys.exit(int(any(m.split('.')[0] in ('tensorflow', 'keras') for m in sys.modules)))")
+    code = (
+        "import sys, taxonedge.train.metrics, taxonedge.train.calibrate; "
+        "sys.exit(int(any(m.split('.')[0] in ('tensorflow', 'keras') for m in sys.modules)))"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -1,4 +1,5 @@
-"""The daemon's MQTT link on a real broker: labels leave the outbox in order, whatever the network thread is doing."""
+"""The daemon's MQTT link on a real broker: labels leave the outbox in order, whatever the network thread is
+doing."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ LABELS = 3000
 
 
 def client(port: int, name: str) -> paho.Client:
-    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"{name}-{time.monotonic_ns()}", protocol=paho.MQTTv5)
+    c = paho.Client(
+        paho.CallbackAPIVersion.VERSION2, client_id=f"{name}-{time.monotonic_ns()}", protocol=paho.MQTTv5
+    )
     c.connect("127.0.0.1", port)
     c.loop_start()
     return c
@@ -27,7 +30,8 @@ def client(port: int, name: str) -> paho.Client:
 
 def test_labels_keep_their_order_while_the_network_thread_is_busy(tmp_path, broker):
     """Labels are published (replayed by the sender thread, or offered as they are stored) while the
-    network thread reads a flood of incoming messages and runs their callbacks. paho writes from the publishing thread unless told not to; two threads popping its
+    network thread reads a flood of incoming messages and runs their callbacks. paho writes from the
+    publishing thread unless told not to; two threads popping its
     packet queue reorder labels (seen: seq 2 before seq 1) or interleave their bytes."""
     received: list[int] = []
     done = threading.Event()
@@ -41,8 +45,15 @@ def test_labels_keep_their_order_while_the_network_thread_is_busy(tmp_path, brok
     subscriber.on_message = on_label
     subscriber.subscribe("t/labels", qos=1)
     outbox = Outbox(tmp_path / "o.sqlite")
-    link = MqttLink(MqttConfig(port=broker.port), "link-test", outbox, "t/status", b"offline",
-                    on_connected=lambda: link.client.subscribe("t/cmd", qos=0), on_message=lambda *a: None)
+    link = MqttLink(
+        MqttConfig(port=broker.port),
+        "link-test",
+        outbox,
+        "t/status",
+        b"offline",
+        on_connected=lambda: link.client.subscribe("t/cmd", qos=0),
+        on_message=lambda *a: None,
+    )
     flooder = client(broker.port, "flood")
     stop = threading.Event()
 
@@ -88,8 +99,15 @@ def test_a_label_offered_while_the_sender_holds_the_line_does_not_wait(tmp_path,
     subscriber.on_message = lambda c, u, msg: received.append(msg.payload)
     subscriber.subscribe("t/labels", qos=1)
     outbox = Outbox(tmp_path / "o.sqlite")
-    link = MqttLink(MqttConfig(port=broker.port), "link-test-2", outbox, "t/status", b"offline",
-                    on_connected=lambda: None, on_message=lambda *a: None)
+    link = MqttLink(
+        MqttConfig(port=broker.port),
+        "link-test-2",
+        outbox,
+        "t/status",
+        b"offline",
+        on_connected=lambda: None,
+        on_message=lambda *a: None,
+    )
     link.start()
     try:
         assert link.connected.wait(10)
@@ -128,15 +146,23 @@ def until(condition: Callable[[], bool], timeout: float = 15) -> bool:
     return condition()
 
 
-def labels_through_an_outage(tmp_path, broker, monkeypatch, protocol: str, expiry_s: float, outage_s: float,
-                             count: int = 5) -> tuple[Outbox, list[tuple[bytes, int | None]]]:
+def labels_through_an_outage(
+    tmp_path, broker, monkeypatch, protocol: str, expiry_s: float, outage_s: float, count: int = 5
+) -> tuple[Outbox, list[tuple[bytes, int | None]]]:
     """Publish `count` labels while the broker is frozen (SIGSTOP: no PUBACK ever comes), kill it, restart it
     on the same port `outage_s` after the labels were stored, and let the link reconnect once a subscriber is
     in place. A label stored after the reconnect comes last: once it arrived, any re-sent one has too.
     Returns the outbox and what the subscriber got: (payload, MessageExpiryInterval)."""
     outbox = Outbox(tmp_path / "o.sqlite")
-    link = MqttLink(MqttConfig(port=broker.port, protocol=protocol), f"link-{protocol}", outbox, "t/status",
-                    b"offline", on_connected=lambda: None, on_message=lambda *a: None)
+    link = MqttLink(
+        MqttConfig(port=broker.port, protocol=protocol),
+        f"link-{protocol}",
+        outbox,
+        "t/status",
+        b"offline",
+        on_connected=lambda: None,
+        on_message=lambda *a: None,
+    )
     # mosquitto runs without persistence: the subscriber must be back before the link re-sends, so the
     # link's reconnect waits at this gate (closed during the outage).
     gate = threading.Event()
@@ -161,11 +187,13 @@ def labels_through_an_outage(tmp_path, broker, monkeypatch, protocol: str, expir
         time.sleep(max(0.0, stored_at + outage_s - time.time()))
         broker.start()
         subscribed = threading.Event()
-        subscriber = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"sub-{time.monotonic_ns()}",
-                                 protocol=paho.MQTTv5)
+        subscriber = paho.Client(
+            paho.CallbackAPIVersion.VERSION2, client_id=f"sub-{time.monotonic_ns()}", protocol=paho.MQTTv5
+        )
         subscriber.on_subscribe = lambda *a: subscribed.set()
         subscriber.on_message = lambda c, u, msg: received.append(
-            (msg.payload, getattr(msg.properties, "MessageExpiryInterval", None)))
+            (msg.payload, getattr(msg.properties, "MessageExpiryInterval", None))
+        )
         subscriber.connect("127.0.0.1", broker.port)
         subscriber.loop_start()
         subscriber.subscribe("t/labels", qos=1)
@@ -185,12 +213,15 @@ def labels_through_an_outage(tmp_path, broker, monkeypatch, protocol: str, expir
 
 
 @pytest.mark.parametrize("protocol", ["v5", "v311"])
-def test_labels_that_expired_in_flight_are_not_resent_after_the_outage(tmp_path, broker, monkeypatch, protocol):
+def test_labels_that_expired_in_flight_are_not_resent_after_the_outage(
+    tmp_path, broker, monkeypatch, protocol
+):
     """paho re-sends its unacknowledged labels on reconnect with their original expiry, so the broker took
     long-expired labels as fresh while the outbox counted them as expired. Expired ones are dropped instead
     (MQTT 3.1.1 has no expiry property: dropping them matters all the more)."""
-    outbox, received = labels_through_an_outage(tmp_path, broker, monkeypatch, protocol, expiry_s=1.5,
-                                                outage_s=4)
+    outbox, received = labels_through_an_outage(
+        tmp_path, broker, monkeypatch, protocol, expiry_s=1.5, outage_s=4
+    )
     assert [payload for payload, _ in received] == [b"after"]
     assert outbox.counter("expired") == 5
     assert outbox.depth() == 0
@@ -207,4 +238,3 @@ def test_labels_in_flight_through_an_outage_carry_their_remaining_life(tmp_path,
         assert interval is not None and 1 <= interval <= 56, (payload, interval)
     assert outbox.counter("expired") == 0
     outbox.close()
-

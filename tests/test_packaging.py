@@ -22,8 +22,9 @@ def edge_venv(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("edge-venv")
     src = root / "src"
     # copy the tracked tree only, so no local build or venv leaks into the install
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     for rel in files:
         if (REPO / rel).is_file():
             (src / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -31,8 +32,9 @@ def edge_venv(tmp_path_factory) -> Path:
     env_dir = root / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
-    proc = subprocess.run([str(py), "-m", "pip", "install", "-q", f"{src}[edge]"], capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", f"{src}[edge]"], capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return env_dir
 

@@ -40,7 +40,8 @@ def test_int8_and_float_inputs(jpeg):
 
 
 def test_host_file_path_and_device_bytes_path_are_identical(jpeg):
-    """The host reads files with load_image; the device decodes bytes (folder source, snapshots). Same tensor."""
+    """The host reads files with load_image; the device decodes bytes (folder source, snapshots). Same
+    tensor."""
     spec = InputSpec(height=64, width=64)
     host = load_image(jpeg, spec)
     assert np.array_equal(preprocess(decode_image(jpeg.read_bytes()), spec), host)

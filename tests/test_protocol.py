@@ -38,11 +38,23 @@ def schema(name: str) -> dict:
 
 def label_of(decision, reason=None) -> dict:
     """A complete label around a decision, as the daemon builds it."""
-    return {"schema": protocol.LABEL_SCHEMA, "msg_id": "0" * 32, "boot_id": "b", "seq": 1, "device": "d",
-            "site": "s", "line": "l", "timestamp": "2026-12-04T10:00:00.000Z", "item_id": None,
-            **decision_fields(decision, reason), "vote": None,
-            "model": {"name": "m", "version": "1", "sha256": "a" * 64}, "backend": "cpu",
-            "latency_ms": 1.0, "inference_ms": 1.0}
+    return {
+        "schema": protocol.LABEL_SCHEMA,
+        "msg_id": "0" * 32,
+        "boot_id": "b",
+        "seq": 1,
+        "device": "d",
+        "site": "s",
+        "line": "l",
+        "timestamp": "2026-12-04T10:00:00.000Z",
+        "item_id": None,
+        **decision_fields(decision, reason),
+        "vote": None,
+        "model": {"name": "m", "version": "1", "sha256": "a" * 64},
+        "backend": "cpu",
+        "latency_ms": 1.0,
+        "inference_ms": 1.0,
+    }
 
 
 def test_committed_schemas_are_the_generated_ones(tmp_path):
@@ -52,7 +64,8 @@ def test_committed_schemas_are_the_generated_ones(tmp_path):
     for path in written:
         committed = REPO / "edge" / "schemas" / path.name
         assert json.loads(committed.read_text()) == json.loads(path.read_text()), (
-            f"{committed} is stale: run `{sys.executable} -m taxonedge.edge.protocol`")
+            f"{committed} is stale: run `{sys.executable} -m taxonedge.edge.protocol`"
+        )
         jsonschema.Draft202012Validator.check_schema(json.loads(path.read_text()))
 
 
@@ -80,8 +93,11 @@ def test_parent_scores_of_dequantized_uint8_leaves_stay_probabilities():
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.integers(0, 255), min_size=4, max_size=4), st.floats(1 / 512, 1 / 128),
-       st.sampled_from([{}, {"depth_1": 0.5, "depth_2": 0.7, "depth_3": 0.9}, {"depth_1": 1.0}]))
+@given(
+    st.lists(st.integers(0, 255), min_size=4, max_size=4),
+    st.floats(1 / 512, 1 / 128),
+    st.sampled_from([{}, {"depth_1": 0.5, "depth_2": 0.7, "depth_3": 0.9}, {"depth_1": 1.0}]),
+)
 def test_every_uint8_output_decodes_to_a_label_that_fits_the_schema(values, scale, thresholds):
     decision = Decoder(TAX, thresholds).decode(np.array(values, dtype=np.float64) * scale)
     jsonschema.validate(label_of(decision), schema("label"))
@@ -98,8 +114,9 @@ def test_labels_from_a_real_int8_model_fit_the_schema(tmp_path):
     clf = Classifier(bundle)
     decoder = Decoder(bundle.taxonomy, bundle.manifest.thresholds)
     rng = np.random.default_rng(0)
-    images = [class_image(i % 4, rng) for i in range(40)] + [rng.integers(0, 256, (64, 64, 3), np.uint8)
-                                                            for _ in range(20)]
+    images = [class_image(i % 4, rng) for i in range(40)] + [
+        rng.integers(0, 256, (64, 64, 3), np.uint8) for _ in range(20)
+    ]
     for image in images:
         decision = decoder.decode(clf.probabilities(preprocess(image, bundle.manifest.input)))
         jsonschema.validate(label_of(decision), schema("label"))
@@ -126,14 +143,27 @@ def test_labels_of_the_shipped_grocery_model_on_store_photos_fit_the_schema():
 
 # ---- inputs -----------------------------------------------------------------------------------------
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(
-    st.binary(max_size=200),
-    st.text(max_size=50).map(lambda t: t.encode("utf-8", "surrogatepass")),
-    st.integers(1, 3000).map(lambda n: b"[" * n + b"]" * n),
-    st.integers(1, 3000).map(lambda n: b'{"a":' * n + b"1" + b"}" * n),
-    st.sampled_from([b'{"id": "x\\ud800"}', b'{"\\udfff": 1}', b"1e999999", b"NaN", b'{"a": NaN}',
-                     b"9" * 5000, b'{"a": ' + b"9" * 5000 + b"}", b"\xef\xbb\xbf{}", b"{}" * 3]),
-))
+@given(
+    st.one_of(
+        st.binary(max_size=200),
+        st.text(max_size=50).map(lambda t: t.encode("utf-8", "surrogatepass")),
+        st.integers(1, 3000).map(lambda n: b"[" * n + b"]" * n),
+        st.integers(1, 3000).map(lambda n: b'{"a":' * n + b"1" + b"}" * n),
+        st.sampled_from(
+            [
+                b'{"id": "x\\ud800"}',
+                b'{"\\udfff": 1}',
+                b"1e999999",
+                b"NaN",
+                b'{"a": NaN}',
+                b"9" * 5000,
+                b'{"a": ' + b"9" * 5000 + b"}",
+                b"\xef\xbb\xbf{}",
+                b"{}" * 3,
+            ]
+        ),
+    )
+)
 def test_parse_json_object_raises_nothing_but_payload_error(payload):
     try:
         value = parse_json_object(payload, 16 * 1024)
@@ -146,8 +176,14 @@ def test_parse_json_object_raises_nothing_but_payload_error(payload):
 
 
 def test_parse_json_object_names_each_problem():
-    cases = {b"\xff": "not UTF-8", b"[1]": "JSON object", b"{": "not JSON", b"[" * 5000: "nested too deeply",
-             b'{"id": "x\\ud800"}': "lone surrogate", b"x" * 20000: "limit"}
+    cases = {
+        b"\xff": "not UTF-8",
+        b"[1]": "JSON object",
+        b"{": "not JSON",
+        b"[" * 5000: "nested too deeply",
+        b'{"id": "x\\ud800"}': "lone surrogate",
+        b"x" * 20000: "limit",
+    }
     for payload, words in cases.items():
         with pytest.raises(PayloadError, match=words):
             parse_json_object(payload, 16 * 1024)
@@ -166,8 +202,18 @@ def test_json_bytes_never_raises_on_text():
 
 
 def test_response_topics_never_reach_the_devices_own_topics():
-    for own in (f"{BASE}/labels", f"{BASE}/status", f"{BASE}/cmd/pause", f"{BASE}/trigger", BASE,
-                "taxonedge/groups/g/deploy", "$SYS/x", "a/+/b", "a/#", ""):
+    for own in (
+        f"{BASE}/labels",
+        f"{BASE}/status",
+        f"{BASE}/cmd/pause",
+        f"{BASE}/trigger",
+        BASE,
+        "taxonedge/groups/g/deploy",
+        "$SYS/x",
+        "a/+/b",
+        "a/#",
+        "",
+    ):
         assert response_topic_problem(own, BASE, "taxonedge"), own
     for fine in ("taxonedge/replies/me", "replies/me", "taxonedge/s/l/d2/labels-not-mine"):
         assert response_topic_problem(fine, BASE, "taxonedge") is None, fine

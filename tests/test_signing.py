@@ -22,8 +22,9 @@ def test_keygen_writes_a_private_key_only_its_owner_can_read(tmp_path):
     assert key_id(key.public_key()) in proc.stdout
     assert b"PRIVATE" not in public.read_bytes()
     # The private key is never printed.
-    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                            serialization.NoEncryption())
+    raw = key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
     assert raw.hex() not in proc.stdout and "PRIVATE KEY" not in proc.stdout + proc.stderr
 
 
@@ -69,7 +70,8 @@ def test_signed_bundle_accepts_its_key_and_rejects_another(tmp_path):
     with pytest.raises(BundleError, match="unsigned"):
         read_bundle(tiny_bundle_bytes(), public_key=load_public_key(tmp_path / "good.pub"))
     # The private key is in no file of the bundle.
-    raw = good.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                             serialization.NoEncryption())
+    raw = good.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
     pem = (tmp_path / "good.key").read_bytes()
     assert raw not in data and pem.splitlines()[1] not in data

@@ -1,4 +1,5 @@
-"""A/B slots: staging never touches the serving slot; start-up rolls back unfinished trials and skips damage."""
+"""A/B slots: staging never touches the serving slot; start-up rolls back unfinished trials and skips
+damage."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ def config(tmp_path):
     made = signed_bundles()
     return parse_config(f"""
 [device]
-state_dir = "{tmp_path / 'state'}"
+state_dir = "{tmp_path / "state"}"
 [model]
-bundle = "{tmp_path / 'config.tebundle'}"
-public_key = "{made['public_key']}"
+bundle = "{tmp_path / "config.tebundle"}"
+public_key = "{made["public_key"]}"
 [source]
 type = "folder"
 path = "{tmp_path}"

@@ -1,4 +1,5 @@
-"""Frame sources with real files: videos written by cv2.VideoWriter, JPEG folders, corrupt and truncated input."""
+"""Frame sources with real files: videos written by cv2.VideoWriter, JPEG folders, corrupt and truncated
+input."""
 
 from __future__ import annotations
 
@@ -116,7 +117,9 @@ def test_folder_vanishes_and_comes_back(tmp_path):
     folder.mkdir()
     for i in range(2):
         cv2.imwrite(str(folder / f"{i}.jpg"), np.full((40, 40, 3), 100, np.uint8))
-    capture = Capture(FolderSource(type="folder", path=folder, loop=True, pacing="realtime", fps=50), fast_cfg())
+    capture = Capture(
+        FolderSource(type="folder", path=folder, loop=True, pacing="realtime", fps=50), fast_cfg()
+    )
     capture.start()
     assert len(drain(capture, want=3)) == 3
     folder.rename(tmp_path / "away")

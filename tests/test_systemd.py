@@ -26,10 +26,13 @@ RULES = SYSTEMD / "99-coral-edgetpu.rules"
 INSTALL = SYSTEMD / "install.sh"
 EXPOSURE_LIMIT = 2.5  # systemd-analyze calls <= 2.5 "OK" (and lower "SAFE")
 
-needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
-                                   reason="systemd-analyze is missing (apt-get install systemd)")
-needs_sysusers = pytest.mark.skipif(shutil.which("systemd-sysusers") is None or shutil.which("systemctl") is None,
-                                    reason="systemd-sysusers/systemctl are missing (apt-get install systemd)")
+needs_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is missing (apt-get install systemd)"
+)
+needs_sysusers = pytest.mark.skipif(
+    shutil.which("systemd-sysusers") is None or shutil.which("systemctl") is None,
+    reason="systemd-sysusers/systemctl are missing (apt-get install systemd)",
+)
 
 
 def unit_directives(text: str) -> list[tuple[str, str, str]]:
@@ -65,6 +68,7 @@ def runnable_unit(tmp_path: Path, text: str | None = None) -> Path:
 
 # ---- the unit -----------------------------------------------------------------------------------------
 
+
 def test_unit_has_what_the_daemon_and_the_issue_need() -> None:
     text = UNIT.read_text()
     d = {(s, k): v for s, k, v in unit_directives(text)}
@@ -76,7 +80,10 @@ def test_unit_has_what_the_daemon_and_the_issue_need() -> None:
     assert int(d[("Unit", "StartLimitBurst")]) > 0 and int(d[("Unit", "StartLimitIntervalSec")]) > 0
     assert d[("Service", "User")] == "taxonedge"
     assert set(d[("Service", "SupplementaryGroups")].split()) == {"video", "plugdev"}
-    assert d[("Service", "StateDirectory")] == "taxonedge" and d[("Service", "ConfigurationDirectory")] == "taxonedge"
+    assert (
+        d[("Service", "StateDirectory")] == "taxonedge"
+        and d[("Service", "ConfigurationDirectory")] == "taxonedge"
+    )
     assert d[("Service", "ProtectSystem")] == "strict" and d[("Service", "CapabilityBoundingSet")] == ""
     assert d[("Service", "DevicePolicy")] == "closed"
     allowed = values(text, "DeviceAllow")
@@ -93,8 +100,12 @@ def test_unit_has_what_the_daemon_and_the_issue_need() -> None:
 
 @needs_analyze
 def test_systemd_analyze_verify_passes_without_a_single_warning(tmp_path: Path) -> None:
-    proc = subprocess.run(["systemd-analyze", "verify", str(runnable_unit(tmp_path))],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(runnable_unit(tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     # verify only warns (exit 0) about unknown keys or bad values: any output at all is a finding.
     assert proc.stdout.strip() == "" and proc.stderr.strip() == "", proc.stdout + proc.stderr
@@ -103,18 +114,29 @@ def test_systemd_analyze_verify_passes_without_a_single_warning(tmp_path: Path) 
 @needs_analyze
 def test_systemd_analyze_verify_catches_a_misspelt_directive(tmp_path: Path) -> None:
     broken = UNIT.read_text().replace("ProtectSystem=strict", "ProtectSytem=strict")
-    proc = subprocess.run(["systemd-analyze", "verify", str(runnable_unit(tmp_path, broken))],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(runnable_unit(tmp_path, broken))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "ProtectSytem" in proc.stdout + proc.stderr
 
 
 def security_exposure(unit: Path) -> float:
-    """The overall exposure `systemd-analyze security --offline=true` gives the unit file (0 best, 10 worst)."""
-    proc = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
-                          capture_output=True, text=True, timeout=60)
+    """The overall exposure `systemd-analyze security --offline=true` gives the unit file (0 best, 10
+    worst)."""
+    proc = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if proc.returncode != 0 and "offline" in proc.stderr.lower():
-        pytest.skip(f"this systemd-analyze cannot score a unit file offline (systemd >= 250 can), and no "
-                    f"systemd runs in this container to score the installed unit: {proc.stderr.strip()}")
+        pytest.skip(
+            f"this systemd-analyze cannot score a unit file offline (systemd >= 250 can), and no "
+            f"systemd runs in this container to score the installed unit: {proc.stderr.strip()}"
+        )
     match = re.search(r"Overall exposure level for \S+: ([0-9.]+) (\w+)", proc.stdout)
     assert match, f"no exposure in the output:\n{proc.stdout}\n{proc.stderr}"
     return float(match.group(1))
@@ -124,11 +146,24 @@ def security_exposure(unit: Path) -> float:
 def test_security_exposure_is_ok_or_better(tmp_path: Path) -> None:
     unit = runnable_unit(tmp_path)
     exposure = security_exposure(unit)
-    print(f"systemd-analyze security --offline=true taxonedge.service: exposure {exposure} (limit {EXPOSURE_LIMIT})")
+    print(
+        f"systemd-analyze security --offline=true taxonedge.service: exposure {exposure} (limit "
+        f"{EXPOSURE_LIMIT})"
+    )
     assert exposure <= EXPOSURE_LIMIT
     # The same verdict through systemd-analyze's own gate (its threshold is in tenths).
-    gate = subprocess.run(["systemd-analyze", "security", "--offline=true", f"--threshold={int(EXPOSURE_LIMIT * 10)}",
-                           str(unit)], capture_output=True, text=True, timeout=60)
+    gate = subprocess.run(
+        [
+            "systemd-analyze",
+            "security",
+            "--offline=true",
+            f"--threshold={int(EXPOSURE_LIMIT * 10)}",
+            str(unit),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert gate.returncode == 0
 
 
@@ -136,8 +171,11 @@ def test_security_exposure_is_ok_or_better(tmp_path: Path) -> None:
 def test_security_check_tells_an_unhardened_unit_apart(tmp_path: Path) -> None:
     # Only [Unit], the service basics and [Install]: what a first draft of the unit would be.
     text = UNIT.read_text()
-    bare = "\n".join(line for line in text.splitlines()
-                     if line.startswith(("[", "Description=", "Type=", "ExecStart=", "WantedBy=")))
+    bare = "\n".join(
+        line
+        for line in text.splitlines()
+        if line.startswith(("[", "Description=", "Type=", "ExecStart=", "WantedBy="))
+    )
     exposure = security_exposure(runnable_unit(tmp_path, bare))
     assert exposure > 9.0 > EXPOSURE_LIMIT
 
@@ -151,6 +189,7 @@ def test_a_config_error_exits_with_the_status_the_unit_does_not_restart(tmp_path
 
 
 # ---- the udev rule ------------------------------------------------------------------------------------
+
 
 def udev_rules(text: str) -> list[dict[str, str]]:
     rules = []
@@ -172,20 +211,29 @@ def test_udev_rule_covers_both_coral_usb_ids_and_the_pcie_device() -> None:
         assert r["GROUP="] in groups and r["MODE="] == "0660"
 
 
-needs_udevadm = pytest.mark.skipif(shutil.which("udevadm") is None or shutil.which("unshare") is None,
-                                   reason="udevadm is missing (apt-get install udev)")
+needs_udevadm = pytest.mark.skipif(
+    shutil.which("udevadm") is None or shutil.which("unshare") is None,
+    reason="udevadm is missing (apt-get install udev)",
+)
 
 
 def udevadm_parse(tmp_path: Path, rules_text: str) -> str:
-    """udevadm's own parser on the rule file, in a private mount namespace so /etc and /run stay as they are."""
+    """udevadm's own parser on the rule file, in a private mount namespace so /etc and /run stay as they
+    are."""
     rules_dir = tmp_path / "rules.d"
     rules_dir.mkdir()
     (rules_dir / RULES.name).write_text(rules_text)
-    script = (f"mount --bind {rules_dir} /etc/udev/rules.d && mkdir -p /run/udev && "
-              "mount -t tmpfs tmpfs /run/udev && udevadm test /sys/class/net/lo")
-    proc = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=60)
+    script = (
+        f"mount --bind {rules_dir} /etc/udev/rules.d && mkdir -p /run/udev && "
+        "mount -t tmpfs tmpfs /run/udev && udevadm test /sys/class/net/lo"
+    )
+    proc = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=60
+    )
     if "Reading rules file: /etc/udev/rules.d/" not in proc.stdout + proc.stderr:
-        pytest.skip(f"cannot run udevadm test in a private mount namespace here: {proc.stderr.strip()[-300:]}")
+        pytest.skip(
+            f"cannot run udevadm test in a private mount namespace here: {proc.stderr.strip()[-300:]}"
+        )
     return "\n".join(line for line in (proc.stdout + proc.stderr).splitlines() if RULES.name + ":" in line)
 
 
@@ -202,8 +250,11 @@ def test_udevadm_check_reports_a_broken_rule(tmp_path: Path) -> None:
 
 # ---- the install script -------------------------------------------------------------------------------
 
+
 def install(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(INSTALL), "--root", str(root), *args], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(INSTALL), "--root", str(root), *args], capture_output=True, text=True, timeout=120
+    )
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
@@ -295,7 +346,9 @@ def test_installed_unit_verifies(exe_root: Path) -> None:
     unit = exe_root / "verify" / "taxonedge.service"
     unit.parent.mkdir()
     unit.write_text(text.replace("/usr/local/bin/taxonedge", str(exe_root / "usr/local/bin/taxonedge")))
-    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
 
 
@@ -312,7 +365,9 @@ def test_install_again_changes_nothing_and_keeps_the_operators_files(exe_root: P
     assert "kept existing" in proc.stdout
     after = tree(root)
     # sysusers rewrites passwd/group backups ("passwd-") on every run; everything else is byte-identical.
-    changed = {p for p in before.keys() | after.keys() if before.get(p) != after.get(p) and not p.endswith("-")}
+    changed = {
+        p for p in before.keys() | after.keys() if before.get(p) != after.get(p) and not p.endswith("-")
+    }
     assert changed == set()
     assert load_config(config).device.id == "line7-cam2" and password.read_text() == "s3cret\n"
 
@@ -323,8 +378,12 @@ def test_uninstall_keeps_config_and_state_and_purge_removes_them(exe_root: Path)
     install(root)
     (root / "var/lib/taxonedge/outbox.sqlite").write_bytes(b"labels not yet delivered")
     install(root, "--uninstall")
-    for rel in ("etc/systemd/system/taxonedge.service", "etc/udev/rules.d/99-coral-edgetpu.rules",
-                "usr/lib/sysusers.d/taxonedge.conf", "etc/systemd/system/multi-user.target.wants/taxonedge.service"):
+    for rel in (
+        "etc/systemd/system/taxonedge.service",
+        "etc/udev/rules.d/99-coral-edgetpu.rules",
+        "usr/lib/sysusers.d/taxonedge.conf",
+        "etc/systemd/system/multi-user.target.wants/taxonedge.service",
+    ):
         assert not (root / rel).exists() and not (root / rel).is_symlink(), rel
     assert (root / "etc/taxonedge/config.toml").exists()
     assert (root / "var/lib/taxonedge/outbox.sqlite").read_bytes() == b"labels not yet delivered"
@@ -381,8 +440,10 @@ def private_checkout(tmp_path: Path) -> Path:
     return home / "taxonedge" / "systemd"
 
 
-needs_nobody = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                                  reason="runs the script as an unprivileged user, which needs root and setpriv")
+needs_nobody = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="runs the script as an unprivileged user, which needs root and setpriv",
+)
 AS_NOBODY = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
 
 
@@ -404,9 +465,14 @@ def test_install_without_root_builds_an_image_tree_owned_by_the_caller(tmp_path:
         assert stat.S_IMODE(password.st_mode) == 0o600 and password.st_uid == 65534
         assert stat.S_IMODE((root / "etc/taxonedge/config.toml").stat().st_mode) == 0o640
         assert passwd_entry(root, "taxonedge") is not None
-        proc = subprocess.run([*as_nobody, "--uninstall", "--purge"], capture_output=True, text=True, timeout=120, cwd="/")
+        proc = subprocess.run(
+            [*as_nobody, "--uninstall", "--purge"], capture_output=True, text=True, timeout=120, cwd="/"
+        )
         assert proc.returncode == 0 and "deleting it needs root" in proc.stdout, proc.stdout + proc.stderr
-        assert not (root / "etc/taxonedge").exists() and not (root / "etc/systemd/system/taxonedge.service").exists()
+        assert (
+            not (root / "etc/taxonedge").exists()
+            and not (root / "etc/systemd/system/taxonedge.service").exists()
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(script.parent.parent, ignore_errors=True)
@@ -416,5 +482,7 @@ def test_install_without_root_builds_an_image_tree_owned_by_the_caller(tmp_path:
 def test_a_private_checkout_is_what_user_65534_cannot_reach(tmp_path: Path) -> None:
     """Why the test above runs a copy: from a 0700 directory the script does not even start."""
     script = private_checkout(tmp_path) / "install.sh"
-    proc = subprocess.run([*AS_NOBODY, str(script), "--help"], capture_output=True, text=True, timeout=60, cwd="/")
+    proc = subprocess.run(
+        [*AS_NOBODY, str(script), "--help"], capture_output=True, text=True, timeout=60, cwd="/"
+    )
     assert proc.returncode != 0 and "Permission denied" in proc.stderr, proc.stdout + proc.stderr

@@ -34,9 +34,11 @@ from .test_systemd import UNIT
 from .tinymodels import write_tiny_bundle
 
 pytestmark = pytest.mark.skipif(
-    shutil.which("systemd-analyze") is None or ctypes.util.find_library("seccomp") is None
+    shutil.which("systemd-analyze") is None
+    or ctypes.util.find_library("seccomp") is None
     or tuple(int(p) for p in platform.release().split(".")[:2] if p.isdigit()) < (6, 3),
-    reason="needs systemd-analyze, libseccomp and Linux >= 6.3 (PR_SET_MDWE) to apply the unit's sandbox")
+    reason="needs systemd-analyze, libseccomp and Linux >= 6.3 (PR_SET_MDWE) to apply the unit's sandbox",
+)
 
 
 class NotifySocket:
@@ -93,7 +95,9 @@ def proc_status(pid: int) -> dict[str, str]:
     return fields
 
 
-def test_daemon_runs_notifies_and_stops_cleanly_inside_the_units_sandbox(tmp_path: Path, broker, notify) -> None:
+def test_daemon_runs_notifies_and_stops_cleanly_inside_the_units_sandbox(
+    tmp_path: Path, broker, notify
+) -> None:
     bundle = write_tiny_bundle(tmp_path / "tiny.tebundle")
     frames = write_frames_folder(tmp_path, per_class=2)
     source = f'type = "folder"\npath = "{frames}"\nloop = true\npacing = "realtime"\nfps = 20'
@@ -104,10 +108,19 @@ def test_daemon_runs_notifies_and_stops_cleanly_inside_the_units_sandbox(tmp_pat
     state.mkdir()
     private_tmp.mkdir()
     writable = [state, private_tmp] if os.geteuid() == 0 else None  # a mount namespace needs root
-    command = sandboxed_command(UNIT.read_text(), ["-m", "taxonedge", "run", "--config", str(config)],
-                                writable=writable, read_only_probe=tmp_path / "written-outside-state")
-    env = {**os.environ, "NOTIFY_SOCKET": notify.path, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1",
-           "TMPDIR": str(private_tmp)}
+    command = sandboxed_command(
+        UNIT.read_text(),
+        ["-m", "taxonedge", "run", "--config", str(config)],
+        writable=writable,
+        read_only_probe=tmp_path / "written-outside-state",
+    )
+    env = {
+        **os.environ,
+        "NOTIFY_SOCKET": notify.path,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "TMPDIR": str(private_tmp),
+    }
     with open(log_path, "wb") as log:
         daemon = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
@@ -117,8 +130,12 @@ def test_daemon_runs_notifies_and_stops_cleanly_inside_the_units_sandbox(tmp_pat
         assert status["Seccomp"] == "2" and status["NoNewPrivs"] == "1", status
         assert status["CapEff"] == status["CapBnd"] == "0000000000000000", status
         log_text = log_path.read_text()
-        probes = ["sched_setaffinity (@resources) refused", "AF_PACKET socket refused",
-                  "sethostname (@privileged) refused", "W+X memory refused"]
+        probes = [
+            "sched_setaffinity (@resources) refused",
+            "AF_PACKET socket refused",
+            "sethostname (@privileged) refused",
+            "W+X memory refused",
+        ]
         if writable:
             probes.append("writing outside the state directory refused (EROFS)")
         for probe in probes:
@@ -128,8 +145,10 @@ def test_daemon_runs_notifies_and_stops_cleanly_inside_the_units_sandbox(tmp_pat
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(30) == 0, log_path.read_text()[-3000:]
         assert "STOPPING=1" in notify.lines
-        print(f"sandboxed daemon: {len(labels_of(recorder))} labels, notify lines: "
-              f"{sorted({line.split('=')[0] for line in notify.lines})}")
+        print(
+            f"sandboxed daemon: {len(labels_of(recorder))} labels, notify lines: "
+            f"{sorted({line.split('=')[0] for line in notify.lines})}"
+        )
         # Nothing was refused while it worked (a refused call would show up as an EPERM error in the log).
         assert "Operation not permitted" not in log_path.read_text(), log_path.read_text()[-3000:]
     finally:
@@ -150,7 +169,10 @@ def test_ctypes_callbacks_work_under_memory_deny_write_execute() -> None:
         "libc.qsort(values, 5, ctypes.sizeof(ctypes.c_int), CMP(lambda a, b: a[0] - b[0]))\n"
         "print('sorted', list(values))\n"
     )
-    proc = subprocess.run(sandboxed_command(UNIT.read_text(), ["-c", code]), capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        sandboxed_command(UNIT.read_text(), ["-c", code]), capture_output=True, text=True, timeout=60
+    )
     assert "W+X memory refused" in proc.stdout  # the sandbox is on ...
-    assert proc.returncode == 0 and "sorted [1, 2, 3, 4, 5]" in proc.stdout, proc.stdout + proc.stderr  # ... and it works
+    assert proc.returncode == 0 and "sorted [1, 2, 3, 4, 5]" in proc.stdout, (
+        proc.stdout + proc.stderr
+    )  # ... and it works

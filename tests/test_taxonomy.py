@@ -87,7 +87,12 @@ nodes:
 """
     (tmp_path / "t.yaml").write_text(yaml_text)
     tax = Taxonomy.from_file(tmp_path / "t.yaml")
-    assert tax.leaf_labels == ["Fruit/Apple/Granny-Smith", "Fruit/Apple/Pink-Lady", "Fruit/Avocado", "Vegetables/Carrot"]
+    assert tax.leaf_labels == [
+        "Fruit/Apple/Granny-Smith",
+        "Fruit/Apple/Pink-Lady",
+        "Fruit/Avocado",
+        "Vegetables/Carrot",
+    ]
     assert tax.by_label["Fruit"].id == "F1"
     assert tax.by_label["Fruit/Apple"].display == "Apples"
     (tmp_path / "t.json").write_text(json.dumps(tax.to_dict()))

@@ -51,13 +51,46 @@ def write_video(path, image_paths, frames_each=3):
 
 def test_photos_to_mqtt_label(tmp_path, tiny_tree, tiny_val_tree, broker):
     run_dir, bundle = tmp_path / "run", tmp_path / "tiny.tebundle"
-    run_cli("train", "--data", str(tiny_tree), "--val", str(tiny_val_tree), "--out", str(run_dir),
-            "--backbone", "mobilenet_v2", "--alpha", "0.35", "--input-size", "64", "--weights", "none",
-            "--head-epochs", "30", "--epochs", "1", "--batch-size", "16")
+    run_cli(
+        "train",
+        "--data",
+        str(tiny_tree),
+        "--val",
+        str(tiny_val_tree),
+        "--out",
+        str(run_dir),
+        "--backbone",
+        "mobilenet_v2",
+        "--alpha",
+        "0.35",
+        "--input-size",
+        "64",
+        "--weights",
+        "none",
+        "--head-epochs",
+        "30",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+    )
     run_cli("keygen", "--out", str(tmp_path / "build"))
-    # --force: a 1-epoch model from random weights may lose more than the gate allows; the gate has its own tests
-    run_cli("convert", "--run", str(run_dir), "--out", str(bundle), "--sign-key", str(tmp_path / "build.key"),
-            "--calibration-images", "32", "--force", "--version", "7")
+    # --force: a 1-epoch model from random weights may lose more than the gate allows; the gate has its own
+    # tests
+    run_cli(
+        "convert",
+        "--run",
+        str(run_dir),
+        "--out",
+        str(bundle),
+        "--sign-key",
+        str(tmp_path / "build.key"),
+        "--calibration-images",
+        "32",
+        "--force",
+        "--version",
+        "7",
+    )
     shown = run_cli("inspect", str(bundle), "--pubkey", str(tmp_path / "build.pub")).stdout
     assert "signature  valid" in shown and "fully integer" in shown
     taxonomy = read_bundle(bundle).taxonomy
@@ -70,11 +103,11 @@ def test_photos_to_mqtt_label(tmp_path, tiny_tree, tiny_val_tree, broker):
 id = "cam-1"
 site = "dc"
 line = "l2"
-state_dir = "{tmp_path / 'state'}"
+state_dir = "{tmp_path / "state"}"
 
 [model]
 bundle = "{bundle}"
-public_key = "{tmp_path / 'build.pub'}"
+public_key = "{tmp_path / "build.pub"}"
 
 [source]
 type = "video"
@@ -90,8 +123,12 @@ port = {broker.port}
     run_cli("run", "--config", str(config), "--validate-config")
     sub = Subscriber(broker.port, "taxonedge/dc/l2/cam-1/labels")
     try:
-        proc = subprocess.run([sys.executable, "-m", "taxonedge", "run", "--config", str(config),
-                               "--max-frames", "6"], capture_output=True, text=True, timeout=180)
+        proc = subprocess.run(
+            [sys.executable, "-m", "taxonedge", "run", "--config", str(config), "--max-frames", "6"],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert sub.got.wait(10), "no label arrived"
     finally:

@@ -32,9 +32,16 @@ def _val_arrays(run: Path, val_tree: Path):
     return tax, x, y
 
 
-def test_run_directory_contract(tiny_run: Path, tiny_tree: Path, tiny_val_tree: Path) -> None:  # noqa: F811
-    for name in ("model.keras", "taxonomy.json", "input_spec.json", "config.json", "calibration.json",
-                 "splits.json", "metrics.json"):
+def test_run_directory_contract(tiny_run: Path, tiny_tree: Path, tiny_val_tree: Path) -> None:
+    for name in (
+        "model.keras",
+        "taxonomy.json",
+        "input_spec.json",
+        "config.json",
+        "calibration.json",
+        "splits.json",
+        "metrics.json",
+    ):
         assert (tiny_run / name).is_file(), name
     assert any((tiny_run / "logs").rglob("*tfevents*")), "TensorBoard logs"
     assert (tiny_run / "checkpoints" / "best.weights.h5").is_file()
@@ -49,7 +56,9 @@ def test_run_directory_contract(tiny_run: Path, tiny_tree: Path, tiny_val_tree: 
     calibration = json.loads((tiny_run / "calibration.json").read_text())
     assert set(calibration["thresholds"]) == {"depth_1", "depth_2", "depth_3"}
     assert calibration["temperature"] > 0 and calibration["target_precision"] == 0.98
-    assert set(calibration["two_fold_check"]) == set(calibration["thresholds"])  # what they give on new images
+    assert set(calibration["two_fold_check"]) == set(
+        calibration["thresholds"]
+    )  # what they give on new images
     splits = json.loads((tiny_run / "splits.json").read_text())
     assert splits["val_source"] == "separate"
     assert len(splits["train"]) == 64 and len(splits["val"]) == 24
@@ -57,10 +66,13 @@ def test_run_directory_contract(tiny_run: Path, tiny_tree: Path, tiny_val_tree: 
     assert Path(path).is_absolute() and Path(path).parent == tiny_tree / label
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert list(metrics["accuracy"]) == ["depth_1", "depth_2", "leaf"]
-    assert metrics["n"] == 24 and metrics["backoff"]["depth_1"]["threshold"] == calibration["thresholds"]["depth_1"]
+    assert (
+        metrics["n"] == 24
+        and metrics["backoff"]["depth_1"]["threshold"] == calibration["thresholds"]["depth_1"]
+    )
 
 
-def test_saved_model_is_single_output_with_temperature_folded(tiny_run: Path, tiny_val_tree: Path) -> None:  # noqa: F811
+def test_saved_model_is_single_output_with_temperature_folded(tiny_run: Path, tiny_val_tree: Path) -> None:
     import keras
 
     model = keras.models.load_model(tiny_run / "model.keras", compile=False)
@@ -77,7 +89,9 @@ def test_saved_model_is_single_output_with_temperature_folded(tiny_run: Path, ti
     assert again["accuracy"]["leaf"] > 0.4  # chance is 0.25: the pipeline learns the colours
 
 
-def test_build_classifier_rebuilds_in_tf_keras_and_takes_the_weights(tiny_run: Path, tiny_val_tree: Path) -> None:  # noqa: F811
+def test_build_classifier_rebuilds_in_tf_keras_and_takes_the_weights(
+    tiny_run: Path, tiny_val_tree: Path
+) -> None:
     import keras
     import tf_keras
     from taxonedge.train.model import build_classifier
@@ -120,8 +134,13 @@ def test_unfreeze_keeps_batchnorm_statistics_fixed() -> None:
     before = {id(w): w.numpy().copy() for layer in (top_conv, low_conv, *bns) for w in layer.weights}
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
     rng = np.random.default_rng(0)
-    model.fit(rng.uniform(0, 255, (16, 64, 64, 3)).astype("float32"), rng.integers(0, 3, 16), epochs=1,
-              batch_size=8, verbose=0)
+    model.fit(
+        rng.uniform(0, 255, (16, 64, 64, 3)).astype("float32"),
+        rng.integers(0, 3, 16),
+        epochs=1,
+        batch_size=8,
+        verbose=0,
+    )
     for bn in bns:  # moving mean/variance and gamma/beta untouched by training
         for w in bn.weights:
             np.testing.assert_array_equal(w.numpy(), before[id(w)])
@@ -136,7 +155,9 @@ def test_weights_from_a_file_and_other_backbones(tmp_path: Path, caplog: pytest.
     source = backbone_of(build_classifier(TINY_CONFIG, 3, keras))
     weights_file = tmp_path / "backbone.weights.h5"
     source.save_weights(weights_file)
-    loaded = backbone_of(build_classifier({**TINY_CONFIG, "weights": str(weights_file)}, 3, keras, pretrained=True))
+    loaded = backbone_of(
+        build_classifier({**TINY_CONFIG, "weights": str(weights_file)}, 3, keras, pretrained=True)
+    )
     for a, b in zip(source.weights, loaded.weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     with caplog.at_level(logging.WARNING):
@@ -148,20 +169,26 @@ def test_weights_from_a_file_and_other_backbones(tmp_path: Path, caplog: pytest.
         build_classifier({**TINY_CONFIG, "backbone": "resnet"}, 3, keras)
 
 
-def test_holdout_validation_and_corrupt_images(tiny_tree: Path, tmp_path: Path,
-                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_holdout_validation_and_corrupt_images(
+    tiny_tree: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from taxonedge.train.trainer import TrainConfig, train
 
     data = shutil.copytree(tiny_tree, tmp_path / "data")
     broken = data / TINY_LABELS[0] / "broken.jpg"
     broken.write_bytes(b"not an image")
-    config = TrainConfig(data=str(data), holdout=0.25, head_epochs=3, epochs=1, unfreeze=10, batch_size=16,
-                         **TINY_CONFIG)
+    config = TrainConfig(
+        data=str(data), holdout=0.25, head_epochs=3, epochs=1, unfreeze=10, batch_size=16, **TINY_CONFIG
+    )
     with caplog.at_level(logging.WARNING):
         metrics = train(config, tmp_path / "run")
     assert "may be optimistic" in caplog.text and str(broken) in caplog.text
     splits = json.loads((tmp_path / "run" / "splits.json").read_text())
-    assert splits["val_source"] == "holdout" and len(splits["skipped"]) == 1 and str(broken) in splits["skipped"][0]
+    assert (
+        splits["val_source"] == "holdout"
+        and len(splits["skipped"]) == 1
+        and str(broken) in splits["skipped"][0]
+    )
     train_paths = {p for p, _ in splits["train"]}
     val_paths = {p for p, _ in splits["val"]}
     assert not train_paths & val_paths and len(train_paths) + len(val_paths) == 64
@@ -169,12 +196,20 @@ def test_holdout_validation_and_corrupt_images(tiny_tree: Path, tmp_path: Path,
     assert metrics["n"] == len(val_paths) == 16
 
 
-def test_train_on_val_moves_part_of_val_and_evaluate_reads_the_runs_split(tiny_tree: Path, tiny_val_tree: Path,
-                                                                          tmp_path: Path) -> None:
+def test_train_on_val_moves_part_of_val_and_evaluate_reads_the_runs_split(
+    tiny_tree: Path, tiny_val_tree: Path, tmp_path: Path
+) -> None:
     from taxonedge.train.trainer import TrainConfig, train
 
-    config = TrainConfig(data=str(tiny_tree), val=str(tiny_val_tree), train_on_val=0.5, head_epochs=3, epochs=0,
-                         batch_size=16, **TINY_CONFIG)
+    config = TrainConfig(
+        data=str(tiny_tree),
+        val=str(tiny_val_tree),
+        train_on_val=0.5,
+        head_epochs=3,
+        epochs=0,
+        batch_size=16,
+        **TINY_CONFIG,
+    )
     metrics = train(config, tmp_path / "run")
     splits = json.loads((tmp_path / "run" / "splits.json").read_text())
     train_paths = {p for p, _ in splits["train"]}
@@ -185,22 +220,40 @@ def test_train_on_val_moves_part_of_val_and_evaluate_reads_the_runs_split(tiny_t
     assert {label for _, label in splits["val"]} == set(TINY_LABELS)  # every class still validates
     assert "moved to training" in splits["val_source"] and metrics["n"] == 12
     out = tmp_path / "eval"
-    run_cli("evaluate", "--model", str(tmp_path / "run"), "--data", str(tmp_path / "run" / "splits.json"),
-            "--out", str(out))
+    run_cli(
+        "evaluate",
+        "--model",
+        str(tmp_path / "run"),
+        "--data",
+        str(tmp_path / "run" / "splits.json"),
+        "--out",
+        str(out),
+    )
     again = json.loads((out / "metrics.json").read_text())
     assert again["n"] == 12 and again["accuracy"] == metrics["accuracy"]
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, tiny_tree: Path) -> None:
-    proc = run_cli("train", "--data", str(tiny_tree), "--out", str(tmp_path / "r"), "--weights",
-                   str(tmp_path / "nope.h5"), check=False)
+    proc = run_cli(
+        "train",
+        "--data",
+        str(tiny_tree),
+        "--out",
+        str(tmp_path / "r"),
+        "--weights",
+        str(tmp_path / "nope.h5"),
+        check=False,
+    )
     assert proc.returncode == 2 and "nope.h5: no such file" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"), check=False)
     assert proc.returncode == 2 and "no such folder or list file" in proc.stderr
-    proc = run_cli("train", "--data", str(tiny_tree), "--out", str(tmp_path / "r"), "--holdout", "1.5", check=False)
+    proc = run_cli(
+        "train", "--data", str(tiny_tree), "--out", str(tmp_path / "r"), "--holdout", "1.5", check=False
+    )
     assert proc.returncode == 2 and "--holdout" in proc.stderr
-    proc = run_cli("train", "--data", str(tiny_tree), "--out", str(tmp_path / "r"), "--train-on-val", "0.5",
-                   check=False)
+    proc = run_cli(
+        "train", "--data", str(tiny_tree), "--out", str(tmp_path / "r"), "--train-on-val", "0.5", check=False
+    )
     assert proc.returncode == 2 and "pass --val too" in proc.stderr
 
 

@@ -18,8 +18,14 @@ from taxonedge.train.calibrate import (
 )
 from taxonedge.train.metrics import backoff
 
-LABELS = ["Fruit/Apple/Granny-Smith", "Fruit/Apple/Pink-Lady", "Fruit/Avocado", "Vegetables/Carrot",
-          "Vegetables/Pepper/Green", "Vegetables/Pepper/Red"]
+LABELS = [
+    "Fruit/Apple/Granny-Smith",
+    "Fruit/Apple/Pink-Lady",
+    "Fruit/Avocado",
+    "Vegetables/Carrot",
+    "Vegetables/Pepper/Green",
+    "Vegetables/Pepper/Red",
+]
 
 
 @pytest.mark.parametrize("true_t", [0.5, 1.0, 2.5])
@@ -84,14 +90,22 @@ def test_thresholds_are_the_lowest_that_reach_the_target() -> None:
         lower = _next_lower_score(tax, probs, thresholds, d)
         if lower is not None:
             _, count = _published_precision(tax, thresholds, probs, truth, d)
-            precision_lower, count_lower = _published_precision(tax, {**thresholds, key: lower}, probs, truth, d)
+            precision_lower, count_lower = _published_precision(
+                tax, {**thresholds, key: lower}, probs, truth, d
+            )
             assert count_lower > count and precision_lower < 0.95
 
 
 def _next_lower_score(tax, probs, thresholds, depth):
     decoder = Decoder(tax, {**thresholds, f"depth_{depth}": 0.0})
-    scores = sorted({lv.score for p in probs for lv in decoder.decode(p).levels
-                     if lv.depth == depth and lv.score < thresholds[f"depth_{depth}"]})
+    scores = sorted(
+        {
+            lv.score
+            for p in probs
+            for lv in decoder.decode(p).levels
+            if lv.depth == depth and lv.score < thresholds[f"depth_{depth}"]
+        }
+    )
     return scores[-1] - 1e-6 if scores else None  # decoder scores are rounded to 6 decimals
 
 
@@ -123,7 +137,10 @@ def test_check_thresholds_shows_what_in_sample_precision_hides() -> None:
         probs, truth = _noisy_probs(tax, 200, seed=seed)
         thresholds = choose_thresholds(tax, probs, truth, target_precision=0.95)
         new_probs, new_truth = _noisy_probs(tax, 50_000, seed=100 + seed)
-        in_sample, on_new = backoff(tax, probs, truth, thresholds), backoff(tax, new_probs, new_truth, thresholds)
+        in_sample, on_new = (
+            backoff(tax, probs, truth, thresholds),
+            backoff(tax, new_probs, new_truth, thresholds),
+        )
         checked = check_thresholds(tax, probs, truth, 0.95)
         for key in thresholds:
             here.append(in_sample[key]["precision"])
@@ -143,12 +160,19 @@ def test_stratified_half_takes_half_of_each_class() -> None:
 
 
 def test_a_check_short_of_the_target_is_reported_with_what_to_do(caplog: pytest.LogCaptureFixture) -> None:
-    check = {"depth_1": {"coverage": 1.0, "precision": 1.0}, "depth_2": {"coverage": 0.9, "precision": 0.974},
-             "depth_3": {"coverage": 0.0, "precision": None}}
+    check = {
+        "depth_1": {"coverage": 1.0, "precision": 1.0},
+        "depth_2": {"coverage": 0.9, "precision": 0.974},
+        "depth_3": {"coverage": 0.0, "precision": None},
+    }
     with caplog.at_level(logging.WARNING):
         warn_if_short(check, 0.98, 169)
     assert "169 validation images" in caplog.text and "depth_2 97.4 %" in caplog.text
-    assert "depth_1" not in caplog.text and "depth_3" not in caplog.text and "more validation images" in caplog.text
+    assert (
+        "depth_1" not in caplog.text
+        and "depth_3" not in caplog.text
+        and "more validation images" in caplog.text
+    )
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         warn_if_short(check, 0.97, 169)

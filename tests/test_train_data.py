@@ -32,23 +32,32 @@ def test_folder_tree_gives_uneven_taxonomy(tiny_tree: Path) -> None:
 
 def _grocery_like(root: Path) -> Path:
     """A miniature of the Grocery Store layout: SPLIT/Top/Coarse/Fine/x.jpg, list file, classes.csv."""
-    write_image_tree(root / "train", ["Fruit/Apple/Golden-Delicious", "Fruit/Apple/Pink-Lady",
-                                      "Vegetables/Asparagus"], per_class=3)
+    write_image_tree(
+        root / "train",
+        ["Fruit/Apple/Golden-Delicious", "Fruit/Apple/Pink-Lady", "Vegetables/Asparagus"],
+        per_class=3,
+    )
     lines = []
-    for fine_id, (rel, coarse_id) in enumerate([("Fruit/Apple/Golden-Delicious", 0), ("Fruit/Apple/Pink-Lady", 0),
-                                                 ("Vegetables/Asparagus", 1)]):
+    for fine_id, (rel, coarse_id) in enumerate(
+        [("Fruit/Apple/Golden-Delicious", 0), ("Fruit/Apple/Pink-Lady", 0), ("Vegetables/Asparagus", 1)]
+    ):
         lines += [f"train/{rel}/{k:03d}.jpg, {fine_id}, {coarse_id}" for k in range(3)]
     (root / "train.txt").write_text("\n".join(lines) + "\n")
     (root / "classes.csv").write_text(
         "Class Name (str),Class ID (int),Coarse Class Name (str),Coarse Class ID (int)\n"
-        "Golden-Delicious,0,Apple,0\nPink-Lady,1,Apple,0\nAsparagus,2,Asparagus,1\n")
+        "Golden-Delicious,0,Apple,0\nPink-Lady,1,Apple,0\nAsparagus,2,Asparagus,1\n"
+    )
     return root / "train.txt"
 
 
 def test_list_file_labels_come_from_folders(tmp_path: Path) -> None:
     samples = read_samples(_grocery_like(tmp_path))
     tax = taxonomy_from_samples(samples, "g")
-    assert tax.leaf_labels == ["Fruit/Apple/Golden-Delicious", "Fruit/Apple/Pink-Lady", "Vegetables/Asparagus"]
+    assert tax.leaf_labels == [
+        "Fruit/Apple/Golden-Delicious",
+        "Fruit/Apple/Pink-Lady",
+        "Vegetables/Asparagus",
+    ]
     assert tax.by_label["Vegetables/Asparagus"].depth == 2
     assert samples[0].path == str((tmp_path / "train/Fruit/Apple/Golden-Delicious/000.jpg").resolve())
 
@@ -111,7 +120,6 @@ def test_grocery_lists_give_the_published_hierarchy() -> None:
     assert len(set(leaf_indices(tax, val, "val"))) == 60
 
 
-
 def _device_and_training_views(paths: list[Path], size: int) -> tuple[np.ndarray, np.ndarray]:
     """The device's preprocessing of each image, and training's view of it: `center_view` of the image loaded
     with the margin, as phase 1 trains on it."""
@@ -142,6 +150,8 @@ def test_bilinear_training_view_against_the_device_area_resize() -> None:
     for size in (224, 288):
         device, training = _device_and_training_views(photos, size)
         diff = np.abs(training - device)
-        print(f"{size} px: bilinear training view vs device area resize: max {diff.max():.0f}, "
-              f"mean {diff.mean():.2f}, 99th percentile {np.percentile(diff, 99):.0f} levels of 255")
+        print(
+            f"{size} px: bilinear training view vs device area resize: max {diff.max():.0f}, "
+            f"mean {diff.mean():.2f}, 99th percentile {np.percentile(diff, 99):.0f} levels of 255"
+        )
         assert diff.mean() < 3.0 and np.percentile(diff, 99) < 25

@@ -31,7 +31,11 @@ def keys(tmp_path_factory):
     made = signed_bundles()
     folder = tmp_path_factory.mktemp("keys")
     generate_keypair(folder / "other.key", folder / "other.pub")
-    return {"private": made["key"], "public": made["public_key"], "other": load_private_key(folder / "other.key")}
+    return {
+        "private": made["key"],
+        "public": made["public_key"],
+        "other": load_private_key(folder / "other.key"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +61,11 @@ def device(tmp_path, broker, keys, bundles):
     """A running host on the old bundle with the update plugin attached, and an observer."""
     old_path = tmp_path / "old.tebundle"
     old_path.write_bytes(bundles["old"])
-    config = load_config(write_config(tmp_path, broker.port, keys["public"], old_path, groups=("line-a",),
-                                      watch_dir=tmp_path / "drop"))
+    config = load_config(
+        write_config(
+            tmp_path, broker.port, keys["public"], old_path, groups=("line-a",), watch_dir=tmp_path / "drop"
+        )
+    )
     (tmp_path / "drop").mkdir()
     observer = Observer(broker.port)
     host = SeamHost(config, read_verified(old_path, config.model))
@@ -87,22 +94,32 @@ def test_good_update_commits_while_labels_keep_flowing(device, bundles):
     result = observer.outcome("dep-good")
     end = time.monotonic()
     assert result["state"] == "committed", result
-    assert observer.states("dep-good") == [*(["receiving"] * observer.states("dep-good").count("receiving")),
-                                          "received", "verifying", "staged", "warming", "self_test",
-                                          "switched", "committed"]
+    assert observer.states("dep-good") == [
+        *(["receiving"] * observer.states("dep-good").count("receiving")),
+        "received",
+        "verifying",
+        "staged",
+        "warming",
+        "self_test",
+        "switched",
+        "committed",
+    ]
     assert host.active_bundle.sha256 == new_sha
     observer.wait_for(lambda: observer.labels[-1][1]["model"]["sha256"] == new_sha)
     assert observer.model["sha256"] == new_sha  # the retained model topic names what serves
     gap = observer.longest_label_gap(start, end)
-    print(f"\nlongest gap between labels during the deployment: {gap * 1000:.1f} ms "
-          f"({sum(start <= t <= end for t, _ in observer.labels)} labels in {end - start:.2f} s)")
+    print(
+        f"\nlongest gap between labels during the deployment: {gap * 1000:.1f} ms "
+        f"({sum(start <= t <= end for t, _ in observer.labels)} labels in {end - start:.2f} s)"
+    )
     assert gap < 1.0
     state = Slots(config.device.state_dir).state()
     assert (state.committed, state.trial) == ("a", None)
     assert startup_bundle(config) == Slots(config.device.state_dir).path("a")
     # the v5 response topic got the same progress, with the correlation data
-    observer.wait_for(lambda: any(p["state"] == "committed" and corr == b"dep-good"
-                                  for p, corr in observer.responses), 5)
+    observer.wait_for(
+        lambda: any(p["state"] == "committed" and corr == b"dep-good" for p, corr in observer.responses), 5
+    )
 
 
 CASES = {
@@ -115,7 +132,12 @@ CASES = {
     "nan_model": ("nan", {}, "rejected", "not finite"),
     "wrong_golden_outputs": ("wrong_golden", {}, "rejected", "golden input 0 gives outputs differing by 1 "),
     "fails_health_window": ("all_unknown", {}, "rolled_back", "unknown rate rose"),
-    "incompatible_device": ("other_device", {}, "rejected", "compatible: the bundle is for 'taxonedge-detector-v1'"),
+    "incompatible_device": (
+        "other_device",
+        {},
+        "rejected",
+        "compatible: the bundle is for 'taxonedge-detector-v1'",
+    ),
     "needs_newer_daemon": ("newer_daemon", {}, "rejected", "needs taxonedge >= 99.0"),
 }
 
@@ -233,8 +255,10 @@ def test_unreadable_request_without_response_topic_is_answered(device, bundles):
         (b"\xff\xfe", "not UTF-8"),
     ]:
         observer.client.publish(f"{base}/model/deploy", payload, qos=1)  # no response topic
-        answer = observer.wait_for(lambda w=words: [p for ps in observer.progress.values() for p in ps
-                                                     if w in p.get("reason", "")], 10)[-1]
+        answer = observer.wait_for(
+            lambda w=words: [p for ps in observer.progress.values() for p in ps if w in p.get("reason", "")],
+            10,
+        )[-1]
         assert answer["state"] == "rejected" and answer["reason"].startswith("malformed deploy request on ")
         assert "\n" not in answer["reason"]
     assert observer.progress["zero"][-1]["id"] == "zero"  # a usable id is named in the answer
@@ -305,20 +329,25 @@ def test_latency_over_budget_rolls_back(device, bundles):
 
 
 def _results(n, ok=True, latency=0.01, decision="accepted"):
-    return [InferenceResult(ok, None if ok else "invoke timed out", latency, decision if ok else None, "x")
-            for _ in range(n)]
+    return [
+        InferenceResult(ok, None if ok else "invoke timed out", latency, decision if ok else None, "x")
+        for _ in range(n)
+    ]
 
 
-@pytest.mark.parametrize("window, baseline, words", [
-    (_results(10), _results(20), None),
-    (_results(9) + _results(1, ok=False), _results(20), "1 of 10 inferences failed (invoke timed out)"),
-    (_results(10, latency=0.2), _results(20, latency=0.01), "median latency 200.0 ms"),
-    (_results(10, latency=0.07), _results(20, latency=0.01), None),  # within 3 x 10 ms + 50 ms slack
-    (_results(5) + _results(5, decision="unknown"), _results(20), "unknown rate rose from 0% to 50%"),
-    (_results(8) + _results(2, decision="unknown"), _results(20), None),  # +20 %: allowed
-    (_results(4), _results(20), "health window incomplete: 4 of 10"),
-    (_results(10, decision="unknown"), [], None),  # no baseline yet: nothing to compare against
-])
+@pytest.mark.parametrize(
+    "window, baseline, words",
+    [
+        (_results(10), _results(20), None),
+        (_results(9) + _results(1, ok=False), _results(20), "1 of 10 inferences failed (invoke timed out)"),
+        (_results(10, latency=0.2), _results(20, latency=0.01), "median latency 200.0 ms"),
+        (_results(10, latency=0.07), _results(20, latency=0.01), None),  # within 3 x 10 ms + 50 ms slack
+        (_results(5) + _results(5, decision="unknown"), _results(20), "unknown rate rose from 0% to 50%"),
+        (_results(8) + _results(2, decision="unknown"), _results(20), None),  # +20 %: allowed
+        (_results(4), _results(20), "health window incomplete: 4 of 10"),
+        (_results(10, decision="unknown"), [], None),  # no baseline yet: nothing to compare against
+    ],
+)
 def test_health_window_verdict(window, baseline, words):
     cfg = UpdateConfig()  # the defaults
     health = update.HealthWindow("x", 10)
@@ -340,16 +369,26 @@ def _self_signed(folder):
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
     (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                       serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
+    (folder / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     return folder / "cert.pem", folder / "key.pem"
 
 
@@ -365,14 +404,17 @@ def test_https_url_is_fetched_with_the_configured_ca(device, bundles, tmp_path):
     (site / "new.tebundle").write_bytes(bundles["new"])
     cert, key = _self_signed(tmp_path)
     server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site)))
+        ("127.0.0.1", 0), functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     server.socket = context.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"https://127.0.0.1:{server.server_address[1]}/new.tebundle"
     try:
-        observer.send(bundles["new"], "dep-https-untrusted", url=url)  # the device does not trust the cert yet
+        observer.send(
+            bundles["new"], "dep-https-untrusted", url=url
+        )  # the device does not trust the cert yet
         result = observer.outcome("dep-https-untrusted")
         assert result["state"] == "rejected" and "CERTIFICATE_VERIFY_FAILED" in result["reason"]
         config.model.update.fetch_ca_file = cert
@@ -383,10 +425,13 @@ def test_https_url_is_fetched_with_the_configured_ca(device, bundles, tmp_path):
         server.shutdown()
 
 
-@pytest.mark.parametrize("backend, state, words", [
-    ("auto", "committed", None),  # no libedgetpu here: the self-test falls back to the CPU, exact match
-    ("edgetpu", "rejected", "warming: Edge TPU delegate libedgetpu.so.1"),
-])
+@pytest.mark.parametrize(
+    "backend, state, words",
+    [
+        ("auto", "committed", None),  # no libedgetpu here: the self-test falls back to the CPU, exact match
+        ("edgetpu", "rejected", "warming: Edge TPU delegate libedgetpu.so.1"),
+    ],
+)
 def test_bundle_with_edgetpu_model(device, bundles, keys, backend, state, words):
     host, observer, config = device
     new = bundles["new"]

@@ -55,9 +55,23 @@ def _start(config, observer, expect_sha: str, env: dict | None = None) -> Daemon
 def _deploy(broker, bundle, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
     """`taxonedge deploy BUNDLE ARGS`; BUNDLE None for --pending / --cancel."""
     bundle_arg = [] if bundle is None else [str(bundle)]
-    return subprocess.run([sys.executable, "-m", "taxonedge", "deploy", *bundle_arg, "--broker",
-                           f"127.0.0.1:{broker.port}", "--timeout", "60", *args],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "taxonedge",
+            "deploy",
+            *bundle_arg,
+            "--broker",
+            f"127.0.0.1:{broker.port}",
+            "--timeout",
+            "60",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_deploy_command_updates_the_real_daemon_while_labels_flow(setup, broker):
@@ -78,8 +92,10 @@ def test_deploy_command_updates_the_real_daemon_while_labels_flow(setup, broker)
         assert observer.model["sha256"] == new_sha
         gap = observer.longest_label_gap(start, end)
         n = sum(start <= t <= end for t, _ in observer.labels)
-        print(f"\nreal daemon at 25 frames/s: longest gap between labels during the deployment "
-              f"{gap * 1000:.0f} ms ({n} labels in {end - start:.2f} s)")
+        print(
+            f"\nreal daemon at 25 frames/s: longest gap between labels during the deployment "
+            f"{gap * 1000:.0f} ms ({n} labels in {end - start:.2f} s)"
+        )
         assert gap < 1.0
         # the same bundle again through the group topic: same default id, so the recorded outcome, no switch
         again = _deploy(broker, tmp_path / "new.tebundle", "--target", "groups/line-a")
@@ -95,7 +111,9 @@ def test_deploy_command_updates_the_real_daemon_while_labels_flow(setup, broker)
         unsigned = _deploy(broker, tmp_path / "unsigned.tebundle", "--target", "s1/l1/dev1", "--id", "u1")
         assert unsigned.returncode == 1 and "unsigned" in unsigned.stdout
         # nobody answers: exit 3 naming the device
-        lost = _deploy(broker, tmp_path / "new.tebundle", "--target", "s1/l1/nobody", "--id", "x", "--timeout", "2")
+        lost = _deploy(
+            broker, tmp_path / "new.tebundle", "--target", "s1/l1/nobody", "--id", "x", "--timeout", "2"
+        )
         assert lost.returncode == 3 and "s1/l1/nobody: no outcome" in lost.stderr
     finally:
         assert daemon.terminate() == 0, daemon.log[-3000:]
@@ -113,8 +131,14 @@ STEPS = ["receiving", "received", "verifying", "staged", "warming", "self_test",
 def test_sigkill_at_every_step_recovers_to_a_valid_model(setup, broker, step):
     tmp_path, config_path, observer, made = setup
     # a long chunk timeout: the partial transfer must still be on disk when the kill lands
-    config_path = write_config(tmp_path, broker.port, made["public_key"], tmp_path / "old.tebundle",
-                               frames=tmp_path / "frames", chunk_timeout_s=30)
+    config_path = write_config(
+        tmp_path,
+        broker.port,
+        made["public_key"],
+        tmp_path / "old.tebundle",
+        frames=tmp_path / "frames",
+        chunk_timeout_s=30,
+    )
     config = load_config(config_path)
     old_sha, new_sha = read_bundle(made["old"]).sha256, read_bundle(made["new"]).sha256
     pause = {} if step in ("receiving", "committed") else {PAUSE_ENV: f"{step}:60"}
@@ -142,7 +166,9 @@ def test_sigkill_at_every_step_recovers_to_a_valid_model(setup, broker, step):
                 read_verified(slots.path(slot), config.model)
         if step == "switched":  # the unfinished trial was rolled back and reported
             result = observer.outcome(dep)
-            assert result["state"] == "rolled_back" and "before the new model was committed" in result["reason"]
+            assert (
+                result["state"] == "rolled_back" and "before the new model was committed" in result["reason"]
+            )
         if step != "committed":  # and the device takes a deployment again
             observer.send(made["new"], f"{dep}-again", chunk_size=8192)
             again = observer.outcome(f"{dep}-again", 60)
@@ -153,9 +179,21 @@ def test_sigkill_at_every_step_recovers_to_a_valid_model(setup, broker, step):
 
 
 def _deploy_async(broker, bundle, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "taxonedge", "deploy", str(bundle), "--broker",
-                             f"127.0.0.1:{broker.port}", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "taxonedge",
+            "deploy",
+            str(bundle),
+            "--broker",
+            f"127.0.0.1:{broker.port}",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_redeploying_an_earlier_release_with_the_cli(setup, broker):
@@ -179,8 +217,9 @@ def test_deployment_killed_while_verifying_is_reported_after_restart(setup, brok
     tmp_path, config, observer, made = setup
     old_sha = read_bundle(made["old"]).sha256
     daemon = _start(config, observer, old_sha, env={PAUSE_ENV: "verifying:60"})
-    cli = _deploy_async(broker, tmp_path / "new.tebundle", "--target", "s1/l1/dev1", "--id", "cut",
-                        "--timeout", "120")
+    cli = _deploy_async(
+        broker, tmp_path / "new.tebundle", "--target", "s1/l1/dev1", "--id", "cut", "--timeout", "120"
+    )
     try:
         observer.wait_for(lambda: "verifying" in observer.states("cut"), 60)
         daemon.kill()
@@ -212,8 +251,12 @@ def test_deployment_to_an_offline_device_runs_when_it_connects(setup, broker):
     assert cancel.returncode == 0 and "withdrew" in cancel.stdout, cancel.stdout + cancel.stderr
     daemon = _start(config, observer, read_bundle(made["old"]).sha256)  # comes online: takes the deployment
     try:
-        observer.wait_for(lambda: [p for ps in observer.progress.values() for p in ps if p["state"] in FINAL], 60)
-        assert [p["state"] for ps in observer.progress.values() for p in ps if p["state"] in FINAL] == ["committed"]
+        observer.wait_for(
+            lambda: [p for ps in observer.progress.values() for p in ps if p["state"] in FINAL], 60
+        )
+        assert [p["state"] for ps in observer.progress.values() for p in ps if p["state"] in FINAL] == [
+            "committed"
+        ]
         assert observer.model["sha256"] == new_sha
         # the device cleared its own retained request: nothing pending any more, anywhere
         for _ in range(20):

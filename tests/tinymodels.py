@@ -68,9 +68,18 @@ def _tiny_tflite(labels: tuple[str, ...], size: int, seed: int, nan: bool) -> by
     return converter.convert()
 
 
-def tiny_bundle_bytes(labels: list[str] | None = None, size: int = 32, seed: int = 0, version: str = "1",
-                      thresholds: dict[str, float] | None = None, sign_key=None, nan: bool = False,
-                      golden: bool = True, tmp_dir: Path | None = None, edgetpu_model: bool = False) -> bytes:
+def tiny_bundle_bytes(
+    labels: list[str] | None = None,
+    size: int = 32,
+    seed: int = 0,
+    version: str = "1",
+    thresholds: dict[str, float] | None = None,
+    sign_key=None,
+    nan: bool = False,
+    golden: bool = True,
+    tmp_dir: Path | None = None,
+    edgetpu_model: bool = False,
+) -> bytes:
     """A complete bundle (bytes) with a real int8 model; `nan=True` gives a float model that outputs NaN.
     `edgetpu_model=True` adds model_edgetpu.tflite as edgetpu_compiler's output would sit there (here the
     same model: the compiler and the accelerator do not exist on a test machine)."""
@@ -102,7 +111,10 @@ def tiny_bundle_bytes(labels: list[str] | None = None, size: int = 32, seed: int
     output = {"dtype": "float32", "scale": 0.0, "zero_point": 0} if nan else {}
     manifest = build_manifest(
         model=ModelInfo(name="tiny", version=version, created_at=utc_now(), backbone="tiny-cnn"),
-        taxonomy=taxonomy, input_spec=spec, output=output, files=files,
+        taxonomy=taxonomy,
+        input_spec=spec,
+        output=output,
+        files=files,
         quantization=Quantization(mode="float32" if nan else "int8", calibration_images=32),
         thresholds=thresholds if thresholds is not None else {"depth_1": 0.5},
         golden={"file": GOLDEN, "count": 4, "tolerance": 0} if golden else {},

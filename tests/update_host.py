@@ -63,7 +63,9 @@ class SeamHost:
         self.client.reconnect_delay_set(0.1, 1)
         self.client.connect(config.mqtt.host, config.mqtt.port)
         self.client.loop_start()
-        self._threads = [threading.Thread(target=f, daemon=True) for f in (self._control_loop, self._infer_loop)]
+        self._threads = [
+            threading.Thread(target=f, daemon=True) for f in (self._control_loop, self._infer_loop)
+        ]
         for t in self._threads:
             t.start()
         self._publish_model()
@@ -164,34 +166,71 @@ if __name__ == "__main__":
 
 
 # ---- bundles and configs for the update tests ------------------------------------------------------------
-def write_config(folder: Path, port: int, public_key: Path | None, bundle: Path, groups: tuple[str, ...] = (),
-                 watch_dir: Path | None = None, frames: Path | None = None, **update: object) -> Path:
+def write_config(
+    folder: Path,
+    port: int,
+    public_key: Path | None,
+    bundle: Path,
+    groups: tuple[str, ...] = (),
+    watch_dir: Path | None = None,
+    frames: Path | None = None,
+    **update: object,
+) -> Path:
     """A daemon config for the update tests: state in `folder/state`, fast timeouts, a small health window."""
-    settings = {"health_window": 8, "health_timeout_s": 20, "chunk_timeout_s": 0.5, "chunk_retries": 1,
-                "watch_interval_s": 0.2, **update}
+    settings = {
+        "health_window": 8,
+        "health_timeout_s": 20,
+        "chunk_timeout_s": 0.5,
+        "chunk_retries": 1,
+        "watch_interval_s": 0.2,
+        **update,
+    }
     model = [f'bundle = "{bundle}"']
     model.append(f'public_key = "{public_key}"' if public_key else "require_signature = false")
     if watch_dir:
         model.append(f'watch_dir = "{watch_dir}"')
     lines = [
-        "[device]", 'id = "dev1"', 'site = "s1"', 'line = "l1"', f'state_dir = "{folder / "state"}"',
-        "[model]", *model,
-        "[model.update]", *(f"{k} = {json.dumps(v)}" for k, v in settings.items()),
+        "[device]",
+        'id = "dev1"',
+        'site = "s1"',
+        'line = "l1"',
+        f'state_dir = "{folder / "state"}"',
+        "[model]",
+        *model,
+        "[model.update]",
+        *(f"{k} = {json.dumps(v)}" for k, v in settings.items()),
         # `frames`: a JPEG folder the real daemon loops over at 25 frames/s
-        "[source]", 'type = "folder"', f'path = "{frames or folder}"', "loop = true", 'pacing = "realtime"',
+        "[source]",
+        'type = "folder"',
+        f'path = "{frames or folder}"',
+        "loop = true",
+        'pacing = "realtime"',
         "fps = 25",
-        "[inference]", "warmup_runs = 1",
-        "[mqtt]", f"port = {port}", f"groups = {json.dumps(list(groups))}", "will_delay_s = 0",
+        "[inference]",
+        "warmup_runs = 1",
+        "[mqtt]",
+        f"port = {port}",
+        f"groups = {json.dumps(list(groups))}",
+        "will_delay_s = 0",
     ]
     path = folder / "config.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def rebuilt(data: bytes, sign_key, *, model: bytes | None = None, input_size: int | None = None,
-            golden_outputs=None, version: str | None = None, edgetpu: bytes | None = None,
-            **manifest_fields: object) -> bytes:
-    """A bundle like `data` with its model, input size, golden outputs, version or Edge TPU model replaced, correctly
+def rebuilt(
+    data: bytes,
+    sign_key,
+    *,
+    model: bytes | None = None,
+    input_size: int | None = None,
+    golden_outputs=None,
+    version: str | None = None,
+    edgetpu: bytes | None = None,
+    **manifest_fields: object,
+) -> bytes:
+    """A bundle like `data` with its model, input size, golden outputs, version or Edge TPU model replaced,
+    correctly
     re-manifested and signed: what a careless (not malicious) operator could ship."""
     import io
     import tempfile
@@ -211,12 +250,20 @@ def rebuilt(data: bytes, sign_key, *, model: bytes | None = None, input_size: in
         np.savez(buf, inputs=inputs, outputs=golden_outputs)
         files[GOLDEN] = buf.getvalue()
     m = old.manifest
-    spec = m.input if input_size is None else InputSpec(**{**m.input.model_dump(), "height": input_size,
-                                                            "width": input_size})
+    spec = (
+        m.input
+        if input_size is None
+        else InputSpec(**{**m.input.model_dump(), "height": input_size, "width": input_size})
+    )
     info = m.model.model_copy(update={"version": version}) if version else m.model
-    manifest = build_manifest(model=info, taxonomy=old.taxonomy, input_spec=spec, output=m.output.model_dump(),
-                              files=files, **{"thresholds": m.thresholds, "golden": m.golden,
-                                                 "quantization": m.quantization, **manifest_fields})
+    manifest = build_manifest(
+        model=info,
+        taxonomy=old.taxonomy,
+        input_spec=spec,
+        output=m.output.model_dump(),
+        files=files,
+        **{"thresholds": m.thresholds, "golden": m.golden, "quantization": m.quantization, **manifest_fields},
+    )
     with tempfile.TemporaryDirectory() as tmp:
         return write_bundle(Path(tmp) / "b.tebundle", manifest, files, sign_key=sign_key).read_bytes()
 
@@ -276,10 +323,18 @@ class Observer:
         def final():
             found = [p for p in self.progress.get(deployment_id, [])[after:] if p["state"] in FINAL]
             return found[-1] if found else None
+
         return self.wait_for(final, timeout)
 
-    def send(self, data: bytes, deployment_id: str, chunk_size: int = 4096, skip: set[int] = frozenset(),
-             topic: str | None = None, **override) -> dict:
+    def send(
+        self,
+        data: bytes,
+        deployment_id: str,
+        chunk_size: int = 4096,
+        skip: set[int] = frozenset(),
+        topic: str | None = None,
+        **override,
+    ) -> dict:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
         from taxonedge.edge.deploy import make_request
@@ -291,12 +346,14 @@ class Observer:
         props.CorrelationData = deployment_id.encode()
         self.client.publish(topic, json.dumps(request), qos=1, properties=props).wait_for_publish(5)
         if "url" not in request:
-            self.send_chunks(data, deployment_id, [i for i in range(request["chunks"]) if i not in skip],
-                             chunk_size, topic)
+            self.send_chunks(
+                data, deployment_id, [i for i in range(request["chunks"]) if i not in skip], chunk_size, topic
+            )
         return request
 
-    def send_chunks(self, data: bytes, deployment_id: str, indices, chunk_size: int = 4096,
-                    topic: str | None = None) -> None:
+    def send_chunks(
+        self, data: bytes, deployment_id: str, indices, chunk_size: int = 4096, topic: str | None = None
+    ) -> None:
         from taxonedge.edge.deploy import chunk
         from taxonedge.edge.protocol import deploy_chunk
 

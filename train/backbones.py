@@ -36,10 +36,16 @@ class Backbone:
     # What to expect from quantization-aware training (convert --qat), where it differs from the default.
     qat_note: str | None = None
 
-    def build(self, keras_module: Any, input_size: int, alpha: float = 1.0, weights: str | None = None) -> Any:
+    def build(
+        self, keras_module: Any, input_size: int, alpha: float = 1.0, weights: str | None = None
+    ) -> Any:
         """The backbone without top, global average pooling, for (input_size, input_size, 3) inputs."""
-        kwargs: dict[str, Any] = {"input_shape": (input_size, input_size, 3), "include_top": False,
-                                  "weights": weights, "pooling": "avg"}
+        kwargs: dict[str, Any] = {
+            "input_shape": (input_size, input_size, 3),
+            "include_top": False,
+            "weights": weights,
+            "pooling": "avg",
+        }
         if self.width_multiplier:
             kwargs["alpha"] = alpha
         if self.has_preprocessing_switch:
@@ -50,28 +56,59 @@ class Backbone:
         """The model's first layer, `input_scaling`: raw pixels to the range the backbone was trained on."""
         layers = keras_module.layers
         if self.scaling == "caffe":
-            return layers.Normalization(mean=list(VGG_MEAN_RGB), variance=[1.0, 1.0, 1.0], name="input_scaling")
+            return layers.Normalization(
+                mean=list(VGG_MEAN_RGB), variance=[1.0, 1.0, 1.0], name="input_scaling"
+            )
         return layers.Rescaling(1.0 / 127.5, offset=-1.0, name="input_scaling")
 
 
-_HARD_SWISH = ("MobileNetV3 uses hard-swish (HARD_SWISH), which the Edge TPU does not run: the graph splits at "
-               "the first one and the rest runs on the CPU. Prefer mobilenet_v2.")
-_V3_QAT = ("not covered by the tests for MobileNetV3: tf_keras (the QAT rebuild) makes hard-swish from ReLU6, "
-           "tensor ops and Multiply where Keras 3 has one Activation layer; tfmot may leave the tensor ops "
-           "unannotated (calibrated as in post-training int8). Compare with --qat no")
+_HARD_SWISH = (
+    "MobileNetV3 uses hard-swish (HARD_SWISH), which the Edge TPU does not run: the graph splits at "
+    "the first one and the rest runs on the CPU. Prefer mobilenet_v2."
+)
+_V3_QAT = (
+    "not covered by the tests for MobileNetV3: tf_keras (the QAT rebuild) makes hard-swish from ReLU6, "
+    "tensor ops and Multiply where Keras 3 has one Activation layer; tfmot may leave the tensor ops "
+    "unannotated (calibrated as in post-training int8). Compare with --qat no"
+)
 
-BACKBONES: dict[str, Backbone] = {b.name: b for b in (
-    Backbone("mobilenet_v2", "MobileNetV2", "mobilenet"),
-    Backbone("mobilenet_v3_small", "MobileNetV3Small", "mobilenet", has_preprocessing_switch=True,
-             edgetpu_note=_HARD_SWISH, edgetpu_hint="hard-swish splits an Edge TPU graph", qat_note=_V3_QAT),
-    Backbone("mobilenet_v3_large", "MobileNetV3Large", "mobilenet", has_preprocessing_switch=True,
-             edgetpu_note=_HARD_SWISH, edgetpu_hint="hard-swish splits an Edge TPU graph", qat_note=_V3_QAT),
-    Backbone("vgg16", "VGG16", "caffe", width_multiplier=False, bgr_weights=True, exceeds_on_chip_memory=True,
-             edgetpu_note="VGG16 has about 138 M parameters (15 M without the top): far more than the Edge TPU's "
-                          "8 MB on-chip memory, so weights stream over USB on every inference (Coral measured "
-                          "296 ms vs 2.6 ms for MobileNetV2). Prefer mobilenet_v2 for the Edge TPU.",
-             edgetpu_hint="does not fit the Edge TPU's memory"),
-)}
+BACKBONES: dict[str, Backbone] = {
+    b.name: b
+    for b in (
+        Backbone("mobilenet_v2", "MobileNetV2", "mobilenet"),
+        Backbone(
+            "mobilenet_v3_small",
+            "MobileNetV3Small",
+            "mobilenet",
+            has_preprocessing_switch=True,
+            edgetpu_note=_HARD_SWISH,
+            edgetpu_hint="hard-swish splits an Edge TPU graph",
+            qat_note=_V3_QAT,
+        ),
+        Backbone(
+            "mobilenet_v3_large",
+            "MobileNetV3Large",
+            "mobilenet",
+            has_preprocessing_switch=True,
+            edgetpu_note=_HARD_SWISH,
+            edgetpu_hint="hard-swish splits an Edge TPU graph",
+            qat_note=_V3_QAT,
+        ),
+        Backbone(
+            "vgg16",
+            "VGG16",
+            "caffe",
+            width_multiplier=False,
+            bgr_weights=True,
+            exceeds_on_chip_memory=True,
+            edgetpu_note="VGG16 has about 138 M parameters (15 M without the top): far more than the Edge "
+            "TPU's "
+            "8 MB on-chip memory, so weights stream over USB on every inference (Coral measured "
+            "296 ms vs 2.6 ms for MobileNetV2). Prefer mobilenet_v2 for the Edge TPU.",
+            edgetpu_hint="does not fit the Edge TPU's memory",
+        ),
+    )
+}
 
 
 def get_backbone(name: str) -> Backbone:

@@ -62,9 +62,14 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, low: float = 0.05, h
     return float(math.exp((a + b) / 2))
 
 
-def choose_thresholds(taxonomy: Taxonomy, probs: np.ndarray, true_leaf: np.ndarray,
-                      target_precision: float = DEFAULT_TARGET_PRECISION,
-                      min_count: int = DEFAULT_MIN_COUNT, warn: bool = True) -> dict[str, float]:
+def choose_thresholds(
+    taxonomy: Taxonomy,
+    probs: np.ndarray,
+    true_leaf: np.ndarray,
+    target_precision: float = DEFAULT_TARGET_PRECISION,
+    min_count: int = DEFAULT_MIN_COUNT,
+    warn: bool = True,
+) -> dict[str, float]:
     """Per depth, the lowest threshold at which the label the device publishes there is right at least
     `target_precision` of the time on this data. A threshold must let at least `min_count` images through
     (or all that reach the depth, when fewer do): a precision measured on two or three images means nothing.
@@ -94,15 +99,23 @@ def choose_thresholds(taxonomy: Taxonomy, probs: np.ndarray, true_leaf: np.ndarr
                 threshold = 0.0 if lowest == len(s_sorted) - 1 else float(s_sorted[lowest])
         if threshold >= 1.0:
             report = log.warning if warn else log.debug  # the two-fold check's halves stay quiet
-            report("depth %d: no threshold reaches precision %.3f on %d images; it is set to 1.0 (labels stop at "
-                   "depth %d)", d, target_precision, int(candidates.sum()), d - 1)
+            report(
+                "depth %d: no threshold reaches precision %.3f on %d images; it is set to 1.0 (labels stop "
+                "at "
+                "depth %d)",
+                d,
+                target_precision,
+                int(candidates.sum()),
+                d - 1,
+            )
         thresholds[threshold_key(d)] = threshold
         reaching = candidates & (np.nan_to_num(score, nan=-1.0) >= threshold)
     return thresholds
 
 
-def check_thresholds(taxonomy: Taxonomy, probs: np.ndarray, true_leaf: np.ndarray, target_precision: float,
-                     repeats: int = 5) -> dict[str, dict[str, float | None]]:
+def check_thresholds(
+    taxonomy: Taxonomy, probs: np.ndarray, true_leaf: np.ndarray, target_precision: float, repeats: int = 5
+) -> dict[str, dict[str, float | None]]:
     """What thresholds chosen on these images give on new images of the same kind, per depth.
 
     Chosen on a few hundred images, thresholds promise more than they give: each threshold is the lowest
@@ -125,13 +138,18 @@ def check_thresholds(taxonomy: Taxonomy, probs: np.ndarray, true_leaf: np.ndarra
                 count[d - 1] += row["count"]
                 right[d - 1] += round((row["precision"] or 0.0) * row["count"])
     n = len(true_leaf) * repeats
-    return {f"depth_{d}": {"coverage": float(count[d - 1] / n) if n else 0.0,
-                           "precision": float(right[d - 1] / count[d - 1]) if count[d - 1] else None}
-            for d in range(1, taxonomy.depth + 1)}
+    return {
+        f"depth_{d}": {
+            "coverage": float(count[d - 1] / n) if n else 0.0,
+            "precision": float(right[d - 1] / count[d - 1]) if count[d - 1] else None,
+        }
+        for d in range(1, taxonomy.depth + 1)
+    }
 
 
-def choose_and_check_thresholds(taxonomy: Taxonomy, probs: np.ndarray, true_leaf: np.ndarray,
-                                target_precision: float) -> tuple[dict[str, float], dict[str, dict[str, float | None]]]:
+def choose_and_check_thresholds(
+    taxonomy: Taxonomy, probs: np.ndarray, true_leaf: np.ndarray, target_precision: float
+) -> tuple[dict[str, float], dict[str, dict[str, float | None]]]:
     """`choose_thresholds` and its `check_thresholds`, with a warning when the check misses the target:
     what train and convert record for the thresholds they ship."""
     thresholds = choose_thresholds(taxonomy, probs, true_leaf, target_precision)
@@ -142,13 +160,20 @@ def choose_and_check_thresholds(taxonomy: Taxonomy, probs: np.ndarray, true_leaf
 
 def warn_if_short(check: dict[str, dict[str, float | None]], target_precision: float, images: int) -> None:
     """Log a warning naming the depths whose two-fold check falls short of the target, and what to do."""
-    short = {d: row["precision"] for d, row in check.items()
-             if row["precision"] is not None and row["precision"] < target_precision}
+    short = {
+        d: row["precision"]
+        for d, row in check.items()
+        if row["precision"] is not None and row["precision"] < target_precision
+    }
     if short:
-        log.warning("back-off thresholds: chosen on %d validation images for %.3f precision, a two-fold check "
-                    "gives %s on new images of the same kind; more validation images or a higher target "
-                    "precision make them hold", images, target_precision,
-                    ", ".join(f"{d} {100 * p:.1f} %" for d, p in short.items()))
+        log.warning(
+            "back-off thresholds: chosen on %d validation images for %.3f precision, a two-fold check "
+            "gives %s on new images of the same kind; more validation images or a higher target "
+            "precision make them hold",
+            images,
+            target_precision,
+            ", ".join(f"{d} {100 * p:.1f} %" for d, p in short.items()),
+        )
 
 
 def stratified_half(true_leaf: np.ndarray, seed: int) -> np.ndarray:

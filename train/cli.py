@@ -10,8 +10,10 @@ from taxonedge.cli import precision_arg
 
 from .backbones import BACKBONES, DEFAULT, cli_help  # light: the backbone registry, no TensorFlow at import
 
-DATA_HELP = ("a folder tree (ROOT/Fruit/Apple/Granny-Smith/*.jpg; the taxonomy comes from the folders) or a "
-             "list file of 'path, fine_id, coarse_id' lines with classes.csv beside it (Grocery Store format)")
+DATA_HELP = (
+    "a folder tree (ROOT/Fruit/Apple/Granny-Smith/*.jpg; the taxonomy comes from the folders) or a "
+    "list file of 'path, fine_id, coarse_id' lines with classes.csv beside it (Grocery Store format)"
+)
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -38,29 +40,54 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=_DefaultsFormatter,
     )
     train.add_argument("--data", required=True, metavar="DIR_OR_LIST", help="training images: " + DATA_HELP)
-    train.add_argument("--val", metavar="DIR_OR_LIST",
-                       help="separate validation images (same formats); default: a seeded stratified "
-                            "--holdout slice of the training data (optimistic when shot on the same occasions)")
+    train.add_argument(
+        "--val",
+        metavar="DIR_OR_LIST",
+        help="separate validation images (same formats); default: a seeded stratified "
+        "--holdout slice of the training data (optimistic when shot on the same occasions)",
+    )
     train.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
-    train.add_argument("--taxonomy-name", metavar="NAME",
-                       help="name of the taxonomy in the run and its bundles (default: the data folder's name; "
-                            "for a list file, the name of the folder holding it)")
-    train.add_argument("--holdout", type=float, default=0.15, help="share of each class held out when no --val")
-    train.add_argument("--train-on-val", type=float, default=0.0, metavar="SHARE",
-                       help="for a final model: move this seeded, stratified share of each class of --val into "
-                            "training (val is shot on the occasions a deployment looks like); the rest still "
-                            "selects the epoch, calibrates and gates. Evaluate on the rest with "
-                            "--data RUN_DIR/splits.json")
+    train.add_argument(
+        "--taxonomy-name",
+        metavar="NAME",
+        help="name of the taxonomy in the run and its bundles (default: the data folder's name; "
+        "for a list file, the name of the folder holding it)",
+    )
+    train.add_argument(
+        "--holdout", type=float, default=0.15, help="share of each class held out when no --val"
+    )
+    train.add_argument(
+        "--train-on-val",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="for a final model: move this seeded, stratified share of each class of --val into "
+        "training (val is shot on the occasions a deployment looks like); the rest still "
+        "selects the epoch, calibrates and gates. Evaluate on the rest with "
+        "--data RUN_DIR/splits.json",
+    )
     train.add_argument("--backbone", default=DEFAULT, choices=BACKBONES, help=cli_help())
     train.add_argument("--alpha", type=float, default=1.0, help="MobileNet width multiplier")
     sizes = "/".join(sorted({str(b.default_input_size) for b in BACKBONES.values()}))
-    train.add_argument("--input-size", type=int, default=None,
-                       help=f"square input size in pixels (default: the backbone's, {sizes})")
-    train.add_argument("--weights", default="imagenet",
-                       help="'imagenet' (Keras download), a Keras 3 weights file for the backbone, or 'none'")
+    train.add_argument(
+        "--input-size",
+        type=int,
+        default=None,
+        help=f"square input size in pixels (default: the backbone's, {sizes})",
+    )
+    train.add_argument(
+        "--weights",
+        default="imagenet",
+        help="'imagenet' (Keras download), a Keras 3 weights file for the backbone, or 'none'",
+    )
     train.add_argument("--dropout", type=float, default=0.2)
-    train.add_argument("--aux-parent", type=float, default=0.0, metavar="WEIGHT",
-                       help="loss weight of an auxiliary head on the parent level (training only; 0: off)")
+    train.add_argument(
+        "--aux-parent",
+        type=float,
+        default=0.0,
+        metavar="WEIGHT",
+        help="loss weight of an auxiliary head on the parent level (training only; 0: off)",
+    )
     train.add_argument("--head-epochs", type=int, default=40, help="phase 1 epochs on cached features")
     train.add_argument("--head-lr", type=float, default=1e-3)
     train.add_argument("--epochs", type=int, default=20, help="phase 2 (fine-tuning) epochs; 0: head only")
@@ -68,16 +95,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--lr", type=float, default=2e-4, help="phase 2 peak learning rate (cosine decay)")
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--label-smoothing", type=float, default=0.1)
-    train.add_argument("--patience", type=int, default=5, help="early stopping patience (epochs) on val accuracy")
-    train.add_argument("--balance", choices=["weights", "sampling", "none"], default="weights",
-                       help="imbalance handling: class-weighted loss, class-balanced sampling, or none")
+    train.add_argument(
+        "--patience", type=int, default=5, help="early stopping patience (epochs) on val accuracy"
+    )
+    train.add_argument(
+        "--balance",
+        choices=["weights", "sampling", "none"],
+        default="weights",
+        help="imbalance handling: class-weighted loss, class-balanced sampling, or none",
+    )
     train.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flips")
     train.add_argument("--rotation", type=float, default=15.0, help="max random rotation, degrees (0: off)")
-    train.add_argument("--crop-scale", type=float, default=0.35,
-                       help="smallest random resized crop as a share of the image area (1: no crops)")
-    train.add_argument("--color-jitter", type=float, default=0.2, help="brightness/contrast/saturation (0: off)")
-    train.add_argument("--target-precision", type=precision_arg, default=0.98,
-                       help="precision per level that the back-off thresholds are chosen to reach on val")
+    train.add_argument(
+        "--crop-scale",
+        type=float,
+        default=0.35,
+        help="smallest random resized crop as a share of the image area (1: no crops)",
+    )
+    train.add_argument(
+        "--color-jitter", type=float, default=0.2, help="brightness/contrast/saturation (0: off)"
+    )
+    train.add_argument(
+        "--target-precision",
+        type=precision_arg,
+        default=0.98,
+        help="precision per level that the back-off thresholds are chosen to reach on val",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=_train)
 
@@ -94,16 +137,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     which = evaluate.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", metavar="RUN_DIR", help="a run directory written by `taxonedge train`")
     which.add_argument("--bundle", metavar="FILE", help="a model bundle written by `taxonedge convert`")
-    evaluate.add_argument("--data", required=True, metavar="DIR_OR_LIST",
-                          help="labelled images: " + DATA_HELP + ", or RUN_DIR/splits.json: the images that run "
-                               "validated on")
+    evaluate.add_argument(
+        "--data",
+        required=True,
+        metavar="DIR_OR_LIST",
+        help="labelled images: " + DATA_HELP + ", or RUN_DIR/splits.json: the images that run validated on",
+    )
     evaluate.add_argument("--out", required=True, metavar="DIR", help="folder for the reports")
     evaluate.add_argument("--threads", type=int, default=None, help="LiteRT threads for --bundle")
-    evaluate.add_argument("--fit-thresholds", type=precision_arg, metavar="PRECISION",
-                          help="also choose per-depth back-off thresholds on these images to reach PRECISION "
-                               "(e.g. 0.98), check them two-fold, and print the device config lines that put "
-                               "them in force. For photos from the line a device will serve: thresholds "
-                               "chosen on other occasions can promise more precision than they give there")
+    evaluate.add_argument(
+        "--fit-thresholds",
+        type=precision_arg,
+        metavar="PRECISION",
+        help="also choose per-depth back-off thresholds on these images to reach PRECISION "
+        "(e.g. 0.98), check them two-fold, and print the device config lines that put "
+        "them in force. For photos from the line a device will serve: thresholds "
+        "chosen on other occasions can promise more precision than they give there",
+    )
     evaluate.set_defaults(func=_evaluate)
 
 
@@ -124,14 +174,32 @@ def _train(args: argparse.Namespace) -> int:
         weights = str(Path(weights).resolve())
     try:
         config = TrainConfig(
-            data=str(Path(args.data).resolve()), val=str(Path(args.val).resolve()) if args.val else None,
-            taxonomy_name=args.taxonomy_name, train_on_val=args.train_on_val,
-            holdout=args.holdout, backbone=args.backbone, alpha=args.alpha, input_size=args.input_size,
-            weights=weights, dropout=args.dropout, aux_parent=args.aux_parent, head_epochs=args.head_epochs,
-            head_lr=args.head_lr, epochs=args.epochs, unfreeze=args.unfreeze, lr=args.lr,
-            batch_size=args.batch_size, label_smoothing=args.label_smoothing, patience=args.patience,
-            balance=args.balance, flip=args.flip, rotation=args.rotation, crop_scale=args.crop_scale,
-            color_jitter=args.color_jitter, target_precision=args.target_precision, seed=args.seed,
+            data=str(Path(args.data).resolve()),
+            val=str(Path(args.val).resolve()) if args.val else None,
+            taxonomy_name=args.taxonomy_name,
+            train_on_val=args.train_on_val,
+            holdout=args.holdout,
+            backbone=args.backbone,
+            alpha=args.alpha,
+            input_size=args.input_size,
+            weights=weights,
+            dropout=args.dropout,
+            aux_parent=args.aux_parent,
+            head_epochs=args.head_epochs,
+            head_lr=args.head_lr,
+            epochs=args.epochs,
+            unfreeze=args.unfreeze,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            label_smoothing=args.label_smoothing,
+            patience=args.patience,
+            balance=args.balance,
+            flip=args.flip,
+            rotation=args.rotation,
+            crop_scale=args.crop_scale,
+            color_jitter=args.color_jitter,
+            target_precision=args.target_precision,
+            seed=args.seed,
         )
     except ValidationError as exc:
         err = exc.errors()[0]
@@ -160,18 +228,27 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.model) if args.model else None
     if run_dir is not None and not (run_dir / MODEL_FILE).is_file():
-        raise CliError(f"--model {run_dir}: no {MODEL_FILE} there (pass a run directory from `taxonedge train`)")
+        raise CliError(
+            f"--model {run_dir}: no {MODEL_FILE} there (pass a run directory from `taxonedge train`)"
+        )
     try:
-        metrics = evaluate(args.data, Path(args.out), run_dir=run_dir,
-                           bundle_path=Path(args.bundle) if args.bundle else None, num_threads=args.threads,
-                           fit_precision=args.fit_thresholds)
+        metrics = evaluate(
+            args.data,
+            Path(args.out),
+            run_dir=run_dir,
+            bundle_path=Path(args.bundle) if args.bundle else None,
+            num_threads=args.threads,
+            fit_precision=args.fit_thresholds,
+        )
     except (DataError, BundleError, RunDirError) as exc:
         raise CliError(str(exc)) from None
     print(_summary(metrics, args.out))
     fitted = metrics.get("fitted_thresholds")
     if fitted:
         check = ", ".join(f"{key} {percent(row['precision'])}" for key, row in fitted["two_fold"].items())
-        print(f"thresholds for precision {fitted['target_precision']} on these images (two-fold check: {check}); "
-              f"for the device config:\n{thresholds_toml(fitted['thresholds'])}")
+        print(
+            f"thresholds for precision {fitted['target_precision']} on these images (two-fold check: "
+            f"{check}); "
+            f"for the device config:\n{thresholds_toml(fitted['thresholds'])}"
+        )
     return 0
-

@@ -84,7 +84,9 @@ def _read_classes(path: Path) -> dict[int, tuple[str, str]]:
             try:
                 names[int(row[1])] = (row[0].strip(), row[2].strip())
             except (IndexError, ValueError):
-                raise DataError(f"{path}:{line_no}: expected 'name, id, coarse name, coarse id, ...'") from None
+                raise DataError(
+                    f"{path}:{line_no}: expected 'name, id, coarse name, coarse id, ...'"
+                ) from None
     return names
 
 
@@ -101,7 +103,9 @@ def _list_samples(list_file: Path) -> list[Sample]:
         try:
             rel, fine_id = fields[0], int(fields[1])
         except (IndexError, ValueError):
-            raise DataError(f"{list_file}:{line_no}: expected 'path, fine_id, coarse_id', got {line!r}") from None
+            raise DataError(
+                f"{list_file}:{line_no}: expected 'path, fine_id, coarse_id', got {line!r}"
+            ) from None
         folders = Path(rel).parent.parts[1:]
         if folders:
             label = "/".join(folders)
@@ -136,14 +140,15 @@ def leaf_indices(taxonomy: Taxonomy, samples: list[Sample], where: str) -> np.nd
     unknown = sorted({s.label for s in samples} - set(taxonomy.leaf_labels))
     if unknown:
         raise DataError(
-            f"{where}: {len(unknown)} label(s) are not leaves of the model's taxonomy: {', '.join(unknown[:5])}"
-            + (" ..." if len(unknown) > 5 else "")
+            f"{where}: {len(unknown)} label(s) are not leaves of the model's taxonomy: "
+            f"{', '.join(unknown[:5])}" + (" ..." if len(unknown) > 5 else "")
         )
     return np.array([taxonomy.leaf_index(s.label) for s in samples], dtype=np.int64)
 
 
 def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """(rest, held out): `fraction` of each label held out (at least 1 when the label has 2 or more images)."""
+    """(rest, held out): `fraction` of each label held out (at least 1 when the label has 2 or more
+    images)."""
     rng = np.random.default_rng(seed)
     by_label: dict[str, list[Sample]] = defaultdict(list)
     for sample in samples:
@@ -159,8 +164,9 @@ def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple
     return rest, held
 
 
-def load_images(samples: list[Sample], spec: InputSpec, desc: str = "images"
-                ) -> tuple[np.ndarray, list[Sample], list[str]]:
+def load_images(
+    samples: list[Sample], spec: InputSpec, desc: str = "images"
+) -> tuple[np.ndarray, list[Sample], list[str]]:
     """(images NxHxWx3 in spec.dtype, the samples that loaded, error lines for the ones that did not).
 
     A corrupt or unreadable image is logged with its path and skipped: a long run never dies of one file.

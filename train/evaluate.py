@@ -37,12 +37,22 @@ def predict_bundle(classifier, images: np.ndarray) -> np.ndarray:
     """Leaf probabilities of a bundle's model through `taxonedge.edge.runtime.Classifier`, image by image."""
     from tqdm import tqdm
 
-    return np.stack([classifier.probabilities(img) for img in tqdm(images, desc="int8 inference", unit="img",
-                                                                    leave=False)]).astype(np.float64)
+    return np.stack(
+        [
+            classifier.probabilities(img)
+            for img in tqdm(images, desc="int8 inference", unit="img", leave=False)
+        ]
+    ).astype(np.float64)
 
 
-def evaluate(data: str | Path, out: Path, run_dir: Path | None = None, bundle_path: Path | None = None,
-             num_threads: int | None = None, fit_precision: float | None = None) -> dict:
+def evaluate(
+    data: str | Path,
+    out: Path,
+    run_dir: Path | None = None,
+    bundle_path: Path | None = None,
+    num_threads: int | None = None,
+    fit_precision: float | None = None,
+) -> dict:
     """Evaluate exactly one of `run_dir` or `bundle_path` on `data`; write the reports; return metrics.
     `fit_precision`: also choose back-off thresholds on these images (see `fit_thresholds`)."""
     if (run_dir is None) == (bundle_path is None):
@@ -59,8 +69,12 @@ def evaluate(data: str | Path, out: Path, run_dir: Path | None = None, bundle_pa
         bundle = read_bundle(bundle_path)
         classifier = Classifier(bundle, num_threads=num_threads)
         taxonomy, spec, thresholds = bundle.taxonomy, bundle.manifest.input, dict(bundle.manifest.thresholds)
-        source = {"kind": "bundle", "bundle": str(Path(bundle_path).resolve()), **bundle.describe(),
-                  "quantization": bundle.manifest.quantization.mode}
+        source = {
+            "kind": "bundle",
+            "bundle": str(Path(bundle_path).resolve()),
+            **bundle.describe(),
+            "quantization": bundle.manifest.quantization.mode,
+        }
     data_mod.leaf_indices(taxonomy, samples, str(data))  # unknown labels fail before any image is decoded
     images, kept, errors = data_mod.load_images(samples, spec, "eval images")
     y_true = data_mod.leaf_indices(taxonomy, kept, str(data))
@@ -73,8 +87,9 @@ def evaluate(data: str | Path, out: Path, run_dir: Path | None = None, bundle_pa
     return metrics
 
 
-def fit_thresholds(taxonomy: Taxonomy, y_true: np.ndarray, probs: np.ndarray, target_precision: float,
-                   repeats: int = 5) -> dict:
+def fit_thresholds(
+    taxonomy: Taxonomy, y_true: np.ndarray, probs: np.ndarray, target_precision: float, repeats: int = 5
+) -> dict:
     """Back-off thresholds chosen on these images (say, photos from the line a device will serve), with a
     two-fold check of what they are worth on new images of the same kind (`check_thresholds`).
 
@@ -97,7 +112,9 @@ def thresholds_toml(thresholds: dict[str, float]) -> str:
     return f"[model]\nthresholds = {{{values}}}"
 
 
-def write_reports(out: Path, taxonomy: Taxonomy, metrics: dict, y_true: np.ndarray, probs: np.ndarray) -> None:
+def write_reports(
+    out: Path, taxonomy: Taxonomy, metrics: dict, y_true: np.ndarray, probs: np.ndarray
+) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "metrics.json", (json.dumps(metrics, indent=2, ensure_ascii=False) + "\n").encode())
@@ -149,8 +166,13 @@ def _plot_reliability(path: Path, calibration: dict) -> None:
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     centres = [(b["low"] + b["high"]) / 2 for b in bins]
     ax.bar(centres, [b["accuracy"] for b in bins], width=0.09, alpha=0.7, label="accuracy in bin")
-    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", color="C1",
-            label="mean confidence vs accuracy")
+    ax.plot(
+        [b["confidence"] for b in bins],
+        [b["accuracy"] for b in bins],
+        "o-",
+        color="C1",
+        label="mean confidence vs accuracy",
+    )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("top-1 confidence")
@@ -175,8 +197,10 @@ def _fitted_section(taxonomy: Taxonomy, fitted: dict | None) -> list[str]:
     here, check = fitted["on_these_images"], fitted["two_fold"]
     for d in range(1, taxonomy.depth + 1):
         key = f"depth_{d}"
-        lines.append(f"| {d} | {fitted['thresholds'][key]:.3f} | {percent(here[key]['coverage'])} | "
-                     f"{percent(here[key]['precision'])} | {percent(check[key]['precision'])} |")
+        lines.append(
+            f"| {d} | {fitted['thresholds'][key]:.3f} | {percent(here[key]['coverage'])} | "
+            f"{percent(here[key]['precision'])} | {percent(check[key]['precision'])} |"
+        )
     lines += ["", "For the device config:", "", "```toml", thresholds_toml(fitted["thresholds"]), "```"]
     return lines
 
@@ -192,7 +216,8 @@ def markdown_report(taxonomy: Taxonomy, metrics: dict) -> str:
         "",
         f"Data: `{source.get('data', '')}`, {metrics['n']} images, {metrics['classes_present']} of "
         f"{metrics['num_classes']} classes present. Model: {source.get('kind', '')}"
-        + (f" ({source['quantization']})" if source.get("quantization") else "") + ".",
+        + (f" ({source['quantization']})" if source.get("quantization") else "")
+        + ".",
         "",
         "## Accuracy per level",
         "",
@@ -200,8 +225,10 @@ def markdown_report(taxonomy: Taxonomy, metrics: dict) -> str:
         "|---|---|---|---|",
     ]
     for key, depth in depth_keys(taxonomy):
-        lines.append(f"| {key} | {len(taxonomy.level_nodes(depth))} | {percent(metrics['accuracy'][key])} | "
-                     f"{percent(metrics['accuracy_summed'][key])} |")
+        lines.append(
+            f"| {key} | {len(taxonomy.level_nodes(depth))} | {percent(metrics['accuracy'][key])} | "
+            f"{percent(metrics['accuracy_summed'][key])} |"
+        )
     h = metrics["hierarchical"]
     sev = metrics["mistake_severity"]
     lines += [
@@ -219,12 +246,16 @@ def markdown_report(taxonomy: Taxonomy, metrics: dict) -> str:
     backoff = metrics["backoff"]
     for d in range(1, taxonomy.depth + 1):
         row = backoff[f"depth_{d}"]
-        lines.append(f"| {d} | {row['threshold']:.3f} | {percent(row['coverage'])} | {percent(row['precision'])} |")
+        lines.append(
+            f"| {d} | {row['threshold']:.3f} | {percent(row['coverage'])} | {percent(row['precision'])} |"
+        )
     dec = backoff["decisions"]
     lines += [
         "",
-        f"Decisions: accepted (leaf) {percent(dec['accepted'])}, backed off {percent(dec['backed_off'])}, unknown "
-        f"{percent(dec['unknown'])}; precision of the published label {percent(backoff['published_precision'])}.",
+        f"Decisions: accepted (leaf) {percent(dec['accepted'])}, backed off {percent(dec['backed_off'])}, "
+        "unknown "
+        f"{percent(dec['unknown'])}; precision of the published label "
+        f"{percent(backoff['published_precision'])}.",
         *_fitted_section(taxonomy, metrics.get("fitted_thresholds")),
         "",
         "## Per class",
@@ -234,8 +265,11 @@ def markdown_report(taxonomy: Taxonomy, metrics: dict) -> str:
     ]
     for row in metrics["per_class"]:
         if row["support"]:
-            lines.append(f"| {row['label']} | {row['support']} | {percent(row['precision'])} | {percent(row['recall'])} "
-                         f"| {row['f1']:.3f} | {row.get('most_confused_with', '')} |")
+            lines.append(
+                f"| {row['label']} | {row['support']} | {percent(row['precision'])} | "
+                f"{percent(row['recall'])} "
+                f"| {row['f1']:.3f} | {row.get('most_confused_with', '')} |"
+            )
     skipped = source.get("skipped_images") or []
     if skipped:
         lines += ["", f"## Skipped images ({len(skipped)})", ""] + [f"- {e}" for e in skipped]

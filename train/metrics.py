@@ -45,9 +45,12 @@ def greedy_walk(taxonomy: Taxonomy, probs: np.ndarray) -> tuple[np.ndarray, np.n
             allowed = np.broadcast_to(real, level.shape)
         else:
             # parent of each depth-d node, as an index into level d-1
-            parent_of = np.array([
-                taxonomy.level_index(d - 1)[taxonomy.leaf_index(_first_leaf(node).label)] for node in level_nodes
-            ])
+            parent_of = np.array(
+                [
+                    taxonomy.level_index(d - 1)[taxonomy.leaf_index(_first_leaf(node).label)]
+                    for node in level_nodes
+                ]
+            )
             allowed = real[None, :] & (parent_of[None, :] == previous[:, None])
         masked = np.where(allowed, level, -np.inf)
         best = np.argmax(masked, axis=1)
@@ -64,8 +67,9 @@ def _first_leaf(node):
     return node
 
 
-def backoff(taxonomy: Taxonomy, probs: np.ndarray, true_leaf: np.ndarray,
-            thresholds: dict[str, float] | None) -> dict:
+def backoff(
+    taxonomy: Taxonomy, probs: np.ndarray, true_leaf: np.ndarray, thresholds: dict[str, float] | None
+) -> dict:
     """Coverage and precision per depth of the labels the device would publish with `thresholds`."""
     nodes, scores = greedy_walk(taxonomy, probs)
     n = len(probs)
@@ -96,7 +100,9 @@ def backoff(taxonomy: Taxonomy, probs: np.ndarray, true_leaf: np.ndarray,
         "backed_off": float((published_any & ~published_leaf).mean()),
         "unknown": float((~published_any).mean()),
     }
-    result["published_precision"] = float(published_right[published_any].mean()) if published_any.any() else None
+    result["published_precision"] = (
+        float(published_right[published_any].mean()) if published_any.any() else None
+    )
     return result
 
 
@@ -116,13 +122,21 @@ def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = RELIABI
         acc = float(correct[mask].mean()) if count else None
         if count:
             ece += count / len(confidence) * abs(conf - acc)
-        rows.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": count,
-                     "confidence": conf, "accuracy": acc})
+        rows.append(
+            {
+                "low": float(edges[b]),
+                "high": float(edges[b + 1]),
+                "count": count,
+                "confidence": conf,
+                "accuracy": acc,
+            }
+        )
     return {"bins": rows, "ece": float(ece)}
 
 
-def compute_metrics(taxonomy: Taxonomy, true_leaf: np.ndarray, probs: np.ndarray,
-                    thresholds: dict[str, float] | None = None) -> dict:
+def compute_metrics(
+    taxonomy: Taxonomy, true_leaf: np.ndarray, probs: np.ndarray, thresholds: dict[str, float] | None = None
+) -> dict:
     """Every metric of `taxonedge evaluate` for N images: `true_leaf` (N,) leaf indices, `probs` (N, L)."""
     true_leaf = np.asarray(true_leaf, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
@@ -140,7 +154,9 @@ def compute_metrics(taxonomy: Taxonomy, true_leaf: np.ndarray, probs: np.ndarray
     for key, d in depth_keys(taxonomy):
         index = taxonomy.level_index(d)
         accuracy[key] = float((index[pred] == index[true_leaf]).mean())
-        accuracy_summed[key] = float(((probs @ taxonomy.level_matrix(d)).argmax(axis=1) == index[true_leaf]).mean())
+        accuracy_summed[key] = float(
+            ((probs @ taxonomy.level_matrix(d)).argmax(axis=1) == index[true_leaf]).mean()
+        )
 
     k = min(5, num_leaves)
     top_k = np.argsort(-probs, axis=1)[:, :k]
@@ -153,8 +169,14 @@ def compute_metrics(taxonomy: Taxonomy, true_leaf: np.ndarray, probs: np.ndarray
         support, predicted = int(confusion[i].sum()), int(confusion[:, i].sum())
         precision = tp / predicted if predicted else 0.0
         recall = tp / support if support else None
-        row = {"label": label, "support": support, "predicted": predicted, "precision": precision,
-               "recall": recall, "f1": _f1(precision, recall) if support else None}
+        row = {
+            "label": label,
+            "support": support,
+            "predicted": predicted,
+            "precision": precision,
+            "recall": recall,
+            "f1": _f1(precision, recall) if support else None,
+        }
         wrong = confusion[i].copy()
         wrong[i] = 0
         if support and wrong.any():
@@ -190,7 +212,9 @@ def compute_metrics(taxonomy: Taxonomy, true_leaf: np.ndarray, probs: np.ndarray
         "mistake_severity": {
             "mean": float(np.mean(severities)) if severities else 0.0,
             "mistakes": len(severities),
-            "histogram": {str(s): int(c) for s, c in zip(*np.unique(severities, return_counts=True), strict=False)},
+            "histogram": {
+                str(s): int(c) for s, c in zip(*np.unique(severities, return_counts=True), strict=False)
+            },
         },
         "nll": nll,
         "calibration": reliability(confidence, correct),

@@ -19,8 +19,9 @@ from .backbones import get_backbone
 log = logging.getLogger(__name__)
 
 
-def build_classifier(config: dict, num_leaves: int, keras_module: Any, *, pretrained: bool = False,
-                     num_parents: int = 0) -> Any:
+def build_classifier(
+    config: dict, num_leaves: int, keras_module: Any, *, pretrained: bool = False, num_parents: int = 0
+) -> Any:
     """Build the classifier described by a run's config.json for `keras_module` (`keras` or `tf_keras`).
 
     config keys used: backbone, alpha, input_size, dropout, weights (only with `pretrained=True`).
@@ -42,8 +43,9 @@ def build_classifier(config: dict, num_leaves: int, keras_module: Any, *, pretra
     if spec.edgetpu_note:
         log.warning("%s: %s", spec.name, spec.edgetpu_note)
     path_weights = weights not in (None, "imagenet")
-    backbone = spec.build(keras_module, config["input_size"], config.get("alpha", 1.0),
-                          None if path_weights else weights)
+    backbone = spec.build(
+        keras_module, config["input_size"], config.get("alpha", 1.0), None if path_weights else weights
+    )
     if path_weights:
         backbone.load_weights(weights)
     if pretrained and spec.bgr_weights and weights is not None:
@@ -57,7 +59,10 @@ def build_classifier(config: dict, num_leaves: int, keras_module: Any, *, pretra
     outputs = leaf_probs
     if num_parents:
         parent_logits = layers.Dense(num_parents, name="parent_logits")(features)
-        outputs = {"leaf_probs": leaf_probs, "parent_probs": layers.Softmax(name="parent_probs")(parent_logits)}
+        outputs = {
+            "leaf_probs": leaf_probs,
+            "parent_probs": layers.Softmax(name="parent_probs")(parent_logits),
+        }
     return keras_module.Model(inputs, outputs, name="taxonedge_classifier")
 
 

@@ -135,8 +135,10 @@ def load_run(path: str | Path) -> Run:
         raise RunDirError(f"{path}: not a directory (pass the folder `taxonedge train --out` wrote)")
     missing = [name for name in REQUIRED if not (path / name).is_file()]
     if missing:
-        raise RunDirError(f"{path}: incomplete run directory, missing {', '.join(missing)} "
-                          "(was `taxonedge train` interrupted?)")
+        raise RunDirError(
+            f"{path}: incomplete run directory, missing {', '.join(missing)} "
+            "(was `taxonedge train` interrupted?)"
+        )
     taxonomy, spec = read_taxonomy(path), read_input_spec(path)
     config = _json(path / CONFIG_FILE)
     if not isinstance(config, dict):
@@ -153,7 +155,8 @@ def load_run(path: str | Path) -> Run:
 
 
 def read_meta(path: str | Path) -> tuple[Taxonomy, InputSpec, dict[str, float]]:
-    """What evaluating a run's model needs: taxonomy, input spec and thresholds (none without calibration.json)."""
+    """What evaluating a run's model needs: taxonomy, input spec and thresholds (none without
+    calibration.json)."""
     path = Path(path)
     taxonomy, spec = read_taxonomy(path), read_input_spec(path)
     calibrated = (path / CALIBRATION_FILE).is_file()
@@ -195,18 +198,23 @@ def read_splits(file: Path) -> Splits:
     try:
         return Splits.model_validate(_json(file))
     except ValidationError as exc:
-        raise RunDirError(f"{file}: {_first(exc)} (a run's splits.json has 'train' and 'val' "
-                          "lists of [image_path, leaf_label])") from None
+        raise RunDirError(
+            f"{file}: {_first(exc)} (a run's splits.json has 'train' and 'val' "
+            "lists of [image_path, leaf_label])"
+        ) from None
 
 
-def _leaf_pairs(items: list[tuple[str, str]], key: str, taxonomy: Taxonomy, file: Path) -> list[tuple[str, int]]:
+def _leaf_pairs(
+    items: list[tuple[str, str]], key: str, taxonomy: Taxonomy, file: Path
+) -> list[tuple[str, int]]:
     out = []
     for i, (image, label) in enumerate(items):
         try:
             out.append((image, taxonomy.leaf_index(label)))
         except TaxonomyError:
-            raise RunDirError(f"{file}: {key}[{i}] has label '{label}', which is not a leaf of the run's "
-                              f"{TAXONOMY_FILE}") from None
+            raise RunDirError(
+                f"{file}: {key}[{i}] has label '{label}', which is not a leaf of the run's {TAXONOMY_FILE}"
+            ) from None
     return out
 
 
@@ -214,7 +222,9 @@ def _json(file: Path) -> Any:
     try:
         return json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise RunDirError(f"{file}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        raise RunDirError(
+            f"{file}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RunDirError(f"{file}: cannot read: {exc}") from None
 

@@ -106,39 +106,61 @@ def train(config: TrainConfig, out: Path) -> dict:
             val_samples, moved = data_mod.stratified_split(val_samples, config.train_on_val, config.seed)
             train_samples = samples + moved
             val_source = f"separate, {len(moved)} of its images moved to training"
-            log.info("--train-on-val %.2f: %d val images train, %d still validate", config.train_on_val,
-                     len(moved), len(val_samples))
+            log.info(
+                "--train-on-val %.2f: %d val images train, %d still validate",
+                config.train_on_val,
+                len(moved),
+                len(val_samples),
+            )
     else:
         train_samples, val_samples = data_mod.stratified_split(samples, config.holdout, config.seed)
         val_source = "holdout"
-        log.warning("no --val given: validating on a seeded %.0f%% slice of the training data; it may be "
-                    "optimistic (same shooting occasions as training). Pass --val for a separate split.",
-                    100 * config.holdout)
+        log.warning(
+            "no --val given: validating on a seeded %.0f%% slice of the training data; it may be "
+            "optimistic (same shooting occasions as training). Pass --val for a separate split.",
+            100 * config.holdout,
+        )
         if not val_samples:
-            raise data_mod.DataError(f"{config.data}: too few images to hold out a validation slice; pass --val")
+            raise data_mod.DataError(
+                f"{config.data}: too few images to hold out a validation slice; pass --val"
+            )
     # The preprocessing every bundle made from this run carries (InputSpec's centre crop and area resize).
     # Training images are loaded with its margin (`margin_spec`): random crops (phase 2) and the spec's
     # own crop (phase 1, `center_view`) come from the same pixels.
     spec = InputSpec(height=config.input_size, width=config.input_size)
     t0 = time.monotonic()
-    x_train, train_samples, train_errors = data_mod.load_images(train_samples, margin_spec(spec), "train images")
+    x_train, train_samples, train_errors = data_mod.load_images(
+        train_samples, margin_spec(spec), "train images"
+    )
     x_val, val_samples, val_errors = data_mod.load_images(val_samples, spec, "val images")
     y_train = data_mod.leaf_indices(taxonomy, train_samples, config.data)
     y_val = data_mod.leaf_indices(taxonomy, val_samples, config.val or config.data)
     timings["load_images_s"] = time.monotonic() - t0
     log.info("%s; %d train / %d val images (%s)", taxonomy.summary(), len(y_train), len(y_val), val_source)
 
-    rundir.write_setup(out, taxonomy, spec, config, rundir.Splits(
-        train=[(s.path, s.label) for s in train_samples], val=[(s.path, s.label) for s in val_samples],
-        val_source=val_source, skipped=train_errors + val_errors))
+    rundir.write_setup(
+        out,
+        taxonomy,
+        spec,
+        config,
+        rundir.Splits(
+            train=[(s.path, s.label) for s in train_samples],
+            val=[(s.path, s.label) for s in val_samples],
+            val_source=val_source,
+            skipped=train_errors + val_errors,
+        ),
+    )
 
     keras = _setup_tf(config.seed)
     from .model import backbone_of, build_classifier, inference_model, recalibrate_batchnorm, unfreeze_top
 
     parent_depth = taxonomy.depth - 1
-    num_parents = len(taxonomy.level_nodes(parent_depth)) if config.aux_parent > 0 and parent_depth >= 1 else 0
-    model = build_classifier(config.model_dump(), taxonomy.num_leaves, keras, pretrained=True,
-                             num_parents=num_parents)
+    num_parents = (
+        len(taxonomy.level_nodes(parent_depth)) if config.aux_parent > 0 and parent_depth >= 1 else 0
+    )
+    model = build_classifier(
+        config.model_dump(), taxonomy.num_leaves, keras, pretrained=True, num_parents=num_parents
+    )
     backbone = backbone_of(model)
     weights = _sample_weights(y_train, taxonomy.num_leaves) if config.balance == "weights" else None
 
@@ -147,8 +169,11 @@ def train(config: TrainConfig, out: Path) -> dict:
     features = keras.Model(model.inputs, model.get_layer("head_dropout").input)
     x_train_center = center_view(x_train, spec)
     if config.weights == "none":  # before freezing: a frozen Keras 3 BN layer ignores training=True
-        recalibrate_batchnorm(features, backbone, x_train_center[np.random.default_rng(config.seed).permutation(
-            len(x_train_center))[:256]])
+        recalibrate_batchnorm(
+            features,
+            backbone,
+            x_train_center[np.random.default_rng(config.seed).permutation(len(x_train_center))[:256]],
+        )
     backbone.trainable = False
     f_train = features.predict(x_train_center, batch_size=64, verbose=0)
     del x_train_center
@@ -167,8 +192,9 @@ def train(config: TrainConfig, out: Path) -> dict:
     if config.epochs and config.unfreeze:
         trainable = unfreeze_top(backbone, config.unfreeze)
         log.info("phase 2: %d backbone layers with weights unfrozen (BatchNorm frozen)", trainable)
-        history = _fine_tune(keras, model, config, taxonomy, x_train, y_train, x_val, y_val, weights,
-                             num_parents, out)
+        history = _fine_tune(
+            keras, model, config, taxonomy, x_train, y_train, x_val, y_val, weights, num_parents, out
+        )
     timings["fine_tune_s"] = time.monotonic() - t0
 
     # ---- calibration ----------------------------------------------------------------------------
@@ -177,17 +203,29 @@ def train(config: TrainConfig, out: Path) -> dict:
     temperature = fit_temperature(val_logits, y_val)
     val_probs = softmax(val_logits, temperature)
     thresholds, check = choose_and_check_thresholds(taxonomy, val_probs, y_val, config.target_precision)
-    rundir.write_calibration(out, rundir.Calibration(temperature=temperature, thresholds=thresholds,
-                                                     target_precision=config.target_precision,
-                                                     two_fold_check=check))
+    rundir.write_calibration(
+        out,
+        rundir.Calibration(
+            temperature=temperature,
+            thresholds=thresholds,
+            target_precision=config.target_precision,
+            two_fold_check=check,
+        ),
+    )
     final = inference_model(model, keras, temperature)
     final.save(rundir.model_path(out))
 
     metrics = compute_metrics(taxonomy, y_val, val_probs, thresholds)
-    metrics["source"] = {"kind": "keras", "run": str(out.resolve()), "data": config.val or config.data,
-                         "val_source": val_source, "temperature": temperature,
-                         "head_only_leaf_accuracy": head_acc, "history": history,
-                         "skipped_images": len(train_errors) + len(val_errors)}
+    metrics["source"] = {
+        "kind": "keras",
+        "run": str(out.resolve()),
+        "data": config.val or config.data,
+        "val_source": val_source,
+        "temperature": temperature,
+        "head_only_leaf_accuracy": head_acc,
+        "history": history,
+        "skipped_images": len(train_errors) + len(val_errors),
+    }
     timings["total_s"] = time.monotonic() - started
     metrics["timings"] = timings
     rundir.write_metrics(out, metrics)
@@ -214,10 +252,13 @@ def center_view(images: np.ndarray, spec: InputSpec) -> np.ndarray:
     box = [[margin, margin, 1.0 - margin, 1.0 - margin]]
     out = []
     for start in range(0, len(images), 256):
-        chunk = tf.convert_to_tensor(images[start:start + 256], tf.float32)
+        chunk = tf.convert_to_tensor(images[start : start + 256], tf.float32)
         n = int(chunk.shape[0])
-        out.append(tf.image.crop_and_resize(chunk, box * n, tf.range(n), (spec.height, spec.width),
-                                            method="bilinear").numpy())
+        out.append(
+            tf.image.crop_and_resize(
+                chunk, box * n, tf.range(n), (spec.height, spec.width), method="bilinear"
+            ).numpy()
+        )
     return np.concatenate(out)
 
 
@@ -241,10 +282,12 @@ def _targets(keras, taxonomy, y: np.ndarray, num_parents: int):
 def _compile(keras, model, config: TrainConfig, learning_rate, num_parents: int) -> None:
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
     if num_parents:
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                      loss={"leaf_probs": loss, "parent_probs": loss},
-                      loss_weights={"leaf_probs": 1.0, "parent_probs": config.aux_parent},
-                      metrics={"leaf_probs": ["accuracy"]})
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate),
+            loss={"leaf_probs": loss, "parent_probs": loss},
+            loss_weights={"leaf_probs": 1.0, "parent_probs": config.aux_parent},
+            metrics={"leaf_probs": ["accuracy"]},
+        )
     else:
         model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=["accuracy"])
 
@@ -265,17 +308,27 @@ def _train_head(keras, model, config, taxonomy, f_train, y_train, f_val, y_val, 
     head = keras.Model(inp, outputs)
     _compile(keras, head, config, config.head_lr, num_parents)
     sw = weights[y_train] if weights is not None else None
-    head.fit(f_train, _targets(keras, taxonomy, y_train, num_parents),
-             sample_weight=sw, validation_data=(f_val, _targets(keras, taxonomy, y_val, num_parents)),
-             epochs=config.head_epochs, batch_size=config.batch_size, verbose=0,
-             callbacks=[keras.callbacks.EarlyStopping(_monitor(num_parents), patience=max(5, config.patience),
-                                                      mode="max", restore_best_weights=True)])
+    head.fit(
+        f_train,
+        _targets(keras, taxonomy, y_train, num_parents),
+        sample_weight=sw,
+        validation_data=(f_val, _targets(keras, taxonomy, y_val, num_parents)),
+        epochs=config.head_epochs,
+        batch_size=config.batch_size,
+        verbose=0,
+        callbacks=[
+            keras.callbacks.EarlyStopping(
+                _monitor(num_parents), patience=max(5, config.patience), mode="max", restore_best_weights=True
+            )
+        ],
+    )
     for name in ("leaf_logits", "parent_logits") if num_parents else ("leaf_logits",):
         model.get_layer(name).set_weights(head.get_layer(name).get_weights())
 
 
 def _index_batches(y: np.ndarray, config: TrainConfig) -> Iterator[np.ndarray]:
-    """Endless batches of training indices: shuffled epochs, or class-balanced draws with --balance sampling."""
+    """Endless batches of training indices: shuffled epochs, or class-balanced draws with --balance
+    sampling."""
     rng = np.random.default_rng(config.seed)
     counts = np.bincount(y)
     p = 1.0 / counts[y]
@@ -283,7 +336,7 @@ def _index_batches(y: np.ndarray, config: TrainConfig) -> Iterator[np.ndarray]:
     while True:
         order = rng.choice(len(y), len(y), p=p) if config.balance == "sampling" else rng.permutation(len(y))
         for start in range(0, len(order) - config.batch_size + 1, config.batch_size):
-            yield order[start:start + config.batch_size]
+            yield order[start : start + config.batch_size]
 
 
 def augment_batch(images, config: TrainConfig, size: int, seed_gen):
@@ -320,15 +373,19 @@ def augment_batch(images, config: TrainConfig, size: int, seed_gen):
     return tf.clip_by_value(x, 0.0, 255.0)
 
 
-def _fine_tune(keras, model, config, taxonomy, x_train, y_train, x_val, y_val, weights, num_parents,
-               out: Path) -> dict:
+def _fine_tune(
+    keras, model, config, taxonomy, x_train, y_train, x_val, y_val, weights, num_parents, out: Path
+) -> dict:
     import tensorflow as tf
 
     steps = max(1, len(y_train) // config.batch_size)
     size = config.input_size
     seed_gen = tf.random.Generator.from_seed(config.seed)
-    rotation = keras.layers.RandomRotation(config.rotation / 360.0, fill_mode="reflect", seed=config.seed) \
-        if config.rotation else None
+    rotation = (
+        keras.layers.RandomRotation(config.rotation / 360.0, fill_mode="reflect", seed=config.seed)
+        if config.rotation
+        else None
+    )
     targets = _targets(keras, taxonomy, y_train, num_parents)
     sw = weights[y_train] if weights is not None else np.ones(len(y_train), np.float32)
 
@@ -344,9 +401,11 @@ def _fine_tune(keras, model, config, taxonomy, x_train, y_train, x_val, y_val, w
     def load(idx):
         parts = tf.numpy_function(gather, [idx], types)
         widths = [taxonomy.num_leaves, num_parents] if num_parents else [taxonomy.num_leaves]
-        parts = [tf.ensure_shape(parts[0], [None, *x_train.shape[1:]])] + [
-            tf.ensure_shape(p, [None, w]) for p, w in zip(parts[1:-1], widths, strict=True)
-        ] + [tf.ensure_shape(parts[-1], [None])]
+        parts = (
+            [tf.ensure_shape(parts[0], [None, *x_train.shape[1:]])]
+            + [tf.ensure_shape(p, [None, w]) for p, w in zip(parts[1:-1], widths, strict=True)]
+            + [tf.ensure_shape(parts[-1], [None])]
+        )
         images = augment_batch(parts[0], config, size, seed_gen)
         if rotation is not None:
             images = rotation(images, training=True)
@@ -355,21 +414,38 @@ def _fine_tune(keras, model, config, taxonomy, x_train, y_train, x_val, y_val, w
             return images, {"leaf_probs": parts[1], "parent_probs": parts[2]}, parts[3]
         return images, parts[1], parts[2]
 
-    index_ds = tf.data.Dataset.from_generator(lambda: _index_batches(y_train, config),
-                                              output_signature=tf.TensorSpec([None], tf.int64))
+    index_ds = tf.data.Dataset.from_generator(
+        lambda: _index_batches(y_train, config), output_signature=tf.TensorSpec([None], tf.int64)
+    )
     train_ds = index_ds.map(load, num_parallel_calls=1).prefetch(2)
     val_ds = (x_val.astype("float32"), _targets(keras, taxonomy, y_val, num_parents))
 
-    schedule = keras.optimizers.schedules.CosineDecay(config.lr, decay_steps=steps * config.epochs, alpha=0.05)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        config.lr, decay_steps=steps * config.epochs, alpha=0.05
+    )
     _compile(keras, model, config, schedule, num_parents)
     monitor = _monitor(num_parents)
     (out / rundir.CHECKPOINTS_DIR).mkdir(exist_ok=True)
     callbacks = [
-        keras.callbacks.EarlyStopping(monitor, mode="max", patience=config.patience, restore_best_weights=True),
-        keras.callbacks.ModelCheckpoint(str(out / rundir.CHECKPOINTS_DIR / "best.weights.h5"), monitor=monitor,
-                                        mode="max", save_best_only=True, save_weights_only=True),
+        keras.callbacks.EarlyStopping(
+            monitor, mode="max", patience=config.patience, restore_best_weights=True
+        ),
+        keras.callbacks.ModelCheckpoint(
+            str(out / rundir.CHECKPOINTS_DIR / "best.weights.h5"),
+            monitor=monitor,
+            mode="max",
+            save_best_only=True,
+            save_weights_only=True,
+        ),
         keras.callbacks.TensorBoard(str(out / rundir.LOGS_DIR)),
     ]
-    fit = model.fit(train_ds, steps_per_epoch=steps, epochs=config.epochs, validation_data=val_ds,
-                    batch_size=64, callbacks=callbacks, verbose=1 if sys.stderr.isatty() else 2)
+    fit = model.fit(
+        train_ds,
+        steps_per_epoch=steps,
+        epochs=config.epochs,
+        validation_data=val_ds,
+        batch_size=64,
+        callbacks=callbacks,
+        verbose=1 if sys.stderr.isatty() else 2,
+    )
     return {k: [float(v) for v in vals] for k, vals in fit.history.items()}

@@ -50,7 +50,9 @@ class Backend(Protocol):
 @cache
 def registry() -> dict[str, Backend]:
     """Every backend by name: this package's modules, then those named in TAXONEDGE_BACKENDS."""
-    modules = [f"{__name__}.{info.name}" for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_")]
+    modules = [
+        f"{__name__}.{info.name}" for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_")
+    ]
     modules += [name.strip() for name in os.environ.get(ENV, "").split(",") if name.strip()]
     found: dict[str, Backend] = {}
     for module in modules:
@@ -63,8 +65,9 @@ def names() -> list[str]:
     return sorted(registry())
 
 
-def open_classifier(model: InterpreterModel, backend: str, num_threads: int | None = None,
-                    device: str | None = None) -> tuple[Classifier, str, str | None]:
+def open_classifier(
+    model: InterpreterModel, backend: str, num_threads: int | None = None, device: str | None = None
+) -> tuple[Classifier, str, str | None]:
     """(classifier, the backend it runs on, why it is degraded or None). `auto` tries the accelerators,
     then falls back to the CPU and says why; a named backend raises BackendUnavailable."""
     backends = registry()

@@ -26,8 +26,10 @@ class _EdgeTpu:
         if not model.has_edgetpu_model:
             # The delegate runs only what edgetpu_compiler mapped to it: an uncompiled model would report
             # "edgetpu" while every op runs on the CPU.
-            reason = ("the bundle has no Edge TPU model (model_edgetpu.tflite), so the Edge TPU is idle and the "
-                      "model runs on the CPU: convert with edgetpu_compiler on PATH to add one")
+            reason = (
+                "the bundle has no Edge TPU model (model_edgetpu.tflite), so the Edge TPU is idle and the "
+                "model runs on the CPU: convert with edgetpu_compiler on PATH to add one"
+            )
             raise BackendUnavailable(reason, reason)
         return Classifier(model, num_threads=num_threads, delegate=delegate)
 

@@ -46,7 +46,9 @@ def main(dataset: Path, out: Path) -> None:
         for dx in offsets:
             frame = belt.copy()
             shift = np.float32([[1, 0, dx], [0, 1, 0]])
-            moved = cv2.warpAffine(photo, shift, (SIZE, SIZE), borderMode=cv2.BORDER_CONSTANT, borderValue=(60, 60, 60))
+            moved = cv2.warpAffine(
+                photo, shift, (SIZE, SIZE), borderMode=cv2.BORDER_CONSTANT, borderValue=(60, 60, 60)
+            )
             frame[:] = moved
             writer.write(frame)
     writer.release()
