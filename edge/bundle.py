@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .files import atomic_write
 from .preprocess import InputSpec
 from .signing import Ed25519PrivateKey, Ed25519PublicKey, key_id, sign, verify
 from .taxonomy import Taxonomy, TaxonomyError
@@ -399,28 +399,6 @@ def _check_sums(members: dict[str, bytes], where: str) -> None:
             raise BundleError(f"{where}: '{name}' does not match its sha256 in {CHECKSUMS} (damaged)")
         if name not in members and name in expected:
             raise BundleError(f"{where}: {CHECKSUMS} lists '{name}' but the bundle lacks it")
-
-
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write temp + fsync + rename + fsync directory: after a crash the file is either old or new, never
-    partial."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _untar(raw: bytes, where: str, max_bytes: int) -> dict[str, bytes]:

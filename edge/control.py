@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .bundle import atomic_write
 from .config import Config
+from .files import atomic_write
 from .pipeline import Pipeline
 from .protocol import (
     CommandAnswer,

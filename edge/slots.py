@@ -20,8 +20,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .bundle import Bundle, BundleError, atomic_write, read_bundle, utc_now
+from .bundle import Bundle, BundleError, read_bundle, utc_now
 from .config import Config, ModelConfig
+from .files import atomic_write
 from .signing import load_public_key
 
 log = logging.getLogger(__name__)

@@ -49,8 +49,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from . import vetting
-from .bundle import Bundle, atomic_write, utc_now
+from .bundle import Bundle, utc_now
 from .config import Config, UpdateConfig
+from .files import atomic_write
 from .osthread import start_thread
 from .pipeline import InferenceResult
 from .protocol import (

@@ -27,6 +27,7 @@ KERNEL = {
     "schemas",
     "backends",
     "thresholds",
+    "files",
 }
 SERVICE = {
     "config",

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from taxonedge.edge.bundle import atomic_write
+from taxonedge.edge.files import atomic_write
 from taxonedge.edge.taxonomy import Taxonomy
 
 from . import data as data_mod

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from taxonedge.edge.bundle import atomic_write
+from taxonedge.edge.files import atomic_write
 from taxonedge.edge.preprocess import InputSpec
 from taxonedge.edge.taxonomy import Taxonomy, TaxonomyError
 from taxonedge.edge.thresholds import Thresholds, check_thresholds
