@@ -141,6 +141,8 @@ class Session:
 
 
 def deploy_command(args: Any) -> int:
+    """`taxonedge deploy`. (Over 80 lines: check the arguments and bundle, connect, publish the request
+    and chunks retained, follow the devices: the order of one command.)"""
     if args.pending:
         return pending_command(args)
     if args.cancel:

@@ -104,6 +104,8 @@ def describe_dropped(cfg: MqttConfig) -> str:
 
 class MqttLink:
     """Connects, keeps connected, publishes from the outbox, hands received messages to `on_message`.
+    (Over 300 lines: the connect loop, the sender and paho's callbacks share one send lock and one map of
+    labels in flight, which a split would have to pass around.)
 
     `on_connected()` runs (on the network thread) after every successful CONNACK: subscribe and republish
     retained state there. `on_message(topic, payload, properties)` must only enqueue work.

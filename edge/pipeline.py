@@ -72,6 +72,9 @@ class _InFlight:
 
 
 class Pipeline:
+    """The inference thread's loop. (Over 300 lines: the hand-over timing of one frame at the worker and
+    the next one prepared shares its state, in flight, ready, next_at and the moving averages.)"""
+
     def __init__(
         self,
         config: Config,
