@@ -22,7 +22,6 @@ import numpy as np
 from taxonedge.edge.bundle import (
     GOLDEN,
     MODEL,
-    MODEL_EDGETPU,
     ModelInfo,
     Quantization,
     build_manifest,
@@ -80,6 +79,7 @@ def convert(opts: Options) -> Result:
 
     from . import edgetpu as tpu
     from .quantize import io_details, run_tflite, stratified, to_tflite
+    from .targets import TARGETS
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -154,11 +154,18 @@ def convert(opts: Options) -> Result:
     gate["metrics"]["backoff_deployed"] = backoff(run.taxonomy, quant_probs, val_y, thresholds)
 
     t = time.perf_counter()
-    report, compiled = tpu.edgetpu_report(tflite, opts.mode, run.backbone, opts.edgetpu, opts.compiler)
+    reports, compiled = {}, {}
+    for target in TARGETS.values():  # convert/targets.py: one per accelerator backend
+        reports[target.name], artifact = target.build(
+            tflite, opts.mode, run.backbone, opts.edgetpu, opts.compiler
+        )
+        if artifact is not None:
+            compiled[target.artifact] = artifact
+        for warning in reports[target.name].get("warnings", []):
+            log.warning("%s: %s", target.name, warning)
+        log.info("%s: %s", target.name, reports[target.name]["summary"])
     timings["edgetpu_s"] = time.perf_counter() - t
-    for warning in report.get("warnings", []):
-        log.warning("Edge TPU: %s", warning)
-    log.info("Edge TPU: %s", report["summary"])
+    report = reports["edgetpu"]
 
     golden_inputs = calib[:GOLDEN_COUNT]
     golden_outputs = run_tflite(tflite, golden_inputs)
@@ -166,8 +173,7 @@ def convert(opts: Options) -> Result:
         MODEL: tflite,
         GOLDEN: _npz(inputs=golden_inputs.astype(info["input_dtype"]), outputs=golden_outputs),
     }
-    if compiled is not None:
-        files[MODEL_EDGETPU] = compiled
+    files.update(compiled)
     spec = run.input_spec.model_copy(
         update={
             "dtype": info["input_dtype"],

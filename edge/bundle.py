@@ -1,10 +1,12 @@
-"""Model bundles, format v1: the one reader and writer for both the host and the device.
+"""Model bundles, format v2 (v1 still read): the one reader and writer for both the host and the device.
 
 A bundle is one uncompressed tar file:
 
     manifest.json          what the model is and how to feed and read it (`Manifest`)
     model.tflite           the CPU model (full int8 unless the manifest says otherwise)
-    model_edgetpu.tflite   optional, the same model compiled by edgetpu_compiler
+    model_<backend>.<ext>  optional, the same model compiled for an accelerator backend (edge/backends/),
+                           e.g. model_edgetpu.tflite from edgetpu_compiler; `artifacts` in the manifest
+                           names each backend's file (v2; a v1 bundle's are derived from its file names)
     golden.npz             optional, self-test inputs and the exact outputs the CPU interpreter gave
     manifest.sig           optional, Ed25519 signature over the exact bytes of manifest.json
     SHA256SUMS             sha256 of manifest.json and manifest.sig, so damage to them is caught unsigned
@@ -20,13 +22,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import tarfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .files import atomic_write
 from .preprocess import InputSpec
@@ -35,16 +38,20 @@ from .taxonomy import Taxonomy, TaxonomyError
 from .thresholds import check_thresholds
 
 FORMAT = "taxonedge-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # v1: no `artifacts` (derived from the file names when read)
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 CHECKSUMS = "SHA256SUMS"
 MODEL = "model.tflite"
 MODEL_EDGETPU = "model_edgetpu.tflite"
 GOLDEN = "golden.npz"
-KNOWN_FILES = (MODEL, MODEL_EDGETPU, GOLDEN)
+KNOWN_FILES = (MODEL, MODEL_EDGETPU, GOLDEN)  # v1's; v2 adds any model_<backend>.<ext> named in artifacts
+CPU = "cpu"  # the reference backend: its artifact is MODEL, the golden outputs are its own
 COMPATIBLE = "taxonedge-classifier-v1"
 MAX_BUNDLE_BYTES = 256 * 1024 * 1024
+ARTIFACT_NAME = re.compile(r"^model_([a-z0-9_]{1,32})\.[a-z0-9]{1,16}$")
+BACKEND_NAME = re.compile(r"^[a-z0-9_-]{1,32}$")
 
 
 class BundleError(ValueError):
@@ -121,14 +128,38 @@ class Manifest(BaseModel):
     edgetpu: dict[str, Any] = {}
     golden: dict[str, Any] = {}
     signing_key_id: str | None = None
+    # v2: the file each inference backend runs, {"cpu": "model.tflite", "edgetpu": "model_edgetpu.tflite"}
+    artifacts: dict[str, str] = {}
     files: dict[str, FileEntry]
 
     @field_validator("format_version")
     @classmethod
     def _supported_version(cls, v: int) -> int:
-        if v != FORMAT_VERSION:
-            raise ValueError(f"format_version {v} is not supported (this reader reads {FORMAT_VERSION})")
+        if v not in READABLE_VERSIONS:
+            raise ValueError(
+                f"format_version {v} is not supported (this reader reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))})"
+            )
         return v
+
+    @model_validator(mode="after")
+    def _artifacts(self) -> Manifest:
+        if self.format_version == 1:
+            if self.artifacts:
+                raise ValueError("artifacts: not a format_version 1 field")
+            return self
+        for backend, name in self.artifacts.items():
+            if not (name == MODEL or ARTIFACT_NAME.match(name)) or not BACKEND_NAME.match(backend):
+                raise ValueError(f"artifacts: {backend!r}: {name!r} is not a backend name and model_* file")
+        if self.artifacts.get(CPU) != MODEL:
+            raise ValueError(f"artifacts: the {CPU} backend's file must be {MODEL}")
+        return self
+
+    def artifact_files(self) -> dict[str, str]:
+        """Backend name -> file in the bundle (a v1 bundle's from the file names it has)."""
+        if self.format_version >= 2:
+            return dict(self.artifacts)
+        return {CPU: MODEL, **({"edgetpu": MODEL_EDGETPU} if MODEL_EDGETPU in self.files else {})}
 
     @field_validator("thresholds")
     @classmethod
@@ -167,12 +198,20 @@ class Bundle:
     def version(self) -> str:
         return self.manifest.model.version
 
+    def artifacts(self) -> dict[str, bytes]:
+        """Backend name -> the model it runs (`cpu` always)."""
+        return {backend: self.files[name] for backend, name in self.manifest.artifact_files().items()}
+
+    def has_artifact(self, backend: str) -> bool:
+        return backend in self.manifest.artifact_files()
+
     @property
     def has_edgetpu_model(self) -> bool:
-        return MODEL_EDGETPU in self.files
+        return self.has_artifact("edgetpu")
 
-    def model_bytes(self, edgetpu: bool = False) -> bytes:
-        return self.files[MODEL_EDGETPU if edgetpu else MODEL]
+    def model_bytes(self) -> bytes:
+        """The CPU model, the reference the golden outputs were recorded on."""
+        return self.files[MODEL]
 
     def golden(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(inputs NxHxWx3, outputs NxC) of the self-test set, or None when the bundle has none."""
@@ -263,6 +302,12 @@ def read_bundle(
             )
     if MODEL not in members:
         raise BundleError(f"{where}: the bundle has no {MODEL}")
+    for backend, name in manifest.artifact_files().items():
+        if name not in members:
+            raise BundleError(f"{where}: the {backend} artifact '{name}' is not in the bundle")
+    unexpected = set(members) - set(manifest.artifact_files().values()) - {GOLDEN}
+    if unexpected:
+        raise BundleError(f"{where}: '{sorted(unexpected)[0]}' is neither a backend's artifact nor {GOLDEN}")
 
     if public_key is not None:
         if signature is None:
@@ -314,8 +359,20 @@ def build_manifest(
         input=input_spec,
         output=OutputSpec(**output_fields),
         files={name: FileEntry(sha256=sha256_hex(data), size=len(data)) for name, data in files.items()},
+        artifacts=artifacts_of(files),
         **fields,
     )
+
+
+def artifacts_of(files: dict[str, bytes]) -> dict[str, str]:
+    """Backend name -> file, from the file names: model.tflite is the CPU's, model_<backend>.<ext> the
+    backend's (convert/targets.py names what it compiles that way)."""
+    found = {CPU: MODEL} if MODEL in files else {}
+    for name in sorted(files):
+        match = ARTIFACT_NAME.match(name)
+        if match and name != MODEL:
+            found[match.group(1)] = name
+    return found
 
 
 def write_bundle(
@@ -324,8 +381,10 @@ def write_bundle(
     """Write `files` and `manifest` (whose file entries must match) atomically; sign when a key is given."""
     path = Path(path)
     for name in files:
-        if name not in KNOWN_FILES:
-            raise BundleError(f"'{name}' is not a bundle v1 file (expected one of {', '.join(KNOWN_FILES)})")
+        if name not in (MODEL, GOLDEN) and not ARTIFACT_NAME.match(name):
+            raise BundleError(
+                f"'{name}' is not a bundle file (expected {MODEL}, model_<backend>.<ext> or {GOLDEN})"
+            )
     if set(files) != set(manifest.files):
         raise BundleError(
             "the manifest's file list does not match the files given: rebuild it with build_manifest"

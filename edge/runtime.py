@@ -136,8 +136,7 @@ class InterpreterModel:
     Bundle, so that it never imports the bundle's pydantic, OpenCV and cryptography (a worker of 52 MB
     instead of 91 MB with the reference MobileNetV2)."""
 
-    model: bytes
-    edgetpu_model: bytes | None  # edgetpu_compiler's output, when the bundle has it
+    artifacts: dict[str, bytes]  # backend name -> the model it runs; "cpu" always
     height: int
     width: int
     dtype: str  # the input tensor's
@@ -152,8 +151,7 @@ class InterpreterModel:
         spec, out = bundle.manifest.input, bundle.manifest.output
         golden = bundle.golden()
         return cls(
-            bundle.model_bytes(),
-            bundle.model_bytes(edgetpu=True) if bundle.has_edgetpu_model else None,
+            bundle.artifacts(),
             spec.height,
             spec.width,
             spec.dtype,
@@ -164,9 +162,8 @@ class InterpreterModel:
             golden[0] if golden is not None else None,
         )
 
-    @property
-    def has_edgetpu_model(self) -> bool:
-        return self.edgetpu_model is not None
+    def has_artifact(self, backend: str) -> bool:
+        return backend in self.artifacts
 
 
 class Classifier:
@@ -177,14 +174,19 @@ class Classifier:
     """
 
     def __init__(
-        self, bundle: Bundle | InterpreterModel, num_threads: int | None = None, delegate: Any = None
+        self,
+        bundle: Bundle | InterpreterModel,
+        num_threads: int | None = None,
+        delegate: Any = None,
+        artifact: str = "cpu",
     ):
-        """With an Edge TPU `delegate`, on the bundle's Edge TPU model (edge/backends/edgetpu.py)."""
+        """On the bundle's `artifact` (a backend's name: its model file), with a TFLite `delegate` when the
+        backend has one (edge/backends/edgetpu.py)."""
         model = bundle if isinstance(bundle, InterpreterModel) else InterpreterModel.of(bundle)
         self.bundle = None if isinstance(bundle, InterpreterModel) else bundle
         self.model = model
         self.edgetpu = delegate is not None
-        tflite = model.edgetpu_model if self.edgetpu and model.edgetpu_model is not None else model.model
+        tflite = model.artifacts[artifact]
         self.interpreter = make_interpreter(tflite, num_threads=num_threads, delegate=delegate)
         self._input, self._output = _io_details(self.interpreter, model)
         self.input_shape = (model.height, model.width, 3)

@@ -175,13 +175,17 @@ class Serving:
             or info is None
             or info.backend != "cpu"
             or self.probing
-            or not self.bundle.has_edgetpu_model
+            or not any(
+                b.accelerator and self.bundle.has_artifact(b.artifact) for b in backends.registry().values()
+            )
             or time.monotonic() < self._probe_due
         ):
             return  # a bundle without an Edge TPU model runs on the CPU whatever is plugged in
         self.reprobes += 1
         self._probe_due = time.monotonic() + self.config.inference.reprobe_interval_s
-        if not backends.accelerator_present(self.config.inference.edgetpu_device):
+        if not backends.accelerator_present(
+            self.config.inference.edgetpu_device, set(self.bundle.manifest.artifact_files())
+        ):
             log.log(
                 logging.INFO if self.reprobes == 1 else logging.DEBUG,
                 "accelerator re-probe: none present (e.g. no /dev/apex_*, no Coral USB id); "

@@ -286,7 +286,7 @@ class Updater:
         self.topics = DeviceTopics(self.base)
         self.deploy_topics = [self.topics.deploy] + [group_deploy(prefix, g) for g in self.config.mqtt.groups]
         self.current: Deployment | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # _report (which may release `current`) runs under it from submit
         self._jobs: queue.Queue[Deployment | None] = queue.Queue()
         self.stopping = threading.Event()
         self._baseline: deque = deque(maxlen=100)
@@ -540,7 +540,8 @@ class Updater:
                     dep.part.unlink(missing_ok=True)
                 self._window = None
                 with self._lock:
-                    self.current = None
+                    if self.current is dep:  # a finished one's outcome already let the next one in
+                        self.current = None
 
     def _run(self, dep: Deployment) -> None:
         data = self._receive(dep)
@@ -640,10 +641,8 @@ class Updater:
             payload["reason"] = reason
         if repeat:
             payload["repeat"] = True
-        if dep.request.nonce:
-            payload["nonce"] = (
-                dep.request.nonce
-            )  # which request this answers (`taxonedge deploy` filters on it)
+        if dep.request.nonce:  # which request this answers (`taxonedge deploy` filters on it)
+            payload["nonce"] = dep.request.nonce
         if state in FINAL and record and not repeat:
             self.history.record(
                 dep.id,
@@ -660,6 +659,10 @@ class Updater:
                 self.in_progress.clear()
             elif state in STATES:
                 self.in_progress.save(dep, state)
+        if state in FINAL and not repeat:
+            with self._lock:  # before the outcome goes out: whoever acts on it may deploy again at once
+                if self.current is dep:
+                    self.current = None
         log.info("deployment %s: %s%s", dep.id, state, f" ({reason})" if reason else "")
         self._send(self.topics.deploy_progress(dep.id), payload, None, retain=state in FINAL)
         if dep.response_topic:

@@ -21,7 +21,7 @@ from taxonedge.edge.preprocess import InputSpec
 from taxonedge.edge.signing import generate_keypair, load_private_key, load_public_key
 from taxonedge.edge.taxonomy import Taxonomy
 
-from .conftest import TINY_LABELS, run_cli
+from .conftest import REPO, TINY_LABELS, run_cli
 
 MODEL_BYTES = b"TFL3" + bytes(range(256)) * 20  # content is opaque to the bundle layer
 
@@ -141,7 +141,7 @@ def test_unsupported_format_version(tmp_path):
     with tarfile.open(path) as tar:
         members = {i.name: tar.extractfile(i).read() for i in tar}
     manifest = json.loads(members["manifest.json"])
-    manifest["format_version"] = 2
+    manifest["format_version"] = 3
     members["manifest.json"] = json.dumps(manifest).encode()
     import hashlib
 
@@ -150,8 +150,54 @@ def test_unsupported_format_version(tmp_path):
     )
     from taxonedge.edge.bundle import _tar_bytes
 
-    with pytest.raises(BundleError, match="format_version 2 is not supported"):
+    with pytest.raises(BundleError, match="format_version 3 is not supported"):
         read_bundle(_tar_bytes(members))
+
+
+def test_format_v2_lists_each_backends_artifact_and_v1_bundles_still_read(tmp_path):
+    """v2 names the file each backend runs; a v1 bundle (the shipped demo model is one) is read with its
+    artifacts derived from its file names."""
+    from taxonedge.edge.bundle import MODEL_EDGETPU, build_manifest, write_bundle
+    from taxonedge.edge.preprocess import InputSpec
+    from taxonedge.edge.taxonomy import Taxonomy
+
+    taxonomy = Taxonomy.from_paths(["A/x", "A/y", "B"])
+    files = {MODEL: MODEL_BYTES, MODEL_EDGETPU: b"compiled", "model_toy.bin": b"toy"}
+    manifest = build_manifest(
+        model={"name": "m", "version": "1", "created_at": utc_now()},
+        taxonomy=taxonomy,
+        input_spec=InputSpec(height=8, width=8),
+        files=files,
+    )
+    bundle = read_bundle(write_bundle(tmp_path / "v2.tebundle", manifest, files))
+    assert bundle.manifest.format_version == 2
+    assert bundle.manifest.artifacts == {"cpu": MODEL, "edgetpu": MODEL_EDGETPU, "toy": "model_toy.bin"}
+    assert bundle.artifacts()["toy"] == b"toy" and bundle.has_artifact("edgetpu")
+    shipped = REPO / "examples" / "models" / "grocery" / "grocery.tebundle"
+    v1 = read_bundle(shipped)
+    assert v1.manifest.format_version == 1 and v1.manifest.artifacts == {}
+    assert set(v1.artifacts()) == {"cpu"} and not v1.has_edgetpu_model
+    extra = _with_member(tmp_path / "v2.tebundle")  # a listed file no backend names
+    with pytest.raises(BundleError, match="neither a backend's artifact"):
+        read_bundle(extra)
+
+
+def _with_member(path):
+    """The bundle at `path` with an extra tar member listed in a rebuilt manifest (a writer refuses it)."""
+    import hashlib
+
+    from taxonedge.edge.bundle import _tar_bytes
+
+    with tarfile.open(path) as tar:
+        members = {i.name: tar.extractfile(i).read() for i in tar}
+    manifest = json.loads(members["manifest.json"])
+    manifest["files"]["notes.txt"] = {"sha256": hashlib.sha256(b"x").hexdigest(), "size": 1}
+    members["manifest.json"] = json.dumps(manifest).encode()
+    members["notes.txt"] = b"x"
+    members["SHA256SUMS"] = (
+        f"{hashlib.sha256(members['manifest.json']).hexdigest()}  manifest.json\n".encode()
+    )
+    return _tar_bytes(members)
 
 
 def test_inspect_cli_prints_manifest_and_rejects_flipped_byte(tmp_path, keys):

@@ -33,7 +33,8 @@ def live_source(tmp_path) -> str:
 
 def test_example_config_is_valid():
     config = load_config(REPO / "examples" / "config.toml")
-    assert config.topic_base == "taxonedge/hamburg/line-3/sorter-07"
+    # every key at its default: site and line as written, the device id the host name
+    assert config.topic_base == f"taxonedge/site/line/{config.device.id}" and config.device.id
     assert config.inference.backend == "auto"
 
 

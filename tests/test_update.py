@@ -419,7 +419,8 @@ def test_https_url_is_fetched_with_the_configured_ca(device, bundles, tmp_path):
         assert result["state"] == "rejected" and "CERTIFICATE_VERIFY_FAILED" in result["reason"]
         config.model.update.fetch_ca_file = cert
         observer.send(bundles["new"], "dep-https", url=url)
-        assert observer.outcome("dep-https")["state"] == "committed"
+        outcome = observer.outcome("dep-https")
+        assert outcome["state"] == "committed", outcome
         assert host.active_bundle.sha256 == read_bundle(bundles["new"]).sha256
     finally:
         server.shutdown()

@@ -5,6 +5,7 @@ the tree), found automatically. `inference.backend` in the config names one, or 
 A backend module defines `BACKEND`, an object with:
 
     name: str            the `inference.backend` value that selects it; also what labels say in `backend`
+    artifact: str        the bundle artifact it runs (manifest `artifacts`: "cpu" is model.tflite)
     accelerator: bool    tried by `auto` before the CPU (and re-probed while `auto` runs on the CPU)
     tolerance: int       quantized output steps it may differ from the recorded golden outputs
     present(device)      cheap: could it run here (a device node, a USB id)? Never loads native code.
@@ -39,6 +40,7 @@ class BackendUnavailable(RuntimeError):
 
 class Backend(Protocol):
     name: str
+    artifact: str
     accelerator: bool
     tolerance: int
 
@@ -85,9 +87,10 @@ def open_classifier(
     return backends["cpu"].open(model, num_threads, device), "cpu", reason
 
 
-def accelerator_present(device: str | None) -> bool:
-    """Could `auto` find an accelerator now (cheap, no native code)? For re-probes while on the CPU."""
-    return any(b.accelerator and b.present(device) for b in registry().values())
+def accelerator_present(device: str | None, artifacts: set[str] | frozenset[str] = frozenset()) -> bool:
+    """Could `auto` find an accelerator now for a bundle with `artifacts` (cheap, no native code)? For
+    re-probes while on the CPU: one whose artifact the bundle lacks would run nothing of it."""
+    return any(b.accelerator and b.artifact in artifacts and b.present(device) for b in registry().values())
 
 
 def tolerance(name: str) -> int:

@@ -7,6 +7,7 @@ from ..runtime import Classifier, InterpreterModel
 
 class _Cpu:
     name = "cpu"
+    artifact = "cpu"  # model.tflite
     accelerator = False
     tolerance = 0  # the same interpreter recorded the golden outputs: exact
 

@@ -12,6 +12,7 @@ from . import BackendUnavailable
 
 class _EdgeTpu:
     name = "edgetpu"
+    artifact = "edgetpu"  # model_edgetpu.tflite: edgetpu_compiler's output (convert/targets.py)
     accelerator = True
     tolerance = 2  # model.update.edgetpu_tolerance overrides it
 
@@ -23,7 +24,7 @@ class _EdgeTpu:
             delegate = runtime.load_edgetpu_delegate(device)
         except runtime.EdgeTpuUnavailable as exc:
             raise BackendUnavailable(str(exc), f"Edge TPU unavailable, running on the CPU: {exc}") from None
-        if not model.has_edgetpu_model:
+        if not model.has_artifact(self.artifact):
             # The delegate runs only what edgetpu_compiler mapped to it: an uncompiled model would report
             # "edgetpu" while every op runs on the CPU.
             reason = (
@@ -31,7 +32,7 @@ class _EdgeTpu:
                 "model runs on the CPU: convert with edgetpu_compiler on PATH to add one"
             )
             raise BackendUnavailable(reason, reason)
-        return Classifier(model, num_threads=num_threads, delegate=delegate)
+        return Classifier(model, num_threads=num_threads, delegate=delegate, artifact=self.artifact)
 
 
 BACKEND = _EdgeTpu()
