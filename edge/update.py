@@ -660,6 +660,10 @@ class Updater:
             elif state in STATES:
                 self.in_progress.save(dep, state)
         if state in FINAL and not repeat:
+            if dep.part is not None:  # before the outcome goes out: whoever reads it finds no partial file
+                with dep.lock:  # and a late chunk finds the transfer closed
+                    dep.complete.set()
+                    dep.part.unlink(missing_ok=True)
             with self._lock:  # before the outcome goes out: whoever acts on it may deploy again at once
                 if self.current is dep:
                     self.current = None
