@@ -86,6 +86,38 @@ def test_evaluate_skips_corrupt_images_and_rejects_unknown_labels(
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
+def test_evaluate_a_list_file_whose_hierarchy_differs_from_the_model(
+    tiny_run: Path, tiny_val_tree: Path, tmp_path: Path
+) -> None:
+    """The dataset's own list names Avocado `Fruit/Green/Avocado` (classes.csv), the model has
+    `Fruit/Avocado`: evaluated as the model's leaf by its class name, with the same result as the folder
+    tree."""
+    root = tmp_path / "dataset"
+    shutil.copytree(tiny_val_tree, root / "val")
+    hierarchy = [
+        "Fruit/Apple/Granny-Smith",
+        "Fruit/Apple/Pink-Lady",
+        "Fruit/Green/Avocado",
+        "Vegetables/Carrot",
+    ]
+    rows, lines = [], []
+    for fine_id, (folder, label) in enumerate(zip(TINY_LABELS, hierarchy, strict=True)):
+        fine, coarse = label.split("/")[-1], label.split("/")[-2]
+        rows.append(f"{fine},{fine_id},{coarse},0,/iconic-images-and-descriptions/{label}/{fine}_Iconic.jpg,")
+        lines += [
+            f"val/{folder}/{p.name}, {fine_id}, 0" for p in sorted((root / "val" / folder).glob("*.jpg"))
+        ]
+    (root / "classes.csv").write_text(
+        "name,id,coarse,coarse id,iconic,description\n" + "\n".join(rows) + "\n"
+    )
+    (root / "val.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "eval"
+    proc = run_cli("evaluate", "--model", str(tiny_run), "--data", str(root / "val.txt"), "--out", str(out))
+    assert "'Fruit/Green/Avocado' evaluated as the model's 'Fruit/Avocado' (same class name)" in proc.stderr
+    metrics = _metrics(out)
+    assert metrics["n"] == 24 and metrics["accuracy"] == _metrics(tiny_run)["accuracy"]
+
+
 def test_evaluate_fits_thresholds_for_the_device_config(
     tiny_run: Path, tiny_val_tree: Path, tmp_path: Path
 ) -> None:

@@ -13,12 +13,15 @@ from taxonedge.train.data import (
     Sample,
     leaf_indices,
     load_images,
+    model_leaves,
     read_samples,
     stratified_split,
     taxonomy_from_samples,
 )
 
-from .conftest import GROCERY, TINY_LABELS, needs_shared, write_image_tree
+from .conftest import GROCERY, REPO, TINY_LABELS, needs_shared, write_image_tree
+
+GROCERY_BUNDLE = REPO / "examples" / "models" / "grocery" / "grocery.tebundle"
 
 
 def test_folder_tree_gives_uneven_taxonomy(tiny_tree: Path) -> None:
@@ -65,9 +68,6 @@ def test_list_file_labels_come_from_folders(tmp_path: Path) -> None:
 def test_list_file_errors_name_the_line(tmp_path: Path) -> None:
     list_file = _grocery_like(tmp_path)
     text = list_file.read_text()
-    list_file.write_text(text + "train/Fruit/Apple/Pink-Lady/000.jpg, 0, 0\n")  # id 0 is Golden-Delicious
-    with pytest.raises(DataError, match=r"train\.txt:10: class id 0"):
-        read_samples(list_file)
     list_file.write_text(text + "just-a-path.jpg\n")
     with pytest.raises(DataError, match=r"train\.txt:10: expected 'path, fine_id, coarse_id'"):
         read_samples(list_file)
@@ -81,6 +81,94 @@ def test_list_file_without_class_folders_uses_classes_csv(tmp_path: Path) -> Non
     (tmp_path / "flat.txt").write_text("flat/a.jpg, 1, 0\nflat/b.jpg, 2, 1\n")
     samples = read_samples(tmp_path / "flat.txt")
     assert [s.label for s in samples] == ["Apple/Pink-Lady", "Asparagus"]
+
+
+def _disagreeing_list(root: Path, iconic: bool) -> Path:
+    """A list file whose folders disagree with its ids: id 0 under two folders, id 2 (Mushroom) in a folder
+    that differs from the iconic path of classes.csv, as Grocery's test split has it."""
+    write_image_tree(root / "test", ["Fruit/Apple/Golden-Delicious", "Fruit/Apple/Pink-Lady"], per_class=2)
+    write_image_tree(root / "test", ["Vegetables/Mushroom/Brown-Cap-Mushroom"], per_class=2)
+    (root / "test.txt").write_text(
+        "test/Fruit/Apple/Golden-Delicious/000.jpg, 0, 0\n"
+        "test/Fruit/Apple/Pink-Lady/000.jpg, 0, 0\n"  # a Golden-Delicious that sits with the Pink-Ladies
+        "test/Fruit/Apple/Pink-Lady/001.jpg, 1, 0\n"
+        "test/Vegetables/Mushroom/Brown-Cap-Mushroom/000.jpg, 2, 1\n"
+        "test/Vegetables/Mushroom/Brown-Cap-Mushroom/001.jpg, 2, 1\n"
+    )
+    icon = "/iconic-images-and-descriptions"
+    (root / "classes.csv").write_text(
+        "Class Name (str),Class ID (int),Coarse Class Name (str),Coarse Class ID (int),"
+        "Iconic Image Path (str),Product Description Path (str)\n"
+        + (
+            f"Golden-Delicious,0,Apple,0,{icon}/Fruit/Apple/Golden-Delicious/Golden-Delicious_Iconic.jpg,\n"
+            f"Pink-Lady,1,Apple,0,{icon}/Fruit/Apple/Pink-Lady/Pink-Lady_Iconic.jpg,\n"
+            f"Brown-Cap-Mushroom,2,Mushroom,1,{icon}/Vegetables/Brown-Cap-Mushroom/Iconic.jpg,\n"
+            if iconic
+            else "Golden-Delicious,0,Apple,0\nPink-Lady,1,Apple,0\nBrown-Cap-Mushroom,2,Mushroom,1\n"
+        )
+    )
+    return root / "test.txt"
+
+
+def test_list_file_labels_are_the_class_ids_not_the_folders(tmp_path: Path) -> None:
+    samples = read_samples(_disagreeing_list(tmp_path, iconic=True))
+    assert [s.label for s in samples] == [
+        "Fruit/Apple/Golden-Delicious",
+        "Fruit/Apple/Golden-Delicious",
+        "Fruit/Apple/Pink-Lady",
+        "Vegetables/Brown-Cap-Mushroom",  # classes.csv's hierarchy, not the folder
+        "Vegetables/Brown-Cap-Mushroom",
+    ]
+    assert samples[1].path == str((tmp_path / "test/Fruit/Apple/Pink-Lady/000.jpg").resolve())
+    assert [len(images) for images in load_images(samples, InputSpec(height=16, width=16))[:2]] == [5, 5]
+
+
+def test_list_file_without_a_hierarchy_in_classes_csv_takes_the_first_folder(tmp_path: Path) -> None:
+    list_file = _disagreeing_list(tmp_path, iconic=False)
+    assert [s.label for s in read_samples(list_file)] == [
+        "Fruit/Apple/Golden-Delicious",
+        "Fruit/Apple/Golden-Delicious",
+        "Fruit/Apple/Pink-Lady",
+        "Vegetables/Mushroom/Brown-Cap-Mushroom",
+        "Vegetables/Mushroom/Brown-Cap-Mushroom",
+    ]
+    (tmp_path / "classes.csv").unlink()
+    assert [s.label for s in read_samples(list_file)][:2] == ["Fruit/Apple/Golden-Delicious"] * 2
+
+
+def test_evaluation_takes_a_unique_class_name_as_the_models_leaf(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = taxonomy_from_samples(
+        [Sample("x", label) for label in ["Fruit/Apple/Golden-Delicious", "Vegetables/Brown-Cap-Mushroom"]],
+        "trained-from-folders",
+    )
+    data = read_samples(_disagreeing_list(tmp_path, iconic=False))
+    data = [s for s in data if s.label != "Fruit/Apple/Pink-Lady"]
+    with pytest.raises(DataError, match="Vegetables/Mushroom/Brown-Cap-Mushroom"):
+        leaf_indices(model, data, "test.txt")  # training's mapping stays exact
+    with caplog.at_level("INFO", logger="taxonedge.train.data"):
+        mapped = model_leaves(model, data, "test.txt")
+    assert [s.label for s in mapped] == ["Fruit/Apple/Golden-Delicious"] * 2 + [
+        "Vegetables/Brown-Cap-Mushroom"
+    ] * 2
+    assert [s.path for s in mapped] == [s.path for s in data]
+    assert list(leaf_indices(model, mapped, "test.txt")) == [0, 0, 1, 1]
+    assert [r.getMessage() for r in caplog.records if "same class name" in r.getMessage()] == [
+        "'Vegetables/Mushroom/Brown-Cap-Mushroom' evaluated as the model's "
+        "'Vegetables/Brown-Cap-Mushroom' (same class name)"
+    ]
+
+
+def test_ambiguous_or_unknown_class_names_are_still_refused(tmp_path: Path) -> None:
+    model = taxonomy_from_samples(
+        [Sample("x", label) for label in ["Fruit/Apple/Red", "Fruit/Pepper/Red", "Vegetables/Carrot"]], "m"
+    )
+    for label in ("Fruit/Red", "Fruit/Kiwi"):
+        with pytest.raises(DataError, match=rf"1 label\(s\) are not leaves of the model's taxonomy: {label}"):
+            model_leaves(model, [Sample("a.jpg", "Vegetables/Carrot"), Sample("b.jpg", label)], "d")
+    with pytest.raises(DataError, match="the name of 2 leaves: Fruit/Apple/Red, Fruit/Pepper/Red"):
+        model_leaves(model, [Sample("b.jpg", "Fruit/Red")], "d")
 
 
 def test_stratified_split_is_seeded_disjoint_and_covers_every_class(tiny_tree: Path) -> None:
@@ -117,7 +205,23 @@ def test_grocery_lists_give_the_published_hierarchy() -> None:
     tax = taxonomy_from_samples(train, "grocery")
     assert tax.num_leaves == 81 and len(tax.level_nodes(1)) == 3 and len(tax.level_nodes(2)) == 43
     assert len(train) == 2640 and len(val) == 296
-    assert len(set(leaf_indices(tax, val, "val"))) == 60
+    assert len(set(leaf_indices(tax, val, "val"))) == 60  # val has 60 of the 81 classes
+    # classes.csv's hierarchy, though train/ and val/ keep these images in Vegetables/Brown-Cap-Mushroom/
+    mushroom = "Vegetables/Mushroom/Brown-Cap-Mushroom"
+    assert mushroom in tax.leaf_labels and "Vegetables/Brown-Cap-Mushroom" not in tax.leaf_labels
+    assert {s.label for s in val if "Brown-Cap-Mushroom" in s.path} == {mushroom}
+    assert len({s.label for s in val}) == 60
+
+
+@needs_shared(GROCERY / "val.txt", GROCERY_BUNDLE)
+def test_grocery_val_list_evaluates_against_the_shipped_bundle() -> None:
+    """The shipped bundle was trained when train.txt read Brown-Cap-Mushroom from its folder."""
+    from taxonedge.edge.bundle import read_bundle
+
+    taxonomy = read_bundle(GROCERY_BUNDLE).taxonomy
+    assert "Vegetables/Brown-Cap-Mushroom" in taxonomy.leaf_labels
+    val = model_leaves(taxonomy, read_samples(GROCERY / "val.txt"), "val.txt")
+    assert len(set(leaf_indices(taxonomy, val, "val.txt"))) == 60
 
 
 def _device_and_training_views(paths: list[Path], size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -6,10 +6,19 @@ One loader for `taxonedge train` and `taxonedge evaluate`:
 - a run directory's `splits.json`: the images that run validated on (its "val" list), so that a model is
   evaluated on exactly the images its run held out;
 - a list file of `path, fine_id, coarse_id` lines (paths relative to the list file's folder), optionally
-  with a `classes.csv` beside it. The label of a line is the folder path of its image without the first
-  component (the split folder): `train/Fruit/Apple/Golden-Delicious/x.jpg` -> `Fruit/Apple/Golden-Delicious`,
-  `train/Vegetables/Asparagus/x.jpg` -> `Vegetables/Asparagus` (a depth-2 leaf). When the image sits directly
-  in the split folder the class name comes from classes.csv (`Coarse/Fine`, or `Fine` when both are equal).
+  with a `classes.csv` beside it. A line's class is its fine id; folders are only where the file is. The
+  label of an id is decided once: the hierarchy classes.csv gives it (its iconic image path,
+  `/iconic-images-and-descriptions/Fruit/Apple/Golden-Delicious/x.jpg` -> `Fruit/Apple/Golden-Delicious`);
+  without one, the folder path of the id's first line without the split folder
+  (`train/Vegetables/Asparagus/x.jpg` -> `Vegetables/Asparagus`, a depth-2 leaf); for an image directly in
+  the split folder, `Coarse/Fine` from classes.csv (`Fine` when both are equal). Lines whose folder
+  disagrees with their id's label are labelled by the id: Grocery's test split keeps Brown-Cap-Mushroom
+  in `Vegetables/Mushroom/`, train and val in `Vegetables/`, and classes.csv says
+  `Vegetables/Mushroom/Brown-Cap-Mushroom`, so all three splits read as that (3-level) leaf.
+
+A model trained before (on `Vegetables/Brown-Cap-Mushroom`) is still evaluated on them: `model_leaves` takes
+a label that is not a leaf of the model but whose class name (last component) names exactly one leaf as
+that leaf. Training builds its taxonomy from its own samples and does not use it.
 
 Images are decoded with the shared `load_image`; unreadable ones are reported by path and skipped.
 """
@@ -20,7 +29,7 @@ import csv
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from taxonedge.edge.preprocess import ImageError, InputSpec, load_image
@@ -74,20 +83,31 @@ def _run_val_samples(splits_file: Path) -> list[Sample]:
     return samples
 
 
-def _read_classes(path: Path) -> dict[int, tuple[str, str]]:
-    """classes.csv -> {fine id: (fine name, coarse name)}."""
-    names: dict[int, tuple[str, str]] = {}
+@dataclass(frozen=True)
+class _ClassRow:
+    fine: str
+    coarse: str
+    label: str | None  # the hierarchy the iconic image path gives, None without one
+
+
+def _read_classes(path: Path) -> dict[int, _ClassRow]:
+    """classes.csv (`name, id, coarse name, coarse id[, iconic image path, ...]`) -> {fine id: row}."""
+    rows: dict[int, _ClassRow] = {}
     with path.open(newline="", encoding="utf-8") as fh:
         for line_no, row in enumerate(csv.reader(fh), start=1):
             if line_no == 1 or not row:
                 continue  # header
             try:
-                names[int(row[1])] = (row[0].strip(), row[2].strip())
+                fine_id, fine, coarse = int(row[1]), row[0].strip(), row[2].strip()
             except (IndexError, ValueError):
                 raise DataError(
                     f"{path}:{line_no}: expected 'name, id, coarse name, coarse id, ...'"
                 ) from None
-    return names
+            # /iconic-images-and-descriptions/Fruit/Apple/Golden-Delicious/Golden-Delicious_Iconic.jpg
+            iconic = row[4].strip().lstrip("/") if len(row) > 4 else ""
+            folders = PurePosixPath(iconic).parent.parts[1:] if iconic else ()
+            rows[fine_id] = _ClassRow(fine, coarse, "/".join(folders) or None)
+    return rows
 
 
 def _list_samples(list_file: Path) -> list[Sample]:
@@ -96,6 +116,7 @@ def _list_samples(list_file: Path) -> list[Sample]:
     classes = _read_classes(classes_csv) if classes_csv.exists() else {}
     samples: list[Sample] = []
     label_of_id: dict[int, str] = {}
+    told: set[tuple[int, str]] = set()
     for line_no, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
@@ -106,22 +127,24 @@ def _list_samples(list_file: Path) -> list[Sample]:
             raise DataError(
                 f"{list_file}:{line_no}: expected 'path, fine_id, coarse_id', got {line!r}"
             ) from None
-        folders = Path(rel).parent.parts[1:]
-        if folders:
-            label = "/".join(folders)
-        elif fine_id in classes:
-            fine, coarse = classes[fine_id]
-            label = fine if fine == coarse else f"{coarse}/{fine}"
-        else:
-            raise DataError(
-                f"{list_file}:{line_no}: '{rel}' is not in a class folder and class {fine_id} is not in "
-                f"{classes_csv}: put images in SPLIT/Label/... folders or add classes.csv"
-            )
-        if label_of_id.setdefault(fine_id, label) != label:
-            raise DataError(
-                f"{list_file}:{line_no}: class id {fine_id} is '{label}' here but "
-                f"'{label_of_id[fine_id]}' earlier: one folder per class id"
-            )
+        folder = "/".join(Path(rel).parent.parts[1:])
+        if fine_id not in label_of_id:
+            row = classes.get(fine_id)
+            if row is not None and row.label:
+                label_of_id[fine_id] = row.label
+            elif folder:
+                label_of_id[fine_id] = folder
+            elif row is not None:
+                label_of_id[fine_id] = row.fine if row.fine == row.coarse else f"{row.coarse}/{row.fine}"
+            else:
+                raise DataError(
+                    f"{list_file}:{line_no}: '{rel}' is not in a class folder and class {fine_id} is not "
+                    f"in {classes_csv}: put images in SPLIT/Label/... folders or add classes.csv"
+                )
+        label = label_of_id[fine_id]
+        if folder and folder != label and (fine_id, folder) not in told:
+            told.add((fine_id, folder))
+            log.info("%s: class id %d in folder '%s' is '%s'", list_file.name, fine_id, folder, label)
         samples.append(Sample(str((base / rel).resolve()), label))
     if not samples:
         raise DataError(f"{list_file}: no image lines")
@@ -139,11 +162,40 @@ def leaf_indices(taxonomy: Taxonomy, samples: list[Sample], where: str) -> np.nd
     """Each sample's leaf index; labels the taxonomy does not have are an error listing them."""
     unknown = sorted({s.label for s in samples} - set(taxonomy.leaf_labels))
     if unknown:
-        raise DataError(
-            f"{where}: {len(unknown)} label(s) are not leaves of the model's taxonomy: "
-            f"{', '.join(unknown[:5])}" + (" ..." if len(unknown) > 5 else "")
-        )
+        raise DataError(_not_leaves(where, unknown))
     return np.array([taxonomy.leaf_index(s.label) for s in samples], dtype=np.int64)
+
+
+def model_leaves(taxonomy: Taxonomy, samples: list[Sample], where: str) -> list[Sample]:
+    """The samples with their labels as leaves of a model's taxonomy, for evaluation: a label that is not a
+    leaf but whose class name (last component) is the last component of exactly one leaf is taken as that
+    leaf (logged once per label): a model trained on `Vegetables/Brown-Cap-Mushroom` is evaluated on data
+    that has it as `Vegetables/Mushroom/Brown-Cap-Mushroom`. Other labels are an error listing them."""
+    leaves = set(taxonomy.leaf_labels)
+    by_name: dict[str, list[str]] = defaultdict(list)
+    for leaf in taxonomy.leaf_labels:
+        by_name[leaf.rsplit("/", 1)[-1]].append(leaf)
+    as_leaf: dict[str, str] = {}
+    unknown: list[str] = []
+    for label in sorted({s.label for s in samples} - leaves):
+        named = by_name.get(label.rsplit("/", 1)[-1], [])
+        if len(named) == 1:
+            as_leaf[label] = named[0]
+            log.info("'%s' evaluated as the model's '%s' (same class name)", label, named[0])
+        else:
+            unknown.append(
+                label if not named else f"{label} (the name of {len(named)} leaves: {', '.join(named)})"
+            )
+    if unknown:
+        raise DataError(_not_leaves(where, unknown))
+    return [Sample(s.path, as_leaf[s.label]) if s.label in as_leaf else s for s in samples]
+
+
+def _not_leaves(where: str, labels: list[str]) -> str:
+    return (
+        f"{where}: {len(labels)} label(s) are not leaves of the model's taxonomy: "
+        f"{', '.join(labels[:5])}" + (" ..." if len(labels) > 5 else "")
+    )
 
 
 def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:

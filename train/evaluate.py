@@ -75,7 +75,9 @@ def evaluate(
             **bundle.describe(),
             "quantization": bundle.manifest.quantization.mode,
         }
-    data_mod.leaf_indices(taxonomy, samples, str(data))  # unknown labels fail before any image is decoded
+    # labels as the model's leaves (by class name where the data's hierarchy differs); unknown labels fail
+    # before any image is decoded
+    samples = data_mod.model_leaves(taxonomy, samples, str(data))
     images, kept, errors = data_mod.load_images(samples, spec, "eval images")
     y_true = data_mod.leaf_indices(taxonomy, kept, str(data))
     probs = predict_run(Path(run_dir), images) if classifier is None else predict_bundle(classifier, images)
