@@ -4,7 +4,7 @@ kernel, shared with the host (imports only itself):
     bundle, taxonomy, preprocess, signing, decode, thresholds, runtime, backends/, protocol, files
 device service (the daemon; imports the kernel and itself, never the tools):
     daemon (composition root), source, pipeline, infer, serving, publish, outbox, mqtt, control, health,
-    trigger, update, vetting, slots, config, notify, osthread
+    trigger, update, transfer, vetting, slots, config, notify, osthread
 operator tools (commands; anything above):
     cli, deploy, listen, inspect
 

@@ -27,7 +27,7 @@ from .decode import Decision, Decoder
 from .infer import WorkerDied, WorkerError
 from .preprocess import ImageError, preprocess
 from .protocol import UnknownReason
-from .publish import LabelPublisher
+from .publish import LabelInput, LabelPublisher
 from .serving import Serving
 from .source import Capture, Frame
 from .trigger import ItemResult, ItemTrigger
@@ -391,7 +391,9 @@ class Pipeline:
             if item is not None:
                 self._publish_item(item, frame)
         elif decision is not None:
-            self.publisher.publish(frame, decision, latency, invoke_s, entry.bundle, self.serving.backend)
+            self.publisher.publish(
+                LabelInput(frame, decision, latency, invoke_s, entry.bundle, self.serving.backend)
+            )
 
     def _publish_item(self, item: ItemResult, frame: Frame | None) -> None:
         self.publisher.publish_item(item, frame, self.serving.bundle, self.serving.backend)

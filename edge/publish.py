@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
@@ -39,6 +40,20 @@ def ms_percentiles(seconds: deque[float]) -> tuple[float, float]:
     return round(float(p50), 3), round(float(p99), 3)
 
 
+@dataclass(frozen=True)
+class LabelInput:
+    """What a label is made of: the decision (on a frame, or in item mode on an item, whose frame is None
+    when it was refused at the door), the model and backend that made it, and its timings."""
+
+    frame: Frame | None
+    decision: Decision
+    latency_s: float  # capture to decision
+    invoke_s: float
+    bundle: Bundle
+    backend: str
+    item: ItemResult | None = None
+
+
 class LabelPublisher:
     def __init__(self, config: Config, boot_id: str, outbox: Outbox):
         self.config = config
@@ -52,19 +67,11 @@ class LabelPublisher:
         self.latencies: deque[float] = deque(maxlen=2000)  # capture to decision
         self.publish_latencies: deque[float] = deque(maxlen=2000)  # capture to handed to the broker
 
-    def message(
-        self,
-        frame: Frame | None,
-        decision: Decision,
-        latency_s: float,
-        invoke_s: float,
-        bundle: Bundle,
-        backend: str,
-        item: ItemResult | None = None,
-    ) -> Label:
+    def message(self, facts: LabelInput) -> Label:
         """The label message; takes the next seq, so call it under the lock."""
         self._seq += 1
         dev = self.config.device
+        frame, item, bundle = facts.frame, facts.item, facts.bundle
         return {
             "schema": LABEL_SCHEMA,
             "msg_id": uuid.uuid4().hex,
@@ -75,40 +82,31 @@ class LabelPublisher:
             "line": dev.line,
             "timestamp": utc_ms(frame.wall if frame else time.time()),
             "item_id": item.item_id if item else None,
-            **decision_fields(decision, item.reason if item else None),  # type: ignore[typeddict-item]
+            **decision_fields(facts.decision, item.reason if item else None),  # type: ignore[typeddict-item]
             "vote": (
                 {"frames": item.frames, "agreeing": item.agreeing, "agreement": round(item.agreement, 4)}
                 if item
                 else None
             ),
             "model": {"name": bundle.name, "version": bundle.version, "sha256": bundle.sha256},
-            "backend": backend,  # type: ignore[typeddict-item]
-            "latency_ms": round(max(latency_s, 0.0) * 1000, 3),
-            "inference_ms": round(invoke_s * 1000, 3),
+            "backend": facts.backend,  # type: ignore[typeddict-item]
+            "latency_ms": round(max(facts.latency_s, 0.0) * 1000, 3),
+            "inference_ms": round(facts.invoke_s * 1000, 3),
         }
 
-    def publish(
-        self,
-        frame: Frame | None,
-        decision: Decision,
-        latency_s: float,
-        invoke_s: float,
-        bundle: Bundle,
-        backend: str,
-        item: ItemResult | None = None,
-    ) -> None:
+    def publish(self, facts: LabelInput) -> None:
         with self._lock:
-            payload = self.message(frame, decision, latency_s, invoke_s, bundle, backend, item)
+            payload = self.message(facts)
             message = self.outbox.put(
                 self.topic, json_bytes(payload), qos=1, expiry_s=self.config.mqtt.label_expiry_s
             )
             self.labels += 1
         published = self.link is not None and self.link.notify_outbox(message)
-        self.latencies.append(latency_s)
-        if published and frame is not None:
+        self.latencies.append(facts.latency_s)
+        if published and facts.frame is not None:
             # Labels sent live only: one that waited out an outage shows in the outbox depth instead.
-            self.publish_latencies.append(time.monotonic() - frame.captured)
+            self.publish_latencies.append(time.monotonic() - facts.frame.captured)
 
     def publish_item(self, item: ItemResult, frame: Frame | None, bundle: Bundle, backend: str) -> None:
         latency = time.monotonic() - frame.captured if frame else 0.0
-        self.publish(frame, item.decision, latency, 0.0, bundle, backend, item)
+        self.publish(LabelInput(frame, item.decision, latency, 0.0, bundle, backend, item))

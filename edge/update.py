@@ -21,13 +21,14 @@ retained request and chunks. A deployment that was accepted is recorded in `<sta
 deploying.json` until its outcome, so one a restart cut short is reported (`rejected`, "interrupted: ...").
 
 The old model keeps serving until the daemon swaps in the new one between items; the checks and the
-self-test (in a worker process of its own) are in edge/vetting.py. Bundles dropped into `model.watch_dir`
-go through the same steps (DropFolder). Plugged into the daemon with `attach(daemon)` / `detach(daemon)`
-through the typed seam `UpdaterHost`.
+self-test (in a worker process of its own) are in edge/vetting.py, the intake of chunks in edge/transfer.py.
+Bundles dropped into `model.watch_dir` go through the same steps (DropFolder). Plugged into the daemon with
+`attach(daemon)` / `detach(daemon)` through the typed seam `UpdaterHost`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -35,15 +36,14 @@ import math
 import os
 import queue
 import re
-import shutil
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -57,6 +57,7 @@ from .pipeline import InferenceResult
 from .protocol import (
     DEPLOY_REJECTED,
     FINAL_STATES,
+    DeployState,
     DeviceTopics,
     deploy_chunks,
     group_deploy,
@@ -64,21 +65,13 @@ from .protocol import (
     response_topic_problem,
 )
 from .slots import Slots, read_verified
+from .transfer import Transfer
 from .vetting import Failed
 
 log = logging.getLogger(__name__)
 
-STATES = (
-    "received",
-    "verifying",
-    "staged",
-    "warming",
-    "self_test",
-    "switched",
-    "committed",
-    "rejected",
-    "rolled_back",
-)
+# The states a deployment is recorded at in deploying.json; "receiving" is progress, never a step recorded.
+STATES = tuple(state for state in get_args(DeployState) if state != "receiving")
 FINAL = FINAL_STATES
 # Test hook: pause after reporting this state (env "STATE" or "STATE:SECONDS") so a test can SIGKILL there.
 PAUSE_ENV = "TAXONEDGE_UPDATE_PAUSE_AT"
@@ -126,19 +119,12 @@ class Deployment:
     response_topic: str | None = None
     correlation: bytes | None = None
     source_file: Path | None = None  # a bundle dropped into the watch directory
-    part: Path | None = None
-    received: set[int] = field(default_factory=set)
-    last_chunk: float = field(default_factory=time.monotonic)
-    complete: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    transfer: Transfer | None = None  # a bundle sent in chunks, while they arrive
     state: str = "receiving"
 
     @property
     def id(self) -> str:
         return self.request.id
-
-    def missing(self) -> list[int]:
-        return [i for i in range(self.request.chunks or 0) if i not in self.received]
 
 
 class History:
@@ -269,8 +255,8 @@ def _unknown_rate(results: list[InferenceResult]) -> float:
 
 class Updater:
     """The deployment state machine for one daemon. One deployment runs at a time, on its own thread.
-    (Over 300 lines: request intake, chunk intake and the worker share one lock and one current deployment;
-    the checks it runs live in vetting.py, local drops in DropFolder.)"""
+    (Over 300 lines: request intake, the worker and the outcome reports share one lock and one current
+    deployment; the checks live in vetting.py, chunk intake in transfer.py, local drops in DropFolder.)"""
 
     def __init__(self, daemon: UpdaterHost):
         self.daemon = daemon
@@ -298,8 +284,7 @@ class Updater:
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
-        shutil.rmtree(self.incoming, ignore_errors=True)  # partial transfers of a previous process
-        self.incoming.mkdir(parents=True, exist_ok=True)
+        Transfer.clear(self.incoming)  # partial transfers of a previous process
         self.daemon.add_result_listener(self._on_result)
         # Before subscribing: a retained request replayed at connect then finds its outcome in the history.
         self._report_interrupted()
@@ -463,9 +448,7 @@ class Updater:
                 )
                 return False
             if dep.request.chunks is not None:
-                dep.part = self.incoming / f"{dep.id}.part"
-                with open(dep.part, "wb") as fh:
-                    fh.truncate(dep.request.size)
+                dep.transfer = Transfer(self.incoming, dep.topic, dep.request)
             self.current = dep
             if dep.source_file is None:  # a dropped file is simply taken again after a restart
                 self.in_progress.save(dep, "receiving")
@@ -473,46 +456,10 @@ class Updater:
         return True
 
     def _on_chunk(self, topic: str, payload: bytes, properties: Any) -> None:
-        parts = topic.rsplit("/", 3)  # <deploy topic>/<id>/chunk/<i>
         dep = self.current
-        if not payload:  # a retained chunk being cleared
-            return
-        if (
-            dep is None
-            or dep.part is None
-            or len(parts) != 4
-            or (parts[0], parts[1], parts[2]) != (dep.topic, dep.id, "chunk")
-        ):
-            return
-        req = dep.request
-        try:
-            index = int(parts[3])
-        except ValueError:
-            return
-        expected = min(req.chunk_size, req.size - index * req.chunk_size) if 0 <= index < req.chunks else -1
-        if len(payload) != expected:
-            log.warning(
-                "deployment %s: chunk %s has %d bytes, expected %d: ignored",
-                dep.id,
-                parts[3],
-                len(payload),
-                expected,
-            )
-            return
-        with dep.lock:
-            if index in dep.received or dep.complete.is_set():
-                return
-            with open(dep.part, "r+b") as fh:
-                fh.seek(index * req.chunk_size)
-                fh.write(payload)
-            dep.received.add(index)
-            dep.last_chunk = time.monotonic()
-            count = len(dep.received)
-        step = max(1, req.chunks // 10)
-        if count == req.chunks:
-            dep.complete.set()
-        elif count % step == 0:
-            self._report(dep, "receiving", received=count, chunks=req.chunks, record=False)
+        progress = dep.transfer.take(topic, payload) if dep is not None and dep.transfer is not None else None
+        if progress is not None:
+            self._report(dep, "receiving", record=False, **progress)
 
     def _on_result(self, result: InferenceResult) -> None:
         window = self._window
@@ -536,8 +483,8 @@ class Updater:
                 log.exception("deployment %s failed", dep.id)
                 self._report(dep, "rejected", reason=f"internal error: {type(exc).__name__}: {exc}")
             finally:
-                if dep.part is not None:
-                    dep.part.unlink(missing_ok=True)
+                if dep.transfer is not None:
+                    dep.transfer.close()
                 self._window = None
                 with self._lock:
                     if self.current is dep:  # a finished one's outcome already let the next one in
@@ -583,40 +530,12 @@ class Updater:
         raise Failed("rolled_back", reason)
 
     def _receive(self, dep: Deployment) -> bytes:
-        req = dep.request
         if dep.source_file is not None:
-            data = dep.source_file.read_bytes()
-        elif req.url is not None:
-            data = vetting.fetch(req.url, self.config.model.max_bundle_bytes, self.cfg)
-        else:
-            retries = 0
-            while not dep.complete.wait(0.2):
-                if self.stopping.is_set():
-                    raise Failed("rejected", "the daemon is shutting down")
-                if time.monotonic() - dep.last_chunk < self.cfg.chunk_timeout_s:
-                    continue
-                missing = dep.missing()
-                if retries >= self.cfg.chunk_retries:
-                    raise Failed(
-                        "rejected",
-                        (
-                            f"truncated chunk stream: {len(dep.received)} of {req.chunks} chunks received, "
-                            "none for "
-                            f"{self.cfg.chunk_timeout_s:g} s after {retries} requests for the missing ones"
-                        ),
-                    )
-                retries += 1
-                dep.last_chunk = time.monotonic()
-                self._report(
-                    dep,
-                    "receiving",
-                    received=len(dep.received),
-                    chunks=req.chunks,
-                    missing=missing[:1000],
-                    record=False,
-                )
-            data = dep.part.read_bytes()
-        return data
+            return dep.source_file.read_bytes()
+        if dep.request.url is not None:
+            return vetting.fetch(dep.request.url, self.config.model.max_bundle_bytes, self.cfg)
+        ask = functools.partial(self._report, dep, "receiving", record=False)  # for the missing chunks
+        return dep.transfer.wait(self.stopping, self.cfg, ask)
 
     def _health(self, baseline: list[InferenceResult]) -> str | None:
         window = self._window
@@ -660,10 +579,8 @@ class Updater:
             elif state in STATES:
                 self.in_progress.save(dep, state)
         if state in FINAL and not repeat:
-            if dep.part is not None:  # before the outcome goes out: whoever reads it finds no partial file
-                with dep.lock:  # and a late chunk finds the transfer closed
-                    dep.complete.set()
-                    dep.part.unlink(missing_ok=True)
+            if dep.transfer is not None:  # before the outcome goes out: whoever reads it finds no partial
+                dep.transfer.close()  # file, and a late chunk finds the transfer closed
             with self._lock:  # before the outcome goes out: whoever acts on it may deploy again at once
                 if self.current is dep:
                     self.current = None

@@ -42,6 +42,7 @@ SERVICE = {
     "outbox",
     "mqtt",
     "update",
+    "transfer",
     "vetting",
     "slots",
     "trigger",

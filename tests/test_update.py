@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from taxonedge.edge import update
 from taxonedge.edge.bundle import read_bundle
 from taxonedge.edge.config import UpdateConfig, load_config
 from taxonedge.edge.pipeline import InferenceResult
+from taxonedge.edge.protocol import DeployState
 from taxonedge.edge.signing import generate_keypair, load_private_key
 from taxonedge.edge.slots import Slots, read_verified, startup_bundle
 
@@ -355,6 +357,14 @@ def test_health_window_verdict(window, baseline, words):
         health.add(result)
     verdict = health.verdict(baseline, cfg)
     assert verdict is None if words is None else words in verdict, verdict
+
+
+def test_recorded_states_are_the_protocols_steps():
+    """update.STATES (what deploying.json records) is protocol.DeployState but "receiving", in order; the
+    outcomes close it."""
+    steps = get_args(DeployState)
+    assert steps[0] == "receiving" and steps[1:] == update.STATES
+    assert len(update.STATES) == 9 and update.STATES[-3:] == update.FINAL
 
 
 def _self_signed(folder):
