@@ -39,20 +39,14 @@ TINY_TRAIN_ARGS = (
 )
 
 
+def train_cli(data: Path, val: Path, out: Path, *args: str) -> Path:
+    """`taxonedge train --data DATA --val VAL --out OUT ARGS...`; returns OUT."""
+    run_cli("train", "--data", str(data), "--val", str(val), "--out", str(out), *args)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tiny_tree: Path, tiny_val_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """RUN_DIR of `taxonedge train` on the tiny uneven-depth tree, validated on the tiny val tree."""
     out = tmp_path_factory.mktemp("tiny_run") / "run"
-    run_cli(
-        "train",
-        "--data",
-        str(tiny_tree),
-        "--val",
-        str(tiny_val_tree),
-        "--out",
-        str(out),
-        *TINY_TRAIN_ARGS,
-        "--taxonomy-name",
-        "tiny-goods",
-    )
-    return out
+    return train_cli(tiny_tree, tiny_val_tree, out, *TINY_TRAIN_ARGS, "--taxonomy-name", "tiny-goods")

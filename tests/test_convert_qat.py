@@ -13,39 +13,39 @@ from .test_convert import write_run
 pytestmark = pytest.mark.slow
 
 
-def test_qat_auto_runs_after_the_gate_fails_and_makes_a_full_int8_bundle(tmp_path, tiny_tree, tiny_val_tree):
+def forced_qat_bundle(tmp_path, tiny_tree, tiny_val_tree, **config):
+    """A bundle from `convert --qat auto` on a 4-epoch tiny model of `config` at 32 px, from random weights.
+
+    An impossible allowance makes post-training int8 miss the gate, so --qat auto must run QAT; --force then
+    writes the QAT bundle so that it can be checked.
+    """
     from taxonedge.convert.converter import Options, convert
-    from taxonedge.convert.edgetpu import check_model
     from taxonedge.train.model import build_classifier
 
-    config = {
-        "backbone": "mobilenet_v2",
-        "alpha": 0.35,
-        "input_size": 32,
-        "dropout": 0.0,
-        "weights": "none",
-        "seed": 0,
-    }
+    config = {"input_size": 32, "dropout": 0.0, "weights": "none", "seed": 0, **config}
     run = write_run(
         tmp_path / "run", tiny_tree, tiny_val_tree, config=config, epochs=4, build=build_classifier
     )
     out = tmp_path / "qat.tebundle"
-    # An impossible allowance makes post-training int8 miss the gate, so --qat auto must run QAT; --force
-    # then writes the QAT bundle so that it can be checked.
-    result = convert(
-        Options(
-            run=run,
-            out=out,
-            qat="auto",
-            max_drop=-50,
-            force=True,
-            calibration_images=16,
-            qat_images=32,
-            edgetpu="skip",
-        )
+    options = Options(
+        run=run,
+        out=out,
+        qat="auto",
+        max_drop=-50,
+        force=True,
+        calibration_images=16,
+        qat_images=32,
+        edgetpu="skip",
     )
+    result = convert(options)
     assert "post_training" in result.gate and result.gate["forced"]
-    bundle = read_bundle(out)
+    return read_bundle(out)
+
+
+def test_qat_auto_runs_after_the_gate_fails_and_makes_a_full_int8_bundle(tmp_path, tiny_tree, tiny_val_tree):
+    from taxonedge.convert.edgetpu import check_model
+
+    bundle = forced_qat_bundle(tmp_path, tiny_tree, tiny_val_tree, backbone="mobilenet_v2", alpha=0.35)
     m = bundle.manifest
     assert m.quantization.qat and m.quantization.mode == "int8" and m.model.backbone == "mobilenet_v2"
     assert (m.input.dtype, m.input.scale, m.input.zero_point) == ("uint8", 1.0, 0)

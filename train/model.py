@@ -42,12 +42,7 @@ def build_classifier(
         weights = _weights_arg(config.get("weights", "imagenet"))
     if spec.edgetpu_note:
         log.warning("%s: %s", spec.name, spec.edgetpu_note)
-    path_weights = weights not in (None, "imagenet")
-    backbone = spec.build(
-        keras_module, config["input_size"], config.get("alpha", 1.0), None if path_weights else weights
-    )
-    if path_weights:
-        backbone.load_weights(weights)
+    backbone = spec.build(keras_module, config["input_size"], config.get("alpha", 1.0), weights)
     if pretrained and spec.bgr_weights and weights is not None:
         _flip_first_conv_channels(backbone)
     size = config["input_size"]
