@@ -627,6 +627,7 @@ class DropFolder:
 
     def __init__(self, updater: Updater):
         self.updater = updater
+        self.following: set[Path] = set()  # taken, not yet filed away: not to be taken again meanwhile
 
     def run(self) -> None:
         folder = Path(self.updater.config.model.watch_dir)
@@ -646,7 +647,7 @@ class DropFolder:
                 if seen.get(path) != signature:  # still being copied in: wait for it to settle
                     seen[path] = signature
                     continue
-                if self.updater.current is None:
+                if self.updater.current is None and path not in self.following:
                     seen.pop(path, None)
                     self.take(path)
 
@@ -667,11 +668,15 @@ class DropFolder:
 
         # The worker reads the file; once it is done, move the file out of the way with its outcome.
         def follow() -> None:
-            while self.updater.current is dep:
-                time.sleep(0.2)
-            outcome = self.updater.history.get(dep.id) or {"state": "rejected", "reason": "unknown"}
-            self._file_away(path, outcome["state"], outcome.get("reason"))
+            try:
+                while self.updater.current is dep:
+                    time.sleep(0.2)
+                outcome = self.updater.history.get(dep.id) or {"state": "rejected", "reason": "unknown"}
+                self._file_away(path, outcome["state"], outcome.get("reason"))
+            finally:
+                self.following.discard(path)
 
+        self.following.add(path)
         self.updater.spawn(follow, f"update-watch-{dep.id}")
 
     @staticmethod
