@@ -46,7 +46,7 @@ def int8_model(backbone: str, size: int, calibration_images: int) -> tuple[bytes
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
     from taxonedge.convert.quantize import stratified, to_tflite
-    from taxonedge.edge.preprocess import InputSpec
+    from taxonedge.edge.kernel.preprocess import InputSpec
     from taxonedge.train.data import load_images, read_samples, taxonomy_from_samples
     from taxonedge.train.model import build_classifier
 

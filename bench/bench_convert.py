@@ -38,7 +38,7 @@ def untrained_grocery_model(calibration_images: int) -> tuple[bytes, float, str]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
     from taxonedge.convert.quantize import stratified, to_tflite
-    from taxonedge.edge.preprocess import InputSpec
+    from taxonedge.edge.kernel.preprocess import InputSpec
     from taxonedge.train.data import load_images, read_samples, taxonomy_from_samples
     from taxonedge.train.model import build_classifier
 
@@ -60,7 +60,7 @@ def untrained_grocery_model(calibration_images: int) -> tuple[bytes, float, str]
 
 def converted_run(run: Path, calibration_images: int, qat: str) -> tuple[bytes, float, str, dict]:
     from taxonedge.convert.converter import Options, convert
-    from taxonedge.edge.bundle import read_bundle
+    from taxonedge.edge.kernel.bundle import read_bundle
 
     with tempfile.TemporaryDirectory() as tmp:
         result = convert(
@@ -84,7 +84,7 @@ def converted_run(run: Path, calibration_images: int, qat: str) -> tuple[bytes, 
 
 
 def interleaved_latency(models: dict[str, bytes], threads: int, runs: int) -> dict[str, list[float]]:
-    from taxonedge.edge.runtime import make_interpreter
+    from taxonedge.edge.kernel.runtime import make_interpreter
 
     interpreters = {name: make_interpreter(data, num_threads=threads) for name, data in models.items()}
     rng = np.random.default_rng(0)

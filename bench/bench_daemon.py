@@ -55,15 +55,15 @@ import paho.mqtt.client as paho
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from taxonedge.edge.bundle import MODEL, ModelInfo, build_manifest, read_bundle, utc_now, write_bundle  # noqa: E402
-from taxonedge.edge.config import InferenceConfig  # noqa: E402
-from taxonedge.edge.decode import Decoder, decision_fields  # noqa: E402
-from taxonedge.edge.outbox import Outbox  # noqa: E402
-from taxonedge.edge.preprocess import InputSpec, preprocess  # noqa: E402
-from taxonedge.edge.protocol import json_bytes  # noqa: E402
-from taxonedge.edge.publish import utc_ms  # noqa: E402
-from taxonedge.edge.runtime import Classifier  # noqa: E402
-from taxonedge.edge.taxonomy import Taxonomy  # noqa: E402
+from taxonedge.edge.kernel.bundle import MODEL, ModelInfo, build_manifest, read_bundle, utc_now, write_bundle  # noqa: E402
+from taxonedge.edge.kernel.decode import Decoder, decision_fields  # noqa: E402
+from taxonedge.edge.kernel.preprocess import InputSpec, preprocess  # noqa: E402
+from taxonedge.edge.kernel.protocol import json_bytes  # noqa: E402
+from taxonedge.edge.kernel.runtime import Classifier  # noqa: E402
+from taxonedge.edge.kernel.taxonomy import Taxonomy  # noqa: E402
+from taxonedge.edge.service.config import InferenceConfig  # noqa: E402
+from taxonedge.edge.service.outbox import Outbox  # noqa: E402
+from taxonedge.edge.service.publish import utc_ms  # noqa: E402
 
 from tests.conftest import GROCERY, REFERENCE, Broker, free_port  # noqa: E402
 from tests.daemonkit import BASE, DEVICE, Recorder, labels_of, write_config  # noqa: E402

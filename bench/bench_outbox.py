@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from taxonedge.edge.outbox import Outbox  # noqa: E402
+from taxonedge.edge.service.outbox import Outbox  # noqa: E402
 
 PAYLOAD = b"x" * 900  # a label message is 0.8-1 KB
 

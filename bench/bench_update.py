@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from taxonedge.edge.bundle import read_bundle  # noqa: E402
+from taxonedge.edge.kernel.bundle import read_bundle  # noqa: E402
 
 from tests.conftest import Broker, free_port, write_frames_folder  # noqa: E402
 from tests.daemonkit import DaemonProcess  # noqa: E402

@@ -132,7 +132,7 @@ def _positive(text: str) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from taxonedge.edge.signing import SigningKeyError
+    from taxonedge.edge.kernel.signing import SigningKeyError
     from taxonedge.train.rundir import RunDirError
 
     from taxonedge.cli import CliError
@@ -180,7 +180,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from taxonedge.edge.signing import SigningKeyError, generate_keypair, key_id, load_public_key
+    from taxonedge.edge.kernel.signing import SigningKeyError, generate_keypair, key_id, load_public_key
 
     from taxonedge.cli import CliError
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from taxonedge.edge.bundle import (
+from taxonedge.edge.kernel.bundle import (
     GOLDEN,
     MODEL,
     ModelInfo,
@@ -28,8 +28,8 @@ from taxonedge.edge.bundle import (
     utc_now,
     write_bundle,
 )
-from taxonedge.edge.preprocess import InputSpec
-from taxonedge.edge.runtime import dequantize
+from taxonedge.edge.kernel.preprocess import InputSpec
+from taxonedge.edge.kernel.runtime import dequantize
 from taxonedge.train.backbones import find_backbone
 from taxonedge.train.calibrate import choose_and_check_thresholds
 from taxonedge.train.metrics import agreement, backoff, compute_metrics
@@ -75,7 +75,7 @@ class Result:
 
 
 def convert(opts: Options) -> Result:
-    from taxonedge.edge.signing import load_private_key
+    from taxonedge.edge.kernel.signing import load_private_key
 
     from . import edgetpu as tpu
     from .quantize import io_details, run_tflite, stratified, to_tflite
@@ -216,7 +216,7 @@ def convert(opts: Options) -> Result:
         },
     )
     if sign_key is not None:  # write_bundle records the key id in what it writes; say it here too
-        from taxonedge.edge.signing import key_id
+        from taxonedge.edge.kernel.signing import key_id
 
         manifest = manifest.model_copy(update={"signing_key_id": key_id(sign_key.public_key())})
     write_bundle(opts.out, manifest, files, sign_key=sign_key)

@@ -88,7 +88,7 @@ def backbone_warnings(backbone: str, model_size: int | None = None) -> list[str]
 def check_model(model: bytes) -> dict[str, Any]:
     """Static Edge TPU report: ops against the supported list (in execution order), float tensors, dynamic
     shapes, and where the graph would split. `compatible` is True when the compiler should map everything."""
-    from taxonedge.edge.runtime import interpreter_module
+    from taxonedge.edge.kernel.runtime import interpreter_module
 
     module, _ = interpreter_module()
     # Without the default XNNPACK delegate, so the op list is the model's own (no DELEGATE nodes).

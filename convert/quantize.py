@@ -94,7 +94,7 @@ def to_tflite(
 def io_details(model: bytes) -> dict[str, Any]:
     """Input and output tensor facts of a converted model, named as the device's signature runner names
     them."""
-    from taxonedge.edge.runtime import make_interpreter
+    from taxonedge.edge.kernel.runtime import make_interpreter
 
     interpreter = make_interpreter(model)
     inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
@@ -121,7 +121,7 @@ def io_details(model: bytes) -> dict[str, Any]:
 def run_tflite(model: bytes, images: np.ndarray, desc: str = "") -> np.ndarray:
     """The raw output tensor for each image (N x C, in the model's output dtype), one invoke per image as on
     the device, through the device's interpreter."""
-    from taxonedge.edge.runtime import make_interpreter
+    from taxonedge.edge.kernel.runtime import make_interpreter
     from tqdm import tqdm
 
     interpreter = make_interpreter(model)

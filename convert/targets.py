@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from taxonedge.edge.bundle import MODEL_EDGETPU
+from taxonedge.edge.kernel.bundle import MODEL_EDGETPU
 
 # (model, mode, backbone, policy, compiler) -> (report, compiled model or None)
 Build = Callable[[bytes, str, str, str, str | None], tuple[dict[str, Any], bytes | None]]

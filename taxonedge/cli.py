@@ -32,7 +32,7 @@ def precision_arg(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     from taxonedge.convert import cli as convert_cli
-    from taxonedge.edge import cli as edge_cli
+    from taxonedge.edge.tools import cli as edge_cli
     from taxonedge.train import cli as train_cli
 
     parser = argparse.ArgumentParser(

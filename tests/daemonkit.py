@@ -189,7 +189,9 @@ class Watcher:
 
 SCHEMAS = {
     name: json.loads(
-        (Path(__file__).resolve().parents[1] / "edge" / "schemas" / f"{name}.schema.json").read_text()
+        (
+            Path(__file__).resolve().parents[1] / "edge" / "kernel" / "schemas" / f"{name}.schema.json"
+        ).read_text()
     )
     for name in ("label", "status", "stats", "model", "command-answer", "deploy-progress")
 }
@@ -199,9 +201,9 @@ def validate_device_messages(
     messages: list[tuple[str, bytes, Any]], base: str, replies: str | None = None
 ) -> list[dict]:
     """Every message a device published under `base` (and its answers on `replies`) against the schema
-    generated from edge/protocol.py; returns the labels."""
+    generated from edge/kernel/protocol.py; returns the labels."""
     import jsonschema
-    from taxonedge.edge.protocol import message_kind
+    from taxonedge.edge.kernel.protocol import message_kind
 
     labels = []
     for topic, payload, _ in messages:

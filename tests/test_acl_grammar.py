@@ -1,5 +1,5 @@
 """The example broker ACL (systemd/mosquitto/taxonedge.acl) checked against the topic grammar in
-edge/protocol.py: every topic a device publishes or subscribes to is allowed for it, nothing of another
+edge/kernel/protocol.py: every topic a device publishes or subscribes to is allowed for it, nothing of another
 device is, and the operator and consumer accounts get what docs/deploy-device.md says. (The ACL is also
 exercised against a real mosquitto in tests/test_broker_security.py; this test catches a topic added to
 the grammar and forgotten in the ACL.)"""
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as paho
-from taxonedge.edge.protocol import (
+from taxonedge.edge.kernel.protocol import (
     DEPLOY_REJECTED,
     DeviceTopics,
     deploy_chunk,

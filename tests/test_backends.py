@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from taxonedge.edge import backends
+from taxonedge.edge.kernel import backends
 
 from .conftest import TINY_LABELS, write_image_tree
 from .daemonkit import DaemonProcess, Recorder, labels_of, validate_device_messages, write_config
@@ -18,7 +18,7 @@ TOY = '''
 its accelerator's runtime instead)."""
 import os
 
-from taxonedge.edge.runtime import Classifier
+from taxonedge.edge.kernel.runtime import Classifier
 
 
 class _Counting(Classifier):
@@ -50,7 +50,7 @@ def test_the_shipped_backends_register_themselves():
 
 
 def test_an_unknown_backend_is_refused_by_name(tmp_path, broker):
-    from taxonedge.edge.config import ConfigError, load_config
+    from taxonedge.edge.service.config import ConfigError, load_config
 
     cfg = write_config(
         tmp_path / "c.toml", broker, tmp_path / "b.tebundle", 'type = "folder"\npath = "."', tmp_path / "st"

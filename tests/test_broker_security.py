@@ -3,8 +3,8 @@
 A device may publish only under its own `<prefix>/<site>/<line>/<device>/` and read only its own command
 and model topics (plus fleet-group deployments); clients without credentials, with a wrong password or
 with a certificate the other side does not trust are refused; the daemon's own MQTT link
-(`taxonedge.edge.mqtt.MqttLink`) connects with TLS and a systemd credential, reports every refusal in one
-line saying what to fix, and keeps retrying with backoff until the broker lets it in.
+(`taxonedge.edge.service.mqtt.MqttLink`) connects with TLS and a systemd credential, reports every refusal in
+one line saying what to fix, and keeps retrying with backoff until the broker lets it in.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-from taxonedge.edge.config import MqttConfig, TlsConfig
-from taxonedge.edge.mqtt import MqttLink
-from taxonedge.edge.outbox import Outbox
+from taxonedge.edge.service.config import MqttConfig, TlsConfig
+from taxonedge.edge.service.mqtt import MqttLink
+from taxonedge.edge.service.outbox import Outbox
 
 from .security import OPERATOR, Pki, SecureBroker, make_fleet_pki, tls_client, try_connect, world_readable_dir
 
@@ -206,8 +206,8 @@ def test_device_reads_only_its_own_command_and_model_topics(pki: Pki, secure_bro
 def test_replies_go_only_under_the_reply_prefix_and_each_account_reads_its_own(
     pki: Pki, secure_broker: SecureBroker
 ) -> None:
-    """Devices answer on <prefix>/replies/<client> (never their own topics, edge/protocol.py); the ACL lets
-    them write there and lets each account read the replies addressed to it, and no one else's."""
+    """Devices answer on <prefix>/replies/<client> (never their own topics, edge/kernel/protocol.py); the ACL
+    lets them write there and lets each account read the replies addressed to it, and no one else's."""
     operator = session(pki, secure_broker, OPERATOR)
     consumer = Session(tls_client(pki, CONSUMER, PASSWORDS[CONSUMER], cert="d1"), secure_broker.port)
     device = session(pki, secure_broker, "d1")
@@ -398,7 +398,7 @@ def test_daemon_link_reports_a_refusal_clearly_and_retries_with_backoff(
         cfg = link_config(pki, secure_broker.port)
     outbox = Outbox(tmp_path / "outbox.sqlite")
     outbox.put(f"{D1}/labels", b'{"label": "kept while refused"}')
-    caplog.set_level(logging.ERROR, logger="taxonedge.edge.mqtt")
+    caplog.set_level(logging.ERROR, logger="taxonedge.edge.service.mqtt")
     attempts: list[float] = []
     link = start_link(cfg, outbox, attempts)
     try:

@@ -8,7 +8,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from taxonedge.edge.bundle import (
+from taxonedge.edge.kernel.bundle import (
     MODEL,
     BundleError,
     ModelInfo,
@@ -17,9 +17,9 @@ from taxonedge.edge.bundle import (
     utc_now,
     write_bundle,
 )
-from taxonedge.edge.preprocess import InputSpec
-from taxonedge.edge.signing import generate_keypair, load_private_key, load_public_key
-from taxonedge.edge.taxonomy import Taxonomy
+from taxonedge.edge.kernel.preprocess import InputSpec
+from taxonedge.edge.kernel.signing import generate_keypair, load_private_key, load_public_key
+from taxonedge.edge.kernel.taxonomy import Taxonomy
 
 from .conftest import REPO, TINY_LABELS, run_cli
 
@@ -95,7 +95,7 @@ def test_extra_member_is_rejected(tmp_path):
         for info in tar:
             members[info.name] = tar.extractfile(info).read()
     members["evil.sh"] = b"rm -rf /"
-    from taxonedge.edge.bundle import _tar_bytes
+    from taxonedge.edge.kernel.bundle import _tar_bytes
 
     with pytest.raises(BundleError, match="'evil.sh' is in the bundle but not listed"):
         read_bundle(_tar_bytes(members))
@@ -108,7 +108,7 @@ def test_manifest_edit_is_caught_without_and_with_signature(tmp_path, keys):
     manifest = json.loads(members["manifest.json"])
     manifest["thresholds"]["depth_1"] = 0.01
     members["manifest.json"] = json.dumps(manifest, indent=2).encode()
-    from taxonedge.edge.bundle import _tar_bytes
+    from taxonedge.edge.kernel.bundle import _tar_bytes
 
     with pytest.raises(BundleError, match="manifest.json' does not match its sha256"):
         read_bundle(_tar_bytes(members))
@@ -148,7 +148,7 @@ def test_unsupported_format_version(tmp_path):
     members["SHA256SUMS"] = (
         f"{hashlib.sha256(members['manifest.json']).hexdigest()}  manifest.json\n".encode()
     )
-    from taxonedge.edge.bundle import _tar_bytes
+    from taxonedge.edge.kernel.bundle import _tar_bytes
 
     with pytest.raises(BundleError, match="format_version 3 is not supported"):
         read_bundle(_tar_bytes(members))
@@ -157,9 +157,9 @@ def test_unsupported_format_version(tmp_path):
 def test_format_v2_lists_each_backends_artifact_and_v1_bundles_still_read(tmp_path):
     """v2 names the file each backend runs; a v1 bundle (the shipped demo model is one) is read with its
     artifacts derived from its file names."""
-    from taxonedge.edge.bundle import MODEL_EDGETPU, build_manifest, write_bundle
-    from taxonedge.edge.preprocess import InputSpec
-    from taxonedge.edge.taxonomy import Taxonomy
+    from taxonedge.edge.kernel.bundle import MODEL_EDGETPU, build_manifest, write_bundle
+    from taxonedge.edge.kernel.preprocess import InputSpec
+    from taxonedge.edge.kernel.taxonomy import Taxonomy
 
     taxonomy = Taxonomy.from_paths(["A/x", "A/y", "B"])
     files = {MODEL: MODEL_BYTES, MODEL_EDGETPU: b"compiled", "model_toy.bin": b"toy"}
@@ -186,7 +186,7 @@ def _with_member(path):
     """The bundle at `path` with an extra tar member listed in a rebuilt manifest (a writer refuses it)."""
     import hashlib
 
-    from taxonedge.edge.bundle import _tar_bytes
+    from taxonedge.edge.kernel.bundle import _tar_bytes
 
     with tarfile.open(path) as tar:
         members = {i.name: tar.extractfile(i).read() for i in tar}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from taxonedge.edge.config import ConfigError, load_config, parse_config
+from taxonedge.edge.service.config import ConfigError, load_config, parse_config
 
 from .conftest import run_cli
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
-from taxonedge.edge.config import Config
+from taxonedge.edge.service.config import Config
 
 from .conftest import REPO
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from taxonedge.edge.bundle import GOLDEN, MODEL, MODEL_EDGETPU, read_bundle
-from taxonedge.edge.preprocess import InputSpec
-from taxonedge.edge.runtime import Classifier
-from taxonedge.edge.signing import generate_keypair, load_public_key
-from taxonedge.edge.taxonomy import Taxonomy
+from taxonedge.edge.kernel.bundle import GOLDEN, MODEL, MODEL_EDGETPU, read_bundle
+from taxonedge.edge.kernel.preprocess import InputSpec
+from taxonedge.edge.kernel.runtime import Classifier
+from taxonedge.edge.kernel.signing import generate_keypair, load_public_key
+from taxonedge.edge.kernel.taxonomy import Taxonomy
 
 from .conftest import TINY_LABELS, run_cli
 
@@ -29,7 +29,7 @@ def write_run(
     """A run directory in exactly the layout `taxonedge train` writes, with a small real Keras 3 model."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
-    from taxonedge.edge.preprocess import load_image
+    from taxonedge.edge.kernel.preprocess import load_image
 
     keras.utils.set_random_seed(0)
     taxonomy = Taxonomy.from_paths(TINY_LABELS, name="tiny")
@@ -150,7 +150,7 @@ def test_ptq_int8_bundle_is_complete_and_runs_like_the_float_model(converted, ti
     for image, expected in zip(inputs, outputs, strict=True):
         np.testing.assert_array_equal(classifier.raw(image), expected)
     # The device decodes and classifies a validation image correctly with this bundle.
-    from taxonedge.edge.preprocess import load_image
+    from taxonedge.edge.kernel.preprocess import load_image
 
     splits = json.loads((tiny_convert_run / "splits.json").read_text())
     correct = [

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from taxonedge.edge.bundle import read_bundle
+from taxonedge.edge.kernel.bundle import read_bundle
 
 from .conftest import run_cli
 from .fixtures_train import tiny_run  # noqa: F401
@@ -48,7 +48,7 @@ def test_a_run_written_by_taxonedge_train_converts(tiny_run, tmp_path):
     """The run-directory contract with the trainer: everything the manifest takes from the run arrives."""
     import json
 
-    from taxonedge.edge.taxonomy import Taxonomy
+    from taxonedge.edge.kernel.taxonomy import Taxonomy
 
     out = tmp_path / "trained.tebundle"
     # A 2-epoch model on 24 val images: one image is 4.2 points, so the gate is loosened; it has its own

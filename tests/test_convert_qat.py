@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from taxonedge.edge.bundle import read_bundle
-from taxonedge.edge.runtime import Classifier
+from taxonedge.edge.kernel.bundle import read_bundle
+from taxonedge.edge.kernel.runtime import Classifier
 
 from .test_convert import write_run
 
@@ -69,7 +69,7 @@ def test_qat_auto_runs_after_the_gate_fails_and_makes_a_full_int8_bundle(tmp_pat
 
 def depthwise_filters(model: bytes) -> list[np.ndarray]:
     """For every DEPTHWISE_CONV_2D filter of a TFLite model, the largest |int8 weight| of each channel."""
-    from taxonedge.edge.runtime import interpreter_module
+    from taxonedge.edge.kernel.runtime import interpreter_module
 
     module, _ = interpreter_module()
     interpreter = module.Interpreter(model_content=model)

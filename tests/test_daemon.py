@@ -15,7 +15,7 @@ from .daemonkit import BASE, DaemonProcess, Recorder, labels_of, write_config
 from .tinymodels import write_tiny_bundle
 
 SCHEMA = json.loads(
-    (Path(__file__).resolve().parents[1] / "edge" / "schemas" / "label.schema.json").read_text()
+    (Path(__file__).resolve().parents[1] / "edge" / "kernel" / "schemas" / "label.schema.json").read_text()
 )
 
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from taxonedge.edge.bundle import MODEL, Bundle, read_bundle
-from taxonedge.edge.config import load_config
-from taxonedge.edge.control import MAX_COMMAND_BYTES
-from taxonedge.edge.daemon import Daemon
-from taxonedge.edge.infer import WorkerError
+from taxonedge.edge.kernel.bundle import MODEL, Bundle, read_bundle
+from taxonedge.edge.service.config import load_config
+from taxonedge.edge.service.control import MAX_COMMAND_BYTES
+from taxonedge.edge.service.daemon import Daemon
+from taxonedge.edge.service.infer import WorkerError
 
 from .conftest import TINY_LABELS, free_port, write_image_tree
 from .daemonkit import BASE, REPLIES, Recorder, labels_of, write_config
@@ -404,7 +404,7 @@ def test_reprobe_spawns_a_probe_worker_only_when_an_edgetpu_shows(
     """On the CPU under backend auto, a re-probe costs a new worker process: it is spent only when the kernel
     shows an accelerator. Here none is plugged in, then a USB Accelerator's ids appear (its library is
     still absent, so the probe fails and the daemon stays on the CPU)."""
-    from taxonedge.edge import runtime
+    from taxonedge.edge.kernel import runtime
 
     usb = tmp_path / "usb"
     usb.mkdir()
@@ -442,7 +442,7 @@ def test_reprobe_spawns_a_probe_worker_only_when_an_edgetpu_shows(
 def test_a_bundle_without_an_edgetpu_model_is_never_reprobed(start, one_class_images, tmp_path, monkeypatch):
     """Its model would run on the CPU with or without the accelerator: a probe worker would be spent for
     nothing every interval."""
-    from taxonedge.edge import runtime
+    from taxonedge.edge.kernel import runtime
 
     usb = tmp_path / "usb"
     usb.mkdir()

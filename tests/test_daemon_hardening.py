@@ -11,13 +11,13 @@ from pathlib import Path
 import jsonschema
 import paho.mqtt.client as paho
 import pytest
-from taxonedge.edge.slots import Slots
+from taxonedge.edge.service.slots import Slots
 
 from .conftest import REPO, TINY_LABELS, run_cli, write_image_tree
 from .daemonkit import BASE, REPLIES, DaemonProcess, Recorder, labels_of, write_config
 from .tinymodels import write_tiny_bundle
 
-LABEL_SCHEMA = json.loads((REPO / "edge" / "schemas" / "label.schema.json").read_text())
+LABEL_SCHEMA = json.loads((REPO / "edge" / "kernel" / "schemas" / "label.schema.json").read_text())
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from taxonedge.edge.config import load_config
+from taxonedge.edge.service.config import load_config
 
 from .conftest import REPO, TINY_LABELS, Broker, free_port, write_image_tree
 from .daemonkit import DaemonProcess, Recorder, labels_of, write_config

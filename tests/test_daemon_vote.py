@@ -6,9 +6,9 @@ import time
 
 import numpy as np
 import pytest
-from taxonedge.edge.decode import Decoder
-from taxonedge.edge.taxonomy import Taxonomy
-from taxonedge.edge.trigger import ItemTrigger, vote
+from taxonedge.edge.kernel.decode import Decoder
+from taxonedge.edge.kernel.taxonomy import Taxonomy
+from taxonedge.edge.service.trigger import ItemTrigger, vote
 
 from .conftest import TINY_LABELS
 

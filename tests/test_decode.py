@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from taxonedge.edge.decode import Decoder
-from taxonedge.edge.taxonomy import Taxonomy
+from taxonedge.edge.kernel.decode import Decoder
+from taxonedge.edge.kernel.taxonomy import Taxonomy
 
 from .conftest import TINY_LABELS
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from taxonedge.edge import update
-from taxonedge.edge.config import load_config
-from taxonedge.edge.signing import generate_keypair
-from taxonedge.edge.slots import read_verified
+from taxonedge.edge.kernel.signing import generate_keypair
+from taxonedge.edge.service import update
+from taxonedge.edge.service.config import load_config
+from taxonedge.edge.service.slots import read_verified
 
 from .conftest import free_port, run_cli
 from .update_host import SeamHost, signed_bundles, write_config

@@ -12,10 +12,18 @@ import random
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from taxonedge.edge.bundle import CHECKSUMS, MANIFEST, SIGNATURE, BundleError, _tar_bytes, _untar, read_bundle
-from taxonedge.edge.config import ModelConfig
-from taxonedge.edge.signing import SigningKeyError
-from taxonedge.edge.slots import read_verified
+from taxonedge.edge.kernel.bundle import (
+    CHECKSUMS,
+    MANIFEST,
+    SIGNATURE,
+    BundleError,
+    _tar_bytes,
+    _untar,
+    read_bundle,
+)
+from taxonedge.edge.kernel.signing import SigningKeyError
+from taxonedge.edge.service.config import ModelConfig
+from taxonedge.edge.service.slots import read_verified
 
 from .conftest import write_frames_folder
 from .daemonkit import DaemonProcess

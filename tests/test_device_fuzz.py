@@ -6,7 +6,7 @@ fleet group's deployment topic, with response topics that are allowed, and ones 
 own. Afterwards: the daemon still runs and labels; every command got exactly one answer, and every
 deployment request with an allowed response topic one at least; each accepted trigger ended in exactly
 one label; every message on the device's topics validates against the schema generated from
-edge/protocol.py; nothing but labels is on `labels`, nothing but status on `status`.
+edge/kernel/protocol.py; nothing but labels is on `labels`, nothing but status on `status`.
 """
 
 from __future__ import annotations

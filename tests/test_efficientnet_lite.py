@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from taxonedge.edge.runtime import Classifier
+from taxonedge.edge.kernel.runtime import Classifier
 
 from .conftest import GROCERY, WEIGHTS, needs_shared, run_cli
 from .fixtures_train import train_cli
@@ -53,7 +53,7 @@ def test_imagenet_arrays_load_and_name_grocery_photos(variant):
     """The rebuilt backbone plus the arrays' own ImageNet head names a banana and a Granny Smith."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
-    from taxonedge.edge.preprocess import InputSpec, load_image
+    from taxonedge.edge.kernel.preprocess import InputSpec, load_image
     from taxonedge.train.backbones import get_backbone
 
     spec = get_backbone(variant)

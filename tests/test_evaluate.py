@@ -122,8 +122,8 @@ def test_evaluate_fits_thresholds_for_the_device_config(
     tiny_run: Path, tiny_val_tree: Path, tmp_path: Path
 ) -> None:
     import numpy as np
-    from taxonedge.edge.config import ModelConfig, tomllib
-    from taxonedge.edge.taxonomy import Taxonomy
+    from taxonedge.edge.kernel.taxonomy import Taxonomy
+    from taxonedge.edge.service.config import ModelConfig, tomllib
     from taxonedge.train.calibrate import choose_thresholds
 
     out = tmp_path / "eval"

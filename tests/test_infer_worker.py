@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from taxonedge.edge import backends
-from taxonedge.edge.bundle import read_bundle
-from taxonedge.edge.infer import InferenceWorker, WorkerError
-from taxonedge.edge.preprocess import preprocess
-from taxonedge.edge.runtime import Classifier
+from taxonedge.edge.kernel import backends
+from taxonedge.edge.kernel.bundle import read_bundle
+from taxonedge.edge.kernel.preprocess import preprocess
+from taxonedge.edge.kernel.runtime import Classifier
+from taxonedge.edge.service.infer import InferenceWorker, WorkerError
 
 from .conftest import TINY_LABELS, class_image
 from .tinymodels import write_tiny_bundle
@@ -98,7 +98,7 @@ def _usb_device(root, name: str, vendor: str, product: str) -> None:
 
 
 def test_edgetpu_devices_reads_usb_ids_and_apex_nodes_without_loading_libedgetpu(tmp_path, monkeypatch):
-    from taxonedge.edge import runtime
+    from taxonedge.edge.kernel import runtime
 
     usb, dev = tmp_path / "usb", tmp_path / "dev"
     dev.mkdir()
@@ -119,7 +119,7 @@ def test_a_bundle_without_an_edgetpu_model_runs_on_the_cpu_and_says_so(bundle, m
     """The delegate runs only what edgetpu_compiler mapped to it: with an uncompiled model every op would
     run on the CPU while the daemon reported "edgetpu". The accelerator is the part that cannot exist
     here, so its delegate is stood in for at that boundary; everything else is real."""
-    from taxonedge.edge import runtime
+    from taxonedge.edge.kernel import runtime
 
     assert not bundle.has_edgetpu_model
     loaded: list[str | None] = []
@@ -138,7 +138,7 @@ def test_a_bundle_without_an_edgetpu_model_runs_on_the_cpu_and_says_so(bundle, m
 
 
 def test_open_classifier_without_libedgetpu_and_on_cpu(bundle, monkeypatch):
-    from taxonedge.edge import runtime
+    from taxonedge.edge.kernel import runtime
 
     clf, used, reason = backends.open_classifier(bundle, "auto", num_threads=1)  # the real library load fails
     assert used == "cpu" and not clf.edgetpu and reason.startswith("Edge TPU unavailable, running on the CPU")

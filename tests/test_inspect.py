@@ -9,7 +9,7 @@ import json
 import tarfile
 
 import pytest
-from taxonedge.edge.bundle import read_bundle
+from taxonedge.edge.kernel.bundle import read_bundle
 
 from .conftest import run_cli
 from .test_convert import converted, tiny_convert_run  # noqa: F401  (session fixtures)
@@ -87,7 +87,7 @@ def test_one_flipped_byte_anywhere_is_refused(converted, tmp_path):
 def test_edited_manifest_fails_the_signature(converted, tmp_path):
     """An attacker lowers a threshold and fixes SHA256SUMS so that the bundle is self-consistent: only the
     signature can catch it."""
-    from taxonedge.edge.bundle import _tar_bytes
+    from taxonedge.edge.kernel.bundle import _tar_bytes
 
     bundle, pub, _ = converted
     with tarfile.open(fileobj=io.BytesIO(bundle.read_bytes())) as tar:

@@ -1,12 +1,14 @@
 """The layers and which way the arrows go, read from the source (every import, lazy ones included).
 
-- kernel (edge/): the contract the host and the device share: bundle, taxonomy, preprocessing, signing,
-  decoding, the runtime and its backends (edge/backends/), the wire protocol. It imports only itself.
-- service (edge/): the device daemon and its stages. It imports the kernel and itself, never the tools and
-  never the CLI's errors (the core raises its own; the CLI maps them to exit codes).
-- tools (edge/): the operator's commands (cli, deploy, listen, inspect, sign). Anything in edge/.
+The layers are the folders of edge/ (a module's layer is the subpackage it sits in):
+- kernel (edge/kernel/): the contract the host and the device share: bundle, taxonomy, preprocessing,
+  signing, decoding, the runtime and its backends (edge/kernel/backends/), the wire protocol and its
+  schemas. It imports only itself.
+- service (edge/service/): the device daemon and its stages. It imports the kernel and itself, never the
+  tools and never the CLI's errors (the core raises its own; the CLI maps them to exit codes).
+- tools (edge/tools/): the operator's commands (cli, deploy, listen, inspect, sign). Anything in edge/.
 - host (train/, convert/): the kernel of edge/ only, never the device service or tools.
-edge/ never imports train/ or convert/.
+edge/ never imports train/ or convert/. No module sits directly in edge/ but its (light) __init__.py.
 """
 
 from __future__ import annotations
@@ -16,45 +18,13 @@ from pathlib import Path
 
 from .conftest import REPO
 
-KERNEL = {
-    "bundle",
-    "taxonomy",
-    "preprocess",
-    "signing",
-    "decode",
-    "runtime",
-    "protocol",
-    "schemas",
-    "backends",
-    "thresholds",
-    "files",
-}
-SERVICE = {
-    "config",
-    "daemon",
-    "pipeline",
-    "serving",
-    "control",
-    "health",
-    "publish",
-    "source",
-    "infer",
-    "outbox",
-    "mqtt",
-    "update",
-    "transfer",
-    "vetting",
-    "slots",
-    "trigger",
-    "notify",
-    "osthread",
-}
-TOOLS = {"cli", "deploy", "listen", "inspect"}
+LAYERS = ("kernel", "service", "tools")
 PACKAGES = {"edge": "taxonedge.edge", "train": "taxonedge.train", "convert": "taxonedge.convert"}
 
 
 def imports(path: Path, package: str) -> set[str]:
-    """Absolute module names `path` imports (relative ones resolved), at any depth of the file."""
+    """Absolute module names `path` imports (relative ones resolved), at any depth of the file. For
+    `from M import n`, `M.n` is listed too (n may be a module: `from taxonedge.edge import service`)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
@@ -65,19 +35,52 @@ def imports(path: Path, package: str) -> set[str]:
                 parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
                 base = f"{parent}.{base}" if base else parent
             found.add(base)
-            if not node.module:  # `from . import update`
-                found |= {f"{base}.{alias.name}" for alias in node.names}
+            found |= {f"{base}.{alias.name}" for alias in node.names if alias.name != "*"}
     return {name for name in found if name.startswith("taxonedge")}
 
 
-def edge_module(name: str) -> str | None:
+def edge_layer(name: str) -> str | None:
+    """The layer of edge/ a module name lies in (`taxonedge.edge.kernel.bundle` -> kernel), else None."""
     parts = name.split(".")
     return parts[2] if len(parts) > 2 and parts[:2] == ["taxonedge", "edge"] else None
 
 
+def misplaced(edge: Path) -> list[str]:
+    """What lies in edge/ outside the three layers: modules directly in it (but __init__.py), other
+    folders, a layer without its __init__.py."""
+    found = [
+        f"{p.name}: put it in a layer ({', '.join(LAYERS)})"
+        for p in edge.glob("*.py")
+        if p.name != "__init__.py"
+    ]
+    for folder in sorted(p for p in edge.iterdir() if p.is_dir() and p.name != "__pycache__"):
+        if folder.name not in LAYERS:
+            found.append(f"{folder.name}/: not a layer ({', '.join(LAYERS)}); move its modules into one")
+    for layer in LAYERS:
+        if not (edge / layer / "__init__.py").is_file():
+            found.append(f"{layer}/__init__.py is missing")
+    return sorted(found)
+
+
+def edge_problem(layer: str | None, target: str) -> str | None:
+    """Why a module of edge/ in `layer` (None: edge/__init__.py) may not import `target`, else None."""
+    if target.startswith(("taxonedge.train", "taxonedge.convert")):
+        return "the device never imports the host stage"
+    to = edge_layer(target)
+    if layer is None:
+        return "edge/__init__.py stays light: it imports no layer" if to is not None else None
+    if layer == "kernel" and to is not None and to != "kernel":
+        return "the kernel imports only the kernel"
+    if layer in ("kernel", "service") and target.startswith("taxonedge.cli"):
+        return "the core raises its own errors; the CLI maps them"
+    if layer == "service" and to == "tools":
+        return "the service never imports operator tools"
+    return None
+
+
 def test_every_edge_module_has_a_layer():
-    modules = {p.stem for p in (REPO / "edge").glob("*.py") if p.stem != "__init__"}
-    assert modules <= KERNEL | SERVICE | TOOLS, f"put {sorted(modules - KERNEL - SERVICE - TOOLS)} in a layer"
+    problems = misplaced(REPO / "edge")
+    assert not problems, "\n".join(problems)
 
 
 def test_arrows_point_one_way():
@@ -85,31 +88,53 @@ def test_arrows_point_one_way():
     for folder, package in PACKAGES.items():
         for path in sorted((REPO / folder).rglob("*.py")):
             sub = path.parent.relative_to(REPO / folder).parts
-            name = sub[0] if sub else path.stem  # edge/backends/cpu.py is in the layer of `backends`
             package_of_file = ".".join([package, *sub])
+            layer = sub[0] if sub else None  # edge/kernel/backends/cpu.py is in the kernel
             for target in sorted(imports(path, package_of_file)):
-                module = edge_module(target)
-                where = f"{folder}/{path.name} imports {target}"
+                where = f"{path.relative_to(REPO)} imports {target}"
                 if folder == "edge":
-                    if target.startswith(("taxonedge.train", "taxonedge.convert")):
-                        problems.append(f"{where}: the device never imports the host stage")
-                    elif name in KERNEL and module is not None and module not in KERNEL:
-                        problems.append(f"{where}: the kernel imports only the kernel")
-                    elif name in KERNEL | SERVICE and target == "taxonedge.cli":
-                        problems.append(f"{where}: the core raises its own errors; the CLI maps them")
-                    elif name in SERVICE and module in TOOLS:
-                        problems.append(f"{where}: the service never imports operator tools")
-                elif module is not None and module not in KERNEL:
+                    why = edge_problem(layer, target)
+                    if why:
+                        problems.append(f"{where}: {why}")
+                elif edge_layer(target) not in (None, "kernel"):
                     problems.append(f"{where}: the host uses the kernel of edge/ only")
     assert not problems, "\n".join(problems)
 
 
 def test_the_rule_catches_a_violation(tmp_path):
-    """The checker itself: a kernel module reaching into the service is found."""
+    """The checker itself: a kernel module reaching into the service is found, in every spelling."""
     bad = tmp_path / "decode.py"
-    bad.write_text("from .daemon import Daemon\nfrom . import update\n")
-    assert imports(bad, "taxonedge.edge") == {
-        "taxonedge.edge.daemon",
-        "taxonedge.edge",
-        "taxonedge.edge.update",
+    bad.write_text(
+        "from ..service.daemon import Daemon\nfrom ..service import update\nfrom . import bundle\n"
+    )
+    found = imports(bad, "taxonedge.edge.kernel")
+    assert found == {
+        "taxonedge.edge.service.daemon",
+        "taxonedge.edge.service.daemon.Daemon",
+        "taxonedge.edge.service",
+        "taxonedge.edge.service.update",
+        "taxonedge.edge.kernel",
+        "taxonedge.edge.kernel.bundle",
     }
+    assert edge_problem("kernel", "taxonedge.edge.service.update")
+    assert not edge_problem("kernel", "taxonedge.edge.kernel.bundle")
+    assert edge_problem("service", "taxonedge.edge.tools.deploy")
+    assert edge_problem("service", "taxonedge.cli.CliError")
+    assert not edge_problem("tools", "taxonedge.edge.service.daemon")
+    assert edge_problem("tools", "taxonedge.train.trainer")
+    assert edge_problem(None, "taxonedge.edge.kernel.bundle")
+
+
+def test_the_layout_check_catches_a_stray_module(tmp_path):
+    edge = tmp_path / "edge"
+    for layer in LAYERS:
+        (edge / layer).mkdir(parents=True)
+        (edge / layer / "__init__.py").write_text("")
+    (edge / "__init__.py").write_text("")
+    assert misplaced(edge) == []
+    (edge / "stray.py").write_text("")
+    (edge / "extras").mkdir()
+    assert misplaced(edge) == [
+        "extras/: not a layer (kernel, service, tools); move its modules into one",
+        "stray.py: put it in a layer (kernel, service, tools)",
+    ]

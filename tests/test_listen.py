@@ -8,7 +8,7 @@ import sys
 import time
 
 import paho.mqtt.client as paho
-from taxonedge.edge.listen import format_label
+from taxonedge.edge.tools.listen import format_label
 
 LABEL = {
     "schema": "taxonedge.label/1",

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from taxonedge.edge.decode import Decoder
-from taxonedge.edge.taxonomy import Taxonomy
+from taxonedge.edge.kernel.decode import Decoder
+from taxonedge.edge.kernel.taxonomy import Taxonomy
 from taxonedge.train.metrics import agreement, backoff, compute_metrics, greedy_walk
 
 # Leaf order (depth-first, sorted): 0 Fruit/Apple/Granny-Smith, 1 Fruit/Apple/Pink-Lady, 2 Fruit/Avocado,

@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 import paho.mqtt.client as paho
 import pytest
-from taxonedge.edge.config import MqttConfig
-from taxonedge.edge.mqtt import MqttLink
-from taxonedge.edge.outbox import Outbox
+from taxonedge.edge.service.config import MqttConfig
+from taxonedge.edge.service.mqtt import MqttLink
+from taxonedge.edge.service.outbox import Outbox
 
 LABELS = 3000
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 import time
 
-from taxonedge.edge.outbox import Outbox
+from taxonedge.edge.service.outbox import Outbox
 
 
 def test_pending_in_order_and_ack_removes(tmp_path):

@@ -82,9 +82,9 @@ def test_device_modules_classify_a_real_bundle(edge_venv, tmp_path):
     bundle.write_bytes(tiny_bundle_bytes())
     code = textwrap.dedent(f"""
         import sys
-        from taxonedge.edge.bundle import read_bundle
-        from taxonedge.edge.runtime import Classifier, interpreter_module
-        from taxonedge.edge.decode import Decoder
+        from taxonedge.edge.kernel.bundle import read_bundle
+        from taxonedge.edge.kernel.runtime import Classifier, interpreter_module
+        from taxonedge.edge.kernel.decode import Decoder
         b = read_bundle({str(bundle)!r})
         c = Classifier(b)
         inputs, outputs = b.golden()

@@ -7,7 +7,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from taxonedge.edge.preprocess import ImageError, InputSpec, decode_image, load_image, preprocess, read_image
+from taxonedge.edge.kernel.preprocess import (
+    ImageError,
+    InputSpec,
+    decode_image,
+    load_image,
+    preprocess,
+    read_image,
+)
 
 from .conftest import class_image
 
@@ -81,8 +88,8 @@ def test_corrupt_and_bad_frames_are_rejected_clearly(tmp_path):
 def test_training_loader_and_device_folder_source_give_identical_tensors(tmp_path):
     """The real host path (taxonedge.train.data.load_images, used by training, calibration, evaluation)
     and the real device path (the daemon's folder source + preprocess) on the same files."""
-    from taxonedge.edge.config import FolderSource
-    from taxonedge.edge.source import SourceEnded, make_reader
+    from taxonedge.edge.service.config import FolderSource
+    from taxonedge.edge.service.source import SourceEnded, make_reader
     from taxonedge.train.data import load_images, read_samples
 
     from .conftest import write_image_tree

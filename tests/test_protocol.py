@@ -1,5 +1,5 @@
-"""The wire contract (edge/protocol.py): generated schemas, input parsing that never raises past one line,
-and labels that fit their schema for every output a real uint8 model can give."""
+"""The wire contract (edge/kernel/protocol.py): generated schemas, input parsing that never raises past one
+line, and labels that fit their schema for every output a real uint8 model can give."""
 
 from __future__ import annotations
 
@@ -11,19 +11,19 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from taxonedge.edge import protocol
-from taxonedge.edge.decode import Decoder, decision_fields
-from taxonedge.edge.preprocess import preprocess
-from taxonedge.edge.protocol import (
+from taxonedge.edge.kernel import protocol
+from taxonedge.edge.kernel.decode import Decoder, decision_fields
+from taxonedge.edge.kernel.preprocess import preprocess
+from taxonedge.edge.kernel.protocol import (
     PayloadError,
     check_text,
     json_bytes,
     parse_json_object,
     response_topic_problem,
 )
-from taxonedge.edge.runtime import Classifier
-from taxonedge.edge.taxonomy import Taxonomy
-from taxonedge.edge.trigger import ItemTrigger, vote
+from taxonedge.edge.kernel.runtime import Classifier
+from taxonedge.edge.kernel.taxonomy import Taxonomy
+from taxonedge.edge.service.trigger import ItemTrigger, vote
 
 from .conftest import GROCERY, REPO, TINY_LABELS, class_image, needs_shared
 from .tinymodels import tiny_bundle_bytes
@@ -33,7 +33,7 @@ BASE = "taxonedge/s/l/d"
 
 
 def schema(name: str) -> dict:
-    return json.loads((REPO / "edge" / "schemas" / f"{name}.schema.json").read_text())
+    return json.loads((REPO / "edge" / "kernel" / "schemas" / f"{name}.schema.json").read_text())
 
 
 def label_of(decision, reason=None) -> dict:
@@ -58,13 +58,16 @@ def label_of(decision, reason=None) -> dict:
 
 
 def test_committed_schemas_are_the_generated_ones(tmp_path):
-    """edge/schemas/ is generated from the TypedDicts: `python -m taxonedge.edge.protocol` rewrites it."""
+    """edge/kernel/schemas/ is generated from the TypedDicts: `python -m taxonedge.edge.kernel.protocol`
+    rewrites it."""
     written = protocol.write_schemas(tmp_path)
-    assert {p.name for p in written} == {p.name for p in (REPO / "edge" / "schemas").glob("*.schema.json")}
+    assert {p.name for p in written} == {
+        p.name for p in (REPO / "edge" / "kernel" / "schemas").glob("*.schema.json")
+    }
     for path in written:
-        committed = REPO / "edge" / "schemas" / path.name
+        committed = REPO / "edge" / "kernel" / "schemas" / path.name
         assert json.loads(committed.read_text()) == json.loads(path.read_text()), (
-            f"{committed} is stale: run `{sys.executable} -m taxonedge.edge.protocol`"
+            f"{committed} is stale: run `{sys.executable} -m taxonedge.edge.kernel.protocol`"
         )
         jsonschema.Draft202012Validator.check_schema(json.loads(path.read_text()))
 
@@ -108,7 +111,7 @@ def test_every_uint8_output_decodes_to_a_label_that_fits_the_schema(values, scal
 @pytest.mark.slow
 def test_labels_from_a_real_int8_model_fit_the_schema(tmp_path):
     """Real outputs: the tiny int8 model over generated images, including off-distribution noise."""
-    from taxonedge.edge.bundle import read_bundle
+    from taxonedge.edge.kernel.bundle import read_bundle
 
     bundle = read_bundle(tiny_bundle_bytes())
     clf = Classifier(bundle)
@@ -126,7 +129,7 @@ def test_labels_from_a_real_int8_model_fit_the_schema(tmp_path):
 @needs_shared(GROCERY, REPO / "examples" / "models" / "grocery" / "grocery.tebundle")
 def test_labels_of_the_shipped_grocery_model_on_store_photos_fit_the_schema():
     import cv2
-    from taxonedge.edge.bundle import read_bundle
+    from taxonedge.edge.kernel.bundle import read_bundle
 
     bundle = read_bundle(REPO / "examples" / "models" / "grocery" / "grocery.tebundle")
     clf = Classifier(bundle)

@@ -6,8 +6,15 @@ import stat
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from taxonedge.edge.bundle import BundleError, read_bundle
-from taxonedge.edge.signing import SigningKeyError, key_id, load_private_key, load_public_key, sign, verify
+from taxonedge.edge.kernel.bundle import BundleError, read_bundle
+from taxonedge.edge.kernel.signing import (
+    SigningKeyError,
+    key_id,
+    load_private_key,
+    load_public_key,
+    sign,
+    verify,
+)
 
 from .conftest import run_cli
 from .tinymodels import tiny_bundle_bytes

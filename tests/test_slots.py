@@ -4,8 +4,8 @@ damage."""
 from __future__ import annotations
 
 import pytest
-from taxonedge.edge.config import parse_config
-from taxonedge.edge.slots import Slots, startup_bundle
+from taxonedge.edge.service.config import parse_config
+from taxonedge.edge.service.slots import Slots, startup_bundle
 
 from .update_host import signed_bundles
 
@@ -103,9 +103,9 @@ def test_unreadable_state_file_is_ignored_not_fatal(config):
 
 
 def test_signature_policy_of_read_verified(tmp_path, config):
-    from taxonedge.edge.bundle import BundleError
-    from taxonedge.edge.signing import generate_keypair, load_private_key
-    from taxonedge.edge.slots import read_verified
+    from taxonedge.edge.kernel.bundle import BundleError
+    from taxonedge.edge.kernel.signing import generate_keypair, load_private_key
+    from taxonedge.edge.service.slots import read_verified
 
     from .tinymodels import tiny_bundle_bytes
 

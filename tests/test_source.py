@@ -10,9 +10,9 @@ import time
 import cv2
 import numpy as np
 import pytest
-from taxonedge.edge.config import FolderSource, SourceConfig, StreamSource, VideoSource
-from taxonedge.edge.preprocess import ImageError
-from taxonedge.edge.source import Capture, LatestFrame, crop_roi
+from taxonedge.edge.kernel.preprocess import ImageError
+from taxonedge.edge.service.config import FolderSource, SourceConfig, StreamSource, VideoSource
+from taxonedge.edge.service.source import Capture, LatestFrame, crop_roi
 
 
 def write_video(path, frames: int = 30, fourcc: str = "mp4v", fps: float = 30.0, size=(96, 64)):

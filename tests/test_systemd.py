@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from taxonedge.edge.config import HealthConfig, load_config
+from taxonedge.edge.service.config import HealthConfig, load_config
 
 from .conftest import REPO, run_cli
 

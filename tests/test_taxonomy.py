@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from taxonedge.edge.taxonomy import Taxonomy, TaxonomyError, slugify
+from taxonedge.edge.kernel.taxonomy import Taxonomy, TaxonomyError, slugify
 
 from .conftest import TINY_LABELS, write_image_tree
 

@@ -13,7 +13,7 @@ import cv2
 import jsonschema
 import paho.mqtt.client as paho
 import pytest
-from taxonedge.edge.bundle import read_bundle
+from taxonedge.edge.kernel.bundle import read_bundle
 
 from .conftest import REPO, run_cli
 
@@ -133,7 +133,7 @@ port = {broker.port}
         assert sub.got.wait(10), "no label arrived"
     finally:
         sub.close()
-    schema = json.loads((REPO / "edge" / "schemas" / "label.schema.json").read_text())
+    schema = json.loads((REPO / "edge" / "kernel" / "schemas" / "label.schema.json").read_text())
     assert len(sub.labels) == 6
     for label in sub.labels:
         jsonschema.validate(label, schema)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from taxonedge.edge.preprocess import InputSpec, load_image
-from taxonedge.edge.taxonomy import Taxonomy
+from taxonedge.edge.kernel.preprocess import InputSpec, load_image
+from taxonedge.edge.kernel.taxonomy import Taxonomy
 from taxonedge.train.metrics import compute_metrics
 
 from .conftest import TINY_LABELS, run_cli

@@ -6,8 +6,8 @@ import logging
 
 import numpy as np
 import pytest
-from taxonedge.edge.decode import Decoder
-from taxonedge.edge.taxonomy import Taxonomy
+from taxonedge.edge.kernel.decode import Decoder
+from taxonedge.edge.kernel.taxonomy import Taxonomy
 from taxonedge.train.calibrate import (
     check_thresholds,
     choose_thresholds,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from taxonedge.edge.preprocess import InputSpec, margin_spec
+from taxonedge.edge.kernel.preprocess import InputSpec, margin_spec
 from taxonedge.train.data import (
     DataError,
     Sample,
@@ -216,7 +216,7 @@ def test_grocery_lists_give_the_published_hierarchy() -> None:
 @needs_shared(GROCERY / "val.txt", GROCERY_BUNDLE)
 def test_grocery_val_list_evaluates_against_the_shipped_bundle() -> None:
     """The shipped bundle was trained when train.txt read Brown-Cap-Mushroom from its folder."""
-    from taxonedge.edge.bundle import read_bundle
+    from taxonedge.edge.kernel.bundle import read_bundle
 
     taxonomy = read_bundle(GROCERY_BUNDLE).taxonomy
     assert "Vegetables/Brown-Cap-Mushroom" in taxonomy.leaf_labels

@@ -13,13 +13,13 @@ from typing import get_args
 
 import numpy as np
 import pytest
-from taxonedge.edge import update
-from taxonedge.edge.bundle import read_bundle
-from taxonedge.edge.config import UpdateConfig, load_config
-from taxonedge.edge.pipeline import InferenceResult
-from taxonedge.edge.protocol import DeployState
-from taxonedge.edge.signing import generate_keypair, load_private_key
-from taxonedge.edge.slots import Slots, read_verified, startup_bundle
+from taxonedge.edge.kernel.bundle import read_bundle
+from taxonedge.edge.kernel.protocol import DeployState
+from taxonedge.edge.kernel.signing import generate_keypair, load_private_key
+from taxonedge.edge.service import update
+from taxonedge.edge.service.config import UpdateConfig, load_config
+from taxonedge.edge.service.pipeline import InferenceResult
+from taxonedge.edge.service.slots import Slots, read_verified, startup_bundle
 
 from .conftest import TINY_LABELS
 from .tinymodels import tiny_bundle_bytes
@@ -273,7 +273,7 @@ def test_response_topic_on_the_devices_own_topics_is_refused(device, bundles):
     retained progress topic."""
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
-    from taxonedge.edge.deploy import make_request
+    from taxonedge.edge.tools.deploy import make_request
 
     host, observer, _ = device
     base = "taxonedge/s1/l1/dev1"

@@ -11,10 +11,10 @@ import sys
 import time
 
 import pytest
-from taxonedge.edge.bundle import read_bundle
-from taxonedge.edge.config import load_config
-from taxonedge.edge.slots import SLOTS, Slots, read_verified
-from taxonedge.edge.update import FINAL, PAUSE_ENV
+from taxonedge.edge.kernel.bundle import read_bundle
+from taxonedge.edge.service.config import load_config
+from taxonedge.edge.service.slots import SLOTS, Slots, read_verified
+from taxonedge.edge.service.update import FINAL, PAUSE_ENV
 
 from .conftest import write_frames_folder
 from .daemonkit import DaemonProcess, Watcher, validate_device_messages

@@ -11,7 +11,7 @@ import functools
 from pathlib import Path
 
 import numpy as np
-from taxonedge.edge.bundle import (
+from taxonedge.edge.kernel.bundle import (
     GOLDEN,
     MODEL,
     MODEL_EDGETPU,
@@ -22,8 +22,8 @@ from taxonedge.edge.bundle import (
     utc_now,
     write_bundle,
 )
-from taxonedge.edge.preprocess import InputSpec, preprocess
-from taxonedge.edge.taxonomy import Taxonomy
+from taxonedge.edge.kernel.preprocess import InputSpec, preprocess
+from taxonedge.edge.kernel.taxonomy import Taxonomy
 
 from .conftest import TINY_LABELS, class_image
 
@@ -94,7 +94,7 @@ def tiny_bundle_bytes(
     if edgetpu_model:
         files[MODEL_EDGETPU] = model
     if golden:
-        from taxonedge.edge.runtime import make_interpreter
+        from taxonedge.edge.kernel.runtime import make_interpreter
 
         rng = np.random.default_rng(seed + 100)
         inputs = np.stack([preprocess(class_image(i % len(labels), rng, 64), spec) for i in range(4)])

@@ -2,8 +2,8 @@
 
 It runs a real `Classifier` on generated class images in a loop, decodes with the real `Decoder`, publishes
 each label on `<base>/labels` through a real paho client (MQTT v5), calls result listeners, and swaps models
-between items in `switch_model`, exactly as the seam in edge/daemon.py describes. It lets the update state
-machine be tested on its own; the end-to-end tests run the real daemon.
+between items in `switch_model`, exactly as the seam in edge/service/daemon.py describes. It lets the update
+state machine be tested on its own; the end-to-end tests run the real daemon.
 
 Also runnable as a process (`python -m tests.update_host CONFIG`) for the SIGKILL recovery tests: it starts
 from `slots.startup_bundle(config)` like the daemon does, and publishes the serving model on `<base>/model`.
@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from taxonedge.edge.bundle import Bundle
-from taxonedge.edge.config import Config, load_config
-from taxonedge.edge.decode import Decoder
-from taxonedge.edge.preprocess import preprocess
-from taxonedge.edge.runtime import Classifier
-from taxonedge.edge.slots import read_verified, startup_bundle
+from taxonedge.edge.kernel.bundle import Bundle
+from taxonedge.edge.kernel.decode import Decoder
+from taxonedge.edge.kernel.preprocess import preprocess
+from taxonedge.edge.kernel.runtime import Classifier
+from taxonedge.edge.service.config import Config, load_config
+from taxonedge.edge.service.slots import read_verified, startup_bundle
 
 from .conftest import class_image
 
@@ -151,7 +151,7 @@ class SeamHost:
 
 
 def main(config_path: str) -> None:
-    from taxonedge.edge import update
+    from taxonedge.edge.service import update
 
     config = load_config(config_path)
     path = startup_bundle(config) or config.model.bundle
@@ -235,8 +235,15 @@ def rebuilt(
     import io
     import tempfile
 
-    from taxonedge.edge.bundle import GOLDEN, MODEL, MODEL_EDGETPU, build_manifest, read_bundle, write_bundle
-    from taxonedge.edge.preprocess import InputSpec
+    from taxonedge.edge.kernel.bundle import (
+        GOLDEN,
+        MODEL,
+        MODEL_EDGETPU,
+        build_manifest,
+        read_bundle,
+        write_bundle,
+    )
+    from taxonedge.edge.kernel.preprocess import InputSpec
 
     old = read_bundle(data)
     files = dict(old.files)
@@ -318,7 +325,7 @@ class Observer:
         return [p["state"] for p in self.progress.get(deployment_id, [])]
 
     def outcome(self, deployment_id: str, timeout: float = 30.0, after: int = 0) -> dict:
-        from taxonedge.edge.update import FINAL
+        from taxonedge.edge.service.update import FINAL
 
         def final():
             found = [p for p in self.progress.get(deployment_id, [])[after:] if p["state"] in FINAL]
@@ -337,7 +344,7 @@ class Observer:
     ) -> dict:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
-        from taxonedge.edge.deploy import make_request
+        from taxonedge.edge.tools.deploy import make_request
 
         request = {**make_request(data, deployment_id, chunk_size), **override}
         topic = topic or f"{self.base}/model/deploy"
@@ -354,8 +361,8 @@ class Observer:
     def send_chunks(
         self, data: bytes, deployment_id: str, indices, chunk_size: int = 4096, topic: str | None = None
     ) -> None:
-        from taxonedge.edge.deploy import chunk
-        from taxonedge.edge.protocol import deploy_chunk
+        from taxonedge.edge.kernel.protocol import deploy_chunk
+        from taxonedge.edge.tools.deploy import chunk
 
         topic = topic or f"{self.base}/model/deploy"
         for i in indices:
@@ -375,7 +382,7 @@ def signed_bundles() -> dict:
     """Operator keys and the test bundles, made once per process (the models take seconds to train)."""
     import tempfile
 
-    from taxonedge.edge.signing import generate_keypair, load_private_key
+    from taxonedge.edge.kernel.signing import generate_keypair, load_private_key
 
     from .tinymodels import tiny_bundle_bytes
 

@@ -12,8 +12,8 @@ import logging
 import math
 
 import numpy as np
-from taxonedge.edge.taxonomy import Taxonomy
-from taxonedge.edge.thresholds import threshold_key
+from taxonedge.edge.kernel.taxonomy import Taxonomy
+from taxonedge.edge.kernel.thresholds import threshold_key
 
 from .metrics import backoff, greedy_walk
 

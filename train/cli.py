@@ -220,7 +220,7 @@ def _summary(metrics: dict, where: str) -> str:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from taxonedge.edge.bundle import BundleError
+    from taxonedge.edge.kernel.bundle import BundleError
 
     from taxonedge.cli import CliError
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from taxonedge.edge.preprocess import ImageError, InputSpec, load_image
-from taxonedge.edge.taxonomy import IMAGE_SUFFIXES, Taxonomy, TaxonomyError
+from taxonedge.edge.kernel.preprocess import ImageError, InputSpec, load_image
+from taxonedge.edge.kernel.taxonomy import IMAGE_SUFFIXES, Taxonomy, TaxonomyError
 
 from .rundir import RunDirError, read_splits
 

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-from taxonedge.edge.files import atomic_write
-from taxonedge.edge.taxonomy import Taxonomy
+from taxonedge.edge.kernel.files import atomic_write
+from taxonedge.edge.kernel.taxonomy import Taxonomy
 
 from . import data as data_mod
 from . import rundir
@@ -34,7 +34,8 @@ def predict_run(run_dir: Path, images: np.ndarray) -> np.ndarray:
 
 
 def predict_bundle(classifier, images: np.ndarray) -> np.ndarray:
-    """Leaf probabilities of a bundle's model through `taxonedge.edge.runtime.Classifier`, image by image."""
+    """Leaf probabilities of a bundle's model through `taxonedge.edge.kernel.runtime.Classifier`, image by
+    image."""
     from tqdm import tqdm
 
     return np.stack(
@@ -63,8 +64,8 @@ def evaluate(
         taxonomy, spec, thresholds = rundir.read_meta(Path(run_dir))
         source = {"kind": "keras", "run": str(Path(run_dir).resolve())}
     else:
-        from taxonedge.edge.bundle import read_bundle
-        from taxonedge.edge.runtime import Classifier
+        from taxonedge.edge.kernel.bundle import read_bundle
+        from taxonedge.edge.kernel.runtime import Classifier
 
         bundle = read_bundle(bundle_path)
         classifier = Classifier(bundle, num_threads=num_threads)

@@ -15,8 +15,8 @@ Definitions (a leaf shallower than a depth counts as itself at that depth, as in
 from __future__ import annotations
 
 import numpy as np
-from taxonedge.edge.taxonomy import Taxonomy
-from taxonedge.edge.thresholds import threshold_key
+from taxonedge.edge.kernel.taxonomy import Taxonomy
+from taxonedge.edge.kernel.thresholds import threshold_key
 
 RELIABILITY_BINS = 10
 

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from taxonedge.edge.files import atomic_write
-from taxonedge.edge.preprocess import InputSpec
-from taxonedge.edge.taxonomy import Taxonomy, TaxonomyError
-from taxonedge.edge.thresholds import Thresholds, check_thresholds
+from taxonedge.edge.kernel.files import atomic_write
+from taxonedge.edge.kernel.preprocess import InputSpec
+from taxonedge.edge.kernel.taxonomy import Taxonomy, TaxonomyError
+from taxonedge.edge.kernel.thresholds import Thresholds, check_thresholds
 
 from .calibrate import DEFAULT_TARGET_PRECISION
 

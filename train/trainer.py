@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from taxonedge.edge.preprocess import InputSpec, margin_spec
+from taxonedge.edge.kernel.preprocess import InputSpec, margin_spec
 
 from . import data as data_mod
 from . import rundir

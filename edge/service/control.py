@@ -16,10 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import Config
-from .files import atomic_write
-from .pipeline import Pipeline
-from .protocol import (
+from ..kernel.files import atomic_write
+from ..kernel.protocol import (
     CommandAnswer,
     DeviceTopics,
     PayloadError,
@@ -28,6 +26,8 @@ from .protocol import (
     replies_prefix,
     response_topic_problem,
 )
+from .config import Config
+from .pipeline import Pipeline
 from .publish import utc_ms
 from .serving import Serving
 
@@ -62,7 +62,7 @@ class Control:
         self.publish = publish  # (topic, payload, qos=, retain=, properties=)
         self.state = state  # the `state` command's answer
         self.status_changed = status_changed  # publish status again (force=True: whatever it was)
-        self.subscriptions: list[tuple[str, Handler]] = []  # plugin topics (edge/update.py)
+        self.subscriptions: list[tuple[str, Handler]] = []  # plugin topics (edge/service/update.py)
         self._queue: queue.Queue[tuple[str, bytes, Any]] = queue.Queue(maxsize=1000)
         self.done = threading.Event()
         self.commands = 0

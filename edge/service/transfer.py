@@ -1,4 +1,4 @@
-"""A deployment's bundle arriving in chunks over MQTT (the chunked transport of edge/update.py).
+"""A deployment's bundle arriving in chunks over MQTT (the chunked transport of edge/service/update.py).
 
 Chunk i comes on `<deploy topic>/<id>/chunk/<i>` (raw bytes, QoS 1) and is written in place into
 `<state_dir>/models/incoming/<id>.part`, sized up front. When no chunk has come for `chunk_timeout_s`, the

@@ -19,9 +19,9 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from .decode import Decision, LevelScore
-from .protocol import UnknownReason
-from .taxonomy import Taxonomy
+from ..kernel.decode import Decision, LevelScore
+from ..kernel.protocol import UnknownReason
+from ..kernel.taxonomy import Taxonomy
 
 UNKNOWN = Decision(decision="unknown", label=None, path=(), levels=(), top_k=())
 

@@ -8,7 +8,7 @@ daemon writes each preprocessed image into a buffer shared with the worker, send
 over a pipe and waits at most `invoke_timeout_s` for each answer. (Pickling a 150-250 KB image through a
 64 KB pipe took three wake-ups of each side per frame: 0.3-0.6 ms of latency and CPU on a small board.)
 
-Backends (edge/backends/): a named one must open, else the worker fails to start; `auto` tries the
+Backends (edge/kernel/backends/): a named one must open, else the worker fails to start; `auto` tries the
 accelerators, then falls back to the CPU and says so (`degraded` with the reason). Warm-up runs happen in
 the worker before it reports ready, so the first real frame is not the slow one.
 """
@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:  # the spawned worker imports this module: no pydantic, OpenCV or cryptography there
-    from .bundle import Bundle
-    from .runtime import InterpreterModel
+    from ..kernel.bundle import Bundle
+    from ..kernel.runtime import InterpreterModel
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,9 @@ def _worker_main(
     """The child: load, warm up, answer ('ready', info), then for each message (a slot number of the shared
     buffer, or an image sent whole) answer ('ok', probabilities, invoke s) or ('error', text, s) until EOF.
     A ('raw', image) message is answered with the raw output tensor instead (the update's self-test)."""
-    from .backends import BackendUnavailable, open_classifier
+    from ..kernel.backends import BackendUnavailable, open_classifier
+    from ..kernel.runtime import ModelError, interpreter_module, quiet_failed_delegate
     from .osthread import name_this_thread
-    from .runtime import ModelError, interpreter_module, quiet_failed_delegate
 
     name_this_thread("infer-worker")
     sys.unraisablehook = quiet_failed_delegate
@@ -174,7 +174,7 @@ class InferenceWorker:
         self._next_slot = 0
 
     def start(self) -> WorkerInfo:
-        from .runtime import InterpreterModel
+        from ..kernel.runtime import InterpreterModel
 
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()

@@ -6,14 +6,14 @@ import argparse
 import json
 from typing import Any
 
-from .bundle import Bundle, BundleError, read_bundle
-from .signing import SigningKeyError, load_public_key
+from ..kernel.bundle import Bundle, BundleError, read_bundle
+from ..kernel.signing import SigningKeyError, load_public_key
 
 
 def model_ops(model: bytes) -> dict[str, Any]:
     """Operators (execution order counts) and tensor dtypes of a TFLite model, through the device's
     interpreter (no TensorFlow). Default delegates are off so the list is the model's own ops."""
-    from .runtime import interpreter_module
+    from ..kernel.runtime import interpreter_module
 
     module, _ = interpreter_module()
     resolver = getattr(module, "OpResolverType", None)

@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any, TextIO
 
-from .protocol import DeviceTopics, device_base
+from ..kernel.protocol import DeviceTopics, device_base
 
 ARROW = " > "
 

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from . import backends
-from .bundle import Bundle
+from ..kernel import backends
+from ..kernel.bundle import Bundle
+from ..kernel.decode import Decoder
 from .config import Config
-from .decode import Decoder
 from .infer import InferenceWorker, WorkerError, WorkerInfo
 from .osthread import start_thread
 

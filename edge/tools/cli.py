@@ -224,8 +224,8 @@ def _run(args: argparse.Namespace) -> int:
         args.config, args.validate_config = args.validate_config, True
     if not args.config:
         raise CliError("--config FILE is required (see examples/config.toml for every key)")
-    from .config import ConfigError, load_config
-    from .daemon import Daemon, StartupError, validate
+    from ..service.config import ConfigError, load_config
+    from ..service.daemon import Daemon, StartupError, validate
 
     try:
         config = load_config(args.config)

@@ -19,7 +19,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from .thresholds import check_thresholds
+from ..kernel.thresholds import check_thresholds
 
 
 class ConfigError(ValueError):
@@ -193,7 +193,8 @@ class TriggerConfig(_Strict):
 
 
 class InferenceConfig(_Strict):
-    # "auto" (the accelerators edge/backends/ knows, then the CPU) or one backend's name (a plug-in's too)
+    # "auto" (the accelerators edge/kernel/backends/ knows, then the CPU) or one backend's name (a plug-in's
+    # too)
     backend: str = "auto"
     edgetpu_device: str | None = None  # "usb", "usb:0", "pci:0"
     num_threads: int | None = Field(None, ge=1, le=64)
@@ -212,7 +213,7 @@ class InferenceConfig(_Strict):
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, value: str) -> str:
-        from . import backends  # light: each backend module loads its native code only when opened
+        from ..kernel import backends  # light: each backend module loads its native code only when opened
 
         known = ["auto", *backends.names()]
         if value not in known:
@@ -315,7 +316,7 @@ class Config(_Strict):
 
     @property
     def topic_base(self) -> str:
-        from .protocol import device_base
+        from ..kernel.protocol import device_base
 
         return device_base(self.mqtt.prefix, self.device.site, self.device.line, self.device.id)
 

@@ -4,9 +4,10 @@ A bundle is one uncompressed tar file:
 
     manifest.json          what the model is and how to feed and read it (`Manifest`)
     model.tflite           the CPU model (full int8 unless the manifest says otherwise)
-    model_<backend>.<ext>  optional, the same model compiled for an accelerator backend (edge/backends/),
-                           e.g. model_edgetpu.tflite from edgetpu_compiler; `artifacts` in the manifest
-                           names each backend's file (v2; a v1 bundle's are derived from its file names)
+    model_<backend>.<ext>  optional, the same model compiled for an accelerator backend
+                           (edge/kernel/backends/), e.g. model_edgetpu.tflite from edgetpu_compiler;
+                           `artifacts` in the manifest names each backend's file (v2; a v1 bundle's are
+                           derived from its file names)
     golden.npz             optional, self-test inputs and the exact outputs the CPU interpreter gave
     manifest.sig           optional, Ed25519 signature over the exact bytes of manifest.json
     SHA256SUMS             sha256 of manifest.json and manifest.sig, so damage to them is caught unsigned

@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import Bundle
+from ..kernel.bundle import Bundle
+from ..kernel.decode import Decision, Decoder
+from ..kernel.preprocess import ImageError, preprocess
+from ..kernel.protocol import UnknownReason
 from .config import Config
-from .decode import Decision, Decoder
 from .infer import WorkerDied, WorkerError
-from .preprocess import ImageError, preprocess
-from .protocol import UnknownReason
 from .publish import LabelInput, LabelPublisher
 from .serving import Serving
 from .source import Capture, Frame

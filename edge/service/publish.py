@@ -16,12 +16,12 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from .bundle import Bundle
+from ..kernel.bundle import Bundle
+from ..kernel.decode import Decision, decision_fields
+from ..kernel.protocol import LABEL_SCHEMA, DeviceTopics, Label, json_bytes
 from .config import Config
-from .decode import Decision, decision_fields
 from .mqtt import MqttLink
 from .outbox import Outbox
-from .protocol import LABEL_SCHEMA, DeviceTopics, Label, json_bytes
 from .source import Frame
 from .trigger import ItemResult
 

@@ -23,9 +23,9 @@ from typing import Any
 
 from taxonedge.cli import CliError
 
-from .bundle import BundleError, read_bundle, utc_now
-from .protocol import FINAL_STATES as FINAL
-from .protocol import DeviceTopics, deploy_chunk, group_deploy, replies_prefix
+from ..kernel.bundle import BundleError, read_bundle, utc_now
+from ..kernel.protocol import FINAL_STATES as FINAL
+from ..kernel.protocol import DeviceTopics, deploy_chunk, group_deploy, replies_prefix
 
 DEFAULT_CHUNK = 256 * 1024
 # 0: every device committed and serves the bundle (or --no-wait / --pending / --cancel did their part);
@@ -163,7 +163,7 @@ def deploy_command(args: Any) -> int:
         raise CliError(f"{path}: cannot read: {exc.strerror or exc}") from None
     public_key = None
     if args.pubkey:
-        from .signing import SigningKeyError, load_public_key
+        from ..kernel.signing import SigningKeyError, load_public_key
 
         try:
             public_key = load_public_key(args.pubkey)
@@ -458,8 +458,8 @@ def _summary(states: dict[str, dict], prefix: str, sha256: str) -> None:
 
 def sign_command(args: Any) -> int:
     """`taxonedge sign`: a verified copy of a bundle, signed with the operator's key."""
-    from .bundle import resign_bundle
-    from .signing import SigningKeyError, key_id, load_private_key, load_public_key
+    from ..kernel.bundle import resign_bundle
+    from ..kernel.signing import SigningKeyError, key_id, load_private_key, load_public_key
 
     try:
         key = load_private_key(args.key)

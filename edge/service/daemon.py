@@ -9,7 +9,7 @@ threads and owns the lifecycle. Each stage is a small module with a narrow inter
 Beside that flow: serving.Serving (the bundle, its worker and decoder; switches, restarts, Edge TPU
 re-probes), control.Control (one thread for commands, triggers and plugin topics), health.Health (status,
 model, stats, watchdog, metrics, periodic chores). No stage calls back into the daemon. Model updates
-(edge/update.py) plug in through the seam below, typed as `update.UpdaterHost`.
+(edge/service/update.py) plug in through the seam below, typed as `update.UpdaterHost`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from ..kernel.bundle import Bundle, BundleError
+from ..kernel.protocol import DeviceTopics, Status, json_bytes
+from ..kernel.signing import SigningKeyError, load_public_key
 from . import update
-from .bundle import Bundle, BundleError
 from .config import Config, ConfigError
 from .control import Control, Handler
 from .health import Health
@@ -37,10 +39,8 @@ from .notify import sd_notify
 from .osthread import start_thread
 from .outbox import Outbox
 from .pipeline import InferenceResult, Pipeline
-from .protocol import DeviceTopics, Status, json_bytes
 from .publish import LabelPublisher
 from .serving import Serving
-from .signing import SigningKeyError, load_public_key
 from .slots import read_verified, startup_bundle
 from .source import Capture
 from .trigger import ItemTrigger
@@ -79,7 +79,7 @@ class Daemon:
         self.control: Control
         self.health: Health
 
-    # ---- the seam for control-plane plugins (edge/update.py: UpdaterHost) ------------------------------
+    # ---- the seam for control-plane plugins (edge/service/update.py: UpdaterHost) ----------------------
     @property
     def active_bundle(self) -> Bundle:
         return self.serving.bundle

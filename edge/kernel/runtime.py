@@ -181,7 +181,7 @@ class Classifier:
         artifact: str = "cpu",
     ):
         """On the bundle's `artifact` (a backend's name: its model file), with a TFLite `delegate` when the
-        backend has one (edge/backends/edgetpu.py)."""
+        backend has one (edge/kernel/backends/edgetpu.py)."""
         model = bundle if isinstance(bundle, InterpreterModel) else InterpreterModel.of(bundle)
         self.bundle = None if isinstance(bundle, InterpreterModel) else bundle
         self.model = model

@@ -20,10 +20,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .bundle import Bundle, BundleError, read_bundle, utc_now
+from ..kernel.bundle import Bundle, BundleError, read_bundle, utc_now
+from ..kernel.files import atomic_write
+from ..kernel.signing import load_public_key
 from .config import Config, ModelConfig
-from .files import atomic_write
-from .signing import load_public_key
 
 log = logging.getLogger(__name__)
 

@@ -13,13 +13,13 @@ from collections.abc import Callable
 
 from taxonedge import __version__
 
+from ..kernel.protocol import DeviceState, DeviceTopics, ModelStatus, Stats, Status
 from .config import Config
 from .control import Control
 from .mqtt import MqttLink
 from .notify import sd_notify
 from .outbox import Outbox
 from .pipeline import Pipeline
-from .protocol import DeviceState, DeviceTopics, ModelStatus, Stats, Status
 from .publish import LabelPublisher, ms_percentiles, utc_ms
 from .serving import Serving
 from .source import Capture
@@ -191,7 +191,7 @@ class Health:
                 self.publish_status()
                 self.serving.maybe_reprobe()
                 self.watchdog()
-                self.outbox.checkpoint()  # here, not on a label's commit (edge/outbox.py)
+                self.outbox.checkpoint()  # here, not on a label's commit (edge/service/outbox.py)
                 if time.monotonic() >= next_stats:
                     self.publish_stats()
                     next_stats = time.monotonic() + stats_every

@@ -21,9 +21,9 @@ retained request and chunks. A deployment that was accepted is recorded in `<sta
 deploying.json` until its outcome, so one a restart cut short is reported (`rejected`, "interrupted: ...").
 
 The old model keeps serving until the daemon swaps in the new one between items; the checks and the
-self-test (in a worker process of its own) are in edge/vetting.py, the intake of chunks in edge/transfer.py.
-Bundles dropped into `model.watch_dir` go through the same steps (DropFolder). Plugged into the daemon with
-`attach(daemon)` / `detach(daemon)` through the typed seam `UpdaterHost`.
+self-test (in a worker process of its own) are in edge/service/vetting.py, the intake of chunks in
+edge/service/transfer.py. Bundles dropped into `model.watch_dir` go through the same steps (DropFolder).
+Plugged into the daemon with `attach(daemon)` / `detach(daemon)` through the typed seam `UpdaterHost`.
 """
 
 from __future__ import annotations
@@ -48,13 +48,9 @@ from typing import Any, Protocol, get_args
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from . import vetting
-from .bundle import Bundle, utc_now
-from .config import Config, UpdateConfig
-from .files import atomic_write
-from .osthread import start_thread
-from .pipeline import InferenceResult
-from .protocol import (
+from ..kernel.bundle import Bundle, utc_now
+from ..kernel.files import atomic_write
+from ..kernel.protocol import (
     DEPLOY_REJECTED,
     FINAL_STATES,
     DeployState,
@@ -64,6 +60,10 @@ from .protocol import (
     replies_prefix,
     response_topic_problem,
 )
+from . import vetting
+from .config import Config, UpdateConfig
+from .osthread import start_thread
+from .pipeline import InferenceResult
 from .slots import Slots, read_verified
 from .transfer import Transfer
 from .vetting import Failed
@@ -182,7 +182,8 @@ class InProgress:
 
 
 class UpdaterHost(Protocol):
-    """What the updater may use of the daemon (edge/daemon.py implements it; tests/update_host.py too)."""
+    """What the updater may use of the daemon (edge/service/daemon.py implements it; tests/update_host.py
+    too)."""
 
     config: Config
     topic_base: str

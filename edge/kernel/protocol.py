@@ -1,7 +1,7 @@
 """The wire contract of a device: its topics and the messages it publishes, as typed dictionaries.
 
 The daemon builds its messages as these TypedDicts (static types, no cost per frame); the JSON Schemas in
-edge/schemas/ are generated from them (`python -m taxonedge.edge.protocol` rewrites them, and
+edge/kernel/schemas/ are generated from them (`python -m taxonedge.edge.kernel.protocol` rewrites them, and
 tests/test_protocol.py keeps the committed copies equal to the generated ones). To add a field to a
 message: add it here, regenerate, document it in docs/mqtt.md.
 
@@ -36,7 +36,7 @@ Backend = Annotated[
         pattern=r"^[a-z0-9_-]{1,32}$",
         description=(
             "the inference backend that produced it: cpu, edgetpu or another plug-in's name "
-            "(edge/backends/); "
+            "(edge/kernel/backends/); "
             "unknown when none was told"
         ),
     ),

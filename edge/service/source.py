@@ -21,10 +21,10 @@ from typing import Any
 import cv2
 import numpy as np
 
+from ..kernel.preprocess import ImageError, read_image
+from ..kernel.taxonomy import IMAGE_SUFFIXES
 from .config import CameraSource, FolderSource, SourceConfig, SourceType, StreamSource, VideoSource
 from .osthread import start_thread
-from .preprocess import ImageError, read_image
-from .taxonomy import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ import numpy as np
 
 from taxonedge import __version__
 
-from . import backends
-from .bundle import Bundle, BundleError
+from ..kernel import backends
+from ..kernel.bundle import Bundle, BundleError
+from ..kernel.signing import SigningKeyError
 from .config import Config, UpdateConfig
 from .infer import InferenceWorker, WorkerError
-from .signing import SigningKeyError
 from .slots import read_verified
 
 
