@@ -1,13 +1,13 @@
 """Compile targets: what `taxonedge convert` builds beside model.tflite for an accelerator, one entry per
-target (the host side of edge/backends/). A target has:
+target (the host side of edge/kernel/backends/). A target has:
 
-    name       the device backend that runs its artifact (edge/backends/<name>.py), and the key of its
+    name       the device backend that runs its artifact (edge/kernel/backends/<name>.py), and the key of its
                report in the manifest (`edgetpu` for the Edge TPU)
     artifact   the bundle file it writes: model_<name>.<ext>, which the manifest's `artifacts` names
     build(model, mode, backbone, policy, compiler) -> (report, compiled model or None)
 
 To add one (an OpenVINO IR, a Hailo HEF): a module with its compiler and checks, and one entry here; the
-device side is one file in edge/backends/ (docs/extending.md).
+device side is one file in edge/kernel/backends/ (docs/extending.md).
 """
 
 from __future__ import annotations

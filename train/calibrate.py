@@ -1,6 +1,6 @@
 """Calibration on validation data: a softmax temperature, then per-depth back-off thresholds. numpy only.
 
-The thresholds are chosen for the device's decoder (`edge/decode.py`): it walks down from the top level,
+The thresholds are chosen for the device decoder (`edge/kernel/decode.py`): it walks down from the top level,
 taking the most probable child while that child's (summed) probability passes its depth's threshold, and
 publishes the deepest node kept. Depth d is chosen after depths 1..d-1 are fixed, on the images whose walk
 reaches d, so the precision measured here is the precision of what the device publishes at that depth.

@@ -8,7 +8,7 @@ Definitions (a leaf shallower than a depth counts as itself at that depth, as in
   the predicted and true leaves, micro-averaged;
 - mistake severity: for a wrong leaf, the number of levels from the deeper of the two leaves up to their
   lowest common ancestor (1 = a sibling);
-- back-off: the device's greedy walk (`edge/decode.py`) with per-depth thresholds; per depth, coverage is
+- back-off: the device greedy walk (`edge/kernel/decode.py`), per-depth thresholds; per depth, coverage is
   the share of images whose published label reaches that depth, precision the share of those right there.
 """
 
