@@ -271,6 +271,62 @@ class SourceStatus(TypedDict):
     last_error: str | None
 
 
+DriftFigure = Annotated[
+    str,
+    Field(
+        pattern=r"^(depth_[1-9][0-9]*|accepted|backed_off|unknown)$",
+        description="depth_N: the share of labels whose path reaches depth N (the calibration's coverage); "
+        "accepted, backed_off, unknown: the share of each decision",
+    ),
+]
+
+# Only those keys: patternProperties alone would let any other key through.
+DriftFigures = Annotated[dict[DriftFigure, Score], Field(json_schema_extra={"additionalProperties": False})]
+
+
+class Drift(TypedDict):
+    """The labels of the last `window` decisions against the bundle's calibration figures
+    (edge/service/drift.py). Shares are of labels, 0..1."""
+
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
+    enabled: bool
+    window: Annotated[int, Field(ge=1, description="[drift] window: how many labels the figures cover")]
+    count: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="labels in the window now (since the start, the model switch or the "
+            "threshold change that began it)",
+        ),
+    ]
+    min_samples: Count
+    tolerance: Score
+    observed: Annotated[
+        DriftFigures, Field(description="the figures over the window; empty while it is empty")
+    ]
+    expected: Annotated[
+        DriftFigures | None,
+        Field(
+            description="the serving bundle's calibration figures (manifest metrics.backoff_deployed); "
+            "null when the bundle has none"
+        ),
+    ]
+    out_of_tolerance: Annotated[
+        list[DriftFigure],
+        Field(
+            description="the figures more than `tolerance` from the expected ones (a figure stays listed "
+            "until it is back within 80 % of the tolerance); empty while not checked"
+        ),
+    ]
+    not_checked: Annotated[
+        str | None,
+        Field(
+            description="why the figures are not compared now (checking off, no calibration figures, "
+            "thresholds other than the calibrated ones, fewer than min_samples labels); null when they are"
+        ),
+    ]
+
+
 class DeviceState(TypedDict):
     """The `state` command's result; `stats` adds fps, final and time."""
 
@@ -326,6 +382,7 @@ class DeviceState(TypedDict):
     items_overflowed: Count
     last_frame_time: UtcMs | None
     last_inference_time: UtcMs | None
+    drift: Annotated[Drift, Field(description="label rates against the bundle's calibration figures")]
 
 
 class Stats(DeviceState):

@@ -12,7 +12,15 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 try:
     import tomllib
@@ -303,6 +311,30 @@ class HealthConfig(_Strict):
     progress_timeout_s: float = Field(30.0, gt=0)
 
 
+class DriftConfig(_Strict):
+    """Drift monitoring (`[drift]`, edge/service/drift.py): the labels of the last `window` decisions against
+    the bundle's calibration figures; `status` turns degraded when one is more than `tolerance` off."""
+
+    enabled: bool = True
+    window: int = Field(500, ge=10, le=100_000)  # labels; bounded: the tracker keeps one entry per label
+    # Fewer labels than this in the window are too few to tell drift from chance: no warning yet.
+    min_samples: int = Field(200, ge=1)
+    # Absolute share: 0.15 warns when 2 % unknown at calibration became more than 17 %.
+    tolerance: float = Field(0.15, gt=0, le=1)
+
+    @field_validator("min_samples")
+    @classmethod
+    def _within_window(cls, value: int, info: ValidationInfo) -> int:
+        # `window` is validated first (field order): absent from info.data only when it was itself wrong.
+        window = info.data.get("window")
+        if window is not None and value > window:
+            raise ValueError(
+                f"must be at most drift.window ({window}): the window never holds more labels than that, "
+                "so the check would never run"
+            )
+        return value
+
+
 class Config(_Strict):
     device: DeviceConfig = DeviceConfig()
     model: ModelConfig
@@ -313,6 +345,7 @@ class Config(_Strict):
     mqtt: MqttConfig = MqttConfig()
     outbox: OutboxConfig = OutboxConfig()
     health: HealthConfig = HealthConfig()
+    drift: DriftConfig = DriftConfig()
 
     @property
     def topic_base(self) -> str:

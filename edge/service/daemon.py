@@ -32,6 +32,7 @@ from ..kernel.signing import SigningKeyError, load_public_key
 from . import update
 from .config import Config, ConfigError
 from .control import Control, Handler
+from .drift import DriftTracker
 from .health import Health
 from .infer import WorkerError, WorkerInfo
 from .mqtt import MqttLink, client_id_for
@@ -75,6 +76,7 @@ class Daemon:
         self.link: MqttLink
         self.capture: Capture
         self.publisher: LabelPublisher
+        self.drift: DriftTracker
         self.pipeline: Pipeline
         self.control: Control
         self.health: Health
@@ -184,7 +186,9 @@ class Daemon:
                 cfg.trigger.max_waiting,
             )
         self.capture = Capture(cfg.source, cfg.capture)
-        self.publisher = LabelPublisher(cfg, self.boot_id, self.outbox)
+        self.drift = DriftTracker(cfg.drift)
+        self.drift.serve(bundle, self.serving.thresholds())
+        self.publisher = LabelPublisher(cfg, self.boot_id, self.outbox, self.drift)
         self.pipeline = Pipeline(
             cfg, self.capture, self.serving, self.publisher, trigger, self.stopping, self.max_frames
         )
@@ -198,6 +202,7 @@ class Daemon:
             self.publisher,
             self.outbox,
             self.publish,
+            self.drift,
         )
         self.health.startup_problems = problems
         self.control = Control(
@@ -216,6 +221,7 @@ class Daemon:
             problems.clear()  # they were about the model that served until now
             if trigger is not None:
                 trigger.taxonomy = new.taxonomy
+            self.drift.serve(new, self.serving.thresholds())  # a new model: its own window and figures
             self.health.publish_model()
 
         self.serving.on_swap.append(swapped)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from taxonedge import __version__
 
-from ..kernel.protocol import DeviceState, DeviceTopics, ModelStatus, Stats, Status
+from ..kernel.protocol import DeviceState, DeviceTopics, Drift, ModelStatus, Stats, Status
 from .config import Config
 from .control import Control
+from .drift import DriftTracker
 from .mqtt import MqttLink
 from .notify import sd_notify
 from .outbox import Outbox
@@ -38,6 +40,7 @@ class Health:
         publisher: LabelPublisher,
         outbox: Outbox,
         publish: Callable[..., None],
+        drift: DriftTracker,
     ):
         self.config = config
         self.topics = DeviceTopics(config.topic_base)
@@ -48,6 +51,7 @@ class Health:
         self.publisher = publisher
         self.outbox = outbox
         self.publish = publish  # (topic, payload, qos=, retain=, properties=)
+        self.drift = drift
         self.link: MqttLink | None = None
         self.control: Control | None = None
         self.startup_problems: list[str] = []  # e.g. an installed model that did not verify; until a switch
@@ -68,6 +72,9 @@ class Health:
             reasons.append("inference worker restarting")
         if self.pipeline.paused.is_set():
             reasons.append("paused by command")
+        drift = self.drift.reason(self.serving.thresholds())
+        if drift:
+            reasons.append(drift)
         return reasons
 
     def status_state(self) -> str:
@@ -155,6 +162,7 @@ class Health:
             "items_overflowed": trig.overflowed if trig else 0,
             "last_frame_time": utc_ms(self.capture.last_frame_wall) if self.capture.last_frame_wall else None,
             "last_inference_time": utc_ms(pipe.last_inference_wall) if pipe.last_inference_wall else None,
+            "drift": self.drift.report(self.serving.thresholds()),
         }
 
     def publish_stats(self, final: bool = False) -> None:
@@ -231,8 +239,26 @@ class Health:
                 source = health.capture.status()
                 for key in ("frames", "dropped", "reconnects", "stalls", "corrupt"):
                     yield GaugeMetricFamily(f"taxonedge_source_{key}", f"source {key}", value=source[key])
+                yield from drift_metrics(health.drift.report(health.serving.thresholds()), GaugeMetricFamily)
 
         registry = CollectorRegistry()
         registry.register(_Collector())
         server, _ = start_http_server(port, addr=self.config.health.prometheus_host, registry=registry)
         self.metrics_port = server.server_port
+
+
+def drift_metrics(report: Drift, gauge: type) -> Iterator[Any]:
+    """The drift figures as labelled gauges (`figure="unknown"`), observed and expected side by side."""
+    yield gauge("taxonedge_drift_count", "labels in the drift window", value=report["count"])
+    yield gauge(
+        "taxonedge_drift_out_of_tolerance",
+        "drift figures out of tolerance",
+        value=len(report["out_of_tolerance"]),
+    )
+    for name, figures in (("observed", report["observed"]), ("expected", report["expected"] or {})):
+        family = gauge(
+            f"taxonedge_drift_{name}", f"{name} share of labels per drift figure", labels=["figure"]
+        )
+        for figure, share in figures.items():
+            family.add_metric([figure], share)
+        yield family

@@ -20,6 +20,7 @@ from ..kernel.bundle import Bundle
 from ..kernel.decode import Decision, decision_fields
 from ..kernel.protocol import LABEL_SCHEMA, DeviceTopics, Label, json_bytes
 from .config import Config
+from .drift import DriftTracker
 from .mqtt import MqttLink
 from .outbox import Outbox
 from .source import Frame
@@ -55,10 +56,11 @@ class LabelInput:
 
 
 class LabelPublisher:
-    def __init__(self, config: Config, boot_id: str, outbox: Outbox):
+    def __init__(self, config: Config, boot_id: str, outbox: Outbox, drift: DriftTracker | None = None):
         self.config = config
         self.boot_id = boot_id
         self.outbox = outbox
+        self.drift = drift
         self.link: MqttLink | None = None  # set once the link exists (it needs the outbox first)
         self.topic = DeviceTopics(config.topic_base).labels
         self._seq = 0
@@ -102,6 +104,9 @@ class LabelPublisher:
             )
             self.labels += 1
         published = self.link is not None and self.link.notify_outbox(message)
+        # An item closed for want of frames (timed out, overflow, shutdown) says nothing about the model.
+        if self.drift is not None and (facts.item is None or facts.item.reason is None):
+            self.drift.add(facts.decision)
         self.latencies.append(facts.latency_s)
         if published and facts.frame is not None:
             # Labels sent live only: one that waited out an outage shows in the outbox depth instead.
