@@ -69,6 +69,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         "model's validation outputs (default: the run's, from `train --target-precision`)",
     )
     convert.add_argument(
+        "--outputs",
+        choices=("logits", "probabilities"),
+        default="logits",
+        help="logits: the model outputs leaf logits and its embedding, the device takes the softmax in "
+        "float (confidence that still ranks the sure answers, an open-set `unknown`, no-item detection); "
+        "a format v3 bundle. probabilities: one uint8 probability output, a v2 bundle for daemons that "
+        "read only format v2 (default: logits)",
+    )
+    convert.add_argument(
+        "--open-set-pass-rate",
+        type=_open_set_rate,
+        default=0.98,
+        metavar="SHARE",
+        help="share of the validation images of known products the open-set threshold lets through; "
+        "the rest, and products the model was never trained on that look as unfamiliar, are published "
+        "as `unknown` (reason `unfamiliar`). 1 turns the check off (default 0.98)",
+    )
+    convert.add_argument(
         "--force", action="store_true", help="write the bundle even when the accuracy gate fails"
     )
     convert.add_argument(
@@ -122,6 +140,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     keygen.set_defaults(func=_keygen)
 
 
+def _open_set_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.5 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not a share between 0.5 and 1 (e.g. 0.98)")
+    return value
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -158,6 +186,8 @@ def _convert(args: argparse.Namespace) -> int:
         qat_epochs=args.qat_epochs,
         qat_images=args.qat_images,
         seed=args.seed,
+        outputs=args.outputs,
+        open_set_pass_rate=None if args.open_set_pass_rate >= 1.0 else args.open_set_pass_rate,
     )
     try:
         result = convert(opts)

@@ -22,17 +22,21 @@ import numpy as np
 from taxonedge.edge.kernel.bundle import (
     GOLDEN,
     MODEL,
+    EmbeddingSpec,
     ModelInfo,
+    OpenSet,
     Quantization,
     build_manifest,
     utc_now,
     write_bundle,
 )
+from taxonedge.edge.kernel.decode import leaf_probabilities
 from taxonedge.edge.kernel.preprocess import InputSpec
 from taxonedge.edge.kernel.runtime import dequantize
 from taxonedge.train.backbones import find_backbone
 from taxonedge.train.calibrate import choose_and_check_thresholds
 from taxonedge.train.metrics import agreement, backoff, compute_metrics
+from taxonedge.train.model import export_model
 from taxonedge.train.rundir import Run, RunDirError, load_run
 
 from .qat import QatError
@@ -63,6 +67,8 @@ class Options:
     qat_images: int = 1000
     seed: int = 0
     compiler: str | None = None
+    outputs: str = "logits"  # logits: leaf logits + embedding (format v3) | probabilities (v2, older daemons)
+    open_set_pass_rate: float | None = 0.98  # known images the open-set threshold lets through; None: off
 
 
 @dataclass
@@ -104,12 +110,14 @@ def convert(opts: Options) -> Result:
     if qat_used:
         tflite = _qat(run, model, opts, calib)
     else:
-        tflite = to_tflite(model, keras, opts.mode, calib if opts.mode == "int8" else None)
+        exported = export_model(model, keras) if opts.outputs == "logits" else model
+        tflite = to_tflite(exported, keras, opts.mode, calib if opts.mode == "int8" else None)
     timings["convert_s"] = time.perf_counter() - t
     _check_integer(tflite, opts.mode)
     t = time.perf_counter()
     info = io_details(tflite)
-    quant_probs = _probabilities(run_tflite(tflite, val_x, f"evaluating {opts.mode}"), info)
+    quant_scores = _scores(run_tflite(tflite, val_x, f"evaluating {opts.mode}"), info)
+    quant_probs = leaf_probabilities(quant_scores, info["output_kind"])
     gate = accuracy_gate(run, val_y, float_probs, quant_probs, opts.max_drop, opts.mode)
     timings["quant_eval_s"] = time.perf_counter() - t
     if not gate["passed"] and opts.qat == "auto" and opts.mode == "int8":
@@ -125,7 +133,8 @@ def convert(opts: Options) -> Result:
             tflite, qat_used = qat_tflite, True
             _check_integer(tflite, opts.mode)
             info = io_details(tflite)
-            quant_probs = _probabilities(run_tflite(tflite, val_x, "evaluating QAT int8"), info)
+            quant_scores = _scores(run_tflite(tflite, val_x, "evaluating QAT int8"), info)
+            quant_probs = leaf_probabilities(quant_scores, info["output_kind"])
             ptq_gate = gate
             gate = accuracy_gate(run, val_y, float_probs, quant_probs, opts.max_drop, opts.mode)
             gate["post_training"] = {k: ptq_gate[k] for k in ("drop_points", "passed")}
@@ -151,7 +160,12 @@ def convert(opts: Options) -> Result:
         "target_precision": target,
         "two_fold_check": check,
     }
-    gate["metrics"]["backoff_deployed"] = backoff(run.taxonomy, quant_probs, val_y, thresholds)
+    open_set = None
+    if info["output_kind"] == "leaf_logits" and opts.open_set_pass_rate is not None:
+        open_set = fit_open_set(quant_scores, opts.open_set_pass_rate)
+        gate["metrics"]["open_set"] = open_set_report(open_set, quant_scores, quant_probs, val_y)
+    unfamiliar = quant_scores.max(axis=1) < open_set.threshold if open_set is not None else None
+    gate["metrics"]["backoff_deployed"] = backoff(run.taxonomy, quant_probs, val_y, thresholds, unfamiliar)
 
     t = time.perf_counter()
     reports, compiled = {}, {}
@@ -169,10 +183,13 @@ def convert(opts: Options) -> Result:
 
     golden_inputs = calib[:GOLDEN_COUNT]
     golden_outputs = run_tflite(tflite, golden_inputs)
-    files = {
-        MODEL: tflite,
-        GOLDEN: _npz(inputs=golden_inputs.astype(info["input_dtype"]), outputs=golden_outputs),
+    golden_arrays = {
+        "inputs": golden_inputs.astype(info["input_dtype"]),
+        "outputs": golden_outputs[info["output_name"]],
     }
+    if info["embedding"] is not None:
+        golden_arrays["embeddings"] = golden_outputs[info["embedding"]["name"]]
+    files = {MODEL: tflite, GOLDEN: _npz(**golden_arrays)}
     files.update(compiled)
     spec = run.input_spec.model_copy(
         update={
@@ -183,6 +200,7 @@ def convert(opts: Options) -> Result:
     )
     output = {
         "name": info["output_name"],
+        "kind": info["output_kind"],
         "dtype": info["output_dtype"],
         "scale": info["output_scale"],
         "zero_point": info["output_zero_point"],
@@ -205,6 +223,8 @@ def convert(opts: Options) -> Result:
         quantization=Quantization(mode=opts.mode, qat=qat_used, calibration_images=len(calib)),
         thresholds=thresholds,
         temperature=run.temperature,
+        embedding=EmbeddingSpec(**info["embedding"]) if info["embedding"] is not None else None,
+        open_set=open_set,
         metrics=gate["metrics"],
         edgetpu=report,
         golden={
@@ -337,7 +357,9 @@ def _qat(run: Run, model: Any, opts: Options, calib: np.ndarray) -> bytes:
         log.warning("quantization-aware training of %s: %s", entry.name, entry.qat_note)
     items = stratified(run.train, opts.qat_images, opts.seed + 1)
     images, labels = _load(items, run.input_spec, "QAT training images")
-    return run_qat(run, model, images, labels, calib, epochs=opts.qat_epochs, seed=opts.seed)
+    return run_qat(
+        run, model, images, labels, calib, epochs=opts.qat_epochs, seed=opts.seed, outputs=opts.outputs
+    )
 
 
 def _check_integer(tflite: bytes, mode: str) -> None:
@@ -357,8 +379,29 @@ def _check_integer(tflite: bytes, mode: str) -> None:
         )
 
 
-def _probabilities(raw: np.ndarray, info: dict[str, Any]) -> np.ndarray:
-    return dequantize(raw, info["output_scale"], info["output_zero_point"])
+def _scores(outputs: dict[str, np.ndarray], info: dict[str, Any]) -> np.ndarray:
+    """The leaf output of `run_tflite`'s outputs, dequantized: logits or probabilities."""
+    return dequantize(outputs[info["output_name"]], info["output_scale"], info["output_zero_point"])
+
+
+def fit_open_set(scores: np.ndarray, pass_rate: float) -> OpenSet:
+    """The max-logit threshold that lets `pass_rate` of these images of known products through."""
+    max_logit = np.asarray(scores, dtype=np.float64).max(axis=1)
+    threshold = float(np.quantile(max_logit, 1.0 - pass_rate, method="lower"))
+    return OpenSet(threshold=round(threshold, 6), known_pass_rate=pass_rate)
+
+
+def open_set_report(open_set: OpenSet, scores: np.ndarray, probs: np.ndarray, y: np.ndarray) -> dict:
+    """What the open-set threshold costs on known products: the share rejected, and how many of them the
+    model had right (rejecting a wrong answer costs nothing)."""
+    rejected = scores.max(axis=1) < open_set.threshold
+    right = probs.argmax(axis=1) == y
+    return {
+        **open_set.model_dump(),
+        "known_rejected": float(rejected.mean()),
+        "rejected_right": int((rejected & right).sum()),
+        "rejected_wrong": int((rejected & ~right).sum()),
+    }
 
 
 def _npz(**arrays: np.ndarray) -> bytes:

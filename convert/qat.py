@@ -48,9 +48,10 @@ def run_qat(
     epochs: int = 1,
     seed: int = 0,
     timeout: float = 6 * 3600,
+    outputs: str = "logits",
 ) -> bytes:
     """Fine-tune `model` (Keras 3, the run's float model) quantization-aware; returns full-int8 TFLite
-    bytes."""
+    bytes with the outputs `outputs` says (logits: leaf logits and embedding; probabilities: one output)."""
     with tempfile.TemporaryDirectory(prefix="taxonedge-qat-") as tmp:
         tmp_path = Path(tmp)
         weights = layer_weights(model)
@@ -80,6 +81,8 @@ def run_qat(
             str(epochs),
             "--seed",
             str(seed),
+            "--outputs",
+            outputs,
         ]
         # The child's progress goes to the user's terminal; its one-line error, if any, to error.txt.
         proc = subprocess.run(cmd, env=env, timeout=timeout)
@@ -246,7 +249,7 @@ def _child(args: argparse.Namespace) -> None:
     if os.environ.get("TF_USE_LEGACY_KERAS") != "1":
         raise QatError("run with TF_USE_LEGACY_KERAS=1 (set before TensorFlow is imported)")
     import tf_keras
-    from taxonedge.train.model import build_classifier
+    from taxonedge.train.model import build_classifier, export_model
     from taxonedge.train.rundir import load_run
 
     from .quantize import to_tflite
@@ -289,7 +292,8 @@ def _child(args: argparse.Namespace) -> None:
     )
     images, labels = data["images"].astype(np.float32), data["labels"]
     qmodel.fit(images, labels, epochs=args.epochs, batch_size=16, shuffle=True, verbose=2)  # one line/epoch
-    tflite = to_tflite(qmodel, tf_keras, "int8", data["calibration"])
+    exported = export_model(qmodel, tf_keras) if args.outputs == "logits" else qmodel
+    tflite = to_tflite(exported, tf_keras, "int8", data["calibration"])
     (work / "model.tflite").write_bytes(tflite)
 
 
@@ -302,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", required=True)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--outputs", choices=("logits", "probabilities"), default="logits")
     args = parser.parse_args(argv)
     try:
         _child(args)

@@ -40,7 +40,8 @@ def stratified(items: Sequence[tuple[str, int]], n: int, seed: int = 0) -> list[
 def to_tflite(
     model: Any, keras_module: Any, mode: str = "int8", calibration: np.ndarray | None = None
 ) -> bytes:
-    """Convert `model` (one input of raw pixels, one output) with batch size fixed to 1.
+    """Convert `model` (one input of raw pixels; one output, or a dict of named outputs) with batch size
+    fixed to 1.
 
     int8: full integer (TFLITE_BUILTINS_INT8 only), uint8 input and output, calibrated on `calibration`
     (N x H x W x 3 raw pixels). float16 / dynamic: CPU-only options, float input and output.
@@ -52,7 +53,10 @@ def to_tflite(
         raise ValueError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")
     # A static batch of 1: the Edge TPU compiler and delegates need static shapes.
     inp = keras_module.Input(batch_shape=(1, *model.input_shape[1:]))
-    fixed = keras_module.Model(inp, model(inp))
+    outputs = model(inp)
+    if isinstance(outputs, dict):  # tf_keras names signature outputs after layers, Keras 3 after the keys
+        outputs = {key: keras_module.layers.Activation("linear", name=key)(t) for key, t in outputs.items()}
+    fixed = keras_module.Model(inp, outputs)
     converter = tf.lite.TFLiteConverter.from_keras_model(fixed)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if mode == "int8":
@@ -93,42 +97,76 @@ def to_tflite(
 
 def io_details(model: bytes) -> dict[str, Any]:
     """Input and output tensor facts of a converted model, named as the device's signature runner names
-    them."""
+    them: the leaf output (`leaf_logits` when the model has named outputs, else its one output) and the
+    embedding output, if any."""
     from taxonedge.edge.kernel.runtime import make_interpreter
+    from taxonedge.train.model import EMBEDDING_OUTPUT, LEAF_OUTPUT
 
     interpreter = make_interpreter(model)
-    inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise QuantizationError(
-            f"the model has {len(inputs)} inputs and {len(outputs)} outputs; expected 1 and 1"
-        )
-    signatures = interpreter.get_signature_list()
-    names = next(iter(signatures.values()))["outputs"] if signatures else ["output_0"]
-    (in_scale, in_zero), (out_scale, out_zero) = inputs[0]["quantization"], outputs[0]["quantization"]
-    return {
+    inputs = interpreter.get_input_details()
+    if len(inputs) != 1:
+        raise QuantizationError(f"the model has {len(inputs)} inputs; expected 1")
+    outputs = _outputs_by_name(interpreter)
+    if LEAF_OUTPUT in outputs:
+        leaf_name, kind = LEAF_OUTPUT, "leaf_logits"
+    elif len(outputs) == 1:
+        leaf_name, kind = next(iter(outputs)), "leaf_probabilities"
+    else:
+        raise QuantizationError(f"the model has outputs {sorted(outputs)}; expected '{LEAF_OUTPUT}'")
+    leaf = outputs[leaf_name]
+    (in_scale, in_zero), (out_scale, out_zero) = inputs[0]["quantization"], leaf["quantization"]
+    info = {
         "input_shape": tuple(int(d) for d in inputs[0]["shape"]),
         "input_dtype": np.dtype(inputs[0]["dtype"]).name,
         "input_scale": float(in_scale) or 1.0,  # 0.0 means "not quantized": raw values
         "input_zero_point": int(in_zero),
-        "output_shape": tuple(int(d) for d in outputs[0]["shape"]),
-        "output_name": names[0],
-        "output_dtype": np.dtype(outputs[0]["dtype"]).name,
+        "output_shape": tuple(int(d) for d in leaf["shape"]),
+        "output_name": leaf_name,
+        "output_kind": kind,
+        "output_dtype": np.dtype(leaf["dtype"]).name,
         "output_scale": float(out_scale),
         "output_zero_point": int(out_zero),
+        "embedding": None,
     }
+    if EMBEDDING_OUTPUT in outputs:
+        emb = outputs[EMBEDDING_OUTPUT]
+        scale, zero = emb["quantization"]
+        info["embedding"] = {
+            "name": EMBEDDING_OUTPUT,
+            "dtype": np.dtype(emb["dtype"]).name,
+            "scale": float(scale) or 1.0,
+            "zero_point": int(zero),
+            "size": int(emb["shape"][-1]),
+        }
+    return info
 
 
-def run_tflite(model: bytes, images: np.ndarray, desc: str = "") -> np.ndarray:
-    """The raw output tensor for each image (N x C, in the model's output dtype), one invoke per image as on
-    the device, through the device's interpreter."""
+def _outputs_by_name(interpreter: Any) -> dict[str, dict]:
+    """Signature-runner output name -> output details (`get_output_details()` order is not the Keras
+    order; a model without signatures has one output, `output_0`)."""
+    details = interpreter.get_output_details()
+    signatures = interpreter.get_signature_list()
+    if not signatures:
+        return {"output_0": details[0]}
+    key = next(iter(signatures))
+    by_index = {d["index"]: d for d in details}
+    runner = interpreter.get_signature_runner(key).get_output_details()
+    return {name: by_index[d["index"]] for name, d in runner.items()}
+
+
+def run_tflite(model: bytes, images: np.ndarray, desc: str = "") -> dict[str, np.ndarray]:
+    """Each output's raw tensor for each image (name -> N x C, in the model's output dtype), one invoke per
+    image as on the device, through the device's interpreter."""
     from taxonedge.edge.kernel.runtime import make_interpreter
     from tqdm import tqdm
 
     interpreter = make_interpreter(model)
-    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    results = []
+    inp = interpreter.get_input_details()[0]
+    outputs = _outputs_by_name(interpreter)
+    results: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
     for image in tqdm(images, desc=desc or "running TFLite", unit="img", leave=False, disable=not desc):
         interpreter.set_tensor(inp["index"], image[np.newaxis].astype(inp["dtype"]))
         interpreter.invoke()
-        results.append(interpreter.get_tensor(out["index"])[0].copy())
-    return np.stack(results)
+        for name, out in outputs.items():
+            results[name].append(interpreter.get_tensor(out["index"])[0].copy())
+    return {name: np.stack(values) for name, values in results.items()}

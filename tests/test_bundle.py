@@ -141,7 +141,7 @@ def test_unsupported_format_version(tmp_path):
     with tarfile.open(path) as tar:
         members = {i.name: tar.extractfile(i).read() for i in tar}
     manifest = json.loads(members["manifest.json"])
-    manifest["format_version"] = 3
+    manifest["format_version"] = 4
     members["manifest.json"] = json.dumps(manifest).encode()
     import hashlib
 
@@ -150,7 +150,7 @@ def test_unsupported_format_version(tmp_path):
     )
     from taxonedge.edge.kernel.bundle import _tar_bytes
 
-    with pytest.raises(BundleError, match="format_version 3 is not supported"):
+    with pytest.raises(BundleError, match="format_version 4 is not supported"):
         read_bundle(_tar_bytes(members))
 
 

@@ -111,9 +111,13 @@ def test_ptq_int8_bundle_is_complete_and_runs_like_the_float_model(converted, ti
     # Input spec from the converted tensor: raw uint8 pixels (scale 1, zero point 0), as the device feeds
     # them.
     assert (m.input.dtype, m.input.scale, m.input.zero_point) == ("uint8", 1.0, 0)
-    assert (
-        m.output.name == "output_0" and m.output.dtype == "uint8" and m.output.scale == pytest.approx(1 / 256)
-    )
+    # Format v3: leaf logits (the device takes the softmax in float) and the embedding, one invoke.
+    assert m.format_version == 3
+    assert (m.output.name, m.output.kind, m.output.dtype) == ("leaf_logits", "leaf_logits", "uint8")
+    assert m.embedding is not None and (m.embedding.name, m.embedding.size) == ("embedding", 8)
+    # The open-set threshold lets the asked share of the known validation images through.
+    assert m.open_set is not None and m.open_set.known_pass_rate == 0.98
+    assert m.metrics["open_set"]["known_rejected"] <= 0.02 + 1 / 24
     assert m.temperature == 1.0
     # Back-off thresholds are re-chosen on the int8 outputs (what the device decides on); the float
     # calibration is kept for the record, and every published depth reaches the target precision on val.
@@ -147,8 +151,11 @@ def test_ptq_int8_bundle_is_complete_and_runs_like_the_float_model(converted, ti
     assert m.golden == {"file": GOLDEN, "count": 8, "tolerance": 0, "unit": "quantized steps"}
     assert inputs.shape == (8, SIZE, SIZE, 3) and inputs.dtype == np.uint8 and outputs.dtype == np.uint8
     classifier = Classifier(bundle)
-    for image, expected in zip(inputs, outputs, strict=True):
+    embeddings = bundle.golden_embeddings()
+    assert embeddings is not None and embeddings.shape == (8, 8)
+    for image, expected, embedding in zip(inputs, outputs, embeddings, strict=True):
         np.testing.assert_array_equal(classifier.raw(image), expected)
+        np.testing.assert_array_equal(classifier.raw_embedding(), embedding)
     # The device decodes and classifies a validation image correctly with this bundle.
     from taxonedge.edge.kernel.preprocess import load_image
 
@@ -158,6 +165,28 @@ def test_ptq_int8_bundle_is_complete_and_runs_like_the_float_model(converted, ti
         for p, label in splits["val"]
     ]
     assert np.mean(correct) > 0.9
+
+
+def test_probability_output_makes_a_v2_bundle_for_older_daemons(tiny_convert_run, tmp_path):
+    out = tmp_path / "v2.tebundle"
+    run_cli(
+        "convert",
+        "--run",
+        str(tiny_convert_run),
+        "--out",
+        str(out),
+        "--calibration-images",
+        "32",
+        "--outputs",
+        "probabilities",
+    )
+    bundle = read_bundle(out)
+    m = bundle.manifest
+    assert m.format_version == 2 and m.embedding is None and m.open_set is None
+    assert m.output.kind == "leaf_probabilities" and m.output.scale == pytest.approx(1 / 256)
+    inputs, _ = bundle.golden()
+    probs = Classifier(bundle).probabilities(inputs[0])
+    assert probs.sum() == pytest.approx(1.0, abs=0.02)
 
 
 def test_gate_refuses_and_writes_nothing(tiny_convert_run, tmp_path):
@@ -402,7 +431,9 @@ def test_model_with_ops_that_cannot_be_integer(tiny_convert_run, tmp_path):
     # sparsemax lowers to CUMSUM, TOPK_V2, DIV...: the converter leaves them float even in int8-only mode.
     sparse = keras.layers.Activation("sparsemax")(trained.layers[-2].output)
     keras.Model(trained.inputs, sparse).save(run / "model.keras")
-    err = _convert_fails(run, tmp_path)
+    # with the default logits output the converter refuses the model before converting: no softmax to drop
+    assert "does not end in a softmax" in _convert_fails(run, tmp_path)
+    err = _convert_fails(run, tmp_path, "--outputs", "probabilities")
     assert "not fully integer" in err and "CUMSUM" in err and "--mode dynamic" in err
 
 

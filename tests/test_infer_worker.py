@@ -36,16 +36,17 @@ def images(bundle, n: int) -> list[np.ndarray]:
 
 def test_two_in_flight_answers_match_the_in_process_classifier_frame_by_frame(bundle, worker):
     frames = images(bundle, 9)
-    expected = [Classifier(bundle).probabilities(image) for image in frames]
-    assert len({int(np.argmax(p)) for p in expected}) > 1  # distinct answers, so a mix-up would show
+    expected = [Classifier(bundle).outputs(image) for image in frames]
+    assert len({int(np.argmax(p)) for p, _ in expected}) > 1  # distinct answers, so a mix-up would show
     got = []
     worker.submit(frames[0])
     for image in frames[1:]:
         worker.submit(image)  # the second slot fills while the first is still at the worker
-        got.append(worker.result()[0])
-    got.append(worker.result()[0])
-    for want, have in zip(expected, got, strict=True):
-        np.testing.assert_array_equal(have, want)
+        got.append(worker.result())
+    got.append(worker.result())
+    for (scores, embedding), answer in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(answer.scores, scores)  # the leaf logits, dequantized
+        np.testing.assert_array_equal(answer.embedding, embedding)  # and the embedding of the same invoke
 
 
 def test_more_images_than_slots_is_refused_before_anything_is_overwritten(bundle, worker):
@@ -54,8 +55,8 @@ def test_more_images_than_slots_is_refused_before_anything_is_overwritten(bundle
     worker.submit(frames[1])
     with pytest.raises(RuntimeError, match="collect a result first"):
         worker.submit(frames[2])
-    np.testing.assert_array_equal(worker.result()[0], Classifier(bundle).probabilities(frames[0]))
-    np.testing.assert_array_equal(worker.result()[0], Classifier(bundle).probabilities(frames[1]))
+    np.testing.assert_array_equal(worker.result()[0], Classifier(bundle).scores(frames[0]))
+    np.testing.assert_array_equal(worker.result()[0], Classifier(bundle).scores(frames[1]))
 
 
 def test_an_image_of_the_wrong_shape_fails_alone_and_the_worker_keeps_serving(bundle, worker):
@@ -64,7 +65,7 @@ def test_an_image_of_the_wrong_shape_fails_alone_and_the_worker_keeps_serving(bu
     with pytest.raises(WorkerError):
         worker.result()
     worker.submit(frame)
-    np.testing.assert_array_equal(worker.result()[0], Classifier(bundle).probabilities(frame))
+    np.testing.assert_array_equal(worker.result()[0], Classifier(bundle).scores(frame))
     assert worker.alive()
 
 
@@ -84,8 +85,8 @@ def test_without_shared_memory_images_go_through_the_pipe(bundle, monkeypatch, c
         frames = images(bundle, 3)
         worker.submit(frames[0])
         worker.submit(frames[1])
-        np.testing.assert_array_equal(worker.result()[0], Classifier(bundle).probabilities(frames[0]))
-        np.testing.assert_array_equal(worker.result()[0], Classifier(bundle).probabilities(frames[1]))
+        np.testing.assert_array_equal(worker.result()[0], Classifier(bundle).scores(frames[0]))
+        np.testing.assert_array_equal(worker.result()[0], Classifier(bundle).scores(frames[1]))
     finally:
         worker.stop()
 

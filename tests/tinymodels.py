@@ -11,11 +11,14 @@ import functools
 from pathlib import Path
 
 import numpy as np
+from taxonedge.convert.quantize import io_details, run_tflite
 from taxonedge.edge.kernel.bundle import (
     GOLDEN,
     MODEL,
     MODEL_EDGETPU,
+    EmbeddingSpec,
     ModelInfo,
+    OpenSet,
     Quantization,
     build_manifest,
     read_bundle,
@@ -29,7 +32,7 @@ from .conftest import TINY_LABELS, class_image
 
 
 @functools.cache
-def _tiny_tflite(labels: tuple[str, ...], size: int, seed: int, nan: bool) -> bytes:
+def _tiny_tflite(labels: tuple[str, ...], size: int, seed: int, nan: bool, export: bool = False) -> bytes:
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -49,7 +52,8 @@ def _tiny_tflite(labels: tuple[str, ...], size: int, seed: int, nan: bool) -> by
     h = keras.layers.Rescaling(1 / 127.5, -1)(inp)
     h = keras.layers.Conv2D(8, 3, activation="relu")(h)
     h = keras.layers.GlobalAveragePooling2D()(h)
-    logits = keras.layers.Dense(len(labels))(h)
+    dense = keras.layers.Dense(len(labels), name="leaf_logits")
+    logits = dense(h)
     if nan:  # a broken model: log of a negative number gives NaN on every input
         logits = keras.layers.Lambda(lambda t: tf.math.log(-tf.abs(t) - 1.0))(logits)
     out = keras.layers.Softmax()(logits)
@@ -57,6 +61,10 @@ def _tiny_tflite(labels: tuple[str, ...], size: int, seed: int, nan: bool) -> by
     model.compile(optimizer=keras.optimizers.Adam(0.05), loss="sparse_categorical_crossentropy")
     if not nan:
         model.fit(x, y, epochs=15, batch_size=16, verbose=0)
+    if export:  # the converter's export: two named outputs (train/model.py export_model)
+        from taxonedge.train.model import export_model
+
+        model = export_model(model, keras)
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if nan:
         return converter.convert()  # float model: NaN survives
@@ -79,36 +87,49 @@ def tiny_bundle_bytes(
     golden: bool = True,
     tmp_dir: Path | None = None,
     edgetpu_model: bool = False,
+    outputs: str = "logits",
+    open_set: float | None = None,
 ) -> bytes:
     """A complete bundle (bytes) with a real int8 model; `nan=True` gives a float model that outputs NaN.
     `edgetpu_model=True` adds model_edgetpu.tflite as edgetpu_compiler's output would sit there (here the
-    same model: the compiler and the accelerator do not exist on a test machine)."""
+    same model: the compiler and the accelerator do not exist on a test machine). `outputs="logits"` (the
+    converter's default): leaf logits and an embedding, format v3, with `open_set` as its max-logit
+    threshold; "probabilities": one probability output, format v2."""
     import io
     import tempfile
 
     labels = list(labels or TINY_LABELS)
     taxonomy = Taxonomy.from_paths(labels, name="tiny")
-    model = _tiny_tflite(tuple(labels), size, seed, nan)
+    with_logits = outputs == "logits" and not nan
+    model = _tiny_tflite(tuple(labels), size, seed, nan, with_logits)
     spec = InputSpec(height=size, width=size, dtype="float32" if nan else "uint8")
+    info = io_details(model)
     files = {MODEL: model}
     if edgetpu_model:
         files[MODEL_EDGETPU] = model
     if golden:
-        from taxonedge.edge.kernel.runtime import make_interpreter
-
         rng = np.random.default_rng(seed + 100)
         inputs = np.stack([preprocess(class_image(i % len(labels), rng, 64), spec) for i in range(4)])
-        interp = make_interpreter(model)
-        inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-        outputs = []
-        for image in inputs:
-            interp.set_tensor(inp["index"], image[None].astype(inp["dtype"]))
-            interp.invoke()
-            outputs.append(interp.get_tensor(out["index"])[0].copy())
+        got = run_tflite(model, inputs)
+        arrays = {"inputs": inputs, "outputs": got[info["output_name"]]}
+        if info["embedding"]:
+            arrays["embeddings"] = got[info["embedding"]["name"]]
         buf = io.BytesIO()
-        np.savez(buf, inputs=inputs, outputs=np.stack(outputs))
+        np.savez(buf, **arrays)
         files[GOLDEN] = buf.getvalue()
     output = {"dtype": "float32", "scale": 0.0, "zero_point": 0} if nan else {}
+    v3 = {}
+    if with_logits:
+        output = {
+            "name": info["output_name"],
+            "kind": "leaf_logits",
+            "scale": info["output_scale"],
+            "zero_point": info["output_zero_point"],
+        }
+        v3 = {
+            "embedding": EmbeddingSpec(**info["embedding"]),
+            "open_set": OpenSet(threshold=open_set, known_pass_rate=0.98) if open_set is not None else None,
+        }
     manifest = build_manifest(
         model=ModelInfo(name="tiny", version=version, created_at=utc_now(), backbone="tiny-cnn"),
         taxonomy=taxonomy,
@@ -118,6 +139,7 @@ def tiny_bundle_bytes(
         quantization=Quantization(mode="float32" if nan else "int8", calibration_images=32),
         thresholds=thresholds if thresholds is not None else {"depth_1": 0.5},
         golden={"file": GOLDEN, "count": 4, "tolerance": 0} if golden else {},
+        **v3,
     )
     with tempfile.TemporaryDirectory(dir=tmp_dir) as tmp:
         path = write_bundle(Path(tmp) / "b.tebundle", manifest, files, sign_key=sign_key)

@@ -156,6 +156,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "them in force. For photos from the line a device will serve: thresholds "
         "chosen on other occasions can promise more precision than they give there",
     )
+    evaluate.add_argument(
+        "--novel-products",
+        action="store_true",
+        help="images whose label the model does not have are products it was never trained on: score "
+        "what the device would publish for them (right: unknown, or a parent on their own path such as "
+        "Fruit/Apple for a new apple) instead of refusing the data. Needs --bundle",
+    )
     evaluate.set_defaults(func=_evaluate)
 
 
@@ -216,7 +223,23 @@ def _train(args: argparse.Namespace) -> int:
 
 def _summary(metrics: dict, where: str) -> str:
     acc = ", ".join(f"{k} {100 * v:.1f} %" for k, v in metrics["accuracy"].items())
-    return f"val ({metrics['n']} images): {acc}; wrote {where}"
+    lines = [f"val ({metrics['n']} images): {acc}"]
+    published = metrics["backoff"]
+    if published.get("published_precision") is not None:
+        rows = [(key, row) for key, row in published.items() if key.startswith("depth_")]
+        depths = ", ".join(f"{key} {100 * row['coverage']:.1f} %" for key, row in rows)
+        lines.append(
+            f"published labels {100 * published['published_precision']:.1f} % right; reaching {depths}; "
+            f"unknown {100 * published['decisions']['unknown']:.1f} %"
+        )
+    novel = metrics.get("novel_products")
+    if novel and novel["n"]:
+        lines.append(
+            f"novel products ({novel['n']} images, {novel['labels']} labels): {100 * novel['safe']:.1f} % "
+            f"unknown or a correct parent ({100 * novel['unknown']:.1f} % unknown), "
+            f"{100 * novel['wrong']:.1f} % published as a product they are not"
+        )
+    return "\n".join(lines) + f"\nwrote {where}"
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -241,6 +264,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             bundle_path=Path(args.bundle) if args.bundle else None,
             num_threads=args.threads,
             fit_precision=args.fit_thresholds,
+            novel_products=args.novel_products,
         )
     except (DataError, BundleError, RunDirError) as exc:
         raise CliError(str(exc)) from None

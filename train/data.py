@@ -166,11 +166,14 @@ def leaf_indices(taxonomy: Taxonomy, samples: list[Sample], where: str) -> np.nd
     return np.array([taxonomy.leaf_index(s.label) for s in samples], dtype=np.int64)
 
 
-def model_leaves(taxonomy: Taxonomy, samples: list[Sample], where: str) -> list[Sample]:
+def model_leaves(
+    taxonomy: Taxonomy, samples: list[Sample], where: str, novel: list[Sample] | None = None
+) -> list[Sample]:
     """The samples with their labels as leaves of a model's taxonomy, for evaluation: a label that is not a
     leaf but whose class name (last component) is the last component of exactly one leaf is taken as that
     leaf (logged once per label): a model trained on `Vegetables/Brown-Cap-Mushroom` is evaluated on data
-    that has it as `Vegetables/Mushroom/Brown-Cap-Mushroom`. Other labels are an error listing them."""
+    that has it as `Vegetables/Mushroom/Brown-Cap-Mushroom`. Other labels are an error listing them, or,
+    when a `novel` list is given, products the model does not know: their samples go there."""
     leaves = set(taxonomy.leaf_labels)
     by_name: dict[str, list[str]] = defaultdict(list)
     for leaf in taxonomy.leaf_labels:
@@ -186,9 +189,15 @@ def model_leaves(taxonomy: Taxonomy, samples: list[Sample], where: str) -> list[
             unknown.append(
                 label if not named else f"{label} (the name of {len(named)} leaves: {', '.join(named)})"
             )
-    if unknown:
+    if unknown and novel is None:
         raise DataError(_not_leaves(where, unknown))
-    return [Sample(s.path, as_leaf[s.label]) if s.label in as_leaf else s for s in samples]
+    if novel is not None:
+        novel.extend(s for s in samples if s.label not in leaves and s.label not in as_leaf)
+    return [
+        Sample(s.path, as_leaf.get(s.label, s.label))
+        for s in samples
+        if s.label in leaves or s.label in as_leaf
+    ]
 
 
 def _not_leaves(where: str, labels: list[str]) -> str:

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from taxonedge.edge.kernel.decode import Decoder, leaf_probabilities
 from taxonedge.edge.kernel.files import atomic_write
 from taxonedge.edge.kernel.taxonomy import Taxonomy
 
@@ -33,17 +34,16 @@ def predict_run(run_dir: Path, images: np.ndarray) -> np.ndarray:
     return np.asarray(model.predict(images.astype(np.float32), batch_size=32, verbose=0), dtype=np.float64)
 
 
-def predict_bundle(classifier, images: np.ndarray) -> np.ndarray:
-    """Leaf probabilities of a bundle's model through `taxonedge.edge.kernel.runtime.Classifier`, image by
-    image."""
+def predict_bundle(classifier, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(leaf probabilities, leaf scores) of a bundle's model through
+    `taxonedge.edge.kernel.runtime.Classifier`, image by image; the scores are the logits of a v3 bundle
+    (the probabilities of older ones)."""
     from tqdm import tqdm
 
-    return np.stack(
-        [
-            classifier.probabilities(img)
-            for img in tqdm(images, desc="int8 inference", unit="img", leave=False)
-        ]
+    scores = np.stack(
+        [classifier.scores(img) for img in tqdm(images, desc="int8 inference", unit="img", leave=False)]
     ).astype(np.float64)
+    return leaf_probabilities(scores, classifier.model.output_kind), scores
 
 
 def evaluate(
@@ -53,9 +53,12 @@ def evaluate(
     bundle_path: Path | None = None,
     num_threads: int | None = None,
     fit_precision: float | None = None,
+    novel_products: bool = False,
 ) -> dict:
     """Evaluate exactly one of `run_dir` or `bundle_path` on `data`; write the reports; return metrics.
-    `fit_precision`: also choose back-off thresholds on these images (see `fit_thresholds`)."""
+    `fit_precision`: also choose back-off thresholds on these images (see `fit_thresholds`).
+    `novel_products`: images whose label the model does not have are products it was not trained on,
+    scored as such (`score_novel`) instead of refused."""
     if (run_dir is None) == (bundle_path is None):
         raise ValueError("give exactly one of run_dir and bundle_path")
     samples = data_mod.read_samples(data)
@@ -78,16 +81,81 @@ def evaluate(
         }
     # labels as the model's leaves (by class name where the data's hierarchy differs); unknown labels fail
     # before any image is decoded
-    samples = data_mod.model_leaves(taxonomy, samples, str(data))
+    novel: list[data_mod.Sample] | None = [] if novel_products else None
+    samples = data_mod.model_leaves(taxonomy, samples, str(data), novel)
     images, kept, errors = data_mod.load_images(samples, spec, "eval images")
     y_true = data_mod.leaf_indices(taxonomy, kept, str(data))
-    probs = predict_run(Path(run_dir), images) if classifier is None else predict_bundle(classifier, images)
-    metrics = compute_metrics(taxonomy, y_true, probs, thresholds)
+    unfamiliar, decoder = None, None
+    if classifier is None:
+        probs = predict_run(Path(run_dir), images)
+    else:
+        probs, scores = predict_bundle(classifier, images)
+        decoder = bundle_decoder(bundle)
+        if decoder.open_set_threshold is not None:
+            unfamiliar = scores.max(axis=1) < decoder.open_set_threshold
+    metrics = compute_metrics(taxonomy, y_true, probs, thresholds, unfamiliar)
+    if unfamiliar is not None:
+        right = probs.argmax(axis=1) == y_true
+        metrics["open_set"] = {
+            "threshold": decoder.open_set_threshold,
+            "known_rejected": float(unfamiliar.mean()),
+            "rejected_right": int((unfamiliar & right).sum()),
+            "rejected_wrong": int((unfamiliar & ~right).sum()),
+        }
+    if novel:
+        if decoder is None:
+            raise data_mod.DataError("--novel-products needs a --bundle (the device's decision)")
+        metrics["novel_products"] = score_novel(taxonomy, decoder, classifier, novel, spec)
     if fit_precision is not None:
         metrics["fitted_thresholds"] = fit_thresholds(taxonomy, y_true, probs, fit_precision)
     metrics["source"] = {**source, "data": str(Path(data).resolve()), "skipped_images": errors}
     write_reports(out, taxonomy, metrics, y_true, probs)
     return metrics
+
+
+def bundle_decoder(bundle) -> Decoder:
+    """The device's decoder for a bundle, with its own thresholds and open-set threshold."""
+    open_set = bundle.manifest.open_set
+    return Decoder(
+        bundle.taxonomy,
+        bundle.manifest.thresholds,
+        kind=bundle.manifest.output.kind,
+        open_set_threshold=open_set.threshold if open_set is not None else None,
+    )
+
+
+def score_novel(taxonomy: Taxonomy, decoder: Decoder, classifier, samples: list, spec) -> dict:
+    """What the device publishes for products the model was not trained on. Right is `unknown`, or a
+    parent on the product's own path that the taxonomy has (`Fruit/Apple` for a new apple); wrong is any
+    other label, a product the item is not."""
+    images, kept, errors = data_mod.load_images(samples, spec, "novel product images")
+    outcomes = {"unknown": 0, "unfamiliar": 0, "correct_parent": 0, "wrong": 0}
+    per_label: dict[str, dict[str, int]] = {}
+    for image, sample in zip(images, kept, strict=True):
+        decision = decoder.decode(classifier.scores(image))
+        truth = tuple(sample.label.split("/"))
+        if decision.decision == "unknown":
+            outcome = "unknown"
+            outcomes["unfamiliar"] += decision.reason == "unfamiliar"
+        elif truth[: len(decision.path)] == decision.path and len(decision.path) < len(truth):
+            outcome = "correct_parent"
+        else:
+            outcome = "wrong"
+        outcomes[outcome] += 1
+        row = per_label.setdefault(sample.label, {"unknown": 0, "correct_parent": 0, "wrong": 0})
+        row[outcome] += 1
+    n = len(kept)
+    return {
+        "n": n,
+        "labels": len(per_label),
+        "safe": (outcomes["unknown"] + outcomes["correct_parent"]) / n if n else None,
+        "unknown": outcomes["unknown"] / n if n else None,
+        "unfamiliar": outcomes["unfamiliar"] / n if n else None,
+        "correct_parent": outcomes["correct_parent"] / n if n else None,
+        "wrong": outcomes["wrong"] / n if n else None,
+        "per_label": per_label,
+        "skipped_images": errors,
+    }
 
 
 def fit_thresholds(

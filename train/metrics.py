@@ -68,12 +68,17 @@ def _first_leaf(node):
 
 
 def backoff(
-    taxonomy: Taxonomy, probs: np.ndarray, true_leaf: np.ndarray, thresholds: dict[str, float] | None
+    taxonomy: Taxonomy,
+    probs: np.ndarray,
+    true_leaf: np.ndarray,
+    thresholds: dict[str, float] | None,
+    unfamiliar: np.ndarray | None = None,
 ) -> dict:
-    """Coverage and precision per depth of the labels the device would publish with `thresholds`."""
+    """Coverage and precision per depth of the labels the device would publish with `thresholds`; the
+    images marked `unfamiliar` (below the open-set threshold) are published as unknown."""
     nodes, scores = greedy_walk(taxonomy, probs)
     n = len(probs)
-    passed = np.ones(n, dtype=bool)
+    passed = np.ones(n, dtype=bool) if unfamiliar is None else ~np.asarray(unfamiliar, dtype=bool)
     published_right = np.zeros(n, dtype=bool)
     published_leaf = np.zeros(n, dtype=bool)
     published_any = np.zeros(n, dtype=bool)
@@ -135,9 +140,14 @@ def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = RELIABI
 
 
 def compute_metrics(
-    taxonomy: Taxonomy, true_leaf: np.ndarray, probs: np.ndarray, thresholds: dict[str, float] | None = None
+    taxonomy: Taxonomy,
+    true_leaf: np.ndarray,
+    probs: np.ndarray,
+    thresholds: dict[str, float] | None = None,
+    unfamiliar: np.ndarray | None = None,
 ) -> dict:
-    """Every metric of `taxonedge evaluate` for N images: `true_leaf` (N,) leaf indices, `probs` (N, L)."""
+    """Every metric of `taxonedge evaluate` for N images: `true_leaf` (N,) leaf indices, `probs` (N, L);
+    `unfamiliar` (N,) marks the images the open-set check publishes as unknown."""
     true_leaf = np.asarray(true_leaf, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     n, num_leaves = probs.shape if probs.ndim == 2 else (0, 0)
@@ -218,7 +228,7 @@ def compute_metrics(
         },
         "nll": nll,
         "calibration": reliability(confidence, correct),
-        "backoff": backoff(taxonomy, probs, true_leaf, thresholds),
+        "backoff": backoff(taxonomy, probs, true_leaf, thresholds, unfamiliar),
         "per_class": per_class,
     }
 

@@ -90,6 +90,42 @@ def inference_model(model: Any, keras_module: Any, temperature: float = 1.0) -> 
     return single
 
 
+LEAF_OUTPUT = "leaf_logits"
+EMBEDDING_OUTPUT = "embedding"
+
+
+def export_model(model: Any, keras_module: Any) -> Any:
+    """The model a bundle carries: two outputs of one invoke, named for the device's signature runner,
+    `leaf_logits` (temperature folded in; the device takes the softmax in float, so confident answers keep
+    their ranking instead of saturating at 255/256) and `embedding` (the pooled features the leaf layer
+    reads: no-item detection and enrolled products compare them).
+
+    `model` is a classifier from `build_classifier`/`inference_model` (Keras 3, or tf_keras after QAT,
+    where tfmot wraps each layer: the wrapper's inner layer keeps the name)."""
+    named = [layer for layer in model.layers if getattr(layer, "layer", layer).name == "leaf_logits"]
+    if named:
+        logits, embedding = named[0].output, named[0].input
+    else:  # a classifier built elsewhere: Softmax(Dense(features)) at the end
+        last = model.layers[-1]
+        inner = getattr(last, "layer", last)
+        activation = getattr(getattr(inner, "activation", None), "__name__", "")
+        if "softmax" not in (inner.__class__.__name__.lower(), activation):
+            raise ValueError(
+                f"the model does not end in a softmax over leaf logits (its last layer is {last.name}): "
+                "convert it with --outputs probabilities"
+            )
+        logits = last.input
+        embedding = _producer(logits).input
+    outputs = {LEAF_OUTPUT: logits, EMBEDDING_OUTPUT: embedding}
+    return keras_module.Model(model.inputs, outputs, name=model.name + "_export")
+
+
+def _producer(tensor: Any) -> Any:
+    """The layer that made a symbolic tensor (Keras 3 names it `operation`, tf_keras `layer`)."""
+    history = tensor._keras_history
+    return getattr(history, "operation", None) or history.layer
+
+
 def unfreeze_top(backbone: Any, count: int) -> int:
     """Make the top `count` layers of the backbone trainable, every BatchNormalization layer frozen.
 

@@ -1,4 +1,4 @@
-"""Model bundles, format v2 (v1 still read): the one reader and writer for both the host and the device.
+"""Model bundles, format v3 (v1, v2 still read): the one reader and writer for both the host and the device.
 
 A bundle is one uncompressed tar file:
 
@@ -39,8 +39,10 @@ from .taxonomy import Taxonomy, TaxonomyError
 from .thresholds import check_thresholds
 
 FORMAT = "taxonedge-bundle"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # v1: no `artifacts` (derived from the file names when read)
+FORMAT_VERSION = 3
+# v1: no `artifacts` (derived from the file names when read); v2: leaf probabilities only; v3: leaf logits
+# (softmax on the device, in float), an optional embedding output and an open-set threshold.
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 CHECKSUMS = "SHA256SUMS"
@@ -66,18 +68,49 @@ class BundleError(ValueError):
 
 
 class OutputSpec(BaseModel):
-    """Which output tensor holds what. v1 models have one output: leaf probabilities in `leaf_order`."""
+    """Which output tensor holds what: one score per leaf, in `leaf_order`.
+
+    `leaf_probabilities` (v1, v2): a softmax inside the model; as uint8 it saturates at 255/256, so the
+    confident answers, right or wrong, all read the same. `leaf_logits` (v3): the scores before the softmax,
+    which the device turns into probabilities in float (`decode.leaf_probabilities`), so they keep ranking
+    at the top, and whose maximum is the open-set score."""
 
     model_config = ConfigDict(extra="forbid")
 
     # Signature-runner output name (`get_output_details()` order is not the Keras order, names are stable).
     name: str = "output_0"
-    kind: Literal["leaf_probabilities"] = "leaf_probabilities"
+    kind: Literal["leaf_probabilities", "leaf_logits"] = "leaf_probabilities"
     dtype: Literal["uint8", "int8", "float32"] = "uint8"
     scale: float = 1.0 / 256.0
     zero_point: int = 0
     num_classes: int = Field(ge=1)
     leaf_order: list[str]
+
+
+class EmbeddingSpec(BaseModel):
+    """v3: the penultimate features (the pooled backbone output the leaf layer reads), a second output of
+    the same invoke: what no-item detection and enrolled products compare."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "embedding"
+    dtype: Literal["uint8", "int8", "float32"] = "uint8"
+    scale: float = 1.0
+    zero_point: int = 0
+    size: int = Field(ge=1)
+
+
+class OpenSet(BaseModel):
+    """v3: when a product is not one the model knows. The score is the largest leaf logit (max-logit: a
+    closed-set classifier that is sure of nothing it knows gives all its logits low); below `threshold`
+    the label is `unknown` with reason `unfamiliar`. The threshold lets `known_pass_rate` of the
+    calibration images of known products through."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    score: Literal["max_logit"] = "max_logit"
+    threshold: float
+    known_pass_rate: float = Field(ge=0.0, le=1.0)
 
 
 class FileEntry(BaseModel):
@@ -131,6 +164,9 @@ class Manifest(BaseModel):
     signing_key_id: str | None = None
     # v2: the file each inference backend runs, {"cpu": "model.tflite", "edgetpu": "model_edgetpu.tflite"}
     artifacts: dict[str, str] = {}
+    # v3: the embedding output and the open-set threshold (None: the model has none)
+    embedding: EmbeddingSpec | None = None
+    open_set: OpenSet | None = None
     files: dict[str, FileEntry]
 
     @field_validator("format_version")
@@ -142,6 +178,20 @@ class Manifest(BaseModel):
                 f"{', '.join(map(str, READABLE_VERSIONS))})"
             )
         return v
+
+    @model_validator(mode="after")
+    def _v3_fields(self) -> Manifest:
+        if self.format_version < 3:
+            for name, used in (
+                ("output.kind leaf_logits", self.output.kind == "leaf_logits"),
+                ("embedding", self.embedding is not None),
+                ("open_set", self.open_set is not None),
+            ):
+                if used:
+                    raise ValueError(f"{name}: not a format_version {self.format_version} field (v3)")
+        if self.open_set is not None and self.output.kind != "leaf_logits":
+            raise ValueError("open_set: the max-logit score needs output.kind leaf_logits")
+        return self
 
     @model_validator(mode="after")
     def _artifacts(self) -> Manifest:
@@ -220,6 +270,13 @@ class Bundle:
             return None
         with np.load(io.BytesIO(self.files[GOLDEN]), allow_pickle=False) as data:
             return data["inputs"], data["outputs"]
+
+    def golden_embeddings(self) -> np.ndarray | None:
+        """The embedding output (NxD) for the golden inputs, when the model has one (v3)."""
+        if GOLDEN not in self.files or self.manifest.embedding is None:
+            return None
+        with np.load(io.BytesIO(self.files[GOLDEN]), allow_pickle=False) as data:
+            return data["embeddings"] if "embeddings" in data.files else None
 
     def describe(self) -> dict[str, Any]:
         """A short identity for status messages and label payloads."""
@@ -353,6 +410,9 @@ def build_manifest(
     """A manifest for `files`, with the taxonomy, its hash and every file's sha256 filled in."""
     output_fields = dict(output) if isinstance(output, dict) else (output.model_dump() if output else {})
     output_fields.update(num_classes=taxonomy.num_leaves, leaf_order=taxonomy.leaf_labels)
+    # The lowest version that holds these fields, so a bundle without v3's outputs still reaches v2 daemons.
+    v3 = output_fields.get("kind") == "leaf_logits" or fields.get("embedding") or fields.get("open_set")
+    fields.setdefault("format_version", FORMAT_VERSION if v3 else 2)
     return Manifest(
         model=ModelInfo.model_validate(model) if isinstance(model, dict) else model,
         taxonomy=taxonomy.to_dict(),

@@ -1,4 +1,9 @@
-"""Leaf probabilities -> a hierarchical label with back-off.
+"""Leaf scores -> a hierarchical label with back-off, or `unknown` with a reason.
+
+A v3 bundle's model gives leaf logits: they become probabilities here, in float (`leaf_probabilities`),
+and their maximum is the open-set score. A product the model does not know tends to light no logit up,
+even when the softmax still puts most of its mass on one leaf: below the bundle's open-set threshold the
+label is `unknown`, reason `unfamiliar`, whatever the probabilities say.
 
 Parents' probabilities are the sums of their children's (consistent by construction). Walking down from
 the top level, each step takes the most probable child and keeps it only when its probability passes that
@@ -20,6 +25,7 @@ import numpy as np
 from .taxonomy import Node, Taxonomy
 
 DecisionKind = Literal["accepted", "backed-off", "unknown"]
+OutputKind = Literal["leaf_probabilities", "leaf_logits"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,8 @@ class Decision:
     path: tuple[str, ...]
     levels: tuple[LevelScore, ...]  # the most probable node at each depth down the chosen path
     top_k: tuple[tuple[str, float], ...] = field(default=())  # leaf alternatives
+    reason: str | None = None  # why unknown: low_confidence (no level passed) or unfamiliar (open set)
+    open_set_score: float | None = None  # the max leaf logit, for a model that has logits
 
 
 def decision_fields(decision: Decision, reason: str | None = None) -> dict:
@@ -54,9 +62,23 @@ def decision_fields(decision: Decision, reason: str | None = None) -> dict:
         "decision": decision.decision,
         "top_k": [{"label": label, "score": score} for label, score in decision.top_k],
     }
+    if decision.open_set_score is not None:
+        fields["open_set_score"] = decision.open_set_score
     if decision.decision == "unknown":
-        fields["reason"] = reason or "low_confidence"
+        fields["reason"] = reason or decision.reason or "low_confidence"
     return fields
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities from logits along the last axis, in float64 (stable: the maximum subtracted first)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def leaf_probabilities(scores: np.ndarray, kind: OutputKind) -> np.ndarray:
+    """The model's dequantized leaf output as probabilities: a softmax for logits, as they are otherwise."""
+    return softmax(scores) if kind == "leaf_logits" else np.asarray(scores, dtype=np.float64)
 
 
 def thresholds_for(taxonomy: Taxonomy, thresholds: dict[str, float] | None) -> list[float]:
@@ -66,12 +88,26 @@ def thresholds_for(taxonomy: Taxonomy, thresholds: dict[str, float] | None) -> l
 
 
 class Decoder:
-    """Precomputes per-node leaf index sets once, so decoding a frame is a few small numpy sums."""
+    """Precomputes per-node leaf index sets once, so decoding a frame is a few small numpy sums.
 
-    def __init__(self, taxonomy: Taxonomy, thresholds: dict[str, float] | None = None, top_k: int = 3):
+    `kind` is what the model outputs (the manifest's output.kind); `open_set_threshold` the bundle's
+    max-logit threshold (None: no open-set check)."""
+
+    def __init__(
+        self,
+        taxonomy: Taxonomy,
+        thresholds: dict[str, float] | None = None,
+        top_k: int = 3,
+        kind: OutputKind = "leaf_probabilities",
+        open_set_threshold: float | None = None,
+    ):
+        if open_set_threshold is not None and kind != "leaf_logits":
+            raise ValueError("an open-set threshold needs a model with leaf logits")
         self.taxonomy = taxonomy
         self.thresholds = thresholds_for(taxonomy, thresholds)
         self.top_k = top_k
+        self.kind = kind
+        self.open_set_threshold = open_set_threshold
         index = {leaf.label: i for i, leaf in enumerate(taxonomy.leaves)}
         self._leaves_under: dict[str, np.ndarray] = {}
         for node in taxonomy.nodes():
@@ -89,14 +125,16 @@ class Decoder:
                     np.repeat(np.arange(len(children)), [len(x) for x in leaves]),
                 )
 
-    def decode(self, leaf_probs: np.ndarray) -> Decision:
-        probs = np.asarray(leaf_probs, dtype=np.float64)
-        if probs.shape != (self.taxonomy.num_leaves,):
-            raise ValueError(
-                f"expected {self.taxonomy.num_leaves} leaf probabilities, got shape {probs.shape}"
-            )
-        if not np.all(np.isfinite(probs)):
-            raise ValueError("leaf probabilities contain NaN or infinity")
+    def decode(self, scores: np.ndarray) -> Decision:
+        """Decide on one frame's dequantized leaf output (probabilities or logits, as `kind` says)."""
+        scores = np.asarray(scores, dtype=np.float64)
+        if scores.shape != (self.taxonomy.num_leaves,):
+            raise ValueError(f"expected {self.taxonomy.num_leaves} leaf scores, got shape {scores.shape}")
+        if not np.all(np.isfinite(scores)):
+            raise ValueError("leaf scores contain NaN or infinity")
+        probs = leaf_probabilities(scores, self.kind)
+        open_set = round(float(scores.max()), 4) if self.kind == "leaf_logits" else None
+        unfamiliar = self.open_set_threshold is not None and float(scores.max()) < self.open_set_threshold
         levels: list[LevelScore] = []
         kept: list[Node] = []
         candidates = self.taxonomy.roots
@@ -108,7 +146,7 @@ class Decoder:
             node = candidates[best]
             # Dequantized uint8 leaves can sum past 1 (up to 257/256): a score is a probability, clamped.
             score = min(max(float(scores[best]), 0.0), 1.0)
-            passed = score >= self.thresholds[node.depth - 1]
+            passed = score >= self.thresholds[node.depth - 1] and not unfamiliar
             levels.append(LevelScore(node.depth, node.id, node.name, node.slug, round(score, 6), passed))
             if not passed:
                 break
@@ -130,4 +168,6 @@ class Decoder:
             path=kept[-1].path if kept else (),
             levels=tuple(levels),
             top_k=top,
+            reason=None if kept else ("unfamiliar" if unfamiliar else "low_confidence"),
+            open_set_score=open_set,
         )

@@ -41,7 +41,9 @@ Backend = Annotated[
         ),
     ),
 ]
-UnknownReason = Literal["low_confidence", "no_frames", "timed_out", "overflow", "shutdown", "source_ended"]
+UnknownReason = Literal[
+    "low_confidence", "unfamiliar", "no_frames", "timed_out", "overflow", "shutdown", "source_ended"
+]
 _STRICT = ConfigDict(extra="forbid")
 
 
@@ -207,10 +209,21 @@ class Label(TypedDict):
             UnknownReason,
             Field(
                 description="only when decision is unknown: low_confidence (not even the top level passed), "
+                "unfamiliar (the open-set check: the model's largest leaf logit is below the bundle's "
+                "open_set threshold, as for a product it was not trained on), "
                 "no_frames (an item got no frame: its inference failed), timed_out (item_timeout_s "
                 "passed before any frame was classified), overflow (more than trigger.max_waiting items "
                 "waited: the oldest gets this label at once), shutdown (the daemon stopped before the "
                 "item's turn), source_ended (the video file or folder ended before the item's turn)"
+            ),
+        ]
+    ]
+    open_set_score: NotRequired[
+        Annotated[
+            float,
+            Field(
+                description="the largest leaf logit (format v3 bundles): how familiar the input looks to "
+                "the model; below the bundle's open_set threshold the label is unknown (unfamiliar)"
             ),
         ]
     ]

@@ -140,15 +140,18 @@ class InterpreterModel:
     height: int
     width: int
     dtype: str  # the input tensor's
-    output_name: str  # signature-runner name of the leaf-probability output
+    output_name: str  # signature-runner name of the leaf output
     num_classes: int
     output_scale: float
     output_zero_point: int
     golden_inputs: np.ndarray | None = None  # the self-test images, used for warm-up
+    output_kind: str = "leaf_probabilities"  # or "leaf_logits" (v3)
+    # v3: (signature name, size, scale, zero point) of the embedding output, None when the model has none
+    embedding: tuple[str, int, float, int] | None = None
 
     @classmethod
     def of(cls, bundle: Bundle) -> InterpreterModel:
-        spec, out = bundle.manifest.input, bundle.manifest.output
+        spec, out, emb = bundle.manifest.input, bundle.manifest.output, bundle.manifest.embedding
         golden = bundle.golden()
         return cls(
             bundle.artifacts(),
@@ -160,6 +163,8 @@ class InterpreterModel:
             out.scale,
             out.zero_point,
             golden[0] if golden is not None else None,
+            out.kind,
+            (emb.name, emb.size, emb.scale, emb.zero_point) if emb is not None else None,
         )
 
     def has_artifact(self, backend: str) -> bool:
@@ -167,7 +172,9 @@ class InterpreterModel:
 
 
 class Classifier:
-    """One interpreter for one bundle: `raw(image)` gives the output tensor, `probabilities(image)` floats.
+    """One interpreter for one bundle: `raw(image)` gives the leaf output tensor, `scores(image)` it
+    dequantized (logits or probabilities, as the manifest says), `probabilities(image)` leaf probabilities,
+    `outputs(image)` the scores and the embedding of one invoke.
 
     The input and output tensors are found through the signature runner names recorded in the manifest,
     because `get_output_details()` order is not the Keras output order.
@@ -188,12 +195,11 @@ class Classifier:
         self.edgetpu = delegate is not None
         tflite = model.artifacts[artifact]
         self.interpreter = make_interpreter(tflite, num_threads=num_threads, delegate=delegate)
-        self._input, self._output = _io_details(self.interpreter, model)
+        self._input, self._output, self._embedding = _io_details(self.interpreter, model)
         self.input_shape = (model.height, model.width, 3)
         self._out_scale, self._out_zero = model.output_scale, model.output_zero_point
 
-    def raw(self, image: np.ndarray) -> np.ndarray:
-        """Invoke on one preprocessed image (HxWx3); returns the output tensor as the model gives it."""
+    def _invoke(self, image: np.ndarray) -> None:
         if image.shape != self.input_shape or image.dtype != self._input["dtype"]:
             raise ModelError(
                 f"input {image.shape} {image.dtype} does not fit the model's {self.input_shape} "
@@ -201,14 +207,40 @@ class Classifier:
             )
         self.interpreter.set_tensor(self._input["index"], image[np.newaxis])
         self.interpreter.invoke()
+
+    def raw(self, image: np.ndarray) -> np.ndarray:
+        """Invoke on one preprocessed image (HxWx3); returns the leaf output tensor as the model gives it."""
+        self._invoke(image)
         return self.interpreter.get_tensor(self._output["index"])[0].copy()
+
+    def scores(self, image: np.ndarray) -> np.ndarray:
+        """The leaf output dequantized to float32: logits or probabilities, as the manifest's output.kind."""
+        return dequantize(self.raw(image), self._out_scale, self._out_zero)
 
     def probabilities(self, image: np.ndarray) -> np.ndarray:
         """Leaf probabilities in the taxonomy's leaf order, as float32."""
-        return dequantize(self.raw(image), self._out_scale, self._out_zero)
+        from .decode import leaf_probabilities
+
+        kind = self.model.output_kind
+        return leaf_probabilities(self.scores(image), kind).astype(np.float32)  # type: ignore[arg-type]
+
+    def outputs(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(leaf scores, embedding or None) of one invoke, both dequantized to float32."""
+        scores = self.scores(image)
+        if self._embedding is None:
+            return scores, None
+        _, _, scale, zero = self.model.embedding  # type: ignore[misc]
+        raw = self.interpreter.get_tensor(self._embedding["index"])[0]
+        return scores, dequantize(raw, scale, zero)
+
+    def raw_embedding(self) -> np.ndarray | None:
+        """The embedding tensor of the last invoke as the model gives it (the self-test's), or None."""
+        if self._embedding is None:
+            return None
+        return self.interpreter.get_tensor(self._embedding["index"])[0].copy()
 
 
-def _io_details(interpreter: Any, model: InterpreterModel) -> tuple[dict, dict]:
+def _io_details(interpreter: Any, model: InterpreterModel) -> tuple[dict, dict, dict | None]:
     inputs = interpreter.get_input_details()
     outputs = interpreter.get_output_details()
     if len(inputs) != 1:
@@ -225,7 +257,17 @@ def _io_details(interpreter: Any, model: InterpreterModel) -> tuple[dict, dict]:
         raise ModelError(
             f"model output '{name}' is {tuple(output['shape'].tolist())}, expected (1, {model.num_classes})"
         )
-    return inputs[0], output
+    embedding = None
+    if model.embedding is not None:
+        emb_name, size = model.embedding[:2]
+        if len(outputs) < 2:
+            raise ModelError(f"the model has no embedding output '{emb_name}' (the manifest names one)")
+        embedding = _output_by_signature_name(interpreter, emb_name)
+        if tuple(embedding["shape"]) != (1, size):
+            raise ModelError(
+                f"model output '{emb_name}' is {tuple(embedding['shape'].tolist())}, expected (1, {size})"
+            )
+    return inputs[0], output, embedding
 
 
 def _output_by_signature_name(interpreter: Any, name: str) -> dict:

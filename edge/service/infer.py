@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -36,6 +36,14 @@ log = logging.getLogger(__name__)
 # accelerator would. Never set in production; documented so nobody wonders what they are.
 ABORT_AT_ENV = "TAXONEDGE_TEST_WORKER_ABORT_AT"
 HANG_AT_ENV = "TAXONEDGE_TEST_WORKER_HANG_AT"
+
+
+class Answer(NamedTuple):
+    """The worker's answer for one image."""
+
+    scores: np.ndarray  # the leaf output, dequantized (raw tensor for a raw request)
+    invoke_s: float
+    embedding: np.ndarray | None  # the embedding output (v3 bundles), else None
 
 
 class WorkerError(RuntimeError):
@@ -106,7 +114,7 @@ def _worker_main(
                 image = golden[i % len(golden)].astype(classifier._input["dtype"])
             else:
                 image = np.zeros((model.height, model.width, 3), dtype=classifier._input["dtype"])
-            classifier.probabilities(image)
+            classifier.outputs(image)
         conn.send(("ready", WorkerInfo(used, runtime, degraded, time.perf_counter() - start)))
     except (BackendUnavailable, ModelError, ImportError, OSError, ValueError, RuntimeError) as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -122,7 +130,7 @@ def _worker_main(
             return
         if isinstance(message, tuple):  # ("raw", image): the output tensor as the model gives it
             try:
-                conn.send(("ok", classifier.raw(message[1]), 0.0))
+                conn.send(("ok", classifier.raw(message[1]), 0.0, classifier.raw_embedding()))
             except (ModelError, ValueError, RuntimeError) as exc:
                 conn.send(("error", f"{type(exc).__name__}: {exc}", 0.0))
             continue
@@ -134,8 +142,8 @@ def _worker_main(
             time.sleep(3600)
         t0 = time.perf_counter()
         try:
-            probs = classifier.probabilities(image)
-            conn.send(("ok", probs, time.perf_counter() - t0))
+            scores, embedding = classifier.outputs(image)
+            conn.send(("ok", scores, time.perf_counter() - t0, embedding))
         except (ValueError, RuntimeError) as exc:
             conn.send(("error", f"{type(exc).__name__}: {exc}", time.perf_counter() - t0))
 
@@ -256,8 +264,8 @@ class InferenceWorker:
         except (OSError, EOFError):
             return True
 
-    def result(self) -> tuple[np.ndarray, float]:
-        """(leaf probabilities, invoke seconds) of the oldest submitted image.
+    def result(self) -> Answer:
+        """The answer for the oldest submitted image: leaf scores, invoke seconds, embedding.
 
         Raises WorkerDied when the worker exited or did not answer within invoke_timeout_s (then it is
         killed), WorkerError when it answered with an error for this image.
@@ -278,11 +286,11 @@ class InferenceWorker:
             raise WorkerDied(f"inference worker died (exit code {code})") from None
         self._in_flight -= 1
         if message[0] == "ok":
-            return message[1], message[2]
+            return Answer(message[1], message[2], message[3] if len(message) > 3 else None)
         raise WorkerError(message[1])
 
-    def raw(self, image: np.ndarray) -> np.ndarray:
-        """The raw output tensor for one input image, nothing else in flight (the update's self-test)."""
+    def raw(self, image: np.ndarray) -> Answer:
+        """The raw output tensors for one input image, nothing else in flight (the update's self-test)."""
         if self._in_flight:
             raise RuntimeError("raw() while images are in flight")
         try:
@@ -290,8 +298,7 @@ class InferenceWorker:
         except (OSError, ValueError, AttributeError) as exc:
             raise WorkerDied(f"inference worker is gone ({exc})") from None
         self._in_flight += 1
-        output, _ = self.result()
-        return output
+        return self.result()
 
     @property
     def in_flight(self) -> int:

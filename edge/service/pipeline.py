@@ -320,10 +320,10 @@ class Pipeline:
     def _collect(
         self, inflight: deque[_InFlight]
     ) -> tuple[_InFlight, np.ndarray | None, float, str | None] | None:
-        """Wait for the oldest frame's answer: (entry, leaf probabilities or None, invoke s, error)."""
+        """Wait for the oldest frame's answer: (entry, leaf scores or None, invoke s, error)."""
         entry = inflight[0]
         try:
-            probs, invoke_s = self.serving.worker.result()
+            probs, invoke_s, _ = self.serving.worker.result()
         except WorkerDied as exc:
             self._worker_died(exc, inflight)
             return None

@@ -84,7 +84,14 @@ class Serving:
 
     def make_decoder(self, bundle: Bundle) -> Decoder:
         thresholds = {**bundle.manifest.thresholds, **self.overrides}
-        return Decoder(bundle.taxonomy, thresholds, self.config.model.top_k)
+        open_set = bundle.manifest.open_set
+        return Decoder(
+            bundle.taxonomy,
+            thresholds,
+            self.config.model.top_k,
+            kind=bundle.manifest.output.kind,
+            open_set_threshold=open_set.threshold if open_set is not None else None,
+        )
 
     def thresholds(self) -> dict[str, float]:
         return {f"depth_{i + 1}": t for i, t in enumerate(self.decoder.thresholds)}

@@ -87,6 +87,19 @@ def _combined(path: tuple[str, ...], agreeing: list[Decision], taxonomy: Taxonom
     )
 
 
+def _unknown_reason(decisions: list[Decision | None]) -> UnknownReason:
+    """Why an item came out unknown: the reason most of its classified frames gave (unfamiliar or
+    low_confidence), or no_frames when none was classified."""
+    reasons = Counter(d.reason for d in decisions if d is not None and d.decision == "unknown")
+    if all(d is None for d in decisions):
+        return "no_frames"
+    return (
+        "unfamiliar"
+        if reasons.most_common(1) and reasons.most_common(1)[0][0] == "unfamiliar"
+        else "low_confidence"
+    )
+
+
 class ItemTrigger:
     """Item votes. Thread-safe: MQTT's control thread calls `trigger`, the inference loop the rest."""
 
@@ -187,7 +200,7 @@ class ItemTrigger:
         decision, agreeing = vote(vote_.decisions, self.taxonomy, self.agreement)
         reason: UnknownReason | None = None
         if decision.decision == "unknown":
-            reason = "no_frames" if all(d is None for d in vote_.decisions) else "low_confidence"
+            reason = _unknown_reason(vote_.decisions)
         return ItemResult(vote_.item_id, decision, len(vote_.decisions), agreeing, reason)
 
     def waiting(self) -> int:

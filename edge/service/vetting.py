@@ -152,26 +152,34 @@ def _golden_test(
         inputs, outputs = golden
     report("self_test", count=len(inputs))
     tolerance = cfg.edgetpu_tolerance if backend == "edgetpu" else backends.tolerance(backend)
+    embeddings = bundle.golden_embeddings()
     try:
         for i, image in enumerate(inputs):
-            out = worker.raw(image)
-            if not np.all(np.isfinite(out.astype(np.float64))):
-                raise Failed(
-                    "rejected", f"self_test: the output for golden input {i} is not finite (NaN or inf)"
-                )
-            if outputs is None:
-                continue
-            expected = outputs[i]
-            if out.shape != expected.shape:
-                raise Failed("rejected", f"self_test: output shape {out.shape}, golden {expected.shape}")
-            diff = float(np.max(np.abs(out.astype(np.float64) - expected.astype(np.float64))))
-            if not diff <= tolerance:
-                raise Failed(
-                    "rejected",
-                    (
-                        f"self_test: golden input {i} gives outputs differing by {diff:g} from the recorded "
-                        f"ones (tolerance {tolerance} on {backend})"
-                    ),
-                )
+            answer = worker.raw(image)
+            expected = None if outputs is None else outputs[i]
+            _check_output("output", i, answer.scores, expected, tolerance, backend)
+            if embeddings is not None:
+                if answer.embedding is None:
+                    raise Failed("rejected", f"self_test: golden input {i} gives no embedding output")
+                _check_output("embedding", i, answer.embedding, embeddings[i], tolerance, backend)
     except WorkerError as exc:
         raise Failed("rejected", f"self_test: {exc}") from None
+
+
+def _check_output(
+    what: str, i: int, out: np.ndarray, expected: np.ndarray | None, tolerance: float, backend: str
+) -> None:
+    """One output of golden input `i` against its recorded value (only finite when none is recorded)."""
+    if not np.all(np.isfinite(out.astype(np.float64))):
+        raise Failed("rejected", f"self_test: the {what} for golden input {i} is not finite (NaN or inf)")
+    if expected is None:
+        return
+    if out.shape != expected.shape:
+        raise Failed("rejected", f"self_test: {what} shape {out.shape}, golden {expected.shape}")
+    diff = float(np.max(np.abs(out.astype(np.float64) - expected.astype(np.float64))))
+    if not diff <= tolerance:
+        raise Failed(
+            "rejected",
+            f"self_test: golden input {i} gives {what}s differing by {diff:g} from the recorded "
+            f"ones (tolerance {tolerance} on {backend})",
+        )
