@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 
 from .conftest import TINY_LABELS, run_cli, write_image_tree
@@ -176,3 +177,53 @@ def test_evaluate_fits_thresholds_for_the_device_config(
         check=False,
     )
     assert proc.returncode == 2 and "between 0 and 1" in proc.stderr
+
+
+def test_evaluate_a_v3_bundle_reports_the_open_set_and_scores_novel_products(
+    tiny_run: Path, tiny_val_tree: Path, tmp_path: Path
+) -> None:
+    """Products the model was not trained on: right is unknown or a parent on their own path; `evaluate
+    --novel-products` counts what the device's own decoder publishes for them."""
+    from taxonedge.edge.kernel.bundle import read_bundle
+    from taxonedge.edge.kernel.decode import Decoder
+    from taxonedge.edge.kernel.runtime import Classifier
+    from taxonedge.train.data import Sample
+    from taxonedge.train.evaluate import score_novel
+
+    bundle_path = tmp_path / "tiny.tebundle"
+    run_cli("convert", "--run", str(tiny_run), "--out", str(bundle_path), "--edgetpu", "skip", "--force")
+    data = shutil.copytree(tiny_val_tree, tmp_path / "val")
+    # a new apple, drawn unlike any trained class (palette index 5)
+    write_image_tree(data, ["x", "x", "x", "x", "x", "Fruit/Apple/Red-Delicious"], per_class=5, seed=9)
+    shutil.rmtree(data / "x")
+    out = tmp_path / "eval"
+    proc = run_cli(
+        "evaluate", "--bundle", str(bundle_path), "--data", str(data), "--out", str(out), "--novel-products"
+    )
+    metrics = _metrics(out)
+    assert metrics["n"] == 24  # the known images only
+    assert (
+        0.0 <= metrics["open_set"]["known_rejected"] <= 1.0 and metrics["open_set"]["threshold"] is not None
+    )
+    novel = metrics["novel_products"]
+    assert novel["n"] == 5 and novel["labels"] == 1
+    assert novel["unknown"] + novel["correct_parent"] + novel["wrong"] == pytest.approx(1.0)
+    assert novel["safe"] == pytest.approx(novel["unknown"] + novel["correct_parent"])
+    assert "novel products (5 images, 1 labels)" in proc.stdout
+    with np.load(out / "predictions.npz") as predictions:
+        assert predictions["scores"].shape == predictions["probs"].shape == (24, 4)
+
+    # The accounting, with decoders whose outcome is known: nothing familiar -> all unknown (unfamiliar);
+    # no thresholds and no open set -> every novel apple gets a trained leaf, a product it is not.
+    bundle = read_bundle(bundle_path)
+    samples = [
+        Sample(str(p), "Fruit/Apple/Red-Delicious")
+        for p in sorted((data / "Fruit/Apple/Red-Delicious").iterdir())
+    ]
+    classifier = Classifier(bundle)
+    strict = Decoder(bundle.taxonomy, kind="leaf_logits", open_set_threshold=1e9)
+    scored = score_novel(bundle.taxonomy, strict, classifier, samples, bundle.manifest.input)
+    assert scored["unknown"] == scored["unfamiliar"] == scored["safe"] == 1.0
+    lax = Decoder(bundle.taxonomy, kind="leaf_logits")
+    scored = score_novel(bundle.taxonomy, lax, classifier, samples, bundle.manifest.input)
+    assert scored["wrong"] == 1.0 and scored["safe"] == 0.0

@@ -24,7 +24,9 @@ def test_readable_output_shows_everything_a_person_checks(converted):
     assert "quantized  int8, 32 calibration images" in out
     assert "tiny: 4 leaves, max depth 3" in out
     assert "input      32x32x3 RGB uint8 (scale 1, zero point 0" in out
-    assert "output     'output_0' leaf_probabilities x4 uint8" in out
+    assert "output     'leaf_logits' leaf_logits x4 uint8" in out
+    assert "embedding  'embedding' x8 uint8" in out
+    assert "open set   max_logit below " in out and "98.0 % of known validation images through" in out
     thresholds = read_bundle(bundle).manifest.thresholds  # chosen by convert on the int8 outputs
     assert "thresholds " + ", ".join(f"{k} {v:.3f}" for k, v in thresholds.items()) in out
     check = read_bundle(bundle).manifest.metrics["thresholds"]["two_fold_check"]

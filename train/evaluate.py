@@ -85,7 +85,7 @@ def evaluate(
     samples = data_mod.model_leaves(taxonomy, samples, str(data), novel)
     images, kept, errors = data_mod.load_images(samples, spec, "eval images")
     y_true = data_mod.leaf_indices(taxonomy, kept, str(data))
-    unfamiliar, decoder = None, None
+    unfamiliar, decoder, scores = None, None, None
     if classifier is None:
         probs = predict_run(Path(run_dir), images)
     else:
@@ -109,7 +109,7 @@ def evaluate(
     if fit_precision is not None:
         metrics["fitted_thresholds"] = fit_thresholds(taxonomy, y_true, probs, fit_precision)
     metrics["source"] = {**source, "data": str(Path(data).resolve()), "skipped_images": errors}
-    write_reports(out, taxonomy, metrics, y_true, probs)
+    write_reports(out, taxonomy, metrics, y_true, probs, scores)
     return metrics
 
 
@@ -184,13 +184,22 @@ def thresholds_toml(thresholds: dict[str, float]) -> str:
 
 
 def write_reports(
-    out: Path, taxonomy: Taxonomy, metrics: dict, y_true: np.ndarray, probs: np.ndarray
+    out: Path,
+    taxonomy: Taxonomy,
+    metrics: dict,
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    scores: np.ndarray | None = None,
 ) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "metrics.json", (json.dumps(metrics, indent=2, ensure_ascii=False) + "\n").encode())
-    # the raw predictions, so two evaluations can be compared image by image (float vs int8 agreement)
-    np.savez_compressed(out / "predictions.npz", probs=probs.astype(np.float32), true_leaf=y_true)
+    # the raw predictions, so two evaluations can be compared image by image (float vs int8 agreement);
+    # a bundle's leaf scores too (the logits of a v3 bundle: what open-set and threshold studies need)
+    arrays = {"probs": probs.astype(np.float32), "true_leaf": y_true}
+    if scores is not None:
+        arrays["scores"] = scores.astype(np.float32)
+    np.savez_compressed(out / "predictions.npz", **arrays)
     _plot_confusion(out / "confusion.png", taxonomy, y_true, probs.argmax(axis=1))
     _plot_reliability(out / "reliability.png", metrics["calibration"])
     atomic_write(out / "report.md", markdown_report(taxonomy, metrics).encode())

@@ -103,6 +103,7 @@ def render(info: dict[str, Any]) -> str:
         f"{m['input']['crop_fraction']:g}, resize {m['input']['resize']})",
         f"output     '{m['output']['name']}' {m['output']['kind']} x{m['output']['num_classes']} "
         f"{m['output']['dtype']} (scale {m['output']['scale']:g}, zero point {m['output']['zero_point']})",
+        *_v3_lines(m),
         f"quantized  {q['mode']}"
         + (" (quantization-aware)" if q["qat"] else "")
         + (f", {q['calibration_images']} calibration images" if q["calibration_images"] else "")
@@ -186,3 +187,24 @@ def inspect_command(args: argparse.Namespace) -> int:
     info = describe(bundle)
     print(json.dumps(info, indent=2) if args.json else render(info))
     return 0
+
+
+def _v3_lines(m: dict) -> list[str]:
+    """The embedding output and the open-set threshold of a format v3 bundle."""
+    lines = []
+    if m.get("embedding"):
+        e = m["embedding"]
+        lines.append(
+            f"embedding  '{e['name']}' x{e['size']} {e['dtype']} (scale {e['scale']:g}, zero point "
+            f"{e['zero_point']})"
+        )
+    if m.get("open_set"):
+        o = m["open_set"]
+        report = (m.get("metrics") or {}).get("open_set") or {}
+        rejected = report.get("known_rejected")
+        lines.append(
+            f"open set   {o['score']} below {o['threshold']:g} is unknown (unfamiliar); lets "
+            f"{100 * o['known_pass_rate']:.1f} % of known validation images through"
+            + (f" ({100 * rejected:.1f} % rejected as converted)" if rejected is not None else "")
+        )
+    return lines
