@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from taxonedge.edge.kernel.bundle import (
+    CENTROIDS,
     GOLDEN,
     MODEL,
     EmbeddingSpec,
@@ -96,7 +97,7 @@ def convert(opts: Options) -> Result:
     sign_key = load_private_key(opts.sign_key) if opts.sign_key else None  # fail fast, before hours of work
     run = load_run(opts.run)
     calib_items = stratified(run.train, opts.calibration_images, opts.seed)
-    calib, _ = _load(calib_items, run.input_spec, "calibration images")
+    calib, calib_y = _load(calib_items, run.input_spec, "calibration images")
     val_x, val_y = _load(run.val, run.input_spec, "validation images")
     timings["load_images_s"] = time.perf_counter() - started
 
@@ -190,6 +191,10 @@ def convert(opts: Options) -> Result:
     if info["embedding"] is not None:
         golden_arrays["embeddings"] = golden_outputs[info["embedding"]["name"]]
     files = {MODEL: tflite, GOLDEN: _npz(**golden_arrays)}
+    if info["embedding"] is not None:
+        files[CENTROIDS] = _npz(
+            centroids=class_centroids(tflite, info, calib, calib_y, run.taxonomy.num_leaves)
+        )
     files.update(compiled)
     spec = run.input_spec.model_copy(
         update={
@@ -382,6 +387,24 @@ def _check_integer(tflite: bytes, mode: str) -> None:
 def _scores(outputs: dict[str, np.ndarray], info: dict[str, Any]) -> np.ndarray:
     """The leaf output of `run_tflite`'s outputs, dequantized: logits or probabilities."""
     return dequantize(outputs[info["output_name"]], info["output_scale"], info["output_zero_point"])
+
+
+def class_centroids(
+    tflite: bytes, info: dict[str, Any], images: np.ndarray, labels: np.ndarray, num_leaves: int
+) -> np.ndarray:
+    """Per leaf, the unit mean of the unit int8 embeddings of its calibration images (zeros for a leaf
+    without one), as float16: what an enrolled product has to beat to override the model's own class."""
+    from taxonedge.edge.kernel.prototypes import normalise, prototype
+
+    from .quantize import run_tflite
+
+    emb = info["embedding"]
+    raw = run_tflite(tflite, images, "embedding calibration images")[emb["name"]]
+    vectors = normalise(dequantize(raw, emb["scale"], emb["zero_point"]))
+    centroids = np.zeros((num_leaves, vectors.shape[1]), np.float32)
+    for leaf in np.unique(labels):
+        centroids[leaf] = prototype(vectors[labels == leaf])
+    return centroids.astype(np.float16)
 
 
 def fit_open_set(scores: np.ndarray, pass_rate: float) -> OpenSet:

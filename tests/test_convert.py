@@ -153,6 +153,10 @@ def test_ptq_int8_bundle_is_complete_and_runs_like_the_float_model(converted, ti
     classifier = Classifier(bundle)
     embeddings = bundle.golden_embeddings()
     assert embeddings is not None and embeddings.shape == (8, 8)
+    # per trained leaf, the unit mean embedding of its calibration images (what enrolled products must beat)
+    centroids = bundle.centroids()
+    assert centroids is not None and centroids.shape == (4, 8)
+    np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-2)
     for image, expected, embedding in zip(inputs, outputs, embeddings, strict=True):
         np.testing.assert_array_equal(classifier.raw(image), expected)
         np.testing.assert_array_equal(classifier.raw_embedding(), embedding)

@@ -49,6 +49,7 @@ CHECKSUMS = "SHA256SUMS"
 MODEL = "model.tflite"
 MODEL_EDGETPU = "model_edgetpu.tflite"
 GOLDEN = "golden.npz"
+CENTROIDS = "centroids.npz"  # v3, optional: per trained leaf, the mean embedding of its calibration images
 KNOWN_FILES = (MODEL, MODEL_EDGETPU, GOLDEN)  # v1's; v2 adds any model_<backend>.<ext> named in artifacts
 CPU = "cpu"  # the reference backend: its artifact is MODEL, the golden outputs are its own
 COMPATIBLE = "taxonedge-classifier-v1"
@@ -278,6 +279,20 @@ class Bundle:
         with np.load(io.BytesIO(self.files[GOLDEN]), allow_pickle=False) as data:
             return data["embeddings"] if "embeddings" in data.files else None
 
+    def centroids(self) -> np.ndarray | None:
+        """Per trained leaf (in leaf order), the unit mean embedding of its calibration images (L x D), or
+        None: what an enrolled product must beat to override the model's own class (v3)."""
+        if CENTROIDS not in self.files or self.manifest.embedding is None:
+            return None
+        with np.load(io.BytesIO(self.files[CENTROIDS]), allow_pickle=False) as data:
+            centroids = data["centroids"].astype(np.float32)
+        if centroids.shape != (self.taxonomy.num_leaves, self.manifest.embedding.size):
+            raise BundleError(
+                f"{CENTROIDS}: shape {centroids.shape}, expected "
+                f"({self.taxonomy.num_leaves}, {self.manifest.embedding.size})"
+            )
+        return centroids
+
     def describe(self) -> dict[str, Any]:
         """A short identity for status messages and label payloads."""
         return {
@@ -364,6 +379,8 @@ def read_bundle(
         if name not in members:
             raise BundleError(f"{where}: the {backend} artifact '{name}' is not in the bundle")
     unexpected = set(members) - set(manifest.artifact_files().values()) - {GOLDEN}
+    if manifest.format_version >= 3:
+        unexpected -= {CENTROIDS}
     if unexpected:
         raise BundleError(f"{where}: '{sorted(unexpected)[0]}' is neither a backend's artifact nor {GOLDEN}")
 
@@ -442,9 +459,10 @@ def write_bundle(
     """Write `files` and `manifest` (whose file entries must match) atomically; sign when a key is given."""
     path = Path(path)
     for name in files:
-        if name not in (MODEL, GOLDEN) and not ARTIFACT_NAME.match(name):
+        if name not in (MODEL, GOLDEN, CENTROIDS) and not ARTIFACT_NAME.match(name):
             raise BundleError(
-                f"'{name}' is not a bundle file (expected {MODEL}, model_<backend>.<ext> or {GOLDEN})"
+                f"'{name}' is not a bundle file (expected {MODEL}, model_<backend>.<ext>, {GOLDEN} or "
+                f"{CENTROIDS})"
             )
     if set(files) != set(manifest.files):
         raise BundleError(

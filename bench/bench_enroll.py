@@ -1,0 +1,139 @@
+"""Enrolling products the model was never trained on, from k photos each: leave-classes-out.
+
+`--bundle` is a format v3 bundle trained without some classes (their labels are missing from its
+taxonomy); `--enroll-from` lists photos of every class (Grocery's train.txt), `--data` the images to score
+(val.txt: other occasions). Each missing class is enrolled from k of its photos (k = 1: the dataset's
+iconic catalogue image, from classes.csv beside the list), through the device's own code
+(`edge/kernel/prototypes.py`): then, on `--data`, the enrolled classes' leaf top-1, and the trained
+classes' leaf accuracy before and after. Last, the per-frame cost of the prototype match with 10 and 500
+enrolled products, side by side with the invoke.
+
+    .venv/bin/python bench/bench_enroll.py --bundle B.tebundle \
+        --enroll-from ../shared/data/grocery/dataset/train.txt --data ../shared/data/grocery/dataset/val.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from taxonedge.edge.kernel.bundle import read_bundle
+from taxonedge.edge.kernel.prototypes import PrototypeIndex, normalise, prototype
+from taxonedge.edge.kernel.runtime import Classifier
+from taxonedge.train import data as data_mod
+
+
+def embed(classifier: Classifier, spec, samples: list) -> tuple[np.ndarray, np.ndarray, list]:
+    """(leaf scores, embeddings, the samples that loaded) through the device's interpreter."""
+    images, kept, _ = data_mod.load_images(samples, spec, "embedding")
+    outs = [classifier.outputs(image) for image in images]
+    return np.stack([o[0] for o in outs]), np.stack([o[1] for o in outs]), kept
+
+
+def iconic_images(list_file: Path) -> dict[str, str]:
+    """Class name -> its iconic catalogue image (classes.csv beside the list file)."""
+    root = list_file.parent
+    with open(root / "classes.csv", newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    return {row[0]: str(root / row[4].lstrip("/")) for row in rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--bundle", required=True)
+    parser.add_argument("--enroll-from", required=True, help="a list file with photos of every class")
+    parser.add_argument("--data", required=True, help="images to score")
+    parser.add_argument("--k", type=int, action="append", help="photos per product (default 1, 5, 10)")
+    parser.add_argument("--min-similarity", type=float, action="append")
+    parser.add_argument("--margin", type=float, action="append")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", type=int, default=300)
+    args = parser.parse_args()
+
+    bundle = read_bundle(args.bundle)
+    taxonomy, spec = bundle.taxonomy, bundle.manifest.input
+    centroids = bundle.centroids()
+    classifier = Classifier(bundle, num_threads=1)
+    pool: list = []
+    data_mod.model_leaves(taxonomy, data_mod.read_samples(args.enroll_from), args.enroll_from, pool)
+    novel_val: list = []
+    known_val = data_mod.model_leaves(taxonomy, data_mod.read_samples(args.data), args.data, novel_val)
+    new_labels = sorted({s.label for s in pool})
+    if not new_labels:
+        raise SystemExit("every class of --enroll-from is in the bundle's taxonomy: nothing to enroll")
+    known_scores, known_emb, known_kept = embed(classifier, spec, known_val)
+    known_y = data_mod.leaf_indices(taxonomy, known_kept, args.data)
+    novel_scores, novel_emb, novel_kept = embed(classifier, spec, novel_val)
+    novel_truth = [s.label for s in novel_kept]
+    base_known = float(np.mean(known_scores.argmax(1) == known_y))
+    print(
+        f"{bundle.name} {bundle.version}: {len(new_labels)} products not in the model, "
+        f"{len(novel_kept)} of their images and {len(known_kept)} of trained products scored; "
+        f"trained leaf top-1 {100 * base_known:.1f} % before enrolling; centroids "
+        + ("from the bundle" if centroids is not None else "absent (similarity rule only)")
+    )
+    icons = iconic_images(Path(args.enroll_from))
+    rng = np.random.default_rng(args.seed)
+    by_label = {label: [s for s in pool if s.label == label] for label in new_labels}
+    exemplars: dict[int, dict[str, np.ndarray]] = {}
+    for k in args.k or [1, 5, 10]:
+        chosen = {}
+        for label, samples in by_label.items():
+            if k == 1:
+                picked = [data_mod.Sample(icons[label.rsplit("/", 1)[-1]], label)]
+            else:
+                picked = [samples[i] for i in rng.permutation(len(samples))[:k]]
+            chosen[label] = embed(classifier, spec, picked)[1]
+        exemplars[k] = chosen
+
+    print("\nk | min sim | margin | enrolled leaf top-1 | trained leaf top-1 (change)")
+    for k, chosen in exemplars.items():
+        protos = np.stack([prototype(chosen[label]) for label in new_labels])
+        for min_sim in args.min_similarity or [0.5, 0.6, 0.7]:
+            for margin in args.margin or [0.0, 0.05, 0.1]:
+                index = PrototypeIndex(new_labels, protos, centroids, min_sim, margin)
+                novel_right = [
+                    (m := index.match(e, int(s.argmax()))) is not None and m.label == truth
+                    for e, s, truth in zip(novel_emb, novel_scores, novel_truth, strict=True)
+                ]
+                known_right = [
+                    index.match(e, int(s.argmax())) is None and int(s.argmax()) == y
+                    for e, s, y in zip(known_emb, known_scores, known_y, strict=True)
+                ]
+                after = float(np.mean(known_right))
+                print(
+                    f"{k:2d} | {min_sim:.2f} | {margin:.2f} | {100 * np.mean(novel_right):5.1f} % | "
+                    f"{100 * after:5.1f} % ({100 * (after - base_known):+.1f} points)"
+                )
+
+    invoke = []
+    image = np.zeros((spec.height, spec.width, 3), np.uint8)
+    for _ in range(args.runs // 3):
+        t = time.perf_counter()
+        classifier.outputs(image)
+        invoke.append(time.perf_counter() - t)
+    invoke_ms = 1e3 * statistics.median(invoke)
+    dim = known_emb.shape[1]
+    for n in (10, 500):
+        protos = normalise(np.random.default_rng(n).normal(size=(n, dim)))
+        index = PrototypeIndex([f"p{i}" for i in range(n)], protos, centroids)
+        times = []
+        for i in range(args.runs):
+            t = time.perf_counter()
+            index.match(known_emb[i % len(known_emb)], int(known_y[i % len(known_y)]))
+            times.append(time.perf_counter() - t)
+        ms = 1e3 * statistics.median(times)
+        print(
+            f"\nmatch with {n} enrolled products: {ms:.3f} ms per frame, {100 * ms / invoke_ms:.1f} % of the "
+            f"invoke ({invoke_ms:.2f} ms, 1 thread; medians of {args.runs})"
+        )
+
+
+if __name__ == "__main__":
+    main()

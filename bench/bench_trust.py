@@ -1,0 +1,160 @@
+"""Can a logistics system trust the labels? Published precision and coverage on new occasions, products
+the model was never trained on, and what the decision costs per frame, for a format v3 bundle.
+
+Thresholds are chosen on `--calibration` images only (say the run's own holdout slice of train,
+`RUN/splits.json`) and scored on `--data` (say Grocery's val list, other occasions): the question is
+whether thresholds hold where the model has not been. `--target` may be given several times; a stricter
+target on the calibration images is the margin that new occasions need. Images in `--data` whose label
+the model lacks are novel products (right: unknown, or a correct parent that exists).
+
+`--compare` adds a bundle of the same model with a uint8 probability output (`convert --outputs
+probabilities`): at equal precision, how much coverage the float softmax of the logits buys, with each
+model's thresholds chosen on the scored images themselves (an oracle for both, so only the ranking
+differs).
+
+    .venv/bin/python bench/bench_trust.py --bundle B.tebundle --calibration RUN/splits.json \
+        --data ../shared/data/grocery/dataset/val.txt [--compare B_v2.tebundle] [--target 0.98 --target 0.995]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from taxonedge.convert.converter import fit_open_set
+from taxonedge.edge.kernel.bundle import read_bundle
+from taxonedge.edge.kernel.decode import Decoder
+from taxonedge.edge.kernel.runtime import Classifier
+from taxonedge.train import data as data_mod
+from taxonedge.train.calibrate import choose_thresholds
+from taxonedge.train.evaluate import predict_bundle, score_novel
+from taxonedge.train.metrics import backoff
+
+
+def load(bundle, source: str, novel: list | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(probabilities, leaf scores, true leaf) of `source`'s images of known products."""
+    samples = data_mod.model_leaves(bundle.taxonomy, data_mod.read_samples(source), source, novel)
+    images, kept, _ = data_mod.load_images(samples, bundle.manifest.input, Path(source).name)
+    probs, scores = predict_bundle(Classifier(bundle), images)
+    return probs, scores, data_mod.leaf_indices(bundle.taxonomy, kept, source)
+
+
+def published(taxonomy, probs, y, thresholds, unfamiliar=None) -> str:
+    row = backoff(taxonomy, probs, y, thresholds, unfamiliar)
+    depths = " / ".join(f"{100 * row[f'depth_{d}']['coverage']:5.1f}" for d in range(1, taxonomy.depth + 1))
+    precision = row["published_precision"]
+    return (
+        f"right {100 * precision:5.1f} % | reach d1/d2/d3 {depths} % | "
+        f"unknown {100 * row['decisions']['unknown']:5.1f} %"
+        if precision is not None
+        else "nothing published"
+    )
+
+
+def ranking(taxonomy, probs, y, target: float) -> str:
+    """Coverage at `target` precision with thresholds chosen on these very images (the best any threshold
+    can do: it compares how well two outputs rank their answers, not how thresholds transfer)."""
+    return published(
+        taxonomy, probs, y, choose_thresholds(taxonomy, probs, y, target, min_count=1, warn=False)
+    )
+
+
+def decision_cost(bundle, scores: np.ndarray, runs: int) -> tuple[float, float]:
+    """(median decode ms of one frame with the open-set check, median invoke ms), side by side."""
+    classifier = Classifier(bundle, num_threads=1)
+    image = np.zeros((bundle.manifest.input.height, bundle.manifest.input.width, 3), np.uint8)
+    open_set = bundle.manifest.open_set
+    decoder = Decoder(
+        bundle.taxonomy,
+        bundle.manifest.thresholds,
+        kind=bundle.manifest.output.kind,
+        open_set_threshold=open_set.threshold if open_set else None,
+    )
+    invoke, decode = [], []
+    for i in range(runs):
+        t = time.perf_counter()
+        classifier.scores(image)
+        invoke.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        decoder.decode(scores[i % len(scores)])
+        decode.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(decode), 1e3 * statistics.median(invoke)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--bundle", required=True, help="a format v3 bundle (leaf logits)")
+    parser.add_argument("--calibration", required=True, help="images the thresholds are chosen on")
+    parser.add_argument("--data", required=True, help="images of other occasions, to score")
+    parser.add_argument("--compare", help="the same model as a v2 bundle (uint8 probabilities)")
+    parser.add_argument("--target", type=float, action="append", help="precision targets (default 0.98)")
+    parser.add_argument(
+        "--pass-rate", type=float, default=None, help="open-set pass rate (default: the bundle's)"
+    )
+    parser.add_argument("--runs", type=int, default=200, help="frames timed for the per-frame cost")
+    args = parser.parse_args()
+
+    bundle = read_bundle(args.bundle)
+    taxonomy = bundle.taxonomy
+    if bundle.manifest.output.kind != "leaf_logits":
+        sys.exit(f"{args.bundle}: not a format v3 bundle with leaf logits")
+    novel: list = []
+    cal_probs, cal_scores, cal_y = load(bundle, args.calibration)
+    probs, scores, y = load(bundle, args.data, novel)
+    pass_rate = args.pass_rate or (
+        bundle.manifest.open_set.known_pass_rate if bundle.manifest.open_set else 0.98
+    )
+    open_set = fit_open_set(cal_scores, pass_rate)
+    unfamiliar = scores.max(axis=1) < open_set.threshold
+    print(
+        f"bundle {bundle.name} {bundle.version}; calibration {len(cal_y)} images ({args.calibration}); "
+        f"scored {len(y)} known + {len(novel)} novel-product images ({args.data})"
+    )
+    print(f"top-1 on the scored images: leaf {100 * np.mean(probs.argmax(1) == y):.1f} %")
+
+    print("\n## New occasions: thresholds chosen on the calibration images, scored on the data")
+    print(
+        f"open set: max logit >= {open_set.threshold:.3f} (lets {100 * pass_rate:.1f} % of calibration "
+        f"images "
+        f"through; {100 * unfamiliar.mean():.1f} % of the scored known images rejected)"
+    )
+    for target in args.target or [0.98]:
+        thresholds = choose_thresholds(taxonomy, cal_probs, cal_y, target, warn=False)
+        print(f"target {target}: thresholds " + ", ".join(f"{k} {v:.5f}" for k, v in thresholds.items()))
+        print(f"  without open set: {published(taxonomy, probs, y, thresholds)}")
+        print(f"  with open set:    {published(taxonomy, probs, y, thresholds, unfamiliar)}")
+        if novel:
+            decoder = Decoder(taxonomy, thresholds, kind="leaf_logits", open_set_threshold=open_set.threshold)
+            plain = Decoder(taxonomy, thresholds, kind="leaf_logits")
+            client = Classifier(bundle)
+            for name, dec in (("without open set", plain), ("with open set", decoder)):
+                n = score_novel(taxonomy, dec, client, novel, bundle.manifest.input)
+                print(
+                    f"  novel products, {name}: {100 * n['safe']:5.1f} % unknown or a correct parent "
+                    f"({100 * n['unknown']:.1f} % unknown, {100 * n['correct_parent']:.1f} % parent), "
+                    f"{100 * n['wrong']:.1f} % wrong"
+                )
+
+    if args.compare:
+        other = read_bundle(args.compare)
+        o_probs, _, o_y = load(other, args.data)
+        print("\n## Ranking: coverage at equal precision, thresholds chosen on the scored images (oracle)")
+        for target in (0.98, 0.99):
+            print(f"target {target}: logits (v3)       {ranking(taxonomy, probs, y, target)}")
+            print(f"target {target}: uint8 probs (v2)  {ranking(other.taxonomy, o_probs, o_y, target)}")
+
+    decode_ms, invoke_ms = decision_cost(bundle, scores, args.runs)
+    print(
+        f"\n## Per-frame cost: decode with the open-set check {decode_ms:.3f} ms, invoke {invoke_ms:.2f} ms "
+        f"(1 thread): {100 * decode_ms / invoke_ms:.1f} % of the invoke (medians of {args.runs})"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Enrolled products: the prototype match and its merge rule, and the durable store on the device."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from taxonedge.edge.kernel.prototypes import PrototypeIndex, normalise, prototype
+from taxonedge.edge.kernel.taxonomy import Taxonomy
+from taxonedge.edge.service.enrolled import EnrolledStore, EnrollError, check_label
+
+from .conftest import TINY_LABELS
+
+TAX = Taxonomy.from_paths(TINY_LABELS)
+RNG = np.random.default_rng(0)
+DIM = 16
+
+
+def near(center: np.ndarray, n: int, spread: float = 0.1) -> np.ndarray:
+    return center + spread * RNG.normal(size=(n, DIM))
+
+
+def test_a_frame_matches_the_nearest_prototype_only_when_close_and_nearer_than_its_trained_class():
+    a, b, trained = (normalise(RNG.normal(size=DIM)) for _ in range(3))
+    centroids = np.stack([trained, -trained, trained, trained])
+    index = PrototypeIndex(
+        ["New/A", "New/B"],
+        np.stack([prototype(near(a, 5)), prototype(near(b, 5))]),
+        centroids,
+        min_similarity=0.6,
+        margin=0.05,
+    )
+    match = index.match(a + 0.05 * RNG.normal(size=DIM), trained_leaf=0)
+    assert match is not None and match.label == "New/A" and match.similarity > 0.9
+    assert index.match(normalise(RNG.normal(size=DIM)), trained_leaf=0) is None  # far from every product
+    # a frame of the trained class itself: closer to its centroid than to any prototype -> the model decides
+    assert index.match(trained + 0.3 * a, trained_leaf=0) is None
+    assert PrototypeIndex([], np.zeros((0, DIM))).match(a) is None
+
+
+@pytest.mark.parametrize(
+    ("label", "why"),
+    [
+        ("Fruit/Apple/Granny-Smith", "trained class"),
+        ("Fruit/Apple", "trained branch"),
+        ("Fruit/Avocado/Hass", "is a trained product, not a branch"),
+        ("", "a path like"),
+        ("Fruit//X", "non-empty names"),
+        (3, "a path like"),
+    ],
+)
+def test_labels_that_collide_with_or_break_the_taxonomy_are_refused(label, why):
+    with pytest.raises(EnrollError, match=why):
+        check_label(label, TAX)
+
+
+def test_new_branches_and_new_products_under_a_trained_branch_are_allowed():
+    assert check_label(" Fruit / Apple / Red-Delicious ", TAX) == "Fruit/Apple/Red-Delicious"
+    assert check_label("Packages/Milk/New-Brand", TAX) == "Packages/Milk/New-Brand"
+
+
+def test_store_adds_lists_renames_removes_and_refuses_without_half_storing(tmp_path: Path):
+    store = EnrolledStore(tmp_path / "enrolled.db")
+    vectors = near(normalise(RNG.normal(size=DIM)), 3)
+    store.add("New/A", [b"jpeg1", b"jpeg2", b"jpeg3"], vectors, "model-1", "photos")
+    with pytest.raises(EnrollError, match="already enrolled"):
+        store.add("New/A", [b"x"], vectors[:1], "model-1", "photos")
+    with pytest.raises(EnrollError, match="at least one readable photo"):
+        store.add("New/B", [], np.zeros((0, DIM)), "model-1", "photos")
+    with pytest.raises(np.exceptions.AxisError):  # a failure inside the transaction leaves nothing of New/C behind
+        store.add("New/C", [b"a", b"b"], [vectors[0], None], "model-1", "photos")  # type: ignore[arg-type]
+    assert [(p.label, p.exemplars, p.source) for p in store.products()] == [("New/A", 3, "photos")]
+    store.rename("New/A", "New/A2")
+    with pytest.raises(EnrollError, match="not enrolled"):
+        store.rename("New/A", "New/X")
+    assert len(store.index("model-1", None, 0.5, 0.0)) == 1 and store.index(
+        "model-1", None, 0.5, 0.0
+    ).labels == ["New/A2"]
+    store.remove("New/A2")
+    assert store.products() == [] and store.thumbnails() == []
+    with pytest.raises(EnrollError, match="not enrolled"):
+        store.remove("New/A2")
+
+
+def test_a_new_model_embeds_the_thumbnails_again_and_the_old_vectors_stay_for_a_rollback(tmp_path: Path):
+    store = EnrolledStore(tmp_path / "enrolled.db")
+    old = near(normalise(RNG.normal(size=DIM)), 2)
+    store.add("New/A", [b"j1", b"j2"], old, "model-1", "photos")
+    new_vector = normalise(RNG.normal(size=DIM))
+    seen = []
+    assert store.reembed("model-2", lambda jpeg: seen.append(jpeg) or new_vector) == 2
+    assert seen == [b"j1", b"j2"] and store.reembed("model-2", lambda jpeg: new_vector) == 0
+    np.testing.assert_allclose(store.index("model-2", None, 0, 0).prototypes[0], new_vector, atol=1e-6)
+    np.testing.assert_allclose(store.index("model-1", None, 0, 0).prototypes[0], prototype(old), atol=1e-6)
+
+
+def test_an_enrollment_survives_kill_9(tmp_path: Path):
+    db = tmp_path / "enrolled.db"
+    script = textwrap.dedent(
+        f"""
+        import os, signal, numpy as np
+        from taxonedge.edge.service.enrolled import EnrolledStore
+        store = EnrolledStore(__import__("pathlib").Path({str(db)!r}))
+        store.add("New/A", [b"jpeg"], np.ones((1, 4), np.float32), "m", "photos")
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ}, timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert [p.label for p in EnrolledStore(db).products()] == ["New/A"]
