@@ -73,7 +73,9 @@ def test_store_adds_lists_renames_removes_and_refuses_without_half_storing(tmp_p
         store.add("New/A", [b"x"], vectors[:1], "model-1", "photos")
     with pytest.raises(EnrollError, match="at least one readable photo"):
         store.add("New/B", [], np.zeros((0, DIM)), "model-1", "photos")
-    with pytest.raises(np.exceptions.AxisError):  # a failure inside the transaction leaves nothing of New/C behind
+    with pytest.raises(
+        np.exceptions.AxisError
+    ):  # a failure inside the transaction leaves nothing of New/C behind
         store.add("New/C", [b"a", b"b"], [vectors[0], None], "model-1", "photos")  # type: ignore[arg-type]
     assert [(p.label, p.exemplars, p.source) for p in store.products()] == [("New/A", 3, "photos")]
     store.rename("New/A", "New/A2")
@@ -114,3 +116,67 @@ def test_an_enrollment_survives_kill_9(tmp_path: Path):
     proc = subprocess.run([sys.executable, "-c", script], env={**os.environ}, timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert [p.label for p in EnrolledStore(db).products()] == ["New/A"]
+
+
+def _photo(index: int, seed: int) -> bytes:
+    import cv2
+
+    from .conftest import class_image
+
+    ok, data = cv2.imencode(".jpg", class_image(index, np.random.default_rng(seed), 64))
+    assert ok
+    return data.tobytes()
+
+
+def test_enrollment_from_photos_decides_for_the_new_product_and_leaves_trained_ones_alone(tmp_path: Path):
+    """A real tiny v3 bundle: a product drawn unlike any trained class (palette 5) is enrolled from five
+    photos, then new photos of it get its label (source enrolled) while photos of the trained classes keep
+    the model's decisions."""
+    from taxonedge.edge.kernel.bundle import read_bundle
+    from taxonedge.edge.kernel.decode import Decoder
+    from taxonedge.edge.kernel.preprocess import preprocess
+    from taxonedge.edge.kernel.runtime import Classifier
+    from taxonedge.edge.service.enrollment import Enrollment, decode_photo
+
+    from .tinymodels import tiny_bundle_bytes
+
+    bundle = read_bundle(tiny_bundle_bytes())
+    classifier = Classifier(bundle)
+    decoder = Decoder(bundle.taxonomy, kind="leaf_logits")
+
+    def embed(image: np.ndarray) -> np.ndarray:
+        return classifier.outputs(preprocess(image, bundle.manifest.input))[1]
+
+    enrollment = Enrollment(tmp_path, min_similarity=0.6, margin=0.05)
+    future = enrollment.submit("Fruit/Apple/Red-Delicious", [_photo(5, seed) for seed in range(5)])
+    enrollment.serve(bundle, embed)
+    assert future.result(timeout=1) == {"label": "Fruit/Apple/Red-Delicious", "photos": 5, "products": 1}
+
+    def decide(photo: bytes):
+        image = decode_photo(photo, 0)
+        scores, embedding = classifier.outputs(preprocess(image, bundle.manifest.input))
+        return enrollment.decide(decoder.decode(scores), scores, embedding, bundle)
+
+    new = [decide(_photo(5, seed)) for seed in range(100, 110)]
+    assert sum(d.source == "enrolled" and d.label == "Fruit/Apple/Red-Delicious" for d in new) >= 8
+    enrolled = next(d for d in new if d.source == "enrolled")
+    assert enrolled.decision == "accepted" and [lv.depth for lv in enrolled.levels] == [1, 2, 3]
+    assert enrolled.levels[-1].id == "enrolled:Fruit/Apple/Red-Delicious"
+    trained = [decide(_photo(i, seed)) for i in range(4) for seed in range(200, 205)]
+    assert sum(d.source == "model" for d in trained) >= 19
+
+    # bad input: unreadable photos, a trained label, a bundle without an embedding; nothing half-stored
+    for label, photos, why in (
+        ("New/X", [_photo(5, 1), b"not an image"], "photo 2: not a readable"),
+        ("Fruit/Avocado", [_photo(5, 1)], "trained class"),
+    ):
+        future = enrollment.submit(label, photos)
+        enrollment.serve(bundle, embed)
+        with pytest.raises(EnrollError, match=why):
+            future.result(timeout=1)
+    v2 = read_bundle(tiny_bundle_bytes(outputs="probabilities"))
+    future = enrollment.submit("New/Y", [_photo(5, 1)])
+    enrollment.serve(v2, embed)
+    with pytest.raises(EnrollError, match="no embedding output"):
+        future.result(timeout=1)
+    assert [p.label for p in enrollment.store.products()] == ["Fruit/Apple/Red-Delicious"]

@@ -11,8 +11,10 @@ import functools
 from pathlib import Path
 
 import numpy as np
+from taxonedge.convert.converter import class_centroids
 from taxonedge.convert.quantize import io_details, run_tflite
 from taxonedge.edge.kernel.bundle import (
+    CENTROIDS,
     GOLDEN,
     MODEL,
     MODEL_EDGETPU,
@@ -126,6 +128,11 @@ def tiny_bundle_bytes(
             "scale": info["output_scale"],
             "zero_point": info["output_zero_point"],
         }
+        # the converter's per-leaf centroids, from 8 images of each class (what enrolled products must beat)
+        rng = np.random.default_rng(seed + 200)
+        classes = np.repeat(np.arange(len(labels)), 8)
+        images = np.stack([preprocess(class_image(int(i), rng, 64), spec) for i in classes])
+        files[CENTROIDS] = _npz_bytes(centroids=class_centroids(model, info, images, classes, len(labels)))
         v3 = {
             "embedding": EmbeddingSpec(**info["embedding"]),
             "open_set": OpenSet(threshold=open_set, known_pass_rate=0.98) if open_set is not None else None,
@@ -151,3 +158,11 @@ def tiny_bundle_bytes(
 def write_tiny_bundle(path: Path, **kwargs) -> Path:
     path.write_bytes(tiny_bundle_bytes(**kwargs))
     return path
+
+
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()

@@ -47,6 +47,8 @@ class Decision:
     top_k: tuple[tuple[str, float], ...] = field(default=())  # leaf alternatives
     reason: str | None = None  # why unknown: low_confidence (no level passed) or unfamiliar (open set)
     open_set_score: float | None = None  # the max leaf logit, for a model that has logits
+    source: Literal["model", "enrolled"] = "model"  # who decided: the trained classes or an enrolled product
+    similarity: float | None = None  # an enrolled product's cosine similarity to its prototype
 
 
 def decision_fields(decision: Decision, reason: str | None = None) -> dict:
@@ -64,6 +66,9 @@ def decision_fields(decision: Decision, reason: str | None = None) -> dict:
     }
     if decision.open_set_score is not None:
         fields["open_set_score"] = decision.open_set_score
+    if decision.source == "enrolled":
+        fields["source"] = "enrolled"
+        fields["similarity"] = decision.similarity
     if decision.decision == "unknown":
         fields["reason"] = reason or decision.reason or "low_confidence"
     return fields

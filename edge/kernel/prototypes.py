@@ -14,9 +14,12 @@ numpy only: the device runs it per frame.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+
+from .decode import Decision, LevelScore
+from .taxonomy import Taxonomy, slugify
 
 
 def normalise(vectors: np.ndarray) -> np.ndarray:
@@ -75,3 +78,35 @@ class PrototypeIndex:
         if similarity < self.min_similarity or (trained is not None and similarity < trained + self.margin):
             return None
         return Match(self.labels[best], round(similarity, 4), None if trained is None else round(trained, 4))
+
+
+def enrolled_decision(match: Match, taxonomy: Taxonomy, model_decision: Decision) -> Decision:
+    """The decision an enrolled product makes: its label, accepted, one level per depth of its path (the
+    trained nodes above it keep their ids; the enrolled ones get `enrolled:<path>`), scored by the
+    similarity; the model's own top leaves stay as the alternatives."""
+    parts = tuple(match.label.split("/"))
+    levels = []
+    for depth in range(1, len(parts) + 1):
+        label = "/".join(parts[:depth])
+        node = taxonomy.by_label.get(label)
+        name = parts[depth - 1]
+        levels.append(
+            LevelScore(
+                depth,
+                node.id if node is not None else f"enrolled:{label}",
+                name,
+                node.slug if node is not None else slugify(name),
+                match.similarity,
+                True,
+            )
+        )
+    return replace(
+        model_decision,
+        decision="accepted",
+        label=match.label,
+        path=parts,
+        levels=tuple(levels),
+        reason=None,
+        source="enrolled",
+        similarity=match.similarity,
+    )
