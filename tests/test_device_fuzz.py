@@ -26,7 +26,7 @@ from .daemonkit import BASE, REPLIES, DaemonProcess, Watcher, validate_device_me
 from .tinymodels import write_tiny_bundle
 
 GROUP_DEPLOY = "taxonedge/groups/fuzz/deploy"
-COMMANDS = ["state", "pause", "resume", "set_thresholds", "snapshot"]
+COMMANDS = ["state", "pause", "resume", "set_thresholds", "snapshot", "learn_empty", "forget_empty"]
 
 _json_values = st.recursive(
     st.none() | st.booleans() | st.floats(allow_nan=True) | st.integers() | st.text(max_size=20),
@@ -61,6 +61,9 @@ PAYLOADS = st.one_of(
     st.sampled_from(
         [
             b'{"item_id": "x\\ud800"}',
+            b'{"seconds": 1}',  # learn_empty: a real capture, answered within the wait (no fuzzed seconds)
+            b'{"seconds": 1e999}',
+            b'{"seconds": "1"}',
             b'{"id": "x\\ud800"}',
             b'{"\\ud800": 1}',
             b'{"item_id": true}',

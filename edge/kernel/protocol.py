@@ -42,7 +42,14 @@ Backend = Annotated[
     ),
 ]
 UnknownReason = Literal[
-    "low_confidence", "unfamiliar", "no_frames", "timed_out", "overflow", "shutdown", "source_ended"
+    "low_confidence",
+    "unfamiliar",
+    "no_item",
+    "no_frames",
+    "timed_out",
+    "overflow",
+    "shutdown",
+    "source_ended",
 ]
 _STRICT = ConfigDict(extra="forbid")
 
@@ -211,6 +218,8 @@ class Label(TypedDict):
                 description="only when decision is unknown: low_confidence (not even the top level passed), "
                 "unfamiliar (the open-set check: the model's largest leaf logit is below the bundle's "
                 "open_set threshold, as for a product it was not trained on), "
+                "no_item (no product in view: the frame looks like the empty belt learned with learn_empty, "
+                "or the model said the [no_item] background_label; for an item, most of its frames did), "
                 "no_frames (an item got no frame: its inference failed), timed_out (item_timeout_s "
                 "passed before any frame was classified), overflow (more than trigger.max_waiting items "
                 "waited: the oldest gets this label at once), shutdown (the daemon stopped before the "
@@ -340,6 +349,50 @@ class Drift(TypedDict):
     ]
 
 
+Similarity = Annotated[float, Field(ge=-1, le=1, description="cosine similarity of embeddings")]
+
+
+class NoItemReference(TypedDict):
+    """The empty belt as learned by `learn_empty` (edge/service/noitem.py), for the model it was made with."""
+
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
+    frames: Annotated[int, Field(ge=1, description="embeddings of empty-belt frames in the reference")]
+    thumbnails: Annotated[
+        int, Field(ge=0, description="frames kept as JPEG to re-embed after a model switch")
+    ]
+    threshold: Annotated[
+        Similarity,
+        Field(description="a frame at least this similar to the empty belt is no item (from the captures)"),
+    ]
+    similarity_min: Similarity
+    similarity_median: Similarity
+    bundle_sha256: Annotated[Sha256, Field(description="the model whose embeddings these are")]
+    learned_at: UtcMs
+
+
+class NoItemLearning(TypedDict):
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
+    frames: Annotated[int, Field(ge=0, description="empty-belt frames captured so far")]
+    seconds_left: Annotated[float, Field(ge=0)]
+
+
+class NoItemState(TypedDict):
+    """No-item detection: its state, the reference in use and a learning in progress."""
+
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
+    enabled: bool
+    active: Annotated[bool, Field(description="frames are compared with the empty belt now")]
+    not_active: Annotated[
+        str | None, Field(description="why frames are not compared with the empty belt; null when active")
+    ]
+    publish: Literal["none", "event"]
+    background_label: str | None
+    learning: Annotated[
+        NoItemLearning | None, Field(description="while learn_empty runs: its progress; else null")
+    ]
+    reference: NoItemReference | None
+
+
 class DeviceState(TypedDict):
     """The `state` command's result; `stats` adds fps, final and time."""
 
@@ -396,6 +449,18 @@ class DeviceState(TypedDict):
     last_frame_time: UtcMs | None
     last_inference_time: UtcMs | None
     drift: Annotated[Drift, Field(description="label rates against the bundle's calibration figures")]
+    no_item_frames: Annotated[
+        int, Field(ge=0, description="classified frames judged to show no item (empty belt or background)")
+    ]
+    no_item_withheld: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="of them, frames not published (continuous mode with publish none; item mode "
+            "between items while learn_empty runs)",
+        ),
+    ]
+    no_item: NoItemState
 
 
 class Stats(DeviceState):

@@ -335,6 +335,22 @@ class DriftConfig(_Strict):
         return value
 
 
+class NoItemConfig(_Strict):
+    """Frames without a product (`[no_item]`, edge/service/noitem.py): close to the empty belt learned with
+    `learn_empty` (`taxonedge empty-belt`), or labelled at or under a trained background class."""
+
+    enabled: bool = True
+    # Continuous mode: "event" publishes a no-item frame as `unknown` with reason `no_item`; "none" publishes
+    # nothing for it (counted in stats: no_item_withheld). Item mode always labels every item.
+    publish: Literal["none", "event"] = "event"
+    # The similarity threshold comes from the captured empty-belt frames only: the lowest similarity of a
+    # captured frame to their mean, less `margin`, and never below `min_similarity`.
+    margin: float = Field(0.1, ge=0, le=1)
+    min_similarity: float = Field(0.8, ge=0, le=1)
+    # A taxonomy node (e.g. "Background"): a decision whose label is this node or below it is no item.
+    background_label: str | None = Field(None, min_length=1)
+
+
 class Config(_Strict):
     device: DeviceConfig = DeviceConfig()
     model: ModelConfig
@@ -346,6 +362,7 @@ class Config(_Strict):
     outbox: OutboxConfig = OutboxConfig()
     health: HealthConfig = HealthConfig()
     drift: DriftConfig = DriftConfig()
+    no_item: NoItemConfig = NoItemConfig()
 
     @property
     def topic_base(self) -> str:

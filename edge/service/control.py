@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from ..kernel.protocol import (
     response_topic_problem,
 )
 from .config import Config
+from .noitem import MAX_SECONDS as MAX_LEARN_SECONDS
 from .pipeline import Pipeline
 from .publish import utc_ms
 from .serving import Serving
@@ -196,7 +198,6 @@ class Control:
                     f"response topic {candidate!r} refused: {refused}; use one under "
                     f"{replies_prefix(self.config.mqtt.prefix)}"
                 )
-        answer = self._answer(name, payload, problem)
         properties = None
         if correlation is not None and self.config.mqtt.protocol == "v5":
             from paho.mqtt.packettypes import PacketTypes
@@ -204,9 +205,16 @@ class Control:
 
             properties = Properties(PacketTypes.PUBLISH)
             properties.CorrelationData = correlation
-        self.publish(response_topic, answer, qos=1, properties=properties)
 
-    def _answer(self, name: str, payload: bytes, problem: str | None) -> CommandAnswer:
+        def send(answer: CommandAnswer) -> None:
+            self.publish(response_topic, answer, qos=1, properties=properties)
+
+        self._answer(name, payload, problem, send)
+
+    def _answer(
+        self, name: str, payload: bytes, problem: str | None, send: Callable[[CommandAnswer], None]
+    ) -> None:
+        """Exactly one `send`: now, or, for a command that takes time (learn_empty), when it is done."""
         request_id = None
         try:
             args = parse_json_object(payload, MAX_COMMAND_BYTES)
@@ -218,20 +226,24 @@ class Control:
                 raise CommandError(f"unknown command {name!r}; known: {known}")
             if problem:
                 raise CommandError(problem)
-            answer: CommandAnswer = {"ok": True, "command": name, "result": handler(args)}
+            result = handler(args)
         except PayloadError as exc:
-            answer = {"ok": False, "command": name, "error": str(exc)}
-        if request_id is not None:
-            answer["id"] = request_id
-        return answer
+            send(_with_id({"ok": False, "command": name, "error": str(exc)}, request_id))
+            return
+        if isinstance(result, Future):  # answered from the thread that completes it, not this one
+            result.add_done_callback(lambda done: send(_with_id(_outcome(name, done), request_id)))
+            return
+        send(_with_id({"ok": True, "command": name, "result": result}, request_id))
 
-    def commands_by_name(self) -> dict[str, Callable[[dict], dict]]:
+    def commands_by_name(self) -> dict[str, Callable[[dict], dict | Future]]:
         return {
             "pause": self._cmd_pause,
             "resume": self._cmd_resume,
             "set_thresholds": self._cmd_thresholds,
             "snapshot": self._cmd_snapshot,
             "state": self._cmd_state,
+            "learn_empty": self._cmd_learn_empty,
+            "forget_empty": self._cmd_forget_empty,
         }
 
     @staticmethod
@@ -276,6 +288,24 @@ class Control:
                 raise CommandError(f"{key} = {value!r}: {usage}")
         return {"thresholds": self.serving.set_thresholds(values)}
 
+    def _cmd_learn_empty(self, args: dict) -> Future:
+        """{"seconds": 30}: learn the empty belt from the frames of the next `seconds` (the operator keeps
+        the belt empty); answered when done, with the frames captured, the threshold and the spread."""
+        self._no_args(args, ("seconds",))
+        seconds = args.get("seconds")
+        usage = f'send {{"seconds": S}} with S from 1 to {MAX_LEARN_SECONDS:g}: how long the belt stays empty'
+        if (
+            not isinstance(seconds, int | float)
+            or isinstance(seconds, bool)
+            or not 1 <= seconds <= MAX_LEARN_SECONDS
+        ):
+            raise CommandError(f"seconds = {seconds!r}: {usage}")
+        return self.pipeline.noitem.learn(float(seconds))
+
+    def _cmd_forget_empty(self, args: dict) -> dict:
+        self._no_args(args)
+        return self.pipeline.noitem.forget()
+
     def _cmd_snapshot(self, args: dict) -> dict:
         import cv2
 
@@ -301,3 +331,17 @@ class Control:
         if args.get("inline") is True:
             result["jpeg_base64"] = base64.b64encode(data).decode("ascii")
         return result
+
+
+def _with_id(answer: CommandAnswer, request_id: str | None) -> CommandAnswer:
+    if request_id is not None:
+        answer["id"] = request_id
+    return answer
+
+
+def _outcome(name: str, done: Future) -> CommandAnswer:
+    """The answer of a command that finished later: its result, or the error it ended with."""
+    error = done.exception()
+    if error is None:
+        return {"ok": True, "command": name, "result": done.result()}
+    return {"ok": False, "command": name, "error": str(error)}

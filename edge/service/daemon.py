@@ -36,6 +36,7 @@ from .drift import DriftTracker
 from .health import Health
 from .infer import WorkerError, WorkerInfo
 from .mqtt import MqttLink, client_id_for
+from .noitem import NoItem
 from .notify import sd_notify
 from .osthread import start_thread
 from .outbox import Outbox
@@ -77,6 +78,7 @@ class Daemon:
         self.capture: Capture
         self.publisher: LabelPublisher
         self.drift: DriftTracker
+        self.noitem: NoItem
         self.pipeline: Pipeline
         self.control: Control
         self.health: Health
@@ -189,8 +191,18 @@ class Daemon:
         self.drift = DriftTracker(cfg.drift)
         self.drift.serve(bundle, self.serving.thresholds())
         self.publisher = LabelPublisher(cfg, self.boot_id, self.outbox, self.drift)
+        self.noitem = NoItem(cfg.no_item, cfg.device.state_dir)
+        self.noitem.load()
+        self.noitem.serve(bundle)
         self.pipeline = Pipeline(
-            cfg, self.capture, self.serving, self.publisher, trigger, self.stopping, self.max_frames
+            cfg,
+            self.capture,
+            self.serving,
+            self.publisher,
+            trigger,
+            self.noitem,
+            self.stopping,
+            self.max_frames,
         )
         self.pipeline.listeners = self._listeners
         self.health = Health(
@@ -222,6 +234,7 @@ class Daemon:
             if trigger is not None:
                 trigger.taxonomy = new.taxonomy
             self.drift.serve(new, self.serving.thresholds())  # a new model: its own window and figures
+            self.noitem.serve(new)  # the pipeline re-embeds the empty belt before the next frame
             self.health.publish_model()
 
         self.serving.on_swap.append(swapped)

@@ -75,6 +75,9 @@ class Health:
         drift = self.drift.reason(self.serving.thresholds())
         if drift:
             reasons.append(drift)
+        no_item = self.pipeline.noitem.reason()
+        if no_item:
+            reasons.append(no_item)
         return reasons
 
     def status_state(self) -> str:
@@ -163,6 +166,9 @@ class Health:
             "last_frame_time": utc_ms(self.capture.last_frame_wall) if self.capture.last_frame_wall else None,
             "last_inference_time": utc_ms(pipe.last_inference_wall) if pipe.last_inference_wall else None,
             "drift": self.drift.report(self.serving.thresholds()),
+            "no_item_frames": pipe.noitem.frames,
+            "no_item_withheld": pipe.noitem.withheld,
+            "no_item": pipe.noitem.report(),
         }
 
     def publish_stats(self, final: bool = False) -> None:
@@ -193,6 +199,7 @@ class Health:
         while not self.pipeline.stopping.wait(1.0):
             try:
                 self.capture.check_stall()
+                self.pipeline.noitem.expire()  # a learn_empty whose frames stopped coming gets its answer
                 if self._status_recheck and time.monotonic() >= self._status_recheck:
                     self._status_recheck = 0.0
                     self.publish_status(force=True)

@@ -27,6 +27,7 @@ from ..kernel.preprocess import ImageError, preprocess
 from ..kernel.protocol import UnknownReason
 from .config import Config
 from .infer import WorkerDied, WorkerError
+from .noitem import NoItem
 from .publish import LabelInput, LabelPublisher
 from .serving import Serving
 from .source import Capture, Frame
@@ -47,6 +48,17 @@ class InferenceResult:
     model_sha256: str
     invoke_s: float = 0.0
     label: str | None = None
+
+
+@dataclass(frozen=True)
+class _Collected:
+    """The worker's answer for the oldest frame in flight: leaf scores (None when it failed) and more."""
+
+    entry: _InFlight
+    scores: np.ndarray | None
+    invoke_s: float
+    error: str | None
+    embedding: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,7 @@ class Pipeline:
         serving: Serving,
         publisher: LabelPublisher,
         trigger: ItemTrigger | None,
+        noitem: NoItem,
         stopping: threading.Event,
         max_frames: int | None = None,
     ):
@@ -92,6 +105,7 @@ class Pipeline:
         self.trigger = trigger
         self.stopping = stopping
         self.max_frames = max_frames
+        self.noitem = noitem
         self.paused = threading.Event()
         self.item_event = threading.Event()  # a trigger came: look for the item's frames now
         self.listeners: list[Callable[[InferenceResult], None]] = []
@@ -120,6 +134,7 @@ class Pipeline:
             self.failed = True
             self.stopping.set()
             self.close_items("shutdown")
+            self.noitem.cancel("the inference loop failed")
 
     def _serve(self) -> None:
         trig = self.trigger
@@ -148,7 +163,7 @@ class Pipeline:
                 if ready is not None:
                     ready = self._hand_over(ready, inflight, depth)
                 if answer is not None:
-                    self._complete(*answer)
+                    self._complete(answer)
             if (
                 self.max_frames
                 and self.classified >= self.max_frames
@@ -158,9 +173,10 @@ class Pipeline:
         while inflight:
             answer = self._collect(inflight)
             if answer is not None:
-                self._complete(*answer)
+                self._complete(answer)
         self._drop(ready if ready is not _STOP else None)
         self.close_items("shutdown" if self.stopping.is_set() else "source_ended")
+        self.noitem.cancel("the daemon stopped" if self.stopping.is_set() else "the source ended")
         self.stopping.set()
         self.item_event.set()
 
@@ -174,6 +190,7 @@ class Pipeline:
             return _STOP
         if not busy:
             self.serving.maybe_swap()
+            self._reembed()
         if self.paused.is_set():
             self._drop(ready)
             self._count_idle(True)
@@ -187,8 +204,9 @@ class Pipeline:
             if expired is not None:
                 self._publish_item(expired, self.last_frame)
             item_id = trig.want_frame()
-            self._count_idle(item_id is None)
-            if item_id is None:
+            learning = self.noitem.learning  # between items, learn_empty wants frames too
+            self._count_idle(item_id is None and not learning)
+            if item_id is None and not learning:
                 if self.capture.finished.is_set() and slot.take(0) is None:
                     log.info("the source has ended")
                     return _STOP
@@ -317,34 +335,30 @@ class Pipeline:
             self._worker_died(exc, inflight)
 
     # ---- answers -----------------------------------------------------------------------------------
-    def _collect(
-        self, inflight: deque[_InFlight]
-    ) -> tuple[_InFlight, np.ndarray | None, float, str | None] | None:
-        """Wait for the oldest frame's answer: (entry, leaf scores or None, invoke s, error)."""
+    def _collect(self, inflight: deque[_InFlight]) -> _Collected | None:
+        """Wait for the oldest frame's answer."""
         entry = inflight[0]
         try:
-            probs, invoke_s, _ = self.serving.worker.result()
+            probs, invoke_s, embedding = self.serving.worker.result()
         except WorkerDied as exc:
             self._worker_died(exc, inflight)
             return None
         except WorkerError as exc:
             inflight.popleft()
-            return entry, None, 0.0, f"inference failed: {exc}"
+            return _Collected(entry, None, 0.0, f"inference failed: {exc}")
         inflight.popleft()
         self._invoke_avg += (0.1 if self._invoke_avg else 1.0) * (invoke_s - self._invoke_avg)
-        return entry, probs, invoke_s, None
+        return _Collected(entry, probs, invoke_s, None, embedding)
 
-    def _complete(
-        self, entry: _InFlight, probs: np.ndarray | None, invoke_s: float, error: str | None
-    ) -> None:
+    def _complete(self, answer: _Collected) -> None:
         """Decode an answer, tell listeners, publish (or vote)."""
-        decision = None
-        if probs is not None:
+        decision, error = None, answer.error
+        if answer.scores is not None:
             try:
-                decision = entry.decoder.decode(probs)
+                decision = answer.entry.decoder.decode(answer.scores)
             except ValueError as exc:  # NaN or wrong shape: a broken model, not a broken daemon
                 error = f"inference failed: {exc}"
-        self._done(entry, decision, error, invoke_s)
+        self._done(answer.entry, decision, error, answer.invoke_s, answer.embedding)
 
     def _worker_died(self, exc: WorkerError, inflight: deque[_InFlight]) -> None:
         """Every frame the dead worker held fails; a new worker takes over."""
@@ -355,7 +369,14 @@ class Pipeline:
             self._done(entry, None, str(exc), 0.0)
         self.serving.restart_worker(self.stopping)
 
-    def _done(self, entry: _InFlight, decision: Decision | None, error: str | None, invoke_s: float) -> None:
+    def _done(
+        self,
+        entry: _InFlight,
+        decision: Decision | None,
+        error: str | None,
+        invoke_s: float,
+        embedding: np.ndarray | None = None,
+    ) -> None:
         frame = entry.frame
         if error is not None:
             self.inference_errors += 1
@@ -386,14 +407,46 @@ class Pipeline:
                 listener(result)
             except Exception:  # noqa: BLE001
                 log.exception("result listener failed")
+        # Listeners (the updater's health window) judge the model: they saw its own decision above.
+        if decision is not None:
+            decision = self.noitem.judge(decision, embedding, frame, entry.bundle.sha256)
         if self.trigger is not None and entry.item_id is not None:
             item = self.trigger.add(entry.item_id, decision)
             if item is not None:
                 self._publish_item(item, frame)
         elif decision is not None:
-            self.publisher.publish(
+            self._publish_frame(
                 LabelInput(frame, decision, latency, invoke_s, entry.bundle, self.serving.backend)
             )
+
+    def _publish_frame(self, facts: LabelInput) -> None:
+        """Continuous mode: every decision is published, except no-item frames with publish = "none".
+        In item mode a frame without an item (learn_empty between items) is never published."""
+        no_item = facts.decision.reason == "no_item"
+        if no_item and (self.trigger is not None or self.config.no_item.publish == "none"):
+            self.noitem.withheld += 1  # counted, so that every classified frame is accounted for
+            return
+        self.publisher.publish(facts)
+
+    # ---- no item ---------------------------------------------------------------------------------------
+    def _reembed(self) -> None:
+        """After a model switch (or a start with another model than the stored empty belt's): the empty
+        belt's thumbnails through the new model, a few invokes, before any of its frames is compared."""
+        bundle = self.serving.bundle
+        if self.noitem.needs_embedding(bundle):
+            self.noitem.reembed(bundle, lambda image: self._embed(bundle, image))
+
+    def _embed(self, bundle: Bundle, image: np.ndarray) -> np.ndarray:
+        """One image's embedding from the serving worker (nothing is in flight when this runs)."""
+        try:
+            self.serving.worker.submit(preprocess(image, bundle.manifest.input))
+            answer = self.serving.worker.result()
+        except WorkerDied:
+            self.serving.restart_worker(self.stopping)
+            raise
+        if answer.embedding is None:
+            raise ValueError("the model gave no embedding")
+        return answer.embedding
 
     def _publish_item(self, item: ItemResult, frame: Frame | None) -> None:
         self.publisher.publish_item(item, frame, self.serving.bundle, self.serving.backend)

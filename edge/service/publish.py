@@ -104,8 +104,13 @@ class LabelPublisher:
             )
             self.labels += 1
         published = self.link is not None and self.link.notify_outbox(message)
-        # An item closed for want of frames (timed out, overflow, shutdown) says nothing about the model.
-        if self.drift is not None and (facts.item is None or facts.item.reason is None):
+        # An item closed for want of frames (timed out, overflow, shutdown) says nothing about the model, nor
+        # does a frame of the empty belt: the calibration figures are of products.
+        if (
+            self.drift is not None
+            and (facts.item is None or facts.item.reason is None)
+            and facts.decision.reason != "no_item"
+        ):
             self.drift.add(facts.decision)
         self.latencies.append(facts.latency_s)
         if published and facts.frame is not None:

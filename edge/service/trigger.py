@@ -8,7 +8,8 @@ else `unknown`. Items arriving while one is being voted on wait in a bounded que
 
 Every accepted trigger ends in exactly one result: a vote, or `unknown` with a reason
 (protocol.UnknownReason):
-`overflow` for the oldest waiting item when the queue is full, `timed_out` for an item that got no frame in
+`no_item` when most of its frames showed no product (edge/service/noitem.py), `overflow` for the oldest
+waiting item when the queue is full, `timed_out` for an item that got no frame in
 `item_timeout_s`, `shutdown` / `source_ended` for the items still waiting when the daemon stops.
 """
 
@@ -88,16 +89,15 @@ def _combined(path: tuple[str, ...], agreeing: list[Decision], taxonomy: Taxonom
 
 
 def _unknown_reason(decisions: list[Decision | None]) -> UnknownReason:
-    """Why an item came out unknown: the reason most of its classified frames gave (unfamiliar or
-    low_confidence), or no_frames when none was classified."""
-    reasons = Counter(d.reason for d in decisions if d is not None and d.decision == "unknown")
+    """Why an item came out unknown: the reason most of its unknown frames gave when that is no_item (no
+    product in view) or unfamiliar, else low_confidence; no_frames when no frame was classified."""
     if all(d is None for d in decisions):
         return "no_frames"
-    return (
-        "unfamiliar"
-        if reasons.most_common(1) and reasons.most_common(1)[0][0] == "unfamiliar"
-        else "low_confidence"
-    )
+    reasons = Counter(d.reason for d in decisions if d is not None and d.decision == "unknown")
+    top = reasons.most_common(1)[0][0] if reasons else None
+    if top == "no_item":
+        return "no_item"
+    return "unfamiliar" if top == "unfamiliar" else "low_confidence"
 
 
 class ItemTrigger:

@@ -1,4 +1,5 @@
-"""Device-side subcommands: `run`, `inspect`, `deploy`. Only argparse at import time."""
+"""Device-side subcommands: `run`, `inspect`, `deploy`, `sign`, `listen`, `empty-belt`. Only argparse at
+import time."""
 
 from __future__ import annotations
 
@@ -209,6 +210,53 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     listen.add_argument("--ca-file", metavar="FILE", help="CA certificate for a TLS broker")
     listen.set_defaults(func=_listen)
+    _register_empty_belt(sub)
+
+
+def _register_empty_belt(sub: argparse._SubParsersAction) -> None:
+    belt = sub.add_parser(
+        "empty-belt",
+        help="teach a device its empty belt: frames without a product publish no product label",
+        description=(
+            "Send a device the learn_empty command: for --seconds it captures the belt, which must stay "
+            "empty, and from then on a frame that looks like it is published as unknown with reason "
+            "no_item (or not at all: [no_item] publish in the device config), never as a product. Needs a "
+            "model with an embedding output (bundle format v3); the device keeps the reference across "
+            "restarts and model switches. --forget drops it. Prints the frames captured, the similarity "
+            "threshold derived from them and their spread (docs/mqtt.md, 'No item').\n\n"
+            "exit status: 0 learned (or forgot); 1 the device refused or failed, or the broker could not be "
+            "reached; 2 bad arguments; 3 no answer in time"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    belt.add_argument(
+        "--broker",
+        required=True,
+        type=_broker,
+        metavar="HOST[:PORT]",
+        help="MQTT broker (port 1883 by default)",
+    )
+    belt.add_argument("--target", "-t", required=True, metavar="SITE/LINE/DEVICE", help="the device")
+    belt.add_argument(
+        "--seconds", type=float, default=60.0, metavar="S", help="how long to capture (1-600, default 60)"
+    )
+    belt.add_argument("--forget", action="store_true", help="drop the device's empty belt instead")
+    belt.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="wait this long for the answer after the capture",
+    )
+    belt.add_argument("--json", action="store_true", help="print the device's answer as JSON")
+    belt.add_argument("--prefix", default="taxonedge", help="topic prefix the devices use (mqtt.prefix)")
+    belt.add_argument("--username", help="broker user name")
+    belt.add_argument("--password-file", metavar="FILE", help="file holding the broker password")
+    belt.add_argument(
+        "--password-env", metavar="VAR", help="environment variable holding the broker password"
+    )
+    belt.add_argument("--ca-file", metavar="FILE", help="CA certificate for a TLS broker")
+    belt.set_defaults(func=_empty_belt)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -268,6 +316,12 @@ def _broker(value: str) -> tuple[str, int]:
     from .listen import parse_broker
 
     return parse_broker(value)
+
+
+def _empty_belt(args: argparse.Namespace) -> int:
+    from .emptybelt import empty_belt_command
+
+    return empty_belt_command(args)
 
 
 def _listen(args: argparse.Namespace) -> int:

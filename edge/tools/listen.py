@@ -31,6 +31,8 @@ def format_label(msg: dict[str, Any]) -> str:
     clock = str(msg.get("timestamp", ""))[11:23]
     where = "/".join(str(msg.get(k, "?")) for k in ("site", "line", "device"))
     label = ARROW.join(msg.get("path") or []) or "unknown"
+    if msg.get("reason") == "no_item":  # the empty belt: worth telling apart from an unsure product
+        label = "(no item)"
     scores = " / ".join(
         f"{lv.get('score', 0):.2f}" + ("" if lv.get("passed") else "✗") for lv in msg.get("levels", [])
     )
