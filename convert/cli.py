@@ -87,6 +87,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "as `unknown` (reason `unfamiliar`). 1 turns the check off (default 0.98)",
     )
     convert.add_argument(
+        "--calibration-shift",
+        type=float,
+        default=1.5,
+        metavar="STRENGTH",
+        help="choose the back-off and open-set thresholds on views of the validation images as other "
+        "occasions would show them (white balance, exposure, blur, framing) so that they hold on a line "
+        "the model has not seen; 0 chooses them on the images as they are (default 1.5, measured on "
+        "Grocery: docs/trust.md)",
+    )
+    convert.add_argument(
         "--force", action="store_true", help="write the bundle even when the accuracy gate fails"
     )
     convert.add_argument(
@@ -187,6 +197,7 @@ def _convert(args: argparse.Namespace) -> int:
         qat_images=args.qat_images,
         seed=args.seed,
         outputs=args.outputs,
+        calibration_shift=max(0.0, args.calibration_shift),
         open_set_pass_rate=None if args.open_set_pass_rate >= 1.0 else args.open_set_pass_rate,
     )
     try:

@@ -35,7 +35,7 @@ from taxonedge.edge.kernel.decode import leaf_probabilities
 from taxonedge.edge.kernel.preprocess import InputSpec
 from taxonedge.edge.kernel.runtime import dequantize
 from taxonedge.train.backbones import find_backbone
-from taxonedge.train.calibrate import choose_and_check_thresholds
+from taxonedge.train.calibrate import choose_and_check_thresholds, occasion_shift
 from taxonedge.train.metrics import agreement, backoff, compute_metrics
 from taxonedge.train.model import export_model
 from taxonedge.train.rundir import Run, RunDirError, load_run
@@ -70,6 +70,7 @@ class Options:
     compiler: str | None = None
     outputs: str = "logits"  # logits: leaf logits + embedding (format v3) | probabilities (v2, older daemons)
     open_set_pass_rate: float | None = 0.98  # known images the open-set threshold lets through; None: off
+    calibration_shift: float = 1.5  # thresholds chosen on views of val as other occasions show them; 0: off
 
 
 @dataclass
@@ -153,17 +154,27 @@ def convert(opts: Options) -> Result:
 
     # The device decides on the quantized model's outputs: choose its back-off thresholds on those, so the
     # published labels reach the target precision as deployed, not only in float.
+    # ... and on views of the validation images as other occasions would show them (`occasion_shift`): the
+    # validation images share the training images' occasions more than a line's camera does.
     target = opts.target_precision or run.target_precision
-    thresholds, check = choose_and_check_thresholds(run.taxonomy, quant_probs, val_y, target)
+    cal_scores, cal_probs, cal_y = quant_scores, quant_probs, val_y
+    if opts.calibration_shift > 0:
+        copies = 2
+        shifted = occasion_shift(val_x, opts.calibration_shift, copies, opts.seed)
+        cal_scores = _scores(run_tflite(tflite, shifted, "calibrating on shifted views"), info)
+        cal_probs, cal_y = leaf_probabilities(cal_scores, info["output_kind"]), np.repeat(val_y, copies)
+    thresholds, check = choose_and_check_thresholds(run.taxonomy, cal_probs, cal_y, target)
     gate["metrics"]["thresholds"] = {
         "float_calibration": run.thresholds,
         "deployed": thresholds,
         "target_precision": target,
+        "occasion_shift": opts.calibration_shift,
+        "calibration_images": int(len(cal_y)),
         "two_fold_check": check,
     }
     open_set = None
     if info["output_kind"] == "leaf_logits" and opts.open_set_pass_rate is not None:
-        open_set = fit_open_set(quant_scores, opts.open_set_pass_rate)
+        open_set = fit_open_set(cal_scores, opts.open_set_pass_rate)
         gate["metrics"]["open_set"] = open_set_report(open_set, quant_scores, quant_probs, val_y)
     unfamiliar = quant_scores.max(axis=1) < open_set.threshold if open_set is not None else None
     gate["metrics"]["backoff_deployed"] = backoff(run.taxonomy, quant_probs, val_y, thresholds, unfamiliar)

@@ -11,9 +11,12 @@ edge/kernel/protocol.py; nothing but labels is on `labels`, nothing but status o
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
+import cv2
+import numpy as np
 import paho.mqtt.client as paho
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,12 +24,26 @@ from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .conftest import TINY_LABELS, write_image_tree
+from .conftest import TINY_LABELS, class_image, write_image_tree
 from .daemonkit import BASE, REPLIES, DaemonProcess, Watcher, validate_device_messages, write_config
 from .tinymodels import write_tiny_bundle
 
 GROUP_DEPLOY = "taxonedge/groups/fuzz/deploy"
-COMMANDS = ["state", "pause", "resume", "set_thresholds", "snapshot", "learn_empty", "forget_empty"]
+COMMANDS = [
+    "state",
+    "pause",
+    "resume",
+    "set_thresholds",
+    "snapshot",
+    "learn_empty",
+    "forget_empty",
+    "enroll",
+    "enrolled",
+]
+# a real photo (a tiny class image as JPEG) for enroll payloads that get as far as the model
+_PHOTO = base64.b64encode(
+    cv2.imencode(".jpg", class_image(5, np.random.default_rng(0), 32))[1].tobytes()
+).decode()
 
 _json_values = st.recursive(
     st.none() | st.booleans() | st.floats(allow_nan=True) | st.integers() | st.text(max_size=20),
@@ -52,6 +69,10 @@ PAYLOADS = st.one_of(
                 "chunk_size",
                 "url",
                 "thresholds",
+                "label",
+                "photos",
+                "action",
+                "to",
                 "x\\ud800",
             ]
         ),
@@ -61,6 +82,14 @@ PAYLOADS = st.one_of(
     st.sampled_from(
         [
             b'{"item_id": "x\\ud800"}',
+            json.dumps({"label": "Fuzz/New", "photos": [_PHOTO, _PHOTO]}).encode(),
+            json.dumps({"label": "Fuzz/New", "photos": ["aGVsbG8="]}).encode(),  # base64, not an image
+            json.dumps({"label": "Fruit/Avocado", "photos": [_PHOTO]}).encode(),  # a trained class
+            json.dumps({"label": "Fuzz/Big", "photos": [_PHOTO] * 40}).encode(),  # too many photos
+            b'{"action": "list"}',
+            b'{"action": "export"}',
+            b'{"action": "rename", "label": "Fuzz/New", "to": "Fuzz/Renamed"}',
+            b'{"action": "remove", "label": "Fuzz/Renamed"}',
             b'{"seconds": 1}',  # learn_empty: a real capture, answered within the wait (no fuzzed seconds)
             b'{"seconds": 1e999}',
             b'{"seconds": "1"}',

@@ -184,3 +184,34 @@ def stratified_half(true_leaf: np.ndarray, seed: int) -> np.ndarray:
         idx = rng.permutation(np.flatnonzero(true_leaf == leaf))
         mask[idx[: len(idx) // 2]] = True
     return mask
+
+
+def occasion_shift(images: np.ndarray, strength: float, copies: int = 2, seed: int = 0) -> np.ndarray:
+    """`copies` views of each preprocessed image (N x H x W x 3, uint8) as another occasion might show it:
+    another white balance, exposure and contrast, some blur, a tighter framing. Thresholds and the open-set
+    threshold chosen on these views hold better where the model has not been: chosen on a slice of
+    Grocery's training occasions they let 82 % right labels through on val's occasions, chosen on these
+    views at strength 1.5 about 97 % (docs/trust.md). `strength` 0: the images as they are."""
+    import cv2
+
+    if strength <= 0:
+        return np.asarray(images)
+    rng = np.random.default_rng(seed)
+    out = []
+    for image in np.asarray(images):
+        h, w = image.shape[:2]
+        for _ in range(copies):
+            x = image.astype(np.float32) * rng.uniform(1 - 0.3 * strength, 1 + 0.3 * strength, 3)
+            x *= rng.uniform(1 - 0.4 * strength, 1 + 0.3 * strength)
+            mean = x.mean()
+            x = np.clip((x - mean) * rng.uniform(1 - 0.4 * strength, 1 + 0.2 * strength) + mean, 0, 255)
+            x = x.astype(np.uint8)
+            sigma = rng.uniform(0, 2.0 * strength)
+            if sigma > 0.3:
+                x = cv2.GaussianBlur(x, (0, 0), sigma)
+            keep = rng.uniform(max(0.6, 1 - 0.3 * strength), 1.0)
+            ch, cw = max(1, int(h * keep)), max(1, int(w * keep))
+            y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            x = cv2.resize(x[y0 : y0 + ch, x0 : x0 + cw], (w, h), interpolation=cv2.INTER_AREA)
+            out.append(x)
+    return np.stack(out)

@@ -236,6 +236,20 @@ class Label(TypedDict):
             ),
         ]
     ]
+    source: NotRequired[
+        Annotated[
+            Literal["enrolled"],
+            Field(
+                description="present when a product enrolled on the device (taxonedge enroll) decided the "
+                "label instead of the model's trained classes"
+            ),
+        ]
+    ]
+    similarity: NotRequired[
+        Annotated[
+            float, Field(description="with source enrolled: cosine similarity to the product's prototype")
+        ]
+    ]
     top_k: list[TopKEntry]
     vote: VoteEntry | None
     model: ModelRef
@@ -461,6 +475,18 @@ class DeviceState(TypedDict):
         ),
     ]
     no_item: NoItemState
+    enrolled: Annotated[
+        EnrolledState, Field(description="products enrolled on the device (taxonedge enroll)")
+    ]
+
+
+class EnrolledState(TypedDict):
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
+    products: Count
+    decided: Annotated[int, Field(ge=0, description="frames an enrolled product decided")]
+    problems: Annotated[
+        list[str], Field(description="enrolled products the serving model no longer tells apart")
+    ]
 
 
 class Stats(DeviceState):

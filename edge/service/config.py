@@ -351,6 +351,18 @@ class NoItemConfig(_Strict):
     background_label: str | None = Field(None, min_length=1)
 
 
+class EnrollConfig(_Strict):
+    """Products enrolled on the device (`[enroll]`, edge/service/enrollment.py, `taxonedge enroll`). An
+    enrolled product decides a frame when the cosine similarity of the frame's embedding to its prototype
+    is at least `min_similarity` and beats the similarity to the centroid of the trained class the model
+    picked by `margin` (so a trained product keeps its label)."""
+
+    enabled: bool = True
+    min_similarity: float = Field(0.6, ge=0, le=1)
+    margin: float = Field(0.05, ge=0, le=1)
+    min_photos: int = Field(1, ge=1, le=32)
+
+
 class Config(_Strict):
     device: DeviceConfig = DeviceConfig()
     model: ModelConfig
@@ -363,6 +375,7 @@ class Config(_Strict):
     health: HealthConfig = HealthConfig()
     drift: DriftConfig = DriftConfig()
     no_item: NoItemConfig = NoItemConfig()
+    enroll: EnrollConfig = EnrollConfig()
 
     @property
     def topic_base(self) -> str:

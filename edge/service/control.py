@@ -28,6 +28,7 @@ from ..kernel.protocol import (
     response_topic_problem,
 )
 from .config import Config
+from .enrolled import EnrollError, Product, check_label
 from .noitem import MAX_SECONDS as MAX_LEARN_SECONDS
 from .pipeline import Pipeline
 from .publish import utc_ms
@@ -36,6 +37,8 @@ from .serving import Serving
 log = logging.getLogger(__name__)
 
 MAX_COMMAND_BYTES = 16 * 1024
+# `enroll` carries its photos: `taxonedge enroll` sends them at most 512 px on the short side (about 50 kB)
+MAX_ENROLL_BYTES = 4 * 1024 * 1024
 MAX_SNAPSHOTS = 20
 Handler = Callable[[str, bytes, Any], None]  # (topic, payload, MQTT v5 properties or None)
 
@@ -217,7 +220,7 @@ class Control:
         """Exactly one `send`: now, or, for a command that takes time (learn_empty), when it is done."""
         request_id = None
         try:
-            args = parse_json_object(payload, MAX_COMMAND_BYTES)
+            args = parse_json_object(payload, MAX_ENROLL_BYTES if name == "enroll" else MAX_COMMAND_BYTES)
             if "id" in args:
                 request_id = check_text(args.pop("id"), "id")
             handler = self.commands_by_name().get(name)
@@ -244,6 +247,8 @@ class Control:
             "state": self._cmd_state,
             "learn_empty": self._cmd_learn_empty,
             "forget_empty": self._cmd_forget_empty,
+            "enroll": self._cmd_enroll,
+            "enrolled": self._cmd_enrolled,
         }
 
     @staticmethod
@@ -302,6 +307,55 @@ class Control:
             raise CommandError(f"seconds = {seconds!r}: {usage}")
         return self.pipeline.noitem.learn(float(seconds))
 
+    def _cmd_enroll(self, args: dict) -> Future:
+        """{"label": "Packages/Milk/New-Brand", "photos": [base64 JPEG, ...]}: a new product, from its
+        photos; answered once it is in force (the pipeline embeds the photos between frames)."""
+        self._no_args(args, ("label", "photos"))
+        photos = args.get("photos")
+        if not isinstance(photos, list) or not all(isinstance(p, str) for p in photos):
+            raise CommandError('send {"label": "A/B/C", "photos": ["<base64 JPEG>", ...]}')
+        try:
+            data = [base64.b64decode(p, validate=True) for p in photos]
+        except ValueError:
+            raise CommandError("photos: each must be a base64 string of a JPEG or PNG file") from None
+        if not self.config.enroll.enabled:
+            raise CommandError("enrollment is off (enroll.enabled = false in the config)")
+        try:
+            check_label(args.get("label"), self.serving.bundle.taxonomy)
+            return self.pipeline.enrollment.submit(str(args["label"]), data)
+        except EnrollError as exc:
+            raise CommandError(str(exc)) from None
+
+    def _cmd_enrolled(self, args: dict) -> dict:
+        """{"action": "list" | "export" | "remove" | "rename", "label": ..., "to": ...}: the enrolled
+        products, their photos (export: the training data of the next model), or one of them changed."""
+        action = args.get("action", "list")
+        store = self.pipeline.enrollment.store
+        try:
+            if action == "list":
+                self._no_args(args, ("action",))
+                return {"products": [_product(p) for p in store.products()]}
+            if action == "export":
+                self._no_args(args, ("action", "label"))
+                photos: dict[str, list[str]] = {}
+                for _, label, jpeg in store.thumbnails(args.get("label")):
+                    photos.setdefault(label, []).append(base64.b64encode(jpeg).decode("ascii"))
+                return {"products": [{"label": k, "photos": v} for k, v in sorted(photos.items())]}
+            if action == "remove":
+                self._no_args(args, ("action", "label"))
+                store.remove(str(args.get("label")))
+            elif action == "rename":
+                self._no_args(args, ("action", "label", "to"))
+                store.rename(
+                    str(args.get("label")), check_label(args.get("to"), self.serving.bundle.taxonomy)
+                )
+            else:
+                raise CommandError(f"action {action!r}: one of list, export, remove, rename")
+        except EnrollError as exc:
+            raise CommandError(str(exc)) from None
+        self.pipeline.enrollment.changed()
+        return {"products": [_product(p) for p in store.products()]}
+
     def _cmd_forget_empty(self, args: dict) -> dict:
         self._no_args(args)
         return self.pipeline.noitem.forget()
@@ -337,6 +391,15 @@ def _with_id(answer: CommandAnswer, request_id: str | None) -> CommandAnswer:
     if request_id is not None:
         answer["id"] = request_id
     return answer
+
+
+def _product(product: Product) -> dict:
+    return {
+        "label": product.label,
+        "photos": product.exemplars,
+        "source": product.source,
+        "enrolled_at": utc_ms(product.created),
+    }
 
 
 def _outcome(name: str, done: Future) -> CommandAnswer:

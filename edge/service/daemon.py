@@ -33,6 +33,7 @@ from . import update
 from .config import Config, ConfigError
 from .control import Control, Handler
 from .drift import DriftTracker
+from .enrollment import Enrollment
 from .health import Health
 from .infer import WorkerError, WorkerInfo
 from .mqtt import MqttLink, client_id_for
@@ -194,6 +195,9 @@ class Daemon:
         self.noitem = NoItem(cfg.no_item, cfg.device.state_dir)
         self.noitem.load()
         self.noitem.serve(bundle)
+        self.enrollment = Enrollment(
+            cfg.device.state_dir, cfg.enroll.min_similarity, cfg.enroll.margin, cfg.enroll.min_photos
+        )
         self.pipeline = Pipeline(
             cfg,
             self.capture,
@@ -201,6 +205,7 @@ class Daemon:
             self.publisher,
             trigger,
             self.noitem,
+            self.enrollment,
             self.stopping,
             self.max_frames,
         )
@@ -285,6 +290,7 @@ class Daemon:
         self.link.stop()
         self.serving.stop()
         self.outbox.close()
+        self.enrollment.close()
         log.info("stopped: %d frames classified, %d labels", self.pipeline.classified, self.publisher.labels)
 
     def _flush_outbox(self) -> None:

@@ -156,6 +156,16 @@ class Enrollment:
         self.decided += 1
         return enrolled_decision(match, bundle.taxonomy, decision)
 
+    def report(self) -> dict:
+        """For `state` and `stats`."""
+        with self._lock:
+            index = self._index
+        return {
+            "products": len(index) if index is not None else 0,
+            "decided": self.decided,
+            "problems": self.problems,
+        }
+
     def close(self) -> None:
         while True:
             try:

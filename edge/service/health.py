@@ -169,6 +169,7 @@ class Health:
             "no_item_frames": pipe.noitem.frames,
             "no_item_withheld": pipe.noitem.withheld,
             "no_item": pipe.noitem.report(),
+            "enrolled": pipe.enrollment.report(),
         }
 
     def publish_stats(self, final: bool = False) -> None:

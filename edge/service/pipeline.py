@@ -26,6 +26,7 @@ from ..kernel.decode import Decision, Decoder
 from ..kernel.preprocess import ImageError, preprocess
 from ..kernel.protocol import UnknownReason
 from .config import Config
+from .enrollment import Enrollment
 from .infer import WorkerDied, WorkerError
 from .noitem import NoItem
 from .publish import LabelInput, LabelPublisher
@@ -95,6 +96,7 @@ class Pipeline:
         publisher: LabelPublisher,
         trigger: ItemTrigger | None,
         noitem: NoItem,
+        enrollment: Enrollment,
         stopping: threading.Event,
         max_frames: int | None = None,
     ):
@@ -106,6 +108,7 @@ class Pipeline:
         self.stopping = stopping
         self.max_frames = max_frames
         self.noitem = noitem
+        self.enrollment = enrollment
         self.paused = threading.Event()
         self.item_event = threading.Event()  # a trigger came: look for the item's frames now
         self.listeners: list[Callable[[InferenceResult], None]] = []
@@ -358,7 +361,7 @@ class Pipeline:
                 decision = answer.entry.decoder.decode(answer.scores)
             except ValueError as exc:  # NaN or wrong shape: a broken model, not a broken daemon
                 error = f"inference failed: {exc}"
-        self._done(answer.entry, decision, error, answer.invoke_s, answer.embedding)
+        self._done(answer.entry, decision, error, answer.invoke_s, answer.embedding, answer.scores)
 
     def _worker_died(self, exc: WorkerError, inflight: deque[_InFlight]) -> None:
         """Every frame the dead worker held fails; a new worker takes over."""
@@ -376,6 +379,7 @@ class Pipeline:
         error: str | None,
         invoke_s: float,
         embedding: np.ndarray | None = None,
+        scores: np.ndarray | None = None,
     ) -> None:
         frame = entry.frame
         if error is not None:
@@ -410,6 +414,8 @@ class Pipeline:
         # Listeners (the updater's health window) judge the model: they saw its own decision above.
         if decision is not None:
             decision = self.noitem.judge(decision, embedding, frame, entry.bundle.sha256)
+        if decision is not None and decision.reason != "no_item" and scores is not None:
+            decision = self.enrollment.decide(decision, scores, embedding, entry.bundle)
         if self.trigger is not None and entry.item_id is not None:
             item = self.trigger.add(entry.item_id, decision)
             if item is not None:
@@ -435,6 +441,8 @@ class Pipeline:
         bundle = self.serving.bundle
         if self.noitem.needs_embedding(bundle):
             self.noitem.reembed(bundle, lambda image: self._embed(bundle, image))
+        # enrolled products: their photos through a new model, and enrollments waiting for the worker
+        self.enrollment.serve(bundle, lambda image: self._embed(bundle, image))
 
     def _embed(self, bundle: Bundle, image: np.ndarray) -> np.ndarray:
         """One image's embedding from the serving worker (nothing is in flight when this runs)."""

@@ -1,5 +1,5 @@
-"""Device-side subcommands: `run`, `inspect`, `deploy`, `sign`, `listen`, `empty-belt`. Only argparse at
-import time."""
+"""Device-side subcommands: `run`, `inspect`, `deploy`, `sign`, `listen`, `empty-belt`, `enroll`,
+`enrolled`. Only argparse at import time."""
 
 from __future__ import annotations
 
@@ -211,6 +211,68 @@ def register(sub: argparse._SubParsersAction) -> None:
     listen.add_argument("--ca-file", metavar="FILE", help="CA certificate for a TLS broker")
     listen.set_defaults(func=_listen)
     _register_empty_belt(sub)
+    _register_enroll(sub)
+
+
+def _device_command_args(parser: argparse.ArgumentParser) -> None:
+    """Broker, device and answer options of the commands that ask one device something."""
+    parser.add_argument(
+        "--broker",
+        required=True,
+        type=_broker,
+        metavar="HOST[:PORT]",
+        help="MQTT broker (port 1883 by default)",
+    )
+    parser.add_argument("--target", "-t", required=True, metavar="SITE/LINE/DEVICE", help="the device")
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, metavar="S", help="wait this long for the answer"
+    )
+    parser.add_argument("--json", action="store_true", help="print the device's answer as JSON")
+    parser.add_argument("--prefix", default="taxonedge", help="topic prefix the devices use (mqtt.prefix)")
+    parser.add_argument("--username", help="broker user name")
+    parser.add_argument("--password-file", metavar="FILE", help="file holding the broker password")
+    parser.add_argument(
+        "--password-env", metavar="VAR", help="environment variable holding the broker password"
+    )
+    parser.add_argument("--ca-file", metavar="FILE", help="CA certificate for a TLS broker")
+
+
+def _register_enroll(sub: argparse._SubParsersAction) -> None:
+    enroll = sub.add_parser(
+        "enroll",
+        help="add a product to a running device from a few photos: no retraining, no redeploy",
+        description=(
+            "Enroll a product the model was not trained on: the device embeds the photos with its model "
+            "(a format v3 bundle) and from then on labels a frame with --label when it is close to them, "
+            "and closer to them than to the trained class the model picked (source enrolled in the label). "
+            "The label goes under an existing branch (Packages/Milk/New-Brand) or starts a new one; it may "
+            "not be a trained class or branch. 5 or more photos from the line work best. In force when the "
+            "command returns; kept across restarts and model updates (a new model embeds the photos "
+            "again).\n\n"
+            "exit status: 0 enrolled; 1 the device refused (the reason is printed); 2 bad arguments or an "
+            "unreadable photo (nothing sent); 3 no answer in time"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _device_command_args(enroll)
+    enroll.add_argument("--label", "-l", required=True, metavar="A/B/C", help="the product's label path")
+    enroll.add_argument("photos", nargs="+", metavar="PHOTO", help="JPEG or PNG photos of the product")
+    enroll.set_defaults(func=_enroll)
+    enrolled = sub.add_parser(
+        "enrolled",
+        help="list, rename, remove or export a device's enrolled products",
+        description=(
+            "list: the enrolled products. rename --label OLD --to NEW, remove --label L: change them (in "
+            "force at once). export --out DIR [--label L]: their photos in the training data layout "
+            "(DIR/<label path>/*.jpg), for the next `taxonedge train` to include."
+        ),
+    )
+    _device_command_args(enrolled)
+    enrolled.add_argument("action", choices=("list", "rename", "remove", "export"))
+    enrolled.add_argument("--label", "-l", metavar="A/B/C")
+    enrolled.add_argument("--to", metavar="A/B/C", help="the new label (rename)")
+    enrolled.add_argument("--out", metavar="DIR", help="folder to write the photos to (export)")
+    enrolled.set_defaults(func=_enrolled)
 
 
 def _register_empty_belt(sub: argparse._SubParsersAction) -> None:
@@ -316,6 +378,18 @@ def _broker(value: str) -> tuple[str, int]:
     from .listen import parse_broker
 
     return parse_broker(value)
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    from .enroll import enroll_command
+
+    return enroll_command(args)
+
+
+def _enrolled(args: argparse.Namespace) -> int:
+    from .enroll import enrolled_command
+
+    return enrolled_command(args)
 
 
 def _empty_belt(args: argparse.Namespace) -> int:

@@ -9,32 +9,25 @@ them and their spread. The operator keeps the belt empty for the whole capture.
 from __future__ import annotations
 
 import json
-import queue
 import sys
-import time
-import uuid
 from typing import Any
 
 from taxonedge.cli import CliError
 
-from ..kernel.protocol import DeviceTopics
-from .deploy import EXIT_FAILED, EXIT_TIMEOUT, Session
-
-ANSWER_SLACK_S = 30.0  # beyond the capture: the last frame's inference, storing, the network
+from .deploy import EXIT_FAILED, EXIT_TIMEOUT
+from .request import device_target, send_command
 
 
 def empty_belt_command(args: Any) -> int:
     """Exit 0 when the device learned (or forgot) the empty belt, 1 when it refused or failed, 3 without
     an answer in time, 2 for bad arguments (nothing sent)."""
-    target = _device(args.target)
+    target = device_target(args.target)
     name, payload = ("forget_empty", {}) if args.forget else ("learn_empty", {"seconds": args.seconds})
     if not args.forget and not 1 <= args.seconds <= 600:
         raise CliError(f"--seconds {args.seconds:g}: from 1 to 600")
-    session = Session(args)
-    try:
-        answer = _request(session, DeviceTopics(f"{args.prefix}/{target}").command(name), payload, args)
-    finally:
-        session.close()
+    if not args.forget:
+        print(f"learning the empty belt for {args.seconds:g} s: keep the belt empty ...", file=sys.stderr)
+    answer = send_command(args, target, name, payload, args.timeout + (0 if args.forget else args.seconds))
     if answer is None:
         print(
             f"{target}: no answer to {name} within {args.timeout:g} s: is the device running and "
@@ -50,44 +43,6 @@ def empty_belt_command(args: Any) -> int:
         print(f"{target}: {name} refused: {answer.get('error')}", file=sys.stderr)
         return EXIT_FAILED
     return 0
-
-
-def _device(target: str) -> str:
-    parts = target.strip("/").split("/")
-    if len(parts) == 3 and all(p and not set(p) & set("+#") for p in parts) and parts[0] != "groups":
-        return "/".join(parts)
-    raise CliError(f"--target {target!r}: expected SITE/LINE/DEVICE (one camera: one belt)")
-
-
-def _request(session: Session, topic: str, payload: dict, args: Any) -> dict | None:
-    """Publish the command with our reply topic; the device's answer to it, or None after the timeout."""
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
-    correlation = uuid.uuid4().hex.encode()
-    props = Properties(PacketTypes.PUBLISH)
-    props.ResponseTopic = session.reply_topic
-    props.CorrelationData = correlation
-    session.publish(topic, json.dumps(payload), properties=props).wait_for_publish(10)
-    if not args.forget:
-        print(f"learning the empty belt for {args.seconds:g} s: keep the belt empty ...", file=sys.stderr)
-    deadline = time.monotonic() + args.timeout + (0 if args.forget else args.seconds)
-    while time.monotonic() < deadline:
-        try:
-            msg = session.inbox.get(timeout=0.2)
-        except queue.Empty:
-            continue
-        if (
-            msg.topic == session.reply_topic
-            and getattr(msg.properties, "CorrelationData", None) == correlation
-        ):
-            try:
-                answer = json.loads(msg.payload)
-            except ValueError:
-                continue
-            if isinstance(answer, dict):
-                return answer
-    return None
 
 
 def _summary(target: str, result: dict, forget: bool) -> str:
