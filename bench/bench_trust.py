@@ -13,7 +13,8 @@ model's thresholds chosen on the scored images themselves (an oracle for both, s
 differs).
 
     .venv/bin/python bench/bench_trust.py --bundle B.tebundle --calibration RUN/splits.json \
-        --data ../shared/data/grocery/dataset/val.txt [--compare B_v2.tebundle] [--target 0.98 --target 0.995]
+        --data ../shared/data/grocery/dataset/val.txt [--compare B_v2.tebundle] [--target 0.98 ...] \
+        [--shift 0 --shift 1.5 ...]
 """
 
 from __future__ import annotations
@@ -30,17 +31,23 @@ from taxonedge.edge.kernel.bundle import read_bundle
 from taxonedge.edge.kernel.decode import Decoder
 from taxonedge.edge.kernel.runtime import Classifier
 from taxonedge.train import data as data_mod
-from taxonedge.train.calibrate import choose_thresholds
+from taxonedge.train.calibrate import choose_thresholds, occasion_shift
 from taxonedge.train.evaluate import predict_bundle, score_novel
 from taxonedge.train.metrics import backoff
 
 
-def load(bundle, source: str, novel: list | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(probabilities, leaf scores, true leaf) of `source`'s images of known products."""
+def load(
+    bundle, source: str, novel: list | None = None, shift: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(probabilities, leaf scores, true leaf) of `source`'s images of known products; with `shift`, of
+    two views of each as other occasions would show them (what `convert --calibration-shift` uses)."""
     samples = data_mod.model_leaves(bundle.taxonomy, data_mod.read_samples(source), source, novel)
     images, kept, _ = data_mod.load_images(samples, bundle.manifest.input, Path(source).name)
+    y = data_mod.leaf_indices(bundle.taxonomy, kept, source)
+    if shift > 0:
+        images, y = occasion_shift(images, shift, 2), np.repeat(y, 2)
     probs, scores = predict_bundle(Classifier(bundle), images)
-    return probs, scores, data_mod.leaf_indices(bundle.taxonomy, kept, source)
+    return probs, scores, y
 
 
 def published(taxonomy, probs, y, thresholds, unfamiliar=None) -> str:
@@ -49,6 +56,7 @@ def published(taxonomy, probs, y, thresholds, unfamiliar=None) -> str:
     precision = row["published_precision"]
     return (
         f"right {100 * precision:5.1f} % | reach d1/d2/d3 {depths} % | "
+        f"leaf {100 * row['decisions']['accepted']:5.1f} % | "
         f"unknown {100 * row['decisions']['unknown']:5.1f} %"
         if precision is not None
         else "nothing published"
@@ -94,6 +102,7 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="images of other occasions, to score")
     parser.add_argument("--compare", help="the same model as a v2 bundle (uint8 probabilities)")
     parser.add_argument("--target", type=float, action="append", help="precision targets (default 0.98)")
+    parser.add_argument("--shift", type=float, action="append", help="occasion-shift strengths (default 0)")
     parser.add_argument(
         "--pass-rate", type=float, default=None, help="open-set pass rate (default: the bundle's)"
     )
@@ -105,41 +114,44 @@ def main() -> None:
     if bundle.manifest.output.kind != "leaf_logits":
         sys.exit(f"{args.bundle}: not a format v3 bundle with leaf logits")
     novel: list = []
-    cal_probs, cal_scores, cal_y = load(bundle, args.calibration)
     probs, scores, y = load(bundle, args.data, novel)
+    print(
+        f"bundle {bundle.name} {bundle.version}; calibration {args.calibration}; scored {len(y)} known + "
+        f"{len(novel)} novel-product images ({args.data})"
+    )
+    print(f"top-1 on the scored images: leaf {100 * np.mean(probs.argmax(1) == y):.1f} %")
+    print(
+        "\n## New occasions: thresholds chosen on the calibration images (or shifted views of them), "
+        "scored on the data"
+    )
     pass_rate = args.pass_rate or (
         bundle.manifest.open_set.known_pass_rate if bundle.manifest.open_set else 0.98
     )
-    open_set = fit_open_set(cal_scores, pass_rate)
-    unfamiliar = scores.max(axis=1) < open_set.threshold
-    print(
-        f"bundle {bundle.name} {bundle.version}; calibration {len(cal_y)} images ({args.calibration}); "
-        f"scored {len(y)} known + {len(novel)} novel-product images ({args.data})"
-    )
-    print(f"top-1 on the scored images: leaf {100 * np.mean(probs.argmax(1) == y):.1f} %")
-
-    print("\n## New occasions: thresholds chosen on the calibration images, scored on the data")
-    print(
-        f"open set: max logit >= {open_set.threshold:.3f} (lets {100 * pass_rate:.1f} % of calibration "
-        f"images "
-        f"through; {100 * unfamiliar.mean():.1f} % of the scored known images rejected)"
-    )
-    for target in args.target or [0.98]:
-        thresholds = choose_thresholds(taxonomy, cal_probs, cal_y, target, warn=False)
-        print(f"target {target}: thresholds " + ", ".join(f"{k} {v:.5f}" for k, v in thresholds.items()))
-        print(f"  without open set: {published(taxonomy, probs, y, thresholds)}")
-        print(f"  with open set:    {published(taxonomy, probs, y, thresholds, unfamiliar)}")
-        if novel:
-            decoder = Decoder(taxonomy, thresholds, kind="leaf_logits", open_set_threshold=open_set.threshold)
-            plain = Decoder(taxonomy, thresholds, kind="leaf_logits")
-            client = Classifier(bundle)
-            for name, dec in (("without open set", plain), ("with open set", decoder)):
-                n = score_novel(taxonomy, dec, client, novel, bundle.manifest.input)
-                print(
-                    f"  novel products, {name}: {100 * n['safe']:5.1f} % unknown or a correct parent "
-                    f"({100 * n['unknown']:.1f} % unknown, {100 * n['correct_parent']:.1f} % parent), "
-                    f"{100 * n['wrong']:.1f} % wrong"
-                )
+    for shift in args.shift or [0.0]:
+        cal_probs, cal_scores, cal_y = load(bundle, args.calibration, shift=shift)
+        open_set = fit_open_set(cal_scores, pass_rate)
+        unfamiliar = scores.max(axis=1) < open_set.threshold
+        print(
+            f"shift {shift:g}: open set max logit >= {open_set.threshold:.3f} "
+            f"({100 * unfamiliar.mean():.1f} % of the scored known images rejected)"
+        )
+        for target in args.target or [0.98]:
+            thresholds = choose_thresholds(taxonomy, cal_probs, cal_y, target, warn=False)
+            print(
+                f"  target {target}: thresholds " + ", ".join(f"{k} {v:.5f}" for k, v in thresholds.items())
+            )
+            print(f"    without open set: {published(taxonomy, probs, y, thresholds)}")
+            print(f"    with open set:    {published(taxonomy, probs, y, thresholds, unfamiliar)}")
+            if novel:
+                client = Classifier(bundle)
+                for name, threshold in (("without open set", None), ("with open set", open_set.threshold)):
+                    decoder = Decoder(taxonomy, thresholds, kind="leaf_logits", open_set_threshold=threshold)
+                    n = score_novel(taxonomy, decoder, client, novel, bundle.manifest.input)
+                    print(
+                        f"    novel products, {name}: {100 * n['safe']:5.1f} % unknown or a correct parent "
+                        f"({100 * n['unknown']:.1f} % unknown, {100 * n['correct_parent']:.1f} % parent), "
+                        f"{100 * n['wrong']:.1f} % wrong"
+                    )
 
     if args.compare:
         other = read_bundle(args.compare)

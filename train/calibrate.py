@@ -191,7 +191,7 @@ def occasion_shift(images: np.ndarray, strength: float, copies: int = 2, seed: i
     another white balance, exposure and contrast, some blur, a tighter framing. Thresholds and the open-set
     threshold chosen on these views hold better where the model has not been: chosen on a slice of
     Grocery's training occasions they let 82 % right labels through on val's occasions, chosen on these
-    views at strength 1.5 about 97 % (docs/trust.md). `strength` 0: the images as they are."""
+    views at strength 2 98 % (docs/trust.md). `strength` 0: the images as they are."""
     import cv2
 
     if strength <= 0:
