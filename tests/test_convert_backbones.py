@@ -63,4 +63,4 @@ def test_a_run_written_by_taxonedge_train_converts(tiny_run, tmp_path):
     assert m.temperature == pytest.approx(calibration["temperature"])
     assert m.taxonomy_hash == Taxonomy.from_dict(json.loads((tiny_run / "taxonomy.json").read_text())).hash
     assert (m.input.height, m.input.width, m.input.dtype, m.input.scale) == (64, 64, "uint8", 1.0)
-    assert m.model.backbone == "mobilenet_v2" and m.output.name == "output_0"
+    assert m.model.backbone == "mobilenet_v2" and m.output.name == "leaf_logits" and m.embedding is not None
