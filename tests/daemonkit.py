@@ -217,3 +217,9 @@ def validate_device_messages(
         if kind == "label":
             labels.append(document)
     return labels
+
+
+def validate_recorded(recorder: Recorder, base: str) -> list[dict]:
+    """`validate_device_messages` on what a Recorder kept (its JSON payloads encoded back to bytes)."""
+    messages = [(t, json.dumps(m).encode() if isinstance(m, dict) else m, p) for t, m, p in recorder.messages]
+    return validate_device_messages(messages, base, replies=REPLIES)

@@ -17,7 +17,7 @@ from taxonedge.edge.service.config import load_config
 from taxonedge.edge.service.daemon import Daemon
 
 from .conftest import TINY_LABELS, class_image
-from .daemonkit import REPLIES, Recorder, labels_of, validate_device_messages, write_config
+from .daemonkit import REPLIES, Recorder, labels_of, validate_recorded, write_config
 from .tinymodels import write_tiny_bundle
 
 TARGET = "plant/line1/dev1"
@@ -125,11 +125,7 @@ def test_enroll_from_photos_on_a_running_daemon(tmp_path, broker, line):
     finally:
         rec.close()
         daemon.shutdown()
-    validate_device_messages(
-        [(t, json.dumps(m).encode() if isinstance(m, dict) else m, p) for t, m, p in rec.messages],
-        daemon.topic_base,
-        replies=REPLIES,
-    )
+    validate_recorded(rec, daemon.topic_base)
     # a restart keeps it; remove takes it away at once
     daemon = start(tmp_path, broker, bundle, line)
     try:

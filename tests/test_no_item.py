@@ -4,7 +4,6 @@ off the empty frames of a video, across restarts, model switches and both publis
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ from taxonedge.edge.service.trigger import ItemTrigger
 from taxonedge.edge.tools.listen import format_label
 
 from .conftest import TINY_LABELS, class_image, run_cli
-from .daemonkit import REPLIES, Recorder, labels_of, validate_device_messages, write_config
+from .daemonkit import REPLIES, Recorder, labels_of, validate_recorded, write_config
 from .tinymodels import write_tiny_bundle
 
 TAX = Taxonomy.from_paths(TINY_LABELS)
@@ -418,11 +417,7 @@ def learn_from_the_empty_belt(tmp_path: Path, broker, bundles, empty_belt: Path)
     finally:
         rec.close()
         daemon.shutdown()
-    validate_device_messages(
-        [(t, json.dumps(m).encode() if isinstance(m, dict) else m, p) for t, m, p in rec.messages],
-        daemon.topic_base,
-        replies=REPLIES,
-    )
+    validate_recorded(rec, daemon.topic_base)
     return learn
 
 

@@ -291,33 +291,11 @@ def _register_empty_belt(sub: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    belt.add_argument(
-        "--broker",
-        required=True,
-        type=_broker,
-        metavar="HOST[:PORT]",
-        help="MQTT broker (port 1883 by default)",
-    )
-    belt.add_argument("--target", "-t", required=True, metavar="SITE/LINE/DEVICE", help="the device")
+    _device_command_args(belt)
     belt.add_argument(
         "--seconds", type=float, default=60.0, metavar="S", help="how long to capture (1-600, default 60)"
     )
     belt.add_argument("--forget", action="store_true", help="drop the device's empty belt instead")
-    belt.add_argument(
-        "--timeout",
-        type=float,
-        default=30.0,
-        metavar="S",
-        help="wait this long for the answer after the capture",
-    )
-    belt.add_argument("--json", action="store_true", help="print the device's answer as JSON")
-    belt.add_argument("--prefix", default="taxonedge", help="topic prefix the devices use (mqtt.prefix)")
-    belt.add_argument("--username", help="broker user name")
-    belt.add_argument("--password-file", metavar="FILE", help="file holding the broker password")
-    belt.add_argument(
-        "--password-env", metavar="VAR", help="environment variable holding the broker password"
-    )
-    belt.add_argument("--ca-file", metavar="FILE", help="CA certificate for a TLS broker")
     belt.set_defaults(func=_empty_belt)
 
 
