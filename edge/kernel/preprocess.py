@@ -114,3 +114,12 @@ def margin_spec(spec: InputSpec) -> InputSpec:
 def load_image(path: str | Path, spec: InputSpec) -> np.ndarray:
     """read_image + preprocess: what training, calibration and evaluation call for an image file."""
     return preprocess(read_image(path), spec)
+
+
+def shrink(image: np.ndarray, short_side: int) -> np.ndarray:
+    """`image` scaled down (INTER_AREA) so that its short side is at most `short_side`; as it is otherwise."""
+    scale = short_side / min(image.shape[:2])
+    if scale >= 1:
+        return image
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)

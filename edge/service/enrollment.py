@@ -18,7 +18,7 @@ import numpy as np
 
 from ..kernel.bundle import Bundle
 from ..kernel.decode import Decision
-from ..kernel.preprocess import ImageError, decode_image
+from ..kernel.preprocess import ImageError, decode_image, shrink
 from ..kernel.prototypes import PrototypeIndex, enrolled_decision
 from .enrolled import EnrolledStore, EnrollError, check_label
 
@@ -48,11 +48,7 @@ def decode_photo(data: bytes, i: int) -> np.ndarray:
 def thumbnail_jpeg(image: np.ndarray) -> bytes:
     import cv2
 
-    scale = THUMB_SHORT_SIDE / min(image.shape[:2])
-    if scale < 1:
-        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 92])
+    ok, data = cv2.imencode(".jpg", shrink(image, THUMB_SHORT_SIDE), [cv2.IMWRITE_JPEG_QUALITY, 92])
     if not ok:
         raise EnrollError("a photo could not be encoded as JPEG; nothing was enrolled")
     return data.tobytes()

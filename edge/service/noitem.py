@@ -175,14 +175,11 @@ class _Learning:
 
 
 def thumbnail(image: np.ndarray) -> np.ndarray:
-    """`image` scaled down so that its short side is at most THUMB_SHORT_SIDE."""
-    import cv2
+    """`image` scaled down so that its short side is at most THUMB_SHORT_SIDE (a copy: frames are reused)."""
+    from ..kernel.preprocess import shrink
 
-    scale = THUMB_SHORT_SIDE / min(image.shape[:2])
-    if scale >= 1:
-        return image.copy()
-    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    small = shrink(image, THUMB_SHORT_SIDE)
+    return small.copy() if small is image else small
 
 
 def jpeg(image: np.ndarray) -> bytes:

@@ -28,17 +28,13 @@ def photo_payload(path: Path) -> str:
     """A photo as the device wants it: base64 JPEG, short side at most SHORT_SIDE; CliError if unreadable."""
     import cv2
 
-    from ..kernel.preprocess import ImageError, read_image
+    from ..kernel.preprocess import ImageError, read_image, shrink
 
     try:
         image = read_image(path)
     except ImageError as exc:
         raise CliError(f"{exc}; nothing was sent") from None
-    scale = SHORT_SIDE / min(image.shape[:2])
-    if scale < 1:
-        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 92])
+    ok, data = cv2.imencode(".jpg", shrink(image, SHORT_SIDE), [cv2.IMWRITE_JPEG_QUALITY, 92])
     if not ok:
         raise CliError(f"{path}: could not be encoded as JPEG; nothing was sent")
     return base64.b64encode(data.tobytes()).decode("ascii")
