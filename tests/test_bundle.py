@@ -21,7 +21,7 @@ from taxonedge.edge.kernel.preprocess import InputSpec
 from taxonedge.edge.kernel.signing import generate_keypair, load_private_key, load_public_key
 from taxonedge.edge.kernel.taxonomy import Taxonomy
 
-from .conftest import REPO, TINY_LABELS, run_cli
+from .conftest import TINY_LABELS, run_cli
 
 MODEL_BYTES = b"TFL3" + bytes(range(256)) * 20  # content is opaque to the bundle layer
 
@@ -137,26 +137,14 @@ def test_signatures(tmp_path, keys):
 
 
 def test_unsupported_format_version(tmp_path):
-    path = make_bundle(tmp_path / "m.tebundle")
-    with tarfile.open(path) as tar:
-        members = {i.name: tar.extractfile(i).read() for i in tar}
-    manifest = json.loads(members["manifest.json"])
-    manifest["format_version"] = 4
-    members["manifest.json"] = json.dumps(manifest).encode()
-    import hashlib
-
-    members["SHA256SUMS"] = (
-        f"{hashlib.sha256(members['manifest.json']).hexdigest()}  manifest.json\n".encode()
-    )
-    from taxonedge.edge.kernel.bundle import _tar_bytes
-
+    v4 = _rewritten(make_bundle(tmp_path / "m.tebundle"), lambda m: m.update(format_version=4))
     with pytest.raises(BundleError, match="format_version 4 is not supported"):
-        read_bundle(_tar_bytes(members))
+        read_bundle(v4)
 
 
 def test_format_v2_lists_each_backends_artifact_and_v1_bundles_still_read(tmp_path):
-    """v2 names the file each backend runs; a v1 bundle (the shipped demo model is one) is read with its
-    artifacts derived from its file names."""
+    """v2 names the file each backend runs; a v1 bundle (the demo model up to 1.3.1 was one) is read with
+    its artifacts derived from its file names."""
     from taxonedge.edge.kernel.bundle import MODEL_EDGETPU, build_manifest, write_bundle
     from taxonedge.edge.kernel.preprocess import InputSpec
     from taxonedge.edge.kernel.taxonomy import Taxonomy
@@ -173,8 +161,7 @@ def test_format_v2_lists_each_backends_artifact_and_v1_bundles_still_read(tmp_pa
     assert bundle.manifest.format_version == 2
     assert bundle.manifest.artifacts == {"cpu": MODEL, "edgetpu": MODEL_EDGETPU, "toy": "model_toy.bin"}
     assert bundle.artifacts()["toy"] == b"toy" and bundle.has_artifact("edgetpu")
-    shipped = REPO / "examples" / "models" / "grocery" / "grocery.tebundle"
-    v1 = read_bundle(shipped)
+    v1 = read_bundle(_rewritten(make_bundle(tmp_path / "m.tebundle"), _as_v1))
     assert v1.manifest.format_version == 1 and v1.manifest.artifacts == {}
     assert set(v1.artifacts()) == {"cpu"} and not v1.has_edgetpu_model
     extra = _with_member(tmp_path / "v2.tebundle")  # a listed file no backend names
@@ -182,22 +169,38 @@ def test_format_v2_lists_each_backends_artifact_and_v1_bundles_still_read(tmp_pa
         read_bundle(extra)
 
 
-def _with_member(path):
-    """The bundle at `path` with an extra tar member listed in a rebuilt manifest (a writer refuses it)."""
+def _as_v1(manifest: dict) -> None:
+    manifest["format_version"] = 1
+    del manifest["artifacts"]
+
+
+def _rewritten(path, edit, extra: dict[str, bytes] | None = None) -> bytes:
+    """The bundle at `path` with its manifest edited in place by `edit` and `extra` members added (the
+    checksums rebuilt, unsigned): what a writer would refuse to make."""
     import hashlib
 
     from taxonedge.edge.kernel.bundle import _tar_bytes
 
     with tarfile.open(path) as tar:
-        members = {i.name: tar.extractfile(i).read() for i in tar}
+        members = {i.name: tar.extractfile(i).read() for i in tar if i.name != "signature"}
     manifest = json.loads(members["manifest.json"])
-    manifest["files"]["notes.txt"] = {"sha256": hashlib.sha256(b"x").hexdigest(), "size": 1}
+    edit(manifest)
     members["manifest.json"] = json.dumps(manifest).encode()
-    members["notes.txt"] = b"x"
+    members.update(extra or {})
     members["SHA256SUMS"] = (
         f"{hashlib.sha256(members['manifest.json']).hexdigest()}  manifest.json\n".encode()
     )
     return _tar_bytes(members)
+
+
+def _with_member(path):
+    """The bundle at `path` with an extra tar member listed in a rebuilt manifest (a writer refuses it)."""
+    import hashlib
+
+    def listed(manifest: dict) -> None:
+        manifest["files"]["notes.txt"] = {"sha256": hashlib.sha256(b"x").hexdigest(), "size": 1}
+
+    return _rewritten(path, listed, {"notes.txt": b"x"})
 
 
 def test_inspect_cli_prints_manifest_and_rejects_flipped_byte(tmp_path, keys):
