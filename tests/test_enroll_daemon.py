@@ -17,7 +17,7 @@ from taxonedge.edge.service.config import load_config
 from taxonedge.edge.service.daemon import Daemon
 
 from .conftest import TINY_LABELS, class_image
-from .daemonkit import REPLIES, Recorder, labels_of, validate_recorded, write_config
+from .daemonkit import BASE, REPLIES, Recorder, labels_of, validate_recorded, write_config
 from .tinymodels import write_tiny_bundle
 
 TARGET = "plant/line1/dev1"
@@ -134,3 +134,133 @@ def test_enroll_from_photos_on_a_running_daemon(tmp_path, broker, line):
         assert proc.returncode == 0 and "no enrolled products" in proc.stdout
     finally:
         daemon.shutdown()
+
+
+# ---- enrolling from the belt (item mode) ----------------------------------------------------------------
+ITEM_MODE = '\n[trigger]\nmode = "item"\nframes_per_item = 3\nitem_timeout_s = 5\n'
+
+
+@pytest.fixture
+def new_product_video(tmp_path) -> Path:
+    """A belt camera's video of the new product passing, a different placement in every frame."""
+    path = tmp_path / "belt.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, (64, 64))
+    rng = np.random.default_rng(21)
+    for _ in range(60):
+        writer.write(class_image(NEW_INDEX, rng, 64))
+    writer.release()
+    return path
+
+
+def start_items(tmp_path: Path, broker, bundle: Path, video: Path, extra: str = "") -> Daemon:
+    source = f'type = "video"\npath = "{video}"\nloop = true\npacing = "realtime"'
+    cfg = write_config(
+        tmp_path / f"c{time.monotonic_ns()}.toml",
+        broker,
+        bundle,
+        source,
+        tmp_path / "state",
+        ITEM_MODE + extra,
+    )
+    daemon = Daemon(load_config(cfg))
+    daemon.start()
+    assert daemon.link.connected.wait(10)
+    return daemon
+
+
+def answers(rec: Recorder) -> dict[bytes, dict]:
+    return {p.CorrelationData: m for t, m, p in rec.messages if t == REPLIES}
+
+
+def trigger_items(rec: Recorder, prefix: str, count: int) -> None:
+    """The photo eye: one trigger per item, each once the previous item's label is out."""
+    for i in range(count):
+        done = len(labels_of(rec))
+        rec.client.publish(f"{BASE}/trigger", f"{prefix}-{i}".encode(), qos=1).wait_for_publish(5)
+        assert rec.wait(lambda r, done=done: len(labels_of(r)) > done, 10)
+
+
+def test_enroll_from_the_next_items_on_the_belt(tmp_path, broker, new_product_video):
+    bundle = write_tiny_bundle(tmp_path / "tiny.tebundle")
+    rec = Recorder(broker.port)
+    daemon = start_items(tmp_path, broker, bundle, new_product_video)
+    store = daemon.pipeline.enrollment.store
+    try:
+        bad = {
+            b"b0": {"label": "New/Belt", "from_belt": 0},
+            b"b1": {"label": "New/Belt", "from_belt": 33},
+            b"b2": {"label": "New/Belt", "from_belt": True},
+            b"b3": {"label": "New/Belt", "from_belt": 2, "photos": []},
+            b"b4": {"label": "New/Belt", "from_belt": 2, "timeout_s": 0},
+            b"b5": {"label": TINY_LABELS[0], "from_belt": 2},
+            b"b6": {"cancel": True},
+            b"b7": {"cancel": True, "label": "New/Belt"},
+            b"b8": {"label": "New/Belt", "photos": [], "timeout_s": 5},
+        }
+        for corr, payload in bad.items():
+            rec.request("enroll", json.dumps(payload).encode(), corr)
+        assert rec.wait(lambda r: set(bad) <= set(answers(r)))
+        got = answers(rec)
+        assert not any(got[c]["ok"] for c in bad), got
+        assert "1 to 32" in got[b"b0"]["error"] and "1 to 32" in got[b"b2"]["error"]
+        assert "not both" in got[b"b3"]["error"] and "timeout_s" in got[b"b4"]["error"]
+        assert "trained class" in got[b"b5"]["error"] and "no belt enrollment" in got[b"b6"]["error"]
+        assert "alone" in got[b"b7"]["error"] and "goes with from_belt" in got[b"b8"]["error"]
+
+        # a capture that gets no items times out; one cancelled ends at once: both store nothing
+        rec.request(
+            "enroll", json.dumps({"label": "New/Late", "from_belt": 1, "timeout_s": 1}).encode(), b"t"
+        )
+        assert rec.wait(lambda r: b"t" in answers(r), 10)
+        assert "timed out after 0 of 1 items" in answers(rec)[b"t"]["error"]
+        rec.request("enroll", json.dumps({"label": "New/Gone", "from_belt": 2}).encode(), b"c")
+        assert rec.wait(lambda r: daemon.health.state()["enrolled"]["capture"] is not None, 5)
+        rec.request("enroll", json.dumps({"label": "New/Other", "from_belt": 2}).encode(), b"busy")
+        rec.request("enroll", b'{"cancel": true}', b"cancel")
+        assert rec.wait(lambda r: {b"c", b"busy", b"cancel"} <= set(answers(r)), 10)
+        got = answers(rec)
+        assert "under way" in got[b"busy"]["error"] and got[b"cancel"]["ok"], got
+        assert "cancelled by command after 0 of 2 items" in got[b"c"]["error"]
+        assert store.products() == [] and daemon.health.state()["enrolled"]["capture"] is None
+
+        # the operator's command, then three items of the new product pass the photo eye
+        tool = cli_async(broker, "enroll", "--label", NEW, "--from-belt", "3", "--belt-timeout", "60")
+        started = time.monotonic()
+        assert rec.wait(lambda r: daemon.health.state()["enrolled"]["capture"] is not None, 10)
+        trigger_items(rec, "belt", 3)
+        out, err = tool.communicate(timeout=60)
+        answered = time.monotonic()
+        assert tool.returncode == 0, err
+        assert f"enrolled {NEW} from 3 items on the belt" in out and "item belt-2:" in out, out
+        [product] = store.products()
+        assert (product.label, product.exemplars, product.source) == (NEW, 3, "belt")
+        # every item was labelled as usual while it was captured: one label each, none enrolled yet
+        captured = labels_of(rec)
+        assert [lb["item_id"] for lb in captured] == ["belt-0", "belt-1", "belt-2"]
+        assert not any(lb.get("source") == "enrolled" for lb in captured)
+
+        # from now on the product is recognised on the belt
+        trigger_items(rec, "next", 1)
+        first = time.monotonic()
+        trigger_items(rec, "more", 2)
+        after = labels_of(rec)[3:]
+        assert all(lb["label"] == NEW and lb["source"] == "enrolled" for lb in after), after
+        print(
+            f"enroll --from-belt 3: answered {answered - started:.2f} s after the command (3 items triggered"
+            f" in turn); the next item's enrolled label {first - answered:.2f} s after the answer"
+        )
+        assert daemon.health.state()["enrolled"]["products"] == 1
+    finally:
+        rec.close()
+        daemon.shutdown()
+    validate_recorded(rec, daemon.topic_base)
+
+
+def cli_async(broker, *args: str) -> subprocess.Popen:
+    command = [*args[:1], "--broker", f"127.0.0.1:{broker.port}", "--target", TARGET, *args[1:]]
+    return subprocess.Popen(
+        [sys.executable, "-m", "taxonedge", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

@@ -180,3 +180,45 @@ def test_enrollment_from_photos_decides_for_the_new_product_and_leaves_trained_o
     with pytest.raises(EnrollError, match="no embedding output"):
         future.result(timeout=1)
     assert [p.label for p in enrollment.store.products()] == ["Fruit/Apple/Red-Delicious"]
+
+
+def test_a_belt_item_keeps_its_most_typical_frame_never_an_empty_one():
+    from taxonedge.edge.service.enrollment import _Seen, exemplar_frame
+
+    centre = normalise(RNG.normal(size=DIM))
+    images = [np.full((4, 4, 3), i, np.uint8) for i in range(4)]
+    seen = [
+        _Seen(images[0], centre + 0.5 * normalise(RNG.normal(size=DIM)), False),  # entering the view
+        _Seen(images[1], centre, False),  # in full view
+        _Seen(images[2], centre, True),  # the empty belt: never kept, however typical
+        _Seen(images[3], centre + 0.5 * normalise(RNG.normal(size=DIM)), False),  # leaving
+    ]
+    assert exemplar_frame(seen) is images[1]
+    assert exemplar_frame([_Seen(images[2], centre, True)]) is None
+    assert exemplar_frame([_Seen(i, None, False) for i in images[:3]]) is images[1]  # the middle one
+
+
+def test_an_item_voted_to_an_enrolled_product_is_accepted_as_enrolled():
+    from taxonedge.edge.kernel.decode import Decision, LevelScore
+    from taxonedge.edge.service.trigger import vote
+
+    def frame(path: str, similarity: float | None) -> Decision:
+        parts = tuple(path.split("/"))
+        levels = tuple(
+            LevelScore(d + 1, f"enrolled:{'/'.join(parts[: d + 1])}", p, p.lower(), 0.9, True)
+            for d, p in enumerate(parts)
+        )
+        source = "enrolled" if similarity is not None else "model"
+        return Decision("accepted", path, parts, levels, source=source, similarity=similarity)
+
+    decision, agreeing = vote([frame("New/Box/A", 0.8), frame("New/Box/A", 0.9)], TAX, 0.6)
+    assert (decision.decision, decision.label, decision.source, agreeing) == (
+        "accepted",
+        "New/Box/A",
+        "enrolled",
+        2,
+    )
+    assert decision.similarity == pytest.approx(0.85)
+    # two enrolled products that share a new branch: the item backs off to the branch, as the model's would
+    decision, _ = vote([frame("New/Box/A", 0.8), frame("New/Box/B", 0.9)], TAX, 0.6)
+    assert (decision.decision, decision.label, decision.source) == ("backed-off", "New/Box", "model")

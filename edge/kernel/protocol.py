@@ -480,12 +480,26 @@ class DeviceState(TypedDict):
     ]
 
 
+class EnrolledCapture(TypedDict):
+    """An `enroll` with `from_belt` in progress: the next triggered items are the product."""
+
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
+    label: str
+    items: Annotated[int, Field(ge=0, description="items captured so far")]
+    of: Annotated[int, Field(ge=1, description="items asked for (from_belt)")]
+    seconds_left: Annotated[float, Field(ge=0, description="until the capture gives up (timeout_s)")]
+
+
 class EnrolledState(TypedDict):
     __pydantic_config__ = _STRICT  # type: ignore[misc]
     products: Count
     decided: Annotated[int, Field(ge=0, description="frames an enrolled product decided")]
     problems: Annotated[
         list[str], Field(description="enrolled products the serving model no longer tells apart")
+    ]
+    capture: Annotated[
+        EnrolledCapture | None,
+        Field(description="a product being enrolled from the belt (enroll from_belt); null when none"),
     ]
 
 

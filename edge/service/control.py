@@ -29,6 +29,7 @@ from ..kernel.protocol import (
 )
 from .config import Config
 from .enrolled import EnrollError, Product, check_label
+from .enrollment import DEFAULT_BELT_TIMEOUT_S, MAX_BELT_TIMEOUT_S, MAX_PHOTOS, need_embedding
 from .noitem import MAX_SECONDS as MAX_LEARN_SECONDS
 from .pipeline import Pipeline
 from .publish import utc_ms
@@ -307,24 +308,69 @@ class Control:
             raise CommandError(f"seconds = {seconds!r}: {usage}")
         return self.pipeline.noitem.learn(float(seconds))
 
-    def _cmd_enroll(self, args: dict) -> Future:
+    def _cmd_enroll(self, args: dict) -> Future | dict:
         """{"label": "Packages/Milk/New-Brand", "photos": [base64 JPEG, ...]}: a new product, from its
-        photos; answered once it is in force (the pipeline embeds the photos between frames)."""
-        self._no_args(args, ("label", "photos"))
+        photos; {"label": ..., "from_belt": N, "timeout_s": S}: from the next N triggered items;
+        {"cancel": true}: end a belt enrollment. Answered once the product is in force (the pipeline
+        embeds its exemplars between frames)."""
+        self._no_args(args, ("label", "photos", "from_belt", "timeout_s", "cancel"))
+        if "cancel" in args:
+            return self._cancel_enroll(args)
+        if not self.config.enroll.enabled:
+            raise CommandError("enrollment is off (enroll.enabled = false in the config)")
+        if "from_belt" in args:
+            return self._enroll_from_belt(args)
+        if "timeout_s" in args:
+            raise CommandError("timeout_s goes with from_belt (photos are answered at once)")
         photos = args.get("photos")
         if not isinstance(photos, list) or not all(isinstance(p, str) for p in photos):
-            raise CommandError('send {"label": "A/B/C", "photos": ["<base64 JPEG>", ...]}')
+            raise CommandError(
+                'send {"label": "A/B/C", "photos": ["<base64 JPEG>", ...]} or {"label": "A/B/C", '
+                '"from_belt": N}'
+            )
         try:
             data = [base64.b64decode(p, validate=True) for p in photos]
         except ValueError:
             raise CommandError("photos: each must be a base64 string of a JPEG or PNG file") from None
-        if not self.config.enroll.enabled:
-            raise CommandError("enrollment is off (enroll.enabled = false in the config)")
         try:
             check_label(args.get("label"), self.serving.bundle.taxonomy)
             return self.pipeline.enrollment.submit(str(args["label"]), data)
         except EnrollError as exc:
             raise CommandError(str(exc)) from None
+
+    def _enroll_from_belt(self, args: dict) -> Future:
+        """The next `from_belt` triggered items are the product. Item mode only: in continuous mode a frame
+        is not an item (N frames would be a fraction of a second of one product, N near-copies), and no
+        trigger says where one item ends; photos (cmd/snapshot) serve there."""
+        if "photos" in args:
+            raise CommandError("send photos or from_belt, not both")
+        count, timeout = args["from_belt"], args.get("timeout_s", DEFAULT_BELT_TIMEOUT_S)
+        if not _is_int(count) or not 1 <= count <= MAX_PHOTOS:
+            raise CommandError(f"from_belt = {count!r}: the number of items to capture, 1 to {MAX_PHOTOS}")
+        if not _is_number(timeout) or not 1 <= timeout <= MAX_BELT_TIMEOUT_S:
+            raise CommandError(
+                f"timeout_s = {timeout!r}: seconds to wait for the items, 1 to {MAX_BELT_TIMEOUT_S:g}"
+            )
+        if self.pipeline.trigger is None:
+            raise CommandError(
+                f"from_belt needs trigger.mode = item (it is {self.config.trigger.mode}): a triggered item "
+                "is what is captured; enroll from photos instead (cmd/snapshot takes them)"
+            )
+        bundle = self.serving.bundle
+        try:
+            need_embedding(bundle)  # refused now, not after N items
+            label = check_label(args.get("label"), bundle.taxonomy)
+            return self.pipeline.enrollment.capture(label, count, float(timeout))
+        except EnrollError as exc:
+            raise CommandError(str(exc)) from None
+
+    def _cancel_enroll(self, args: dict) -> dict:
+        if args != {"cancel": True}:
+            raise CommandError('send {"cancel": true} alone to end a belt enrollment')
+        cancelled = self.pipeline.enrollment.cancel_capture("cancelled by command")
+        if cancelled is None:
+            raise CommandError("no belt enrollment is under way")
+        return {"cancelled": cancelled}
 
     def _cmd_enrolled(self, args: dict) -> dict:
         """{"action": "list" | "export" | "remove" | "rename", "label": ..., "to": ...}: the enrolled
@@ -385,6 +431,14 @@ class Control:
         if args.get("inline") is True:
             result["jpeg_base64"] = base64.b64encode(data).decode("ascii")
         return result
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _with_id(answer: CommandAnswer, request_id: str | None) -> CommandAnswer:

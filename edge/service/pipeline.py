@@ -138,6 +138,7 @@ class Pipeline:
             self.stopping.set()
             self.close_items("shutdown")
             self.noitem.cancel("the inference loop failed")
+            self.enrollment.cancel_capture("ended: the inference loop failed")
 
     def _serve(self) -> None:
         trig = self.trigger
@@ -179,7 +180,9 @@ class Pipeline:
                 self._complete(answer)
         self._drop(ready if ready is not _STOP else None)
         self.close_items("shutdown" if self.stopping.is_set() else "source_ended")
-        self.noitem.cancel("the daemon stopped" if self.stopping.is_set() else "the source ended")
+        ended = "the daemon stopped" if self.stopping.is_set() else "the source ended"
+        self.noitem.cancel(ended)
+        self.enrollment.cancel_capture(f"ended: {ended}")
         self.stopping.set()
         self.item_event.set()
 
@@ -417,6 +420,7 @@ class Pipeline:
         if decision is not None and decision.reason != "no_item" and scores is not None:
             decision = self.enrollment.decide(decision, scores, embedding, entry.bundle)
         if self.trigger is not None and entry.item_id is not None:
+            self.enrollment.saw(entry.item_id, frame.image, embedding, decision)  # enroll from_belt
             item = self.trigger.add(entry.item_id, decision)
             if item is not None:
                 self._publish_item(item, frame)
@@ -458,3 +462,4 @@ class Pipeline:
 
     def _publish_item(self, item: ItemResult, frame: Frame | None) -> None:
         self.publisher.publish_item(item, frame, self.serving.bundle, self.serving.backend)
+        self.enrollment.item_done(item)

@@ -72,7 +72,11 @@ def _combined(path: tuple[str, ...], agreeing: list[Decision], taxonomy: Taxonom
         first = scores[0]
         mean = min(round(sum(s.score for s in scores) / len(scores), 6), 1.0)
         levels.append(LevelScore(depth, first.id, first.name, first.slug, mean, True))
-    is_leaf = taxonomy.by_label["/".join(path)].is_leaf
+    node = taxonomy.by_label.get("/".join(path))
+    # an enrolled product (edge/service/enrollment.py) is no node of the trained taxonomy: its path is a
+    # leaf where the frames' paths end there, a branch where they agree only on a part of it
+    is_leaf = node.is_leaf if node is not None else all(d.path == path for d in agreeing)
+    enrolled = all(d.source == "enrolled" and d.path == path for d in agreeing)
     top: Counter[str] = Counter()
     for d in agreeing:
         for label, score in d.top_k:
@@ -85,6 +89,8 @@ def _combined(path: tuple[str, ...], agreeing: list[Decision], taxonomy: Taxonom
         top_k=tuple(
             (label, min(round(score, 6), 1.0)) for label, score in top.most_common(len(agreeing[0].top_k))
         ),
+        source="enrolled" if enrolled else "model",
+        similarity=round(sum(d.similarity or 0.0 for d in agreeing) / len(agreeing), 6) if enrolled else None,
     )
 
 

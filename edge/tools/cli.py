@@ -248,15 +248,31 @@ def _register_enroll(sub: argparse._SubParsersAction) -> None:
             "The label goes under an existing branch (Packages/Milk/New-Brand) or starts a new one; it may "
             "not be a trained class or branch. 5 or more photos from the line work best. In force when the "
             "command returns; kept across restarts and model updates (a new model embeds the photos "
-            "again).\n\n"
+            "again). --from-belt N instead of photos: the next N items triggered on the line (trigger.mode "
+            "= item) are the product, one frame of each is kept; they are labelled as usual meanwhile. "
+            "--cancel ends such a capture.\n\n"
             "exit status: 0 enrolled; 1 the device refused (the reason is printed); 2 bad arguments or an "
             "unreadable photo (nothing sent); 3 no answer in time"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _device_command_args(enroll)
-    enroll.add_argument("--label", "-l", required=True, metavar="A/B/C", help="the product's label path")
-    enroll.add_argument("photos", nargs="+", metavar="PHOTO", help="JPEG or PNG photos of the product")
+    enroll.add_argument("--label", "-l", metavar="A/B/C", help="the product's label path")
+    enroll.add_argument("photos", nargs="*", metavar="PHOTO", help="JPEG or PNG photos of the product")
+    enroll.add_argument(
+        "--from-belt",
+        type=int,
+        metavar="N",
+        help="no photos: the next N triggered items on the belt are the product (item mode, 1-32)",
+    )
+    enroll.add_argument(
+        "--belt-timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="with --from-belt: give up when the N items have not come within S seconds (default 300)",
+    )
+    enroll.add_argument("--cancel", action="store_true", help="end the device's belt enrollment now")
     enroll.set_defaults(func=_enroll)
     enrolled = sub.add_parser(
         "enrolled",

@@ -1,6 +1,6 @@
-"""`taxonedge enroll` and `taxonedge enrolled`: add a product to a running line from a few photos, and list,
-rename, remove or export what a device has enrolled (edge/service/enrollment.py, docs/mqtt.md "Enrolled
-products").
+"""`taxonedge enroll` and `taxonedge enrolled`: add a product to a running line from a few photos (or from
+the next N items on the belt, `--from-belt N`), and list, rename, remove or export what a device has
+enrolled (edge/service/enrollment.py, docs/mqtt.md "Enrolled products").
 
 Photos are read and checked here first (an unreadable one stops the command before anything is sent),
 scaled to at most 512 px on the short side and sent as JPEG in the device's `enroll` command. `export`
@@ -43,11 +43,27 @@ def photo_payload(path: Path) -> str:
 def enroll_command(args: Any) -> int:
     """Exit 0 when the product is enrolled (in force on the device), 1 refused, 3 no answer, 2 bad input."""
     target = device_target(args.target)
-    if not args.photos:
-        raise CliError("give the product's photos (JPEG or PNG files)")
-    photos = [photo_payload(Path(p)) for p in args.photos]
-    answer = send_command(args, target, "enroll", {"label": args.label, "photos": photos}, args.timeout)
+    payload, wait = _enroll_request(args)
+    answer = send_command(args, target, "enroll", payload, wait)
     return _report(target, "enroll", answer, args, _enrolled_line)
+
+
+def _enroll_request(args: Any) -> tuple[dict, float]:
+    """The `enroll` payload for photos, --from-belt or --cancel, and how long to wait for its answer."""
+    if args.cancel:
+        if args.photos or args.from_belt is not None:
+            raise CliError("--cancel takes no photos and no --from-belt")
+        return {"cancel": True}, args.timeout
+    if not args.label:
+        raise CliError("give the product's --label A/B/C")
+    if args.from_belt is not None:
+        if args.photos:
+            raise CliError("give photos or --from-belt N, not both")
+        payload = {"label": args.label, "from_belt": args.from_belt, "timeout_s": args.belt_timeout}
+        return payload, args.belt_timeout + args.timeout  # the items come first, then the answer
+    if not args.photos:
+        raise CliError("give the product's photos (JPEG or PNG files), or --from-belt N")
+    return {"label": args.label, "photos": [photo_payload(Path(p)) for p in args.photos]}, args.timeout
 
 
 def enrolled_command(args: Any) -> int:
@@ -102,10 +118,19 @@ def _report(target: str, name: str, answer: dict | None, args: Any, lines: Any) 
 
 
 def _enrolled_line(target: str, result: dict) -> str:
-    return (
-        f"{target}: enrolled {result.get('label')} from {result.get('photos')} photos; in force now "
+    if "cancelled" in result:
+        c = result["cancelled"]
+        return f"{target}: belt enrollment of {c['label']} cancelled after {c['items']} of {c['of']} items"
+    items = result.get("items")
+    source = f"{len(items)} items on the belt in {result.get('seconds')} s" if items else "photos"
+    count = "" if items else f"{result.get('photos')} "
+    line = (
+        f"{target}: enrolled {result.get('label')} from {count}{source}; in force now "
         f"({result.get('products')} enrolled products)"
     )
+    # what the line labelled the captured items: the operator sees at once if a wrong one was among them
+    rows = [f"  item {i['item_id']}: {i['label'] or 'unknown'} ({i['decision']})" for i in items or []]
+    return "\n".join([line, *rows])
 
 
 def _list_lines(target: str, result: dict) -> str:
