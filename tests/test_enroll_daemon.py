@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from taxonedge.edge.kernel.bundle import read_bundle
 from taxonedge.edge.service.config import load_config
 from taxonedge.edge.service.daemon import Daemon
 
@@ -264,3 +265,82 @@ def cli_async(broker, *args: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+# ---- model updates keep enrollments ----------------------------------------------------------------------
+TWIN = "Fruit/Apple/Red-Twin"  # enrolled from the very same photos as NEW: no model tells the two apart
+
+
+def deploy(broker, bundle: Path) -> subprocess.CompletedProcess:
+    """`taxonedge deploy` through the broker: the device's real update path (verify, self-test, switch,
+    health window, commit or roll back)."""
+    return subprocess.run(
+        [sys.executable, "-m", "taxonedge", "deploy", str(bundle), "--broker", f"127.0.0.1:{broker.port}"]
+        + ["--target", TARGET, "--timeout", "90"],
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+
+
+def vectors(store, model: str) -> dict[int, bytes]:
+    """Every exemplar's stored embedding under `model`."""
+    rows = store._db.execute("SELECT exemplar, vector FROM embedding WHERE model = ?", (model,)).fetchall()
+    return dict(rows)
+
+
+def enrolled_labels_of(rec: Recorder, sha256: str, start: int) -> list[dict]:
+    return [
+        lb
+        for lb in labels_of(rec)[start:]
+        if lb["model"]["sha256"] == sha256 and lb.get("source") == "enrolled"
+    ]
+
+
+@pytest.mark.slow
+def test_model_updates_keep_enrolled_products_and_a_rollback_their_old_vectors(tmp_path, broker, line):
+    a = write_tiny_bundle(tmp_path / "a.tebundle")
+    b = write_tiny_bundle(tmp_path / "b.tebundle", seed=1, version="2")
+    # a model whose every decision is unknown: its health window fails and the device rolls it back
+    bad = write_tiny_bundle(tmp_path / "bad.tebundle", seed=2, version="3", thresholds={"depth_1": 1.0})
+    sha = {name: read_bundle(path.read_bytes()).sha256 for name, path in [("a", a), ("b", b), ("bad", bad)]}
+    rec = Recorder(broker.port)
+    daemon = start(tmp_path, broker, a, line)
+    store = daemon.pipeline.enrollment.store
+    try:
+        assert rec.wait(lambda r: len(labels_of(r)) >= 5)
+        shots = photos(tmp_path / "p", NEW_INDEX, 5, 7)
+        for label in (NEW, TWIN):
+            proc = cli(broker, "enroll", "--label", label, *shots)
+            assert proc.returncode == 0, proc.stderr
+        problems = daemon.health.state()["enrolled"]["problems"]
+        assert len(problems) == 2 and "look the same to this model" in problems[0], problems
+
+        proc = deploy(broker, b)
+        assert proc.returncode == 0 and "committed" in proc.stdout, proc.stdout + proc.stderr
+        # the new model embedded every stored thumbnail before its first frame; the old vectors stay
+        assert store.missing(sha["b"]) == [] and len(vectors(store, sha["a"])) == 10
+        count = len(labels_of(rec))
+        assert rec.wait(lambda r: len(enrolled_labels_of(r, sha["b"], count)) >= 3), "not recognised by b"
+        assert all(lb["label"] in (NEW, TWIN) for lb in enrolled_labels_of(rec, sha["b"], count))
+        # the products the new model does not tell apart are reported in stats
+        assert rec.wait(
+            lambda r: any(
+                s["enrolled"]["problems"] and s["model"]["sha256"] == sha["b"]
+                for s in r.on("stats")
+                if isinstance(s, dict) and "enrolled" in s
+            )
+        )
+        before = vectors(store, sha["b"])
+
+        proc = deploy(broker, bad)
+        assert proc.returncode == 1 and "rolled_back" in proc.stdout, proc.stdout + proc.stderr
+        assert daemon.serving.bundle.sha256 == sha["b"]
+        # the bad model had its own vectors made; b's were not touched, and serve again at once
+        assert len(vectors(store, sha["bad"])) == 10 and vectors(store, sha["b"]) == before
+        count = len(labels_of(rec))
+        assert rec.wait(lambda r: len(enrolled_labels_of(r, sha["b"], count)) >= 3), "lost after rollback"
+    finally:
+        rec.close()
+        daemon.shutdown()
+    validate_recorded(rec, daemon.topic_base)
