@@ -27,6 +27,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from ..kernel import emptybelt
 from ..kernel.thresholds import check_thresholds
 
 
@@ -344,9 +345,10 @@ class NoItemConfig(_Strict):
     # nothing for it (counted in stats: no_item_withheld). Item mode always labels every item.
     publish: Literal["none", "event"] = "event"
     # The similarity threshold comes from the captured empty-belt frames only: the lowest similarity of a
-    # captured frame to their mean, less `margin`, and never below `min_similarity`.
-    margin: float = Field(0.1, ge=0, le=1)
-    min_similarity: float = Field(0.8, ge=0, le=1)
+    # captured frame to their mean, less `margin`, and never below `min_similarity`; the rule and the
+    # defaults are edge/kernel/emptybelt.py's, which `taxonedge evaluate --belt` uses too.
+    margin: float = Field(emptybelt.MARGIN, ge=0, le=1)
+    min_similarity: float = Field(emptybelt.MIN_SIMILARITY, ge=0, le=1)
     # A taxonomy node (e.g. "Background"): a decision whose label is this node or below it is no item.
     background_label: str | None = Field(None, min_length=1)
 

@@ -8,7 +8,7 @@ Two ways to tell, both cheap on the frame path:
   cosine similarity of at least `threshold` to it is no item. The threshold comes from the captured frames
   only: the lowest similarity of a captured frame to the mean, less `[no_item] margin`, never below
   `min_similarity` (a belt that varies that much would make every frame look empty). One dot product per
-  frame.
+  frame. The rule is edge/kernel/emptybelt.py's, which `taxonedge evaluate --belt` scores a clip with.
 - **A trained background class** (`[no_item] background_label`): a decision at or under that node.
 
 The reference is stored in the state directory (atomic write) with the model's sha256 and a few JPEG
@@ -39,6 +39,16 @@ import numpy as np
 
 from ..kernel.bundle import Bundle
 from ..kernel.decode import Decision
+from ..kernel.emptybelt import (
+    MAX_STORED,
+    MIN_FRAMES,
+    EmptyBelt,
+    centroid_of,
+    evenly,
+    similarities_to,
+    threshold_of,
+)
+from ..kernel.emptybelt import unit as unit  # re-exported: the tests and bench/bench_no_item.py use it
 from ..kernel.files import atomic_write
 from ..kernel.protocol import NoItemLearning, NoItemReference, NoItemState, PayloadError
 from .config import NoItemConfig
@@ -48,8 +58,6 @@ log = logging.getLogger(__name__)
 
 REFERENCE_FILE = Path("no_item") / "empty_belt.npz"
 FORMAT = 1
-MIN_FRAMES = 10  # fewer captured frames say too little about the belt
-MAX_STORED = 512  # embeddings kept (evenly spaced): a minute of a 30 fps camera would be 1800
 THUMBNAILS = 16  # frames kept as JPEG to re-embed after a model switch
 # Thumbnails keep the frame's resolution up to this short side: resampled close to a model's input size, a
 # belt's fine texture comes out differently and so does its embedding (the demo clip scaled from 320 to 288
@@ -67,13 +75,6 @@ class LearnError(PayloadError):
     """learn_empty cannot start or did not succeed; the text goes back in the command's answer."""
 
 
-def unit(vector: np.ndarray) -> np.ndarray:
-    """`vector` scaled to length 1 (float32); a zero vector stays zero (similar to nothing)."""
-    v = np.asarray(vector, dtype=np.float32).reshape(-1)
-    norm = float(np.linalg.norm(v))
-    return v / norm if norm > 0 else v
-
-
 @dataclass(frozen=True)
 class Reference:
     """The empty belt for one model: the embeddings of captured frames, thumbnails to re-embed them."""
@@ -86,33 +87,19 @@ class Reference:
     @functools.cached_property
     def centroid(self) -> np.ndarray:
         """The L2-normalised mean of the normalised embeddings."""
-        return unit(np.mean(self._rows, axis=0))
+        return centroid_of(self.embeddings)
 
     @functools.cached_property
     def similarities(self) -> np.ndarray:
         """Each captured frame's cosine similarity to the centroid."""
-        return self._rows @ self.centroid
-
-    @functools.cached_property
-    def _rows(self) -> np.ndarray:
-        return np.stack([unit(e) for e in self.embeddings])
-
-
-def threshold_of(similarities: np.ndarray, margin: float, floor: float) -> float:
-    """From the captures only: the least similar captured frame, less the margin, at least `floor`."""
-    return max(float(np.min(similarities)) - margin, floor)
+        return similarities_to(self.centroid, self.embeddings)
 
 
 @dataclass(frozen=True)
-class _Matcher:
-    """What the frame path reads: immutable, replaced whole."""
+class _Matcher(EmptyBelt):
+    """What the frame path reads: the empty belt (edge/kernel/emptybelt.py) and the model it is for."""
 
-    centroid: np.ndarray
-    threshold: float
     bundle_sha256: str
-
-    def empty(self, embedding: np.ndarray) -> bool:
-        return float(unit(embedding) @ self.centroid) >= self.threshold
 
 
 # ---- storage --------------------------------------------------------------------------------------
@@ -189,13 +176,6 @@ def jpeg(image: np.ndarray) -> bytes:
     if not ok:
         raise LearnError("a captured frame could not be encoded as JPEG")
     return data.tobytes()
-
-
-def evenly(items: list, count: int) -> list:
-    """At most `count` of `items`, evenly spaced, first and last included."""
-    if len(items) <= count:
-        return list(items)
-    return [items[int(i)] for i in np.linspace(0, len(items) - 1, count).round()]
 
 
 def utc_now() -> str:
