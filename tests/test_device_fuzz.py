@@ -3,7 +3,9 @@
 Generated payloads (bytes, bad UTF-8, lone surrogates, deep nesting, huge, wrong types, unknown keys) go to
 `trigger`, every `cmd/<name>` (known and unknown names), the deployment request and chunk topics and a
 fleet group's deployment topic, with response topics that are allowed, and ones that are the device's
-own. Afterwards: the daemon still runs and labels; every command got exactly one answer, and every
+own. `enroll` gets each belt-enrollment payload once (`BELT`: from_belt, timeout_s, cancel) before the
+drawn ones, and every enroll is followed by a cancel, so that a capture waiting for items never outlives its
+example. Afterwards: the daemon still runs, labels and enrolls a product from the belt; every command got exactly one answer, and every
 deployment request with an allowed response topic one at least; each accepted trigger ended in exactly
 one label; every message on the device's topics validates against the schema generated from
 edge/kernel/protocol.py; nothing but labels is on `labels`, nothing but status on `status`.
@@ -45,6 +47,22 @@ _PHOTO = base64.b64encode(
     cv2.imencode(".jpg", class_image(5, np.random.default_rng(0), 32))[1].tobytes()
 ).decode()
 
+# enroll from the belt: sent to cmd/enroll each once, and drawn among the payloads for every topic
+BELT = [
+    json.dumps({"label": "Fuzz/Belt", "from_belt": 1, "timeout_s": 1}).encode(),  # times out
+    json.dumps({"label": "Fuzz/Belt", "from_belt": 2}).encode(),  # waits for items: cancelled by the fuzz
+    json.dumps({"label": "Fuzz/Belt", "from_belt": 2, "photos": [_PHOTO]}).encode(),  # both
+    json.dumps({"label": "Fuzz/Belt", "from_belt": 33}).encode(),
+    json.dumps({"label": "Fuzz/Belt", "from_belt": 1.5}).encode(),
+    json.dumps({"label": "Fuzz/Belt", "from_belt": "2"}).encode(),
+    json.dumps({"label": "Fruit/Avocado", "from_belt": 1}).encode(),  # a trained class
+    json.dumps({"label": "Fuzz/Photos", "photos": [_PHOTO], "timeout_s": 5}).encode(),
+    b'{"label": "Fuzz/Belt", "from_belt": 1, "timeout_s": 1e999}',
+    b'{"label": "Fuzz/Belt", "from_belt": 1, "timeout_s": -1}',
+    b'{"cancel": true}',
+    b'{"cancel": false, "from_belt": 1}',
+]
+
 _json_values = st.recursive(
     st.none() | st.booleans() | st.floats(allow_nan=True) | st.integers() | st.text(max_size=20),
     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4),
@@ -73,6 +91,9 @@ PAYLOADS = st.one_of(
                 "photos",
                 "action",
                 "to",
+                "from_belt",
+                "timeout_s",
+                "cancel",
                 "x\\ud800",
             ]
         ),
@@ -86,6 +107,7 @@ PAYLOADS = st.one_of(
             json.dumps({"label": "Fuzz/New", "photos": ["aGVsbG8="]}).encode(),  # base64, not an image
             json.dumps({"label": "Fruit/Avocado", "photos": [_PHOTO]}).encode(),  # a trained class
             json.dumps({"label": "Fuzz/Big", "photos": [_PHOTO] * 40}).encode(),  # too many photos
+            *BELT,
             b'{"action": "list"}',
             b'{"action": "export"}',
             b'{"action": "rename", "label": "Fuzz/New", "to": "Fuzz/Renamed"}',
@@ -179,6 +201,10 @@ def test_no_payload_on_any_topic_stops_the_device_or_goes_unanswered(tmp_path, b
         def commands(name: str, payload: bytes, response: str | None) -> None:
             corr = send(f"{BASE}/cmd/{name}", payload, response)
             sent["commands"] += 1
+            if name == "enroll":  # a belt enrollment it started waits for items: cancel it (answered too)
+                cancel = send(f"{BASE}/cmd/enroll", b'{"cancel": true}', REPLIES)
+                sent["commands"] += 1
+                assert watcher.wait(lambda: answered(cancel, REPLIES), 10), "no answer to the cancel"
             where = response if response == REPLIES else f"{BASE}/cmd/{name}/response"
             assert watcher.wait(lambda: answered(corr, where), 10), (
                 f"no answer to cmd/{name} {payload[:80]!r}"
@@ -205,15 +231,27 @@ def test_no_payload_on_any_topic_stops_the_device_or_goes_unanswered(tmp_path, b
             if response == REPLIES and where != "chunk" and payload.strip():
                 assert watcher.wait(lambda: answered(corr, REPLIES), 10), f"no answer to {payload[:80]!r}"
 
+        for payload in BELT:
+            commands.hypothesis.inner_test(name="enroll", payload=payload, response=REPLIES)
         commands()
         triggers()
         deployments()
         # Clean up what the fuzz may have set, then the device must still label.
         send(f"{BASE}/cmd/resume", b"", REPLIES)
         send(f"{BASE}/cmd/set_thresholds", b'{"depth_1": null, "depth_2": null, "depth_3": null}', REPLIES)
+        # after all that, a belt enrollment still works: the next two items are the product
+        belt = send(f"{BASE}/cmd/enroll", b'{"label": "Fuzz/From-Belt", "from_belt": 2}', REPLIES)
+        sent["commands"] += 1
         for i in range(3):
             fuzzer.publish(f"{BASE}/trigger", f"final-{i}".encode(), qos=1).wait_for_publish(5)
         sent["triggers"] += 3
+        assert watcher.wait(lambda: answered(belt, REPLIES), 30), daemon.log
+        answer = next(
+            json.loads(p)
+            for t, p, props in watcher.snapshot()
+            if t == REPLIES and getattr(props, "CorrelationData", None) == belt
+        )
+        assert answer["ok"] and answer["result"]["photos"] == 2, answer
 
         def final_labels() -> int:
             return sum(t == f"{BASE}/labels" and b'"final-' in p for t, p, _ in watcher.snapshot())
