@@ -92,10 +92,12 @@ def test_enroll_from_photos_on_a_running_daemon(tmp_path, broker, line):
         rec.request("enroll", json.dumps({"label": "New/Y"}).encode(), b"e2")
         rec.request("enrolled", json.dumps({"action": "explode"}).encode(), b"e3")
         rec.request("enrolled", json.dumps({"action": "remove", "label": "Nope/Z"}).encode(), b"e4")
-        assert rec.wait(lambda r: len([m for t, m, _ in r.messages if t == REPLIES]) >= 4)
+        rec.request("enroll", json.dumps({"label": "New/Y", "from_belt": 3}).encode(), b"e5")
+        assert rec.wait(lambda r: len([m for t, m, _ in r.messages if t == REPLIES]) >= 5)
         errors = {p.CorrelationData: m["error"] for t, m, p in rec.messages if t == REPLIES and not m["ok"]}
         assert "base64" in errors[b"e1"] and "photos" in errors[b"e2"]
         assert "one of list" in errors[b"e3"] and "not enrolled" in errors[b"e4"]
+        assert "from_belt needs trigger.mode = item (it is continuous)" in errors[b"e5"]
 
         started = time.monotonic()
         proc = cli(broker, "enroll", "--label", NEW, *photos(tmp_path / "p1", NEW_INDEX, 5, 7))
@@ -344,3 +346,25 @@ def test_model_updates_keep_enrolled_products_and_a_rollback_their_old_vectors(t
         rec.close()
         daemon.shutdown()
     validate_recorded(rec, daemon.topic_base)
+
+
+def test_a_model_without_embedding_or_enrollment_off_refuses_at_once(tmp_path, broker, new_product_video):
+    v2 = write_tiny_bundle(tmp_path / "v2.tebundle", outputs="probabilities")
+    shots = photos(tmp_path / "p", NEW_INDEX, 2, 3)
+    for extra, words in [
+        ("", "has no embedding output"),
+        ("\n[enroll]\nenabled = false\n", "enrollment is off"),
+    ]:
+        rec = Recorder(broker.port)
+        daemon = start_items(tmp_path, broker, v2, new_product_video, extra)
+        try:
+            rec.request("enroll", json.dumps({"label": NEW, "from_belt": 2}).encode(), b"belt")
+            proc = cli(broker, "enroll", "--label", NEW, *shots)
+            assert proc.returncode == 1 and words in proc.stderr, proc.stderr
+            assert rec.wait(lambda r: b"belt" in answers(r), 10)
+            assert words in answers(rec)[b"belt"]["error"]
+            assert daemon.health.state()["enrolled"]["capture"] is None
+            assert daemon.pipeline.enrollment.store.products() == []
+        finally:
+            rec.close()
+            daemon.shutdown()
