@@ -5,15 +5,25 @@
 #
 #   bash examples/demo.sh            # first run sets up: Debian's mosquitto, a device venv (.venv-edge)
 #   bash examples/demo.sh deploy     # a model deployment end to end, with a key of your own (docs/deploy.md)
+#   bash examples/demo.sh enroll [PHOTO_DIR]   # a product the model does not know, enrolled from photos
+#
+# enroll: examples/demo/enroll_clip.py draws a product (a paint can) or takes PHOTO_DIR (your photos of one
+# product: all but the last are enrolled, the last passes on the belt), and makes a short clip: Grocery
+# products from belt.mp4, then the new one passing three times. The device runs on it in a loop; the
+# product is enrolled with `taxonedge enroll` while it runs, and `taxonedge listen` shows its label
+# (NEW_LABEL, default Hardware/Paint/Blue-Can) from then on. Photos, not the belt: the demo runs in
+# continuous mode, and `--from-belt` needs item triggers (docs/mqtt.md, "Enrolled products").
 #
 # The device venv has no TensorFlow: it is what a sorting-line board installs (pip install '.[edge]').
 # VENV=path uses another environment that has this checkout installed (editable), e.g. the tests' .venv.
 set -euo pipefail
 MODE=${1:-labels}
 case "$MODE" in
-  labels|deploy) ;;
-  *) echo "usage: bash examples/demo.sh [deploy]" >&2; exit 2 ;;
+  labels|deploy|enroll) ;;
+  *) echo "usage: bash examples/demo.sh [deploy | enroll [PHOTO_DIR]]" >&2; exit 2 ;;
 esac
+PHOTO_DIR=${2:-}
+[ -z "$PHOTO_DIR" ] || PHOTO_DIR=$(cd "$PHOTO_DIR" && pwd)
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 BUNDLE=${BUNDLE:-$ROOT/examples/models/grocery/grocery.tebundle}
@@ -61,6 +71,12 @@ chmod 644 "$WORK/mosquitto.conf"
 BROKER_PID=$!
 
 LOOP=false
+if [ "$MODE" = enroll ]; then
+  echo "== a product the demo model was not trained on: its photos and a belt clip"
+  "$VENV/bin/python" examples/demo/enroll_clip.py "$WORK" ${PHOTO_DIR:+"$PHOTO_DIR"}
+  CLIP=$WORK/belt-new.mp4
+  LOOP=true
+fi
 if [ "$MODE" = deploy ]; then
   # The bundled Grocery bundle is signed with the project's demo key, whose private half is not shipped.
   # An operator signs with a key of their own: make one, re-sign the bundle the device starts with (after
@@ -104,6 +120,30 @@ backend = "auto"             # an accelerator when present and the bundle has it
 host = "127.0.0.1"
 port = $PORT
 TOML
+
+LISTEN=("$TE" listen --broker "127.0.0.1:$PORT" --site demo-dc --line belt-1 --device demo-cam)
+if [ "$MODE" = enroll ]; then
+  NEW_LABEL=${NEW_LABEL:-Hardware/Paint/Blue-Can}
+  "$TE" run --config "$WORK/device.toml" > "$WORK/daemon.log" 2>&1 &
+  DAEMON_PID=$!
+  echo "== broker on 127.0.0.1:$PORT; the device labels the clip (the new product is not enrolled yet):"
+  STATUS=0
+  "${LISTEN[@]}" --count 4 --timeout 120 || STATUS=$?
+  if [ "$STATUS" -eq 0 ]; then
+    echo "== taxonedge enroll --label $NEW_LABEL $(ls "$WORK"/photos | wc -l) photos"
+    "$TE" enroll --broker "127.0.0.1:$PORT" --target demo-dc/belt-1/demo-cam --label "$NEW_LABEL" \
+        "$WORK"/photos/*.jpg || STATUS=$?
+  fi
+  if [ "$STATUS" -eq 0 ]; then
+    echo "== the labels from now on ($NEW_LABEL: the enrolled product; the clip loops every 20 s):"
+    "${LISTEN[@]}" --count "${COUNT:-40}" --timeout 180 || STATUS=$?
+  fi
+  kill -TERM "$DAEMON_PID"
+  wait "$DAEMON_PID" || true
+  DAEMON_PID=
+  [ "$STATUS" -eq 0 ] || { echo "== the daemon's log:"; tail -n 30 "$WORK/daemon.log"; }
+  exit "$STATUS"
+fi
 
 if [ "$MODE" = deploy ]; then
   echo "== broker on 127.0.0.1:$PORT; the device starts on grocery-mine.tebundle (2.0.0, your key)"
