@@ -226,31 +226,41 @@ def test_enroll_from_the_next_items_on_the_belt(tmp_path, broker, new_product_vi
         assert "cancelled by command after 0 of 2 items" in got[b"c"]["error"]
         assert store.products() == [] and daemon.health.state()["enrolled"]["capture"] is None
 
+        # an item triggered before the command (waiting while the line is paused) is not one of the next N
+        rec.request("pause", b"{}", b"pause")
+        rec.client.publish(f"{BASE}/trigger", b"early", qos=1).wait_for_publish(5)
         # the operator's command, then three items of the new product pass the photo eye
         tool = cli_async(broker, "enroll", "--label", NEW, "--from-belt", "3", "--belt-timeout", "60")
-        started = time.monotonic()
         assert rec.wait(lambda r: daemon.health.state()["enrolled"]["capture"] is not None, 10)
+        rec.request("resume", b"{}", b"resume")
+        assert rec.wait(lambda r: [lb["item_id"] for lb in labels_of(r)] == ["early"], 10)
+        started = time.monotonic()
         trigger_items(rec, "belt", 3)
+        last_item = time.monotonic()
+        assert rec.wait(lambda r: daemon.health.state()["enrolled"]["products"] == 1, 10)
+        answered = time.monotonic()  # in force: the device answers the command now
         out, err = tool.communicate(timeout=60)
-        answered = time.monotonic()
         assert tool.returncode == 0, err
         assert f"enrolled {NEW} from 3 items on the belt" in out and "item belt-2:" in out, out
         [product] = store.products()
         assert (product.label, product.exemplars, product.source) == (NEW, 3, "belt")
         # every item was labelled as usual while it was captured: one label each, none enrolled yet
         captured = labels_of(rec)
-        assert [lb["item_id"] for lb in captured] == ["belt-0", "belt-1", "belt-2"]
+        assert [lb["item_id"] for lb in captured] == ["early", "belt-0", "belt-1", "belt-2"]
         assert not any(lb.get("source") == "enrolled" for lb in captured)
+        assert "item early" not in out
 
         # from now on the product is recognised on the belt
+        next_trigger = time.monotonic()
         trigger_items(rec, "next", 1)
         first = time.monotonic()
         trigger_items(rec, "more", 2)
-        after = labels_of(rec)[3:]
+        after = labels_of(rec)[4:]
         assert all(lb["label"] == NEW and lb["source"] == "enrolled" for lb in after), after
         print(
-            f"enroll --from-belt 3: answered {answered - started:.2f} s after the command (3 items triggered"
-            f" in turn); the next item's enrolled label {first - answered:.2f} s after the answer"
+            f"enroll --from-belt 3: 3 items labelled {last_item - started:.2f} s after the first trigger; in "
+            f"force {answered - last_item:.2f} s after the last label; the next item's trigger to its "
+            f"enrolled label {first - next_trigger:.2f} s"
         )
         assert daemon.health.state()["enrolled"]["products"] == 1
     finally:

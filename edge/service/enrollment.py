@@ -251,8 +251,10 @@ class Enrollment:
         if capture is None:
             return
         seen = capture.frames.pop(result.item_id, [])
-        # an item whose vote began before the command (fewer frames seen than it voted on) is not counted
-        if capture.complete or not seen or len(seen) < result.frames or result.reason == "no_item":
+        # "the next N items": one triggered before the command (waiting in the queue, or being voted on) is
+        # another product; nor does an item count whose frames showed no product
+        late = result.triggered >= capture.started and len(seen) == result.frames
+        if capture.complete or not seen or not late or result.reason == "no_item":
             return
         image = exemplar_frame(seen)
         if image is None:

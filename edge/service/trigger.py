@@ -42,6 +42,7 @@ class ItemResult:
     frames: int
     agreeing: int
     reason: UnknownReason | None = None  # why the decision is unknown (None when it is not)
+    triggered: float = 0.0  # time.monotonic() of its trigger (0.0 for one closed without a vote)
 
     @property
     def agreement(self) -> float:
@@ -202,12 +203,12 @@ class ItemTrigger:
         assert vote_ is not None
         self.items += 1
         if not vote_.decisions:
-            return ItemResult(vote_.item_id, UNKNOWN, 0, 0, no_frames)
+            return ItemResult(vote_.item_id, UNKNOWN, 0, 0, no_frames, vote_.triggered)
         decision, agreeing = vote(vote_.decisions, self.taxonomy, self.agreement)
         reason: UnknownReason | None = None
         if decision.decision == "unknown":
             reason = _unknown_reason(vote_.decisions)
-        return ItemResult(vote_.item_id, decision, len(vote_.decisions), agreeing, reason)
+        return ItemResult(vote_.item_id, decision, len(vote_.decisions), agreeing, reason, vote_.triggered)
 
     def waiting(self) -> int:
         return len(self._waiting)
