@@ -199,6 +199,7 @@ def test_enroll_from_the_next_items_on_the_belt(tmp_path, broker, new_product_vi
             b"b6": {"cancel": True},
             b"b7": {"cancel": True, "label": "New/Belt"},
             b"b8": {"label": "New/Belt", "photos": [], "timeout_s": 5},
+            b"b9": {"cancel": 1},
         }
         for corr, payload in bad.items():
             rec.request("enroll", json.dumps(payload).encode(), corr)
@@ -209,6 +210,7 @@ def test_enroll_from_the_next_items_on_the_belt(tmp_path, broker, new_product_vi
         assert "not both" in got[b"b3"]["error"] and "timeout_s" in got[b"b4"]["error"]
         assert "trained class" in got[b"b5"]["error"] and "no belt enrollment" in got[b"b6"]["error"]
         assert "alone" in got[b"b7"]["error"] and "goes with from_belt" in got[b"b8"]["error"]
+        assert "alone" in got[b"b9"]["error"]
 
         # a capture that gets no items times out; one cancelled ends at once: both store nothing
         rec.request(

@@ -365,7 +365,7 @@ class Control:
             raise CommandError(str(exc)) from None
 
     def _cancel_enroll(self, args: dict) -> dict:
-        if args != {"cancel": True}:
+        if set(args) != {"cancel"} or args["cancel"] is not True:  # 1 == True in Python: not a cancel here
             raise CommandError('send {"cancel": true} alone to end a belt enrollment')
         cancelled = self.pipeline.enrollment.cancel_capture("cancelled by command")
         if cancelled is None:
