@@ -205,10 +205,7 @@ class Enrollment:
                 request = self._requests.get_nowait()
             except queue.Empty:
                 return
-            try:
-                request.future.set_result(self._enroll(bundle, request, embed))
-            except EnrollError as exc:
-                request.future.set_exception(exc)
+            _settle(request.future, lambda request=request: self._enroll(bundle, request, embed))
 
     def _enroll(self, bundle: Bundle, request: _Request, embed: Callable[[np.ndarray], np.ndarray]) -> dict:
         need_embedding(bundle)
@@ -280,13 +277,12 @@ class Enrollment:
         if capture is None:
             self.cancel_capture("timed out")
             return
-        try:
+
+        def store() -> dict:
             result = self._store(bundle, capture.label, capture.thumbnails, "belt", embed)
-        except EnrollError as exc:
-            capture.future.set_exception(exc)
-            return
-        seconds = round(time.monotonic() - capture.started, 3)
-        capture.future.set_result({**result, "items": capture.items, "seconds": seconds})
+            return {**result, "items": capture.items, "seconds": round(time.monotonic() - capture.started, 3)}
+
+        _settle(capture.future, store)
 
     def _rebuild(self, bundle: Bundle) -> None:
         index = self.store.index(bundle.sha256, bundle.centroids(), self.min_similarity, self.margin)
@@ -335,4 +331,19 @@ def need_embedding(bundle: Bundle) -> None:
         raise EnrollError(
             f"model {bundle.name} {bundle.version} has no embedding output: enrollment needs a format v3 "
             "bundle (taxonedge convert --outputs logits)"
+        )
+
+
+def _settle(future: Future, work: Callable[[], dict]) -> None:
+    """The command's answer from `work`: its result, or why it failed. Whatever fails (the worker died
+    while embedding), the command is answered and the pipeline goes on; nothing was stored (the store
+    writes a product in one transaction, after every exemplar is embedded)."""
+    try:
+        future.set_result(work())
+    except EnrollError as exc:
+        future.set_exception(exc)
+    except Exception as exc:  # noqa: BLE001 - one enrollment failing must not stop the line
+        log.exception("enrollment failed")
+        future.set_exception(
+            EnrollError(f"enrollment failed ({type(exc).__name__}: {exc}); nothing was enrolled")
         )
