@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from taxonedge.edge.kernel.emptybelt import MARGIN, MIN_SIMILARITY  # light: numpy only
+
 from taxonedge.cli import precision_arg
 
 from .backbones import BACKBONES, DEFAULT, cli_help  # light: the backbone registry, no TensorFlow at import
@@ -133,17 +135,42 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Evaluate a trained run (Keras, float) or a bundle (int8 through LiteRT) on labelled images: "
             "accuracy per taxonomy level, top-5, macro-F1, hierarchical P/R/F1, mistake severity, back-off "
             "coverage and precision, per-class table. Writes OUT/metrics.json, confusion.png, "
-            "reliability.png, report.md and predictions.npz."
+            "reliability.png, report.md and predictions.npz. With --belt instead of --data: a belt clip "
+            "scored frame by frame as the device publishes it, empty-belt detection included; writes "
+            "OUT/metrics.json, report.md and frames.csv."
         ),
     )
     which = evaluate.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", metavar="RUN_DIR", help="a run directory written by `taxonedge train`")
     which.add_argument("--bundle", metavar="FILE", help="a model bundle written by `taxonedge convert`")
-    evaluate.add_argument(
+    what = evaluate.add_mutually_exclusive_group(required=True)
+    what.add_argument(
         "--data",
-        required=True,
         metavar="DIR_OR_LIST",
         help="labelled images: " + DATA_HELP + ", or RUN_DIR/splits.json: the images that run validated on",
+    )
+    what.add_argument(
+        "--belt",
+        metavar="CLIP",
+        help="a belt video with its per-frame truth beside it (CLIP's name with .json, as "
+        "examples/demo/belt.json: fps, lead_in frames of empty belt, product per frame: a label or null). "
+        "Learns the empty belt from the lead-in as learn_empty does, then reports the share of frames "
+        "between products published as a product (goal <= 1 %%), of product frames still labelled (goal "
+        ">= 99 %%) and labelled right. Needs a --bundle with an embedding output",
+    )
+    evaluate.add_argument(
+        "--no-item-margin",
+        type=_share_arg,
+        default=MARGIN,
+        metavar="M",
+        help=f"for --belt: the device config's [no_item] margin (default {MARGIN})",
+    )
+    evaluate.add_argument(
+        "--no-item-min-similarity",
+        type=_share_arg,
+        default=MIN_SIMILARITY,
+        metavar="S",
+        help=f"for --belt: the device config's [no_item] min_similarity (default {MIN_SIMILARITY})",
     )
     evaluate.add_argument("--out", required=True, metavar="DIR", help="folder for the reports")
     evaluate.add_argument("--threads", type=int, default=None, help="LiteRT threads for --bundle")
@@ -164,6 +191,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Fruit/Apple for a new apple) instead of refusing the data. Needs --bundle",
     )
     evaluate.set_defaults(func=_evaluate)
+
+
+def _share_arg(text: str) -> float:
+    """argparse type for a share or a similarity: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number between 0 and 1")
+    return value
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -251,6 +289,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, percent, thresholds_toml
     from .rundir import MODEL_FILE, RunDirError
 
+    if args.belt:
+        return _evaluate_belt(args)
+    if (args.no_item_margin, args.no_item_min_similarity) != (MARGIN, MIN_SIMILARITY):
+        raise CliError("--no-item-margin and --no-item-min-similarity go with --belt")
     run_dir = Path(args.model) if args.model else None
     if run_dir is not None and not (run_dir / MODEL_FILE).is_file():
         raise CliError(
@@ -277,4 +319,31 @@ def _evaluate(args: argparse.Namespace) -> int:
             f"{check}); "
             f"for the device config:\n{thresholds_toml(fitted['thresholds'])}"
         )
+    return 0
+
+
+def _evaluate_belt(args: argparse.Namespace) -> int:
+    from taxonedge.edge.kernel.bundle import BundleError
+
+    from taxonedge.cli import CliError
+
+    from .belt import BeltError, evaluate_belt, summary_lines
+    from .data import DataError
+
+    if not args.bundle:
+        raise CliError("--belt scores what the device publishes: pass a --bundle, not --model")
+    if args.fit_thresholds is not None or args.novel_products:
+        raise CliError("--fit-thresholds and --novel-products go with --data, not --belt")
+    try:
+        metrics = evaluate_belt(
+            Path(args.belt),
+            Path(args.out),
+            Path(args.bundle),
+            num_threads=args.threads,
+            margin=args.no_item_margin,
+            min_similarity=args.no_item_min_similarity,
+        )
+    except (BeltError, DataError, BundleError) as exc:
+        raise CliError(str(exc)) from None
+    print("\n".join(summary_lines(metrics["belt"])) + f"\nwrote {args.out}")
     return 0
