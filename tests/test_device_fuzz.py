@@ -7,8 +7,9 @@ own. `enroll` gets each belt-enrollment payload once (`BELT`: from_belt, timeout
 drawn ones, and every enroll is followed by a cancel, so that a capture waiting for items never outlives its
 example. Afterwards: the daemon still runs, labels and enrolls a product from the belt; every command got
 exactly one answer, and every deployment request with an allowed response topic one at least; each
-accepted trigger ended in exactly one label; every message on the device's topics validates against the schema generated from
-edge/kernel/protocol.py; nothing but labels is on `labels`, nothing but status on `status`.
+accepted trigger ended in exactly one label; every message on the device's topics validates against the
+schema generated from edge/kernel/protocol.py; nothing but labels is on `labels`, nothing but status on
+`status`.
 """
 
 from __future__ import annotations
