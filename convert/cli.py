@@ -55,6 +55,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="training images for int8 calibration, drawn stratified by class (default 300)",
     )
     convert.add_argument(
+        "--centroid-images",
+        type=_positive,
+        default=2000,
+        metavar="N",
+        help="training images, drawn stratified by class, for the per-class centroids and the whitening "
+        "enrolled products are matched in (centroids.npz; default 2000)",
+    )
+    convert.add_argument(
         "--max-drop",
         type=float,
         default=1.0,
@@ -186,6 +194,7 @@ def _convert(args: argparse.Namespace) -> int:
         mode=args.mode,
         qat=args.qat,
         calibration_images=args.calibration_images,
+        centroid_images=args.centroid_images,
         max_drop=args.max_drop,
         force=args.force,
         target_precision=args.target_precision,

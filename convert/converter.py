@@ -57,6 +57,9 @@ class Options:
     mode: str = "int8"
     qat: str = "no"  # no | yes | auto
     calibration_images: int = 300
+    # training images behind the bundle's centroids and whitening (centroids.npz): a few per class leave
+    # the centroids too noisy for enrolled products (docs/benchmarks.md "Enrolled products")
+    centroid_images: int = 2000
     max_drop: float = 1.0  # percentage points, per level
     target_precision: float | None = None  # for the deployed thresholds; None: the run's
     force: bool = False
@@ -203,9 +206,7 @@ def convert(opts: Options) -> Result:
         golden_arrays["embeddings"] = golden_outputs[info["embedding"]["name"]]
     files = {MODEL: tflite, GOLDEN: _npz(**golden_arrays)}
     if info["embedding"] is not None:
-        files[CENTROIDS] = _npz(
-            centroids=class_centroids(tflite, info, calib, calib_y, run.taxonomy.num_leaves)
-        )
+        files[CENTROIDS] = _npz(**_embedding_space(tflite, info, run, opts))
     files.update(compiled)
     spec = run.input_spec.model_copy(
         update={
@@ -400,22 +401,56 @@ def _scores(outputs: dict[str, np.ndarray], info: dict[str, Any]) -> np.ndarray:
     return dequantize(outputs[info["output_name"]], info["output_scale"], info["output_zero_point"])
 
 
-def class_centroids(
-    tflite: bytes, info: dict[str, Any], images: np.ndarray, labels: np.ndarray, num_leaves: int
-) -> np.ndarray:
-    """Per leaf, the unit mean of the unit int8 embeddings of its calibration images (zeros for a leaf
-    without one), as float16: what an enrolled product has to beat to override the model's own class."""
-    from taxonedge.edge.kernel.prototypes import normalise, prototype
+def _embedding_space(tflite: bytes, info: dict[str, Any], run: Run, opts: Options) -> dict[str, np.ndarray]:
+    """centroids.npz from `opts.centroid_images` training images, drawn stratified, embedded in chunks
+    (2000 decoded images at once would take gigabytes)."""
+    from .quantize import stratified
 
+    items = stratified(run.train, opts.centroid_images, opts.seed + 1)
+    vectors, labels = [], []
+    for start in range(0, len(items), 250):
+        images, y = _load(items[start : start + 250], run.input_spec, "centroid images")
+        vectors.append(embed_images(tflite, info, images))
+        labels.append(y)
+    return centroid_arrays(np.concatenate(vectors), np.concatenate(labels), run.taxonomy.num_leaves)
+
+
+def embed_images(tflite: bytes, info: dict[str, Any], images: np.ndarray) -> np.ndarray:
+    """The int8 model's embedding output for these images, dequantized (N x D)."""
     from .quantize import run_tflite
 
     emb = info["embedding"]
-    raw = run_tflite(tflite, images, "embedding calibration images")[emb["name"]]
-    vectors = normalise(dequantize(raw, emb["scale"], emb["zero_point"]))
-    centroids = np.zeros((num_leaves, vectors.shape[1]), np.float32)
-    for leaf in np.unique(labels):
-        centroids[leaf] = prototype(vectors[labels == leaf])
-    return centroids.astype(np.float16)
+    raw = run_tflite(tflite, images, "embedding images")[emb["name"]]
+    return dequantize(raw, emb["scale"], emb["zero_point"])
+
+
+def centroid_arrays(vectors: np.ndarray, labels: np.ndarray, num_leaves: int) -> dict[str, np.ndarray]:
+    """The arrays of centroids.npz: per leaf, the unit mean of the unit embeddings of its images (zeros
+    for a leaf without one), what an enrolled product has to beat to override the model's own class; and,
+    when the images measure a within-class spread, the whitening enrolled products are matched in
+    (edge/kernel/prototypes.py) with the centroids again in that space. float16 for the matrices."""
+    from taxonedge.edge.kernel.prototypes import EmbeddingSpace, Whitening, fit_whitening
+
+    def centroids(space: EmbeddingSpace) -> np.ndarray:
+        out = np.zeros((num_leaves, vectors.shape[1]), np.float32)
+        for leaf in np.unique(labels):
+            out[leaf] = space.prototype(vectors[labels == leaf])
+        return out.astype(np.float16)
+
+    arrays = {"centroids": centroids(EmbeddingSpace())}
+    whitening = fit_whitening(vectors, labels)
+    if whitening is not None:
+        basis = whitening.basis.astype(np.float16)
+        # the whitened centroids from the basis as the device will read it
+        stored = Whitening(whitening.mean, basis.astype(np.float32), whitening.scales, whitening.residual)
+        arrays |= {
+            "whiten_mean": whitening.mean,
+            "whiten_basis": basis,
+            "whiten_scales": whitening.scales,
+            "whiten_residual": np.float32(whitening.residual),
+            "whitened_centroids": centroids(EmbeddingSpace(stored)),
+        }
+    return arrays
 
 
 def fit_open_set(scores: np.ndarray, pass_rate: float) -> OpenSet:

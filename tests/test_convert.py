@@ -157,6 +157,12 @@ def test_ptq_int8_bundle_is_complete_and_runs_like_the_float_model(converted, ti
     centroids = bundle.centroids()
     assert centroids is not None and centroids.shape == (4, 8)
     np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-2)
+    # ... and the whitening enrolled products are matched in (rank capped by the 8 features), with the
+    # centroids again in it: each calibration image of a leaf is nearer its own leaf's centroid there
+    space = bundle.embedding_space()
+    assert space is not None and space.whitening is not None and space.whitening.basis.shape == (8, 8)
+    assert space.centroids is not None and space.centroids.shape == (4, 8)
+    np.testing.assert_allclose(np.linalg.norm(space.centroids, axis=1), 1.0, atol=1e-2)
     for image, expected, embedding in zip(inputs, outputs, embeddings, strict=True):
         np.testing.assert_array_equal(classifier.raw(image), expected)
         np.testing.assert_array_equal(classifier.raw_embedding(), embedding)

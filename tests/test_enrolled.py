@@ -11,7 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from taxonedge.edge.kernel.prototypes import PrototypeIndex, normalise, prototype
+from taxonedge.edge.kernel.prototypes import (
+    EmbeddingSpace,
+    PrototypeIndex,
+    fit_whitening,
+    normalise,
+    prototype,
+)
 from taxonedge.edge.kernel.taxonomy import Taxonomy
 from taxonedge.edge.service.enrolled import EnrolledStore, EnrollError, check_label
 
@@ -32,7 +38,7 @@ def test_a_frame_matches_the_nearest_prototype_only_when_close_and_nearer_than_i
     index = PrototypeIndex(
         ["New/A", "New/B"],
         np.stack([prototype(near(a, 5)), prototype(near(b, 5))]),
-        centroids,
+        EmbeddingSpace(None, centroids),  # a bundle without whitening: raw cosine, as before
         min_similarity=0.6,
         margin=0.05,
     )
@@ -42,6 +48,63 @@ def test_a_frame_matches_the_nearest_prototype_only_when_close_and_nearer_than_i
     # a frame of the trained class itself: closer to its centroid than to any prototype -> the model decides
     assert index.match(trained + 0.3 * a, trained_leaf=0) is None
     assert PrototypeIndex([], np.zeros((0, DIM))).match(a) is None
+
+
+def test_the_whitening_makes_the_within_class_spread_isotropic():
+    # classes that vary mostly along a few shared directions (pose, light): the whitened residuals have
+    # about the same variance in every direction
+    dim, classes, per_class = 24, 12, 40
+    rng = np.random.default_rng(1)
+    strong = np.linalg.qr(rng.normal(size=(dim, 3)))[0]
+    means = 3 * rng.normal(size=(classes, dim))
+    labels = np.repeat(np.arange(classes), per_class)
+    spread = rng.normal(size=(len(labels), 3)) * [2.0, 1.5, 1.0] @ strong.T + 0.1 * rng.normal(
+        size=(len(labels), dim)
+    )
+    vectors = means[labels] + 0.1 * spread
+    whitening = fit_whitening(vectors, labels, rank=8, shrinkage=0.01)
+    assert whitening is not None and whitening.basis.shape == (dim, 8)
+
+    def within_variances(z: np.ndarray) -> np.ndarray:
+        residuals = z - np.stack([z[labels == c].mean(axis=0) for c in range(classes)])[labels]
+        return np.linalg.eigvalsh(residuals.T @ residuals / len(z))
+
+    before = within_variances(normalise(vectors))
+    after = within_variances(whitening.apply(vectors))
+    assert before[-1] / np.median(before) > 50  # a few directions dominate
+    assert after[-1] / np.median(after) < 5  # whitened: none stands out (sampling noise spreads them)
+    np.testing.assert_allclose(np.linalg.norm(whitening.apply(vectors), axis=1), 1.0, atol=1e-5)
+    # one image per class measures no spread: no whitening, the bundle keeps raw cosine
+    assert fit_whitening(vectors[::per_class], labels[::per_class]) is None
+
+
+def test_in_the_whitened_space_a_new_product_wins_against_the_trained_class_it_resembles():
+    # a trained class and a new product that differ along a direction the trained photos hardly vary in,
+    # while every class varies a lot along a shared nuisance direction: raw cosine sees the nuisance,
+    # the whitened space the difference
+    dim, rng = 16, np.random.default_rng(2)
+    base, nuisance, detail = np.eye(dim)[0], np.eye(dim)[1], np.eye(dim)[2]
+    others = [normalise(rng.normal(size=dim)) for _ in range(3)]
+
+    def photos(center: np.ndarray, n: int) -> np.ndarray:
+        return center + 0.5 * rng.normal(size=(n, 1)) * nuisance + 0.01 * rng.normal(size=(n, dim))
+
+    trained, new = base, base + 0.12 * detail
+    train = np.concatenate([photos(c, 30) for c in [trained, *others]])
+    labels = np.repeat(np.arange(4), 30)
+    whitening = fit_whitening(train, labels)
+    assert whitening is not None
+    raw, white = EmbeddingSpace(None, np.stack([prototype(train[labels == c]) for c in range(4)])), None
+    white = EmbeddingSpace(
+        whitening, np.stack([EmbeddingSpace(whitening).prototype(train[labels == c]) for c in range(4)])
+    )
+    exemplars, frames = photos(new, 5), photos(new, 50)
+
+    def recognised(space: EmbeddingSpace) -> float:
+        index = PrototypeIndex(["New/A"], space.prototype(exemplars)[None], space, 0.0, 0.0)
+        return np.mean([index.match(f, trained_leaf=0) is not None for f in frames])
+
+    assert recognised(white) > 0.9 and recognised(white) > recognised(raw) + 0.3
 
 
 @pytest.mark.parametrize(
@@ -128,10 +191,14 @@ def _photo(index: int, seed: int) -> bytes:
     return data.tobytes()
 
 
-def test_enrollment_from_photos_decides_for_the_new_product_and_leaves_trained_ones_alone(tmp_path: Path):
+@pytest.mark.parametrize("whitening", [True, False])
+def test_enrollment_from_photos_decides_for_the_new_product_and_leaves_trained_ones_alone(
+    tmp_path: Path, whitening: bool
+):
     """A real tiny v3 bundle: a product drawn unlike any trained class (palette 5) is enrolled from five
     photos, then new photos of it get its label (source enrolled) while photos of the trained classes keep
-    the model's decisions."""
+    the model's decisions. In the bundle's whitened space with the [enroll] defaults, and in a bundle
+    from before the whitening by raw cosine with the values that suit it (0.6, 0.05), as before."""
     from taxonedge.edge.kernel.bundle import read_bundle
     from taxonedge.edge.kernel.decode import Decoder
     from taxonedge.edge.kernel.preprocess import preprocess
@@ -140,14 +207,21 @@ def test_enrollment_from_photos_decides_for_the_new_product_and_leaves_trained_o
 
     from .tinymodels import tiny_bundle_bytes
 
-    bundle = read_bundle(tiny_bundle_bytes())
+    bundle = read_bundle(tiny_bundle_bytes(whitening=whitening))
     classifier = Classifier(bundle)
     decoder = Decoder(bundle.taxonomy, kind="leaf_logits")
 
     def embed(image: np.ndarray) -> np.ndarray:
         return classifier.outputs(preprocess(image, bundle.manifest.input))[1]
 
-    enrollment = Enrollment(tmp_path, min_similarity=0.6, margin=0.05)
+    space = bundle.embedding_space()
+    if whitening:
+        assert space is not None and space.whitening is not None
+        enrollment = Enrollment(tmp_path)  # the [enroll] defaults
+    else:
+        assert space is not None and space.whitening is None and space.centroids is not None
+        np.testing.assert_array_equal(space.centroids, bundle.centroids())
+        enrollment = Enrollment(tmp_path, min_similarity=0.6, margin=0.05)
     future = enrollment.submit("Fruit/Apple/Red-Delicious", [_photo(5, seed) for seed in range(5)])
     enrollment.serve(bundle, embed)
     assert future.result(timeout=1) == {"label": "Fruit/Apple/Red-Delicious", "photos": 5, "products": 1}

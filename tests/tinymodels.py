@@ -11,7 +11,7 @@ import functools
 from pathlib import Path
 
 import numpy as np
-from taxonedge.convert.converter import class_centroids
+from taxonedge.convert.converter import centroid_arrays, embed_images
 from taxonedge.convert.quantize import io_details, run_tflite
 from taxonedge.edge.kernel.bundle import (
     CENTROIDS,
@@ -91,12 +91,14 @@ def tiny_bundle_bytes(
     edgetpu_model: bool = False,
     outputs: str = "logits",
     open_set: float | None = None,
+    whitening: bool = True,
 ) -> bytes:
     """A complete bundle (bytes) with a real int8 model; `nan=True` gives a float model that outputs NaN.
     `edgetpu_model=True` adds model_edgetpu.tflite as edgetpu_compiler's output would sit there (here the
     same model: the compiler and the accelerator do not exist on a test machine). `outputs="logits"` (the
     converter's default): leaf logits and an embedding, format v3, with `open_set` as its max-logit
-    threshold; "probabilities": one probability output, format v2."""
+    threshold; "probabilities": one probability output, format v2. `whitening=False`: centroids.npz as
+    converters before the whitening wrote it (raw centroids only)."""
     import io
     import tempfile
 
@@ -132,7 +134,8 @@ def tiny_bundle_bytes(
         rng = np.random.default_rng(seed + 200)
         classes = np.repeat(np.arange(len(labels)), 8)
         images = np.stack([preprocess(class_image(int(i), rng, 64), spec) for i in classes])
-        files[CENTROIDS] = _npz_bytes(centroids=class_centroids(model, info, images, classes, len(labels)))
+        arrays = centroid_arrays(embed_images(model, info, images), classes, len(labels))
+        files[CENTROIDS] = _npz_bytes(**arrays if whitening else {"centroids": arrays["centroids"]})
         v3 = {
             "embedding": EmbeddingSpec(**info["embedding"]),
             "open_set": OpenSet(threshold=open_set, known_pass_rate=0.98) if open_set is not None else None,

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .files import atomic_write
 from .preprocess import InputSpec
+from .prototypes import EmbeddingSpace, Whitening
 from .signing import Ed25519PrivateKey, Ed25519PublicKey, key_id, sign, verify
 from .taxonomy import Taxonomy, TaxonomyError
 from .thresholds import check_thresholds
@@ -49,7 +50,9 @@ CHECKSUMS = "SHA256SUMS"
 MODEL = "model.tflite"
 MODEL_EDGETPU = "model_edgetpu.tflite"
 GOLDEN = "golden.npz"
-CENTROIDS = "centroids.npz"  # v3, optional: per trained leaf, the mean embedding of its calibration images
+CENTROIDS = "centroids.npz"  # v3, optional: per trained leaf, the mean embedding of its training images
+# ... and, optionally, the whitening enrolled products are matched in, with the centroids in that space
+WHITENING_KEYS = ("whitened_centroids", "whiten_mean", "whiten_basis", "whiten_scales", "whiten_residual")
 KNOWN_FILES = (MODEL, MODEL_EDGETPU, GOLDEN)  # v1's; v2 adds any model_<backend>.<ext> named in artifacts
 CPU = "cpu"  # the reference backend: its artifact is MODEL, the golden outputs are its own
 COMPATIBLE = "taxonedge-classifier-v1"
@@ -280,7 +283,7 @@ class Bundle:
             return data["embeddings"] if "embeddings" in data.files else None
 
     def centroids(self) -> np.ndarray | None:
-        """Per trained leaf (in leaf order), the unit mean embedding of its calibration images (L x D), or
+        """Per trained leaf (in leaf order), the unit mean embedding of its training images (L x D), or
         None: what an enrolled product must beat to override the model's own class (v3)."""
         if CENTROIDS not in self.files or self.manifest.embedding is None:
             return None
@@ -292,6 +295,36 @@ class Bundle:
                 f"({self.taxonomy.num_leaves}, {self.manifest.embedding.size})"
             )
         return centroids
+
+    def embedding_space(self) -> EmbeddingSpace | None:
+        """Where enrolled products are matched (v3; None without an embedding): the whitening and the
+        centroids in it when centroids.npz has them, else raw cosine with the raw centroids (older
+        bundles), or no centroids at all."""
+        if self.manifest.embedding is None:
+            return None
+        if CENTROIDS not in self.files:
+            return EmbeddingSpace()
+        with np.load(io.BytesIO(self.files[CENTROIDS]), allow_pickle=False) as data:
+            if "whitened_centroids" not in data.files:
+                return EmbeddingSpace(None, self.centroids())
+            arrays = {key: data[key].astype(np.float32) for key in WHITENING_KEYS}
+        dim, leaves = self.manifest.embedding.size, self.taxonomy.num_leaves
+        basis = arrays["whiten_basis"]
+        rank = basis.shape[1] if basis.ndim == 2 else -1
+        expected = {
+            "whitened_centroids": (leaves, dim),
+            "whiten_mean": (dim,),
+            "whiten_basis": (dim, rank),
+            "whiten_scales": (rank,),
+            "whiten_residual": (),
+        }
+        for key, shape in expected.items():
+            if arrays[key].shape != shape:
+                raise BundleError(f"{CENTROIDS}: {key} has shape {arrays[key].shape}, expected {shape}")
+        whitening = Whitening(
+            arrays["whiten_mean"], basis, arrays["whiten_scales"], float(arrays["whiten_residual"])
+        )
+        return EmbeddingSpace(whitening, arrays["whitened_centroids"])
 
     def describe(self) -> dict[str, Any]:
         """A short identity for status messages and label payloads."""

@@ -6,9 +6,15 @@ the product whose prototype is closest by cosine similarity.
 
 The merge never overrides a confident trained class without evidence: an enrolled product decides only
 when its similarity reaches `min_similarity` and beats the similarity to the trained class the model
-picked (that class's centroid, from the bundle's calibration images) by `margin`. A frame of a trained
+picked (that class's centroid, from the bundle's training images) by `margin`. A frame of a trained
 product sits nearer its own centroid than a prototype of something else, so trained classes keep their
 labels; a new product sits nearer its own prototype than the centroid of the trained class it resembles.
+Matching happens in the bundle's whitened embedding space when it has one (`EmbeddingSpace`, from the
+converter's training images): raw cosine similarity is dominated by the few directions in which
+photos of one product vary most (pose, light, background), so a new product looks as close to the
+trained class it resembles as to its own few exemplars. Dividing those directions out by the trained
+classes' within-class spread lets the directions that tell products apart decide (leave-classes-out:
+docs/benchmarks.md "Enrolled products"). Bundles without it match by raw cosine.
 numpy only: the device runs it per frame.
 """
 
@@ -34,6 +40,88 @@ def prototype(exemplars: np.ndarray) -> np.ndarray:
     return normalise(normalise(exemplars).mean(axis=0))
 
 
+# Rank of the whitening's explicit part and its shrinkage towards the identity (convert stores it). In a
+# leave-10-classes-out study rank 256 kept the figures of full whitening; 128 traded about the same (it
+# sits further along the same curve) at half the size; 0.3 shrinkage instead of 0.1 changed little.
+WHITENING_RANK = 256
+WHITENING_SHRINKAGE = 0.1
+# Defaults of `[enroll] min_similarity` and `margin` in the whitened space (edge/service/config.py
+# EnrollConfig refers to these); measured in docs/benchmarks.md "Enrolled products".
+MIN_SIMILARITY = 0.2
+MARGIN = 0.0
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """A low-rank whitening of unit embeddings: x = e - mean; the `basis` directions (D x r, orthonormal)
+    scaled by `scales`, the rest of the space by `residual` (both 1/sqrt of a within-class variance)."""
+
+    mean: np.ndarray  # (D,)
+    basis: np.ndarray  # (D, r)
+    scales: np.ndarray  # (r,)
+    residual: float
+
+    def apply(self, vectors: np.ndarray) -> np.ndarray:
+        x = normalise(vectors) - self.mean
+        p = x @ self.basis
+        # residual * (x - basis basis^T x) + basis diag(scales) basis^T x, in one pass
+        return normalise(self.residual * x + (p * (self.scales - self.residual)) @ self.basis.T)
+
+
+@dataclass(frozen=True)
+class EmbeddingSpace:
+    """Where enrolled products are matched: the bundle's whitening (None: raw cosine) and the trained
+    leaves' centroids in that space (None: the similarity rule only)."""
+
+    whitening: Whitening | None = None
+    centroids: np.ndarray | None = None  # (leaves x D), unit rows
+
+    def project(self, vectors: np.ndarray) -> np.ndarray:
+        """Embeddings (N x D or D) as unit vectors of this space."""
+        return normalise(vectors) if self.whitening is None else self.whitening.apply(vectors)
+
+    def prototype(self, exemplars: np.ndarray) -> np.ndarray:
+        """One unit vector of this space for a product (or a trained leaf) from its embeddings (K x D)."""
+        return normalise(self.project(exemplars).mean(axis=0))
+
+
+def fit_whitening(
+    vectors: np.ndarray,
+    labels: np.ndarray,
+    rank: int = WHITENING_RANK,
+    shrinkage: float = WHITENING_SHRINKAGE,
+) -> Whitening | None:
+    """The whitening of the within-class covariance of these embeddings (host side, at convert): S pooled
+    over the classes' residuals, shrunk towards its mean variance (few images per class leave most of S
+    unmeasured), its top `rank` eigenvectors kept and the rest of the space at their mean variance. None
+    when no class has two images (nothing to measure)."""
+    x = normalise(vectors).astype(np.float64)
+    labels = np.asarray(labels)
+    mean = x.mean(axis=0)
+    residuals = x.copy()
+    for label in np.unique(labels):
+        rows = labels == label
+        residuals[rows] -= x[rows].mean(axis=0)
+    cov = residuals.T @ residuals / len(x)
+    dim = cov.shape[0]
+    average = float(np.trace(cov)) / dim
+    if average <= 1e-12:
+        return None
+    eigenvalues, eigenvectors = np.linalg.eigh(cov)
+    order = np.argsort(eigenvalues)[::-1]
+    eigenvalues, eigenvectors = np.maximum(eigenvalues[order], 0.0), eigenvectors[:, order]
+    rank = min(rank, dim)
+    rest = float(eigenvalues[rank:].mean()) if rank < dim else 0.0
+    kept = (1 - shrinkage) * eigenvalues[:rank] + shrinkage * average
+    residual = (1 - shrinkage) * rest + shrinkage * average
+    return Whitening(
+        mean=mean.astype(np.float32),
+        basis=eigenvectors[:, :rank].astype(np.float32),
+        scales=(1.0 / np.sqrt(kept)).astype(np.float32),
+        residual=float(1.0 / np.sqrt(residual)),
+    )
+
+
 @dataclass(frozen=True)
 class Match:
     label: str  # the enrolled product's label path, "Packages/Milk/New-Brand"
@@ -43,19 +131,19 @@ class Match:
 
 class PrototypeIndex:
     """The enrolled products' prototypes as one matrix, so matching a frame is one matrix-vector product
-    (500 products x 1280 features: about 0.1 ms)."""
+    (500 products x 1280 features: about 0.1 ms; whitening the frame first adds two D x r products)."""
 
     def __init__(
         self,
         labels: list[str],
         prototypes: np.ndarray,
-        centroids: np.ndarray | None = None,
-        min_similarity: float = 0.6,
-        margin: float = 0.05,
+        space: EmbeddingSpace | None = None,
+        min_similarity: float = MIN_SIMILARITY,
+        margin: float = MARGIN,
     ):
         self.labels = list(labels)
         self.prototypes = normalise(prototypes) if len(labels) else np.zeros((0, 1), np.float32)
-        self.centroids = normalise(centroids) if centroids is not None else None  # per trained leaf
+        self.space = space if space is not None else EmbeddingSpace()
         self.min_similarity = min_similarity
         self.margin = margin
 
@@ -65,16 +153,17 @@ class PrototypeIndex:
     def match(self, embedding: np.ndarray, trained_leaf: int | None = None) -> Match | None:
         """The enrolled product this embedding is, or None: similarity at least `min_similarity`, and, when
         the model's trained leaf is given and centroids are known, at least `margin` above the similarity
-        to that leaf's centroid."""
+        to that leaf's centroid (both in the index's space; the prototypes were made in it)."""
         if not self.labels:
             return None
-        e = normalise(embedding)
+        e = self.space.project(embedding)
         sims = self.prototypes @ e
         best = int(np.argmax(sims))
         similarity = float(sims[best])
         trained = None
-        if trained_leaf is not None and self.centroids is not None:
-            trained = float(self.centroids[trained_leaf] @ e)
+        centroids = self.space.centroids
+        if trained_leaf is not None and centroids is not None:
+            trained = float(centroids[trained_leaf] @ e)
         if similarity < self.min_similarity or (trained is not None and similarity < trained + self.margin):
             return None
         return Match(self.labels[best], round(similarity, 4), None if trained is None else round(trained, 4))

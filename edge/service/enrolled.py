@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..kernel.prototypes import PrototypeIndex, normalise, prototype
+from ..kernel.prototypes import EmbeddingSpace, PrototypeIndex, normalise
 from ..kernel.taxonomy import Taxonomy
 
 SCHEMA = """
@@ -163,9 +163,11 @@ class EnrolledStore:
         return len(missing)
 
     def index(
-        self, model: str, centroids: np.ndarray | None, min_similarity: float, margin: float
+        self, model: str, space: EmbeddingSpace | None, min_similarity: float, margin: float
     ) -> PrototypeIndex:
-        """The enrolled products' prototypes under `model`, ready to match frames."""
+        """The enrolled products' prototypes under `model`, made in its embedding `space` (the bundle's;
+        None: raw cosine), ready to match frames."""
+        space = space if space is not None else EmbeddingSpace()
         with self._lock:
             rows = self._db.execute(
                 "SELECT e.label, m.vector FROM embedding m JOIN exemplar e ON e.id = m.exemplar "
@@ -177,11 +179,11 @@ class EnrolledStore:
             by_label.setdefault(label, []).append(np.frombuffer(blob, dtype=np.float32))
         labels = sorted(by_label)
         protos = (
-            np.stack([prototype(np.stack(by_label[label])) for label in labels])
+            np.stack([space.prototype(np.stack(by_label[label])) for label in labels])
             if labels
             else np.zeros((0, 1))
         )
-        return PrototypeIndex(labels, protos, centroids, min_similarity, margin)
+        return PrototypeIndex(labels, protos, space, min_similarity, margin)
 
     def separation(self, model: str) -> list[str]:
         """Products whose prototypes no longer separate under `model`: pairs closer than their exemplars

@@ -25,7 +25,7 @@ import numpy as np
 from ..kernel.bundle import Bundle
 from ..kernel.decode import Decision
 from ..kernel.preprocess import ImageError, decode_image, shrink
-from ..kernel.prototypes import PrototypeIndex, enrolled_decision, normalise
+from ..kernel.prototypes import MARGIN, MIN_SIMILARITY, PrototypeIndex, enrolled_decision, normalise
 from .enrolled import EnrolledStore, EnrollError, check_label
 from .trigger import ItemResult
 
@@ -115,7 +115,11 @@ def thumbnail_jpeg(image: np.ndarray) -> bytes:
 
 class Enrollment:
     def __init__(
-        self, state_dir: Path, min_similarity: float = 0.6, margin: float = 0.05, min_photos: int = 1
+        self,
+        state_dir: Path,
+        min_similarity: float = MIN_SIMILARITY,
+        margin: float = MARGIN,
+        min_photos: int = 1,
     ):
         self.store = EnrolledStore(Path(state_dir) / "enrolled.db")
         self.min_similarity = min_similarity
@@ -285,7 +289,7 @@ class Enrollment:
         _settle(capture.future, store)
 
     def _rebuild(self, bundle: Bundle) -> None:
-        index = self.store.index(bundle.sha256, bundle.centroids(), self.min_similarity, self.margin)
+        index = self.store.index(bundle.sha256, bundle.embedding_space(), self.min_similarity, self.margin)
         with self._lock:
             self._index, self._model, self._stale = index, bundle.sha256, False
 
