@@ -40,9 +40,10 @@ def prototype(exemplars: np.ndarray) -> np.ndarray:
     return normalise(normalise(exemplars).mean(axis=0))
 
 
-# Rank of the whitening's explicit part and its shrinkage towards the identity (convert stores it). In a
-# leave-10-classes-out study rank 256 kept the figures of full whitening; 128 traded about the same (it
-# sits further along the same curve) at half the size; 0.3 shrinkage instead of 0.1 changed little.
+# Rank of the whitening's explicit part and its shrinkage towards the identity (convert stores it). Leaving
+# 10 classes out, rank 256 kept the figures of full whitening; 128 traced about the same trade-off, a
+# little lower where it costs the trained classes least (docs/benchmarks.md); 0.3 instead of 0.1 shrinkage
+# changed little.
 WHITENING_RANK = 256
 WHITENING_SHRINKAGE = 0.1
 # Defaults of `[enroll] min_similarity` and `margin` in the whitened space (edge/service/config.py
