@@ -16,6 +16,7 @@ from taxonedge.edge.kernel.prototypes import (
     PrototypeIndex,
     fit_whitening,
     normalise,
+    overlaps,
     prototype,
 )
 from taxonedge.edge.kernel.taxonomy import Taxonomy
@@ -105,6 +106,23 @@ def test_in_the_whitened_space_a_new_product_wins_against_the_trained_class_it_r
         return np.mean([index.match(f, trained_leaf=0) is not None for f in frames])
 
     assert recognised(white) > 0.9 and recognised(white) > recognised(raw) + 0.3
+
+
+def test_products_the_model_does_not_tell_apart_are_named_with_what_they_look_like():
+    a, b, trained = (normalise(RNG.normal(size=DIM)) for _ in range(3))
+    centroids = np.stack(
+        [trained, -trained, normalise(RNG.normal(size=DIM)), normalise(RNG.normal(size=DIM))]
+    )
+    space, leaves = EmbeddingSpace(None, centroids), TAX.leaf_labels
+    # two distinct products, each far from every trained leaf: nothing to report
+    assert overlaps({"New/A": near(a, 5), "New/B": near(b, 5)}, space, leaves) == []
+    # the same photos under two names: both reported, each naming the other
+    twin = near(a, 5)
+    problems = overlaps({"New/A": twin, "New/Twin": twin.copy(), "New/B": near(b, 5)}, space, leaves)
+    assert len(problems) == 2 and "New/A and New/Twin look the same" in problems[0], problems
+    # a product whose photos sit on a trained leaf's centroid: named with that leaf; one photo is enough
+    problems = overlaps({"New/C": near(trained, 3, 0.02), "New/D": near(b, 1)}, space, leaves)
+    assert problems == [problems[0]] and f"the trained {leaves[0]}" in problems[0], problems
 
 
 @pytest.mark.parametrize(

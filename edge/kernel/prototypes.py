@@ -170,6 +170,40 @@ class PrototypeIndex:
         return Match(self.labels[best], round(similarity, 4), None if trained is None else round(trained, 4))
 
 
+def overlaps(
+    exemplars: dict[str, np.ndarray], space: EmbeddingSpace, leaf_labels: list[str] | None = None
+) -> list[str]:
+    """Enrolled products this model does not tell apart: those whose exemplars (K x D each) are on average
+    at least as close to another product's prototype, or to a trained leaf's centroid, as to their own
+    (the prototype of their other exemplars when there are several, so a product is not judged by itself).
+    One line per product, naming what it is confused with."""
+    labels = sorted(exemplars)
+    projected = {label: space.project(np.atleast_2d(exemplars[label])) for label in labels}
+    protos = {label: normalise(v.mean(axis=0)) for label, v in projected.items()}
+    centroids = space.centroids if space.centroids is not None and leaf_labels else None
+    problems = []
+    for label in labels:
+        v = projected[label]
+        if len(v) > 1:  # leave one out: each exemplar against the prototype of the others
+            others = normalise((v.sum(axis=0, keepdims=True) - v) / (len(v) - 1))
+            own = float(np.mean(np.sum(v * others, axis=1)))
+        else:
+            own = float(v[0] @ protos[label])
+        rivals = [(float(np.mean(v @ protos[o])), o) for o in labels if o != label]
+        if centroids is not None:
+            sims = (v @ centroids.T).mean(axis=0)
+            best = int(np.argmax(sims))
+            rivals.append((float(sims[best]), f"the trained {leaf_labels[best]}"))
+        if rivals:
+            similarity, rival = max(rivals)
+            if similarity >= own:
+                problems.append(
+                    f"{label} and {rival} look the same to this model (its photos match {rival} "
+                    f"{similarity:.3f}, their own prototype {own:.3f}): enroll clearer photos or remove one"
+                )
+    return problems
+
+
 def enrolled_decision(match: Match, taxonomy: Taxonomy, model_decision: Decision) -> Decision:
     """The decision an enrolled product makes: its label, accepted, one level per depth of its path (the
     trained nodes above it keep their ids; the enrolled ones get `enrolled:<path>`), scored by the

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..kernel.prototypes import EmbeddingSpace, PrototypeIndex, normalise
+from ..kernel.prototypes import EmbeddingSpace, PrototypeIndex, normalise, overlaps
 from ..kernel.taxonomy import Taxonomy
 
 SCHEMA = """
@@ -168,6 +168,22 @@ class EnrolledStore:
         """The enrolled products' prototypes under `model`, made in its embedding `space` (the bundle's;
         None: raw cosine), ready to match frames."""
         space = space if space is not None else EmbeddingSpace()
+        by_label = self.exemplars(model)
+        labels = sorted(by_label)
+        protos = (
+            np.stack([space.prototype(by_label[label]) for label in labels]) if labels else np.zeros((0, 1))
+        )
+        return PrototypeIndex(labels, protos, space, min_similarity, margin)
+
+    def separation(
+        self, model: str, space: EmbeddingSpace | None = None, leaf_labels: list[str] | None = None
+    ) -> list[str]:
+        """Products that `model` does not tell apart from another enrolled product or a trained leaf, in
+        its embedding `space` (`prototypes.overlaps`)."""
+        return overlaps(self.exemplars(model), space if space is not None else EmbeddingSpace(), leaf_labels)
+
+    def exemplars(self, model: str) -> dict[str, np.ndarray]:
+        """Label -> its exemplars' embeddings under `model` (K x D)."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT e.label, m.vector FROM embedding m JOIN exemplar e ON e.id = m.exemplar "
@@ -177,30 +193,7 @@ class EnrolledStore:
         by_label: dict[str, list[np.ndarray]] = {}
         for label, blob in rows:
             by_label.setdefault(label, []).append(np.frombuffer(blob, dtype=np.float32))
-        labels = sorted(by_label)
-        protos = (
-            np.stack([space.prototype(np.stack(by_label[label])) for label in labels])
-            if labels
-            else np.zeros((0, 1))
-        )
-        return PrototypeIndex(labels, protos, space, min_similarity, margin)
-
-    def separation(self, model: str) -> list[str]:
-        """Products whose prototypes no longer separate under `model`: pairs closer than their exemplars
-        are to their own prototype on average (a new model that sees two products as one)."""
-        index = self.index(model, None, 0.0, 0.0)
-        if len(index) < 2:
-            return []
-        sims = index.prototypes @ index.prototypes.T
-        np.fill_diagonal(sims, -1.0)
-        problems = []
-        for i, label in enumerate(index.labels):
-            j = int(np.argmax(sims[i]))
-            if sims[i, j] > 0.98:
-                problems.append(
-                    f"{label} and {index.labels[j]} look the same to this model ({sims[i, j]:.3f})"
-                )
-        return problems
+        return {label: np.stack(vectors) for label, vectors in by_label.items()}
 
     def _transaction(self):
         return _Transaction(self._db)

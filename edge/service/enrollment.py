@@ -196,7 +196,7 @@ class Enrollment:
             count = self.store.reembed(bundle.sha256, lambda jpeg: embed(decode_photo(jpeg, 0)))
             if count:
                 log.info("enrolled products: %d photos embedded again for model %s", count, bundle.version)
-            self.problems = self.store.separation(bundle.sha256)
+            self.problems = self._separation(bundle)
             for problem in self.problems:
                 log.warning("enrolled products: %s", problem)
             self._rebuild(bundle)
@@ -233,7 +233,7 @@ class Enrollment:
         self.store.add(label, thumbnails, vectors, bundle.sha256, source)
         self._rebuild(bundle)
         # a product that looks like another one to this model is reported now, not only at the next update
-        self.problems = self.store.separation(bundle.sha256)
+        self.problems = self._separation(bundle)
         log.info("enrolled %s from %d exemplars (%s)", label, len(thumbnails), source)
         return {"label": label, "photos": len(thumbnails), "products": len(self.store.products())}
 
@@ -287,6 +287,9 @@ class Enrollment:
             return {**result, "items": capture.items, "seconds": round(time.monotonic() - capture.started, 3)}
 
         _settle(capture.future, store)
+
+    def _separation(self, bundle: Bundle) -> list[str]:
+        return self.store.separation(bundle.sha256, bundle.embedding_space(), bundle.taxonomy.leaf_labels)
 
     def _rebuild(self, bundle: Bundle) -> None:
         index = self.store.index(bundle.sha256, bundle.embedding_space(), self.min_similarity, self.margin)
