@@ -37,6 +37,14 @@ def test_format_label_reads_like_the_hierarchy():
     assert "(0.99 / 0.97 / 0.61✗)" in line and "item A-1 4/5 agree" in line and "7.2 ms" in line
     unknown = format_label({**LABEL, "path": [], "decision": "unknown", "item_id": None})
     assert " unknown " in unknown and "item" not in unknown
+    unfamiliar = format_label({**LABEL, "path": [], "decision": "unknown", "reason": "unfamiliar"})
+    assert "unknown (unfamiliar)" in unfamiliar
+    path = ["Packages", "Milk", "New-Brand"]
+    enrolled = format_label(
+        {**LABEL, "path": path, "decision": "accepted", "source": "enrolled", "similarity": 0.43}
+    )
+    assert "Packages > Milk > New-Brand [enrolled 0.43]" in enrolled
+    assert "[enrolled" not in line
 
 
 def test_listen_prints_labels_from_a_real_broker(broker):

@@ -33,6 +33,10 @@ def format_label(msg: dict[str, Any]) -> str:
     label = ARROW.join(msg.get("path") or []) or "unknown"
     if msg.get("reason") == "no_item":  # the empty belt: worth telling apart from an unsure product
         label = "(no item)"
+    elif msg.get("decision") == "unknown" and msg.get("reason"):
+        label = f"unknown ({msg['reason']})"
+    elif msg.get("source") == "enrolled":  # decided by a product enrolled on the device, not the model
+        label += f" [enrolled {msg.get('similarity', 0):.2f}]"
     scores = " / ".join(
         f"{lv.get('score', 0):.2f}" + ("" if lv.get("passed") else "✗") for lv in msg.get("levels", [])
     )
