@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 from taxonedge.edge.kernel.bundle import read_bundle
+from taxonedge.edge.kernel.decode import Decision, Decoder
 from taxonedge.edge.kernel.prototypes import EmbeddingSpace, PrototypeIndex, normalise
 from taxonedge.edge.kernel.runtime import Classifier
 from taxonedge.train import data as data_mod
@@ -33,6 +35,18 @@ def embed(classifier: Classifier, spec, samples: list) -> tuple[np.ndarray, np.n
     images, kept, _ = data_mod.load_images(samples, spec, "embedding")
     outs = [classifier.outputs(image) for image in images]
     return np.stack([o[0] for o in outs]), np.stack([o[1] for o in outs]), kept
+
+
+def said(
+    index: PrototypeIndex, embedding: np.ndarray, scores: np.ndarray, model: Decision
+) -> tuple[tuple[str, ...] | None, str | None]:
+    """(the label path the device publishes for a frame, None for unknown; the enrolled product that
+    decided it, or None): an enrolled product's label when its prototype matches (as
+    `edge/service/enrollment.py` decides), else the model's decision."""
+    match = index.match(embedding, int(np.argmax(scores)))
+    if match is not None:
+        return tuple(match.label.split("/")), match.label
+    return (None if model.decision == "unknown" else tuple(model.path)), None
 
 
 def iconic_images(list_file: Path) -> dict[str, str]:
@@ -76,6 +90,19 @@ def main() -> None:
     novel_scores, novel_emb, novel_kept = embed(classifier, spec, novel_val)
     novel_truth = [s.label for s in novel_kept]
     base_known = float(np.mean(known_scores.argmax(1) == known_y))
+    # what the device publishes without enrolled products: the bundle's thresholds and open set
+    open_set = bundle.manifest.open_set
+    decoder = Decoder(
+        taxonomy,
+        bundle.manifest.thresholds,
+        kind=bundle.manifest.output.kind,
+        open_set_threshold=open_set.threshold if open_set else None,
+    )
+    known_model = [decoder.decode(s) for s in known_scores]
+    novel_model = [decoder.decode(s) for s in novel_scores]
+    truths = [tuple(t.split("/")) for t in novel_truth] + [
+        tuple(taxonomy.leaf_labels[y].split("/")) for y in known_y
+    ]
     kind = "raw cosine" if space is None or space.whitening is None else "the bundle's whitened space"
     print(
         f"{bundle.name} {bundle.version}: {len(new_labels)} products not in the model, "
@@ -93,8 +120,9 @@ def main() -> None:
     }
 
     print(
-        f"\nk | min sim | margin | enrolled leaf top-1 | trained leaf top-1 (change); "
-        f"mean of {args.seeds} draws"
+        f"\nk | min sim | margin | enrolled leaf top-1 | trained leaf top-1 (change) | published labels "
+        f"right (a leaf or a correct parent; the bundle's thresholds and open set; every scored image) | "
+        f"the same on the trained classes' images | enrolled labels right; mean of {args.seeds} draws"
     )
     for k in args.k or [1, 5, 10]:
         draws = []  # per draw, the prototypes, made as the device makes them
@@ -109,32 +137,49 @@ def main() -> None:
             draws.append(
                 np.stack([(space or EmbeddingSpace()).prototype(chosen[label]) for label in new_labels])
             )
-        for min_sim in args.min_similarity or [0.2, 0.3]:
-            for margin in args.margin or [-0.02, 0.0, 0.05]:
-                novel, known = [], []
-                for protos in draws:
-                    index = PrototypeIndex(new_labels, protos, space, min_sim, margin)
-                    novel.append(
-                        np.mean(
-                            [
-                                (m := index.match(e, int(s.argmax()))) is not None and m.label == truth
-                                for e, s, truth in zip(novel_emb, novel_scores, novel_truth, strict=True)
-                            ]
-                        )
+        for min_sim, margin in itertools.product(
+            args.min_similarity or [0.2, 0.3], args.margin or [-0.02, 0.0, 0.05]
+        ):
+            novel, known, right, known_right, enrolled_right = [], [], [], [], []
+            for protos in draws:
+                index = PrototypeIndex(new_labels, protos, space, min_sim, margin)
+                novel_said = [
+                    said(index, *frame) for frame in zip(novel_emb, novel_scores, novel_model, strict=True)
+                ]
+                known_said = [
+                    said(index, *frame) for frame in zip(known_emb, known_scores, known_model, strict=True)
+                ]
+                novel.append(np.mean([m == t for (_, m), t in zip(novel_said, novel_truth, strict=True)]))
+                known.append(
+                    np.mean(
+                        [
+                            m is None and int(s.argmax()) == y
+                            for (_, m), s, y in zip(known_said, known_scores, known_y, strict=True)
+                        ]
                     )
-                    known.append(
-                        np.mean(
-                            [
-                                index.match(e, int(s.argmax())) is None and int(s.argmax()) == y
-                                for e, s, y in zip(known_emb, known_scores, known_y, strict=True)
-                            ]
-                        )
-                    )
-                after = float(np.mean(known))
-                print(
-                    f"{k:2d} | {min_sim:.2f} | {margin:+.2f} | {100 * np.mean(novel):5.1f} % | "
-                    f"{100 * after:5.1f} % ({100 * (after - base_known):+.1f} points)"
                 )
+                # published labels (unknown is not a label) against the truth: a leaf or a correct parent
+                pairs = [
+                    (path, t) for (path, _), t in zip(novel_said + known_said, truths, strict=True) if path
+                ]
+                right.append(np.mean([t[: len(path)] == path for path, t in pairs]))
+                trained_pairs = [
+                    (path, t)
+                    for (path, _), t in zip(known_said, truths[len(novel_said) :], strict=True)
+                    if path
+                ]
+                known_right.append(np.mean([t[: len(path)] == path for path, t in trained_pairs]))
+                named = [(m, t) for (_, m), t in zip(novel_said + known_said, truths, strict=True) if m]
+                enrolled_right.append(
+                    np.mean([tuple(m.split("/")) == t for m, t in named]) if named else np.nan
+                )
+            after = float(np.mean(known))
+            print(
+                f"{k:2d} | {min_sim:.2f} | {margin:+.2f} | {100 * np.mean(novel):5.1f} % | "
+                f"{100 * after:5.1f} % ({100 * (after - base_known):+.1f} points) | "
+                f"{100 * np.mean(right):5.1f} % | {100 * np.mean(known_right):5.1f} % | "
+                f"{100 * np.nanmean(enrolled_right):5.1f} %"
+            )
 
     invoke = []
     image = np.zeros((spec.height, spec.width, 3), np.uint8)

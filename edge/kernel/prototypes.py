@@ -47,9 +47,11 @@ def prototype(exemplars: np.ndarray) -> np.ndarray:
 WHITENING_RANK = 256
 WHITENING_SHRINKAGE = 0.1
 # Defaults of `[enroll] min_similarity` and `margin` in the whitened space (edge/service/config.py
-# EnrollConfig refers to these); measured in docs/benchmarks.md "Enrolled products".
+# EnrollConfig refers to these); measured in docs/benchmarks.md "Enrolled products": leaving 10 classes out
+# of the Lite0 288 recipe, 5 photos each, 79.5 % of the enrolled products' images right for 0.6 points of
+# the trained classes' (margin 0: 87.5 % for 1.1 points).
 MIN_SIMILARITY = 0.2
-MARGIN = 0.0
+MARGIN = 0.03
 
 
 @dataclass(frozen=True)
