@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from taxonedge.edge.kernel.bundle import read_bundle
 from taxonedge.edge.kernel.decode import Decision, Decoder
-from taxonedge.edge.kernel.prototypes import EmbeddingSpace, PrototypeIndex, normalise
+from taxonedge.edge.kernel.prototypes import RIVALS, EmbeddingSpace, PrototypeIndex, normalise
 from taxonedge.edge.kernel.runtime import Classifier
 from taxonedge.train import data as data_mod
 
@@ -43,7 +43,7 @@ def said(
     """(the label path the device publishes for a frame, None for unknown; the enrolled product that
     decided it, or None): an enrolled product's label when its prototype matches (as
     `edge/service/enrollment.py` decides), else the model's decision."""
-    match = index.match(embedding, int(np.argmax(scores)))
+    match = index.match(embedding, scores)
     if match is not None:
         return tuple(match.label.split("/")), match.label
     return (None if model.decision == "unknown" else tuple(model.path)), None
@@ -67,6 +67,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, action="append", help="photos per product (default 1, 5, 10)")
     parser.add_argument("--min-similarity", type=float, action="append")
     parser.add_argument("--margin", type=float, action="append")
+    parser.add_argument(
+        "--rivals", type=int, action="append", help="the model's top trained classes to beat (default 5)"
+    )
     parser.add_argument("--seeds", type=int, default=5, help="draws of the k photos to average (default 5)")
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument(
@@ -120,8 +123,9 @@ def main() -> None:
     }
 
     print(
-        f"\nk | min sim | margin | enrolled leaf top-1 | trained leaf top-1 (change) | published labels "
-        f"right (a leaf or a correct parent; the bundle's thresholds and open set; every scored image) | "
+        f"\nk | min sim | margin | rivals | enrolled leaf top-1 | trained leaf top-1 (change) | "
+        f"published labels right (a leaf or a correct parent; the bundle's thresholds and open set; "
+        f"every scored image) | "
         f"the same on the trained classes' images | enrolled labels right; mean of {args.seeds} draws"
     )
     for k in args.k or [1, 5, 10]:
@@ -137,12 +141,12 @@ def main() -> None:
             draws.append(
                 np.stack([(space or EmbeddingSpace()).prototype(chosen[label]) for label in new_labels])
             )
-        for min_sim, margin in itertools.product(
-            args.min_similarity or [0.2, 0.3], args.margin or [-0.02, 0.0, 0.05]
+        for min_sim, margin, rivals in itertools.product(
+            args.min_similarity or [0.2, 0.3], args.margin or [0.0, 0.02, 0.05], args.rivals or [RIVALS]
         ):
             novel, known, right, known_right, enrolled_right = [], [], [], [], []
             for protos in draws:
-                index = PrototypeIndex(new_labels, protos, space, min_sim, margin)
+                index = PrototypeIndex(new_labels, protos, space, min_sim, margin, rivals)
                 novel_said = [
                     said(index, *frame) for frame in zip(novel_emb, novel_scores, novel_model, strict=True)
                 ]
@@ -175,7 +179,7 @@ def main() -> None:
                 )
             after = float(np.mean(known))
             print(
-                f"{k:2d} | {min_sim:.2f} | {margin:+.2f} | {100 * np.mean(novel):5.1f} % | "
+                f"{k:2d} | {min_sim:.2f} | {margin:+.2f} | {rivals:2d} | {100 * np.mean(novel):5.1f} % | "
                 f"{100 * after:5.1f} % ({100 * (after - base_known):+.1f} points) | "
                 f"{100 * np.mean(right):5.1f} % | {100 * np.mean(known_right):5.1f} % | "
                 f"{100 * np.nanmean(enrolled_right):5.1f} %"
@@ -195,7 +199,7 @@ def main() -> None:
         times = []
         for i in range(args.runs):
             t = time.perf_counter()
-            index.match(known_emb[i % len(known_emb)], int(known_y[i % len(known_y)]))
+            index.match(known_emb[i % len(known_emb)], known_scores[i % len(known_scores)])
             times.append(time.perf_counter() - t)
         ms = 1e3 * statistics.median(times)
         print(

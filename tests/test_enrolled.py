@@ -43,12 +43,38 @@ def test_a_frame_matches_the_nearest_prototype_only_when_close_and_nearer_than_i
         min_similarity=0.6,
         margin=0.05,
     )
-    match = index.match(a + 0.05 * RNG.normal(size=DIM), trained_leaf=0)
+    match = index.match(a + 0.05 * RNG.normal(size=DIM), leaf_scores=np.eye(4)[0])
     assert match is not None and match.label == "New/A" and match.similarity > 0.9
-    assert index.match(normalise(RNG.normal(size=DIM)), trained_leaf=0) is None  # far from every product
+    assert (
+        index.match(normalise(RNG.normal(size=DIM)), leaf_scores=np.eye(4)[0]) is None
+    )  # far from every product
     # a frame of the trained class itself: closer to its centroid than to any prototype -> the model decides
-    assert index.match(trained + 0.3 * a, trained_leaf=0) is None
+    assert index.match(trained + 0.3 * a, leaf_scores=np.eye(4)[0]) is None
     assert PrototypeIndex([], np.zeros((0, DIM))).match(a) is None
+
+
+def test_an_enrolled_product_must_beat_every_trained_class_the_model_ranks_near_the_top():
+    # a frame of trained class 2 that the model ranked second, after class 0, and that resembles an
+    # enrolled product: beating class 0's centroid is not enough, class 2's is nearer
+    x, y, z, w = np.eye(DIM)[:4]
+    centroids = np.stack([z, w, x, -x])
+    product = normalise(x + 0.6 * y)
+    frame = x + 0.2 * y
+    scores = np.array([3.0, 0.5, 2.5, 0.1])  # logits: class 0 first, class 2 second
+
+    def index(rivals: int) -> PrototypeIndex:
+        space = EmbeddingSpace(None, centroids)
+        return PrototypeIndex(["New/A"], product[None], space, min_similarity=0.2, margin=0.02, rivals=rivals)
+
+    assert index(1).match(frame, scores) is not None  # only the model's first pick: the product steals it
+    assert index(2).match(frame, scores) is None  # its own class, ranked second, is nearer
+    # a new product's frame beats all of them and is matched either way
+    match = index(2).match(product + 0.05 * y, scores)
+    assert (
+        match is not None
+        and match.trained_similarity is not None
+        and match.similarity > match.trained_similarity
+    )
 
 
 def test_the_whitening_makes_the_within_class_spread_isotropic():
@@ -103,7 +129,7 @@ def test_in_the_whitened_space_a_new_product_wins_against_the_trained_class_it_r
 
     def recognised(space: EmbeddingSpace) -> float:
         index = PrototypeIndex(["New/A"], space.prototype(exemplars)[None], space, 0.0, 0.0)
-        return np.mean([index.match(f, trained_leaf=0) is not None for f in frames])
+        return np.mean([index.match(f, leaf_scores=np.eye(4)[0]) is not None for f in frames])
 
     assert recognised(white) > 0.9 and recognised(white) > recognised(raw) + 0.3
 

@@ -356,15 +356,16 @@ class NoItemConfig(_Strict):
 class EnrollConfig(_Strict):
     """Products enrolled on the device (`[enroll]`, edge/service/enrollment.py, `taxonedge enroll`). An
     enrolled product decides a frame when the cosine similarity of the frame's embedding to its prototype
-    is at least `min_similarity` and beats the similarity to the centroid of the trained class the model
-    picked by `margin` (so a trained product keeps its label). Both are measured in the bundle's whitened
-    embedding space (edge/kernel/prototypes.py; a bundle without one: raw cosine, where the old 0.6 and
-    0.05 fit better); the defaults are prototypes.py's, measured in docs/benchmarks.md "Enrolled
-    products". A negative margin lets an enrolled product win a near tie."""
+    is at least `min_similarity` and beats by `margin` the similarity to the centroids of the `rivals`
+    trained classes the model ranks highest (so a trained product keeps its label). Both are measured in
+    the bundle's whitened embedding space (edge/kernel/prototypes.py; a bundle without one: raw cosine,
+    where the old 0.6 and 0.05 fit better); the defaults are prototypes.py's, measured in
+    docs/benchmarks.md "Enrolled products". A negative margin lets an enrolled product win a near tie."""
 
     enabled: bool = True
     min_similarity: float = Field(prototypes.MIN_SIMILARITY, ge=0, le=1)
     margin: float = Field(prototypes.MARGIN, ge=-1, le=1)
+    rivals: int = Field(prototypes.RIVALS, ge=1, le=100)
     min_photos: int = Field(1, ge=1, le=32)
 
 

@@ -196,7 +196,11 @@ class Daemon:
         self.noitem.load()
         self.noitem.serve(bundle)
         self.enrollment = Enrollment(
-            cfg.device.state_dir, cfg.enroll.min_similarity, cfg.enroll.margin, cfg.enroll.min_photos
+            cfg.device.state_dir,
+            cfg.enroll.min_similarity,
+            cfg.enroll.margin,
+            cfg.enroll.min_photos,
+            cfg.enroll.rivals,
         )
         self.pipeline = Pipeline(
             cfg,

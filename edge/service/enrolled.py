@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..kernel.prototypes import EmbeddingSpace, PrototypeIndex, normalise, overlaps
+from ..kernel.prototypes import RIVALS, EmbeddingSpace, PrototypeIndex, normalise, overlaps
 from ..kernel.taxonomy import Taxonomy
 
 SCHEMA = """
@@ -163,7 +163,12 @@ class EnrolledStore:
         return len(missing)
 
     def index(
-        self, model: str, space: EmbeddingSpace | None, min_similarity: float, margin: float
+        self,
+        model: str,
+        space: EmbeddingSpace | None,
+        min_similarity: float,
+        margin: float,
+        rivals: int = RIVALS,
     ) -> PrototypeIndex:
         """The enrolled products' prototypes under `model`, made in its embedding `space` (the bundle's;
         None: raw cosine), ready to match frames."""
@@ -173,7 +178,7 @@ class EnrolledStore:
         protos = (
             np.stack([space.prototype(by_label[label]) for label in labels]) if labels else np.zeros((0, 1))
         )
-        return PrototypeIndex(labels, protos, space, min_similarity, margin)
+        return PrototypeIndex(labels, protos, space, min_similarity, margin, rivals)
 
     def separation(
         self, model: str, space: EmbeddingSpace | None = None, leaf_labels: list[str] | None = None

@@ -25,7 +25,7 @@ import numpy as np
 from ..kernel.bundle import Bundle
 from ..kernel.decode import Decision
 from ..kernel.preprocess import ImageError, decode_image, shrink
-from ..kernel.prototypes import MARGIN, MIN_SIMILARITY, PrototypeIndex, enrolled_decision, normalise
+from ..kernel.prototypes import MARGIN, MIN_SIMILARITY, RIVALS, PrototypeIndex, enrolled_decision, normalise
 from .enrolled import EnrolledStore, EnrollError, check_label
 from .trigger import ItemResult
 
@@ -120,10 +120,12 @@ class Enrollment:
         min_similarity: float = MIN_SIMILARITY,
         margin: float = MARGIN,
         min_photos: int = 1,
+        rivals: int = RIVALS,
     ):
         self.store = EnrolledStore(Path(state_dir) / "enrolled.db")
         self.min_similarity = min_similarity
         self.margin = margin
+        self.rivals = rivals
         self.min_photos = min_photos
         self._requests: queue.Queue[_Request] = queue.Queue(maxsize=MAX_PENDING)
         self._lock = threading.Lock()
@@ -292,7 +294,9 @@ class Enrollment:
         return self.store.separation(bundle.sha256, bundle.embedding_space(), bundle.taxonomy.leaf_labels)
 
     def _rebuild(self, bundle: Bundle) -> None:
-        index = self.store.index(bundle.sha256, bundle.embedding_space(), self.min_similarity, self.margin)
+        index = self.store.index(
+            bundle.sha256, bundle.embedding_space(), self.min_similarity, self.margin, self.rivals
+        )
         with self._lock:
             self._index, self._model, self._stale = index, bundle.sha256, False
 
@@ -305,7 +309,7 @@ class Enrollment:
             index, model = self._index, self._model
         if index is None or not len(index) or embedding is None or model != bundle.sha256:
             return decision
-        match = index.match(embedding, int(np.argmax(scores)))
+        match = index.match(embedding, scores)
         if match is None:
             return decision
         self.decided += 1
