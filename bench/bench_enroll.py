@@ -113,6 +113,17 @@ def main() -> None:
         f"trained leaf top-1 {100 * base_known:.1f} % before enrolling; matched in {kind}, centroids "
         + ("from the bundle" if space is not None and space.centroids is not None else "absent")
     )
+
+    def share_right(labels: list, truth: list) -> float:
+        # published labels (unknown is not a label) against the truth: a leaf or a correct parent
+        pairs = [(tuple(d.path), t) for d, t in zip(labels, truth, strict=True) if d.decision != "unknown"]
+        return 100 * float(np.mean([t[: len(path)] == path for path, t in pairs]))
+
+    print(
+        f"published labels right before enrolling: {share_right(novel_model + known_model, truths):.1f} % "
+        f"of every scored image's, {share_right(known_model, truths[len(novel_model) :]):.1f} % of the "
+        f"trained classes' images'"
+    )
     icons = iconic_images(Path(args.enroll_from))
     pool_emb = {}  # every photo of each product, embedded once; each draw picks k of them
     for label in new_labels:
