@@ -46,7 +46,19 @@ def said(
     match = index.match(embedding, scores)
     if match is not None:
         return tuple(match.label.split("/")), match.label
-    return (None if model.decision == "unknown" else tuple(model.path)), None
+    return published(model), None
+
+
+def published(model: Decision) -> tuple[str, ...] | None:
+    """The label path the device publishes for the model's decision, None for unknown."""
+    return None if model.decision == "unknown" else tuple(model.path)
+
+
+def share_right(paths: list[tuple[str, ...] | None], truths: list[tuple[str, ...]]) -> float:
+    """The share of published labels (None is unknown, not a label) that are right: a leaf or a correct
+    parent of the truth."""
+    pairs = [(path, t) for path, t in zip(paths, truths, strict=True) if path]
+    return float(np.mean([t[: len(path)] == path for path, t in pairs]))
 
 
 def iconic_images(list_file: Path) -> dict[str, str]:
@@ -113,16 +125,12 @@ def main() -> None:
         f"trained leaf top-1 {100 * base_known:.1f} % before enrolling; matched in {kind}, centroids "
         + ("from the bundle" if space is not None and space.centroids is not None else "absent")
     )
-
-    def share_right(labels: list, truth: list) -> float:
-        # published labels (unknown is not a label) against the truth: a leaf or a correct parent
-        pairs = [(tuple(d.path), t) for d, t in zip(labels, truth, strict=True) if d.decision != "unknown"]
-        return 100 * float(np.mean([t[: len(path)] == path for path, t in pairs]))
-
+    model_paths = [published(d) for d in novel_model + known_model]
+    trained_truths = truths[len(novel_model) :]
     print(
-        f"published labels right before enrolling: {share_right(novel_model + known_model, truths):.1f} % "
-        f"of every scored image's, {share_right(known_model, truths[len(novel_model) :]):.1f} % of the "
-        f"trained classes' images'"
+        f"published labels right before enrolling: {100 * share_right(model_paths, truths):.1f} % "
+        f"of every scored image's, {100 * share_right(model_paths[len(novel_model) :], trained_truths):.1f} "
+        f"% of the trained classes' images'"
     )
     icons = iconic_images(Path(args.enroll_from))
     pool_emb = {}  # every photo of each product, embedded once; each draw picks k of them
@@ -173,17 +181,8 @@ def main() -> None:
                         ]
                     )
                 )
-                # published labels (unknown is not a label) against the truth: a leaf or a correct parent
-                pairs = [
-                    (path, t) for (path, _), t in zip(novel_said + known_said, truths, strict=True) if path
-                ]
-                right.append(np.mean([t[: len(path)] == path for path, t in pairs]))
-                trained_pairs = [
-                    (path, t)
-                    for (path, _), t in zip(known_said, truths[len(novel_said) :], strict=True)
-                    if path
-                ]
-                known_right.append(np.mean([t[: len(path)] == path for path, t in trained_pairs]))
+                right.append(share_right([path for path, _ in novel_said + known_said], truths))
+                known_right.append(share_right([path for path, _ in known_said], trained_truths))
                 named = [(m, t) for (_, m), t in zip(novel_said + known_said, truths, strict=True) if m]
                 enrolled_right.append(
                     np.mean([tuple(m.split("/")) == t for m, t in named]) if named else np.nan
