@@ -49,6 +49,20 @@ def test_fit_temperature_lowers_the_nll() -> None:
     assert t > 1.5 and nll(t) < nll(1.0)
 
 
+def test_fit_temperature_keeps_1_when_every_image_is_right_by_a_wide_margin(caplog) -> None:
+    # a validation set from the training occasions: all right, so the NLL only falls as T shrinks
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 5, 300)
+    logits = rng.normal(0, 1, (300, 5))
+    logits[np.arange(300), labels] += 6.0
+    with caplog.at_level(logging.WARNING):
+        t = fit_temperature(logits, labels)
+    assert t == 1.0
+    assert "do not determine" in caplog.text and "train --val" in caplog.text
+    probs = softmax(logits, t)
+    assert probs.max(axis=1).min() < 0.999  # not saturated: thresholds still have scores to separate
+
+
 def _noisy_probs(tax: Taxonomy, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     truth = rng.integers(0, tax.num_leaves, n)

@@ -41,6 +41,9 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, low: float = 0.05, h
     """The T > 0 minimising the negative log-likelihood of softmax(logits / T) (Guo et al. 2017).
 
     NLL is convex in 1/T, hence unimodal in log T: a golden-section search on log T finds the minimum.
+    When no image is wrong (or the minimum sits at `low`), the images do not determine T: the NLL only falls
+    as T shrinks. T at the bound would scale the logits by 1/low and saturate the softmax (every answer
+    1.0, nothing left for the back-off thresholds to separate), so T stays 1.0.
     """
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
@@ -59,7 +62,18 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, low: float = 0.05, h
             a, c, fc = c, d, fd
             d = a + ratio * (b - a)
             fd = _nll(logits, labels, math.exp(d))
-    return float(math.exp((a + b) / 2))
+    temperature = float(math.exp((a + b) / 2))
+    wrong = int((logits.argmax(axis=1) != labels).sum())
+    if wrong == 0 or temperature < low * 1.01:
+        log.warning(
+            "temperature: the %d validation images (%d wrong) do not determine one (their NLL only falls "
+            "as it shrinks); keeping 1.0. Validation images from other occasions (train --val) calibrate "
+            "better",
+            len(logits),
+            wrong,
+        )
+        return 1.0
+    return temperature
 
 
 def choose_thresholds(
