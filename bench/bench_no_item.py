@@ -52,6 +52,7 @@ from taxonedge.edge.service.noitem import (  # noqa: E402
     unit,
 )
 from taxonedge.edge.service.source import Frame  # noqa: E402
+from taxonedge.train.belt import read_frames  # noqa: E402
 
 from tests.conftest import Broker, free_port  # noqa: E402
 from tests.daemonkit import REPLIES, Recorder, labels_of, write_config  # noqa: E402
@@ -60,13 +61,8 @@ PRODUCT_COVERAGE = 0.5
 
 
 def read_clip(clip: Path) -> tuple[list[np.ndarray], dict]:
-    cap = cv2.VideoCapture(str(clip))
-    frames = []
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        frames.append(frame)
+    """The clip's frames (as the device reads them) and its ground truth (the JSON beside it)."""
+    frames = list(read_frames(clip))
     truth = json.loads(clip.with_suffix(".json").read_text())
     if len(frames) != len(truth["coverage"]):
         raise SystemExit(f"{clip}: {len(frames)} frames, its ground truth {len(truth['coverage'])}")
