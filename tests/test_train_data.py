@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -121,6 +122,20 @@ def test_list_file_labels_are_the_class_ids_not_the_folders(tmp_path: Path) -> N
     ]
     assert samples[1].path == str((tmp_path / "test/Fruit/Apple/Pink-Lady/000.jpg").resolve())
     assert [len(images) for images in load_images(samples, InputSpec(height=16, width=16))[:2]] == [5, 5]
+
+
+def test_list_file_with_absolute_paths_names_only_the_folders_that_disagree(tmp_path: Path, caplog) -> None:
+    # as bench/leave_classes_out.py writes lists: absolute paths, the dataset's location before the label
+    listed = _disagreeing_list(tmp_path, iconic=True)
+    lines = [line.split(", ", 1) for line in listed.read_text().splitlines()]
+    listed.write_text("".join(f"{(tmp_path / rel).resolve()}, {rest}\n" for rel, rest in lines))
+    with caplog.at_level(logging.INFO, logger="taxonedge.train.data"):
+        samples = read_samples(listed)
+    assert [s.label for s in samples][:3] == ["Fruit/Apple/Golden-Delicious"] * 2 + ["Fruit/Apple/Pink-Lady"]
+    told = [r.getMessage() for r in caplog.records if "in folder" in r.getMessage()]
+    assert len(told) == 2, told  # the Golden-Delicious among the Pink-Ladies, and the Mushroom folder
+    assert any("Pink-Lady' is 'Fruit/Apple/Golden-Delicious'" in m for m in told)
+    assert any("Mushroom/Brown-Cap-Mushroom' is 'Vegetables/Brown-Cap-Mushroom'" in m for m in told)
 
 
 def test_list_file_without_a_hierarchy_in_classes_csv_takes_the_first_folder(tmp_path: Path) -> None:

@@ -142,7 +142,8 @@ def _list_samples(list_file: Path) -> list[Sample]:
                     f"in {classes_csv}: put images in SPLIT/Label/... folders or add classes.csv"
                 )
         label = label_of_id[fine_id]
-        if folder and folder != label and (fine_id, folder) not in told:
+        # an absolute path's folder carries the dataset's location before the label: only its tail counts
+        if folder and not (folder == label or folder.endswith("/" + label)) and (fine_id, folder) not in told:
             told.add((fine_id, folder))
             log.info("%s: class id %d in folder '%s' is '%s'", list_file.name, fine_id, folder, label)
         samples.append(Sample(str((base / rel).resolve()), label))
