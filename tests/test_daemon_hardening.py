@@ -5,12 +5,16 @@ answer and no answer lands on the device's own topics, status tells the truth af
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 
 import jsonschema
 import paho.mqtt.client as paho
 import pytest
+from taxonedge.edge.service.config import load_config
+from taxonedge.edge.service.daemon import Daemon, StartupError
 from taxonedge.edge.service.slots import Slots
 
 from .conftest import REPO, TINY_LABELS, run_cli, write_image_tree
@@ -253,6 +257,30 @@ def test_a_corrupt_installed_model_falls_back_and_status_says_degraded(
     assert status["state"] == "degraded"
     assert any("installed model (slot a) does not verify" in reason for reason in status["reasons"]), status
     assert daemon.terminate() == 0, daemon.log
+
+
+def test_the_sigterm_handler_takes_no_lock_the_main_thread_may_hold(tmp_path, broker, bundle, frames):
+    """A signal handler runs in the main thread between two bytecodes, possibly while that thread holds the
+    lock inside `stopping.wait()`. A handler that set an Event took that lock again and hung the daemon's
+    shutdown for good (seen once in CI). The handler `run()` installs must take no lock, and the daemon must
+    act on it all the same."""
+    daemon = Daemon(load_config(item_config(tmp_path, broker, bundle, frames)))
+    installed = {}
+
+    def start() -> None:  # stands in for start-up: records the handler run() installed, then fails
+        installed["term"] = signal.getsignal(signal.SIGTERM)
+        raise StartupError("stop here")
+
+    daemon.start = start
+    with pytest.raises(StartupError):
+        daemon.run()
+    assert signal.getsignal(signal.SIGTERM) is not installed["term"]  # put back even when start-up fails
+    with daemon.stopping._cond:  # as the main thread holds it inside Event.wait
+        call = threading.Thread(target=installed["term"], args=(signal.SIGTERM, None))
+        call.start()
+        call.join(2)
+        assert not call.is_alive(), "the SIGTERM handler waits for a lock the main thread holds"
+    assert daemon.signalled == signal.SIGTERM
 
 
 def test_a_missing_public_key_is_named_as_such(tmp_path, broker, bundle, frames):

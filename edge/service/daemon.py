@@ -51,6 +51,7 @@ from .trigger import ItemTrigger
 log = logging.getLogger(__name__)
 
 FLUSH_TIMEOUT_S = 5.0
+SIGNAL_POLL_S = 0.1
 
 
 class StartupError(Exception):
@@ -69,6 +70,7 @@ class Daemon:
         self.boot_id = uuid.uuid4().hex[:12]
         self.max_frames = max_frames
         self.stopping = threading.Event()
+        self.signalled: int | None = None  # set by the signal handler, acted on by the main loop
         self.threads: list[threading.Thread] = []
         self.serving = Serving(config)
         self._subscriptions: list[tuple[str, Handler]] = []
@@ -253,15 +255,22 @@ class Daemon:
         if hasattr(self, "pipeline"):
             self.pipeline.item_event.set()
 
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        # Only note it. A handler runs in the main thread between two bytecodes, possibly while that thread
+        # holds an Event's internal lock (inside Event.wait): setting an Event from here can deadlock it.
+        self.signalled = signum
+
     def run(self) -> int:
         """Start, serve until SIGTERM/SIGINT (or the source ends, or --max-frames), then shut down cleanly."""
-        previous = {sig: signal.signal(sig, self.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-        self.start()  # a SIGTERM during start-up is honoured right after it
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            while not self.stopping.wait(0.5):
-                pass
+            self.start()  # a SIGTERM during start-up is honoured right after it
+            try:
+                while self.signalled is None and not self.stopping.is_set():
+                    time.sleep(SIGNAL_POLL_S)  # a signal interrupts it; is_set takes no lock
+            finally:
+                self.shutdown()
         finally:
-            self.shutdown()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return 1 if self.pipeline.failed else 0
