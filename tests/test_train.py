@@ -178,7 +178,14 @@ def test_holdout_validation_and_corrupt_images(
     broken = data / TINY_LABELS[0] / "broken.jpg"
     broken.write_bytes(b"not an image")
     config = TrainConfig(
-        data=str(data), holdout=0.25, head_epochs=3, epochs=1, unfreeze=10, batch_size=16, **TINY_CONFIG
+        data=str(data),
+        holdout=0.25,
+        head_epochs=3,
+        epochs=1,
+        unfreeze=10,
+        batch_size=16,
+        mixup=0.3,
+        **TINY_CONFIG,
     )
     with caplog.at_level(logging.WARNING):
         metrics = train(config, tmp_path / "run")

@@ -120,6 +120,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--color-jitter", type=float, default=0.2, help="brightness/contrast/saturation (0: off)"
     )
     train.add_argument(
+        "--mixup",
+        type=float,
+        default=0.0,
+        help="blend each fine-tuning image and its targets with another's, by a weight drawn from "
+        "Beta(A, A); 0.2-0.4 is usual (0: off)",
+    )
+    train.add_argument(
         "--target-precision",
         type=precision_arg,
         default=0.98,
@@ -245,6 +252,7 @@ def _train(args: argparse.Namespace) -> int:
             rotation=args.rotation,
             crop_scale=args.crop_scale,
             color_jitter=args.color_jitter,
+            mixup=args.mixup,
             target_precision=args.target_precision,
             seed=args.seed,
         )

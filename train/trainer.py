@@ -66,6 +66,7 @@ class TrainConfig(BaseModel):
     rotation: float = Field(15.0, ge=0.0, le=180.0, description="max rotation, degrees")
     crop_scale: float = Field(0.35, gt=0.0, le=1.0, description="smallest random crop, share of the area")
     color_jitter: float = Field(0.2, ge=0.0, le=1.0)
+    mixup: float = Field(0.0, ge=0.0, le=10.0, description="Beta(a, a) of mixup in fine-tuning; 0: off")
     target_precision: float = Field(DEFAULT_TARGET_PRECISION, gt=0.0, le=1.0)
     seed: int = 0
 
@@ -373,6 +374,25 @@ def augment_batch(images, config: TrainConfig, size: int, seed_gen):
     return tf.clip_by_value(x, 0.0, 255.0)
 
 
+def mix_batch(tensors, alpha: float, seed_gen):
+    """Mixup: each example blended with another of the batch by a weight drawn from Beta(alpha, alpha),
+    and its images, targets and sample weight alike (tensors share the batch axis first)."""
+    import tensorflow as tf
+
+    n = tf.shape(tensors[0])[0]
+    seeds = seed_gen.make_seeds(2)
+    a = tf.random.stateless_gamma([n], seeds[:, 0], alpha)
+    b = tf.random.stateless_gamma([n], seeds[:, 1], alpha)
+    lam = a / tf.maximum(a + b, 1e-12)
+    partner = tf.argsort(seed_gen.uniform([n]))
+
+    def mix(t):
+        weight = tf.reshape(lam, [-1] + [1] * (len(t.shape) - 1))
+        return weight * t + (1.0 - weight) * tf.gather(t, partner)
+
+    return [mix(t) for t in tensors]
+
+
 def _fine_tune(
     keras, model, config, taxonomy, x_train, y_train, x_val, y_val, weights, num_parents, out: Path
 ) -> dict:
@@ -409,6 +429,9 @@ def _fine_tune(
         images = augment_batch(parts[0], config, size, seed_gen)
         if rotation is not None:
             images = rotation(images, training=True)
+        if config.mixup:
+            images, *rest = mix_batch([images, *parts[1:]], config.mixup, seed_gen)
+            parts = [images, *rest]
         images = tf.ensure_shape(images, [None, size, size, 3])
         if num_parents:
             return images, {"leaf_probs": parts[1], "parent_probs": parts[2]}, parts[3]
