@@ -49,6 +49,23 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, low: float = 0.05, h
     labels = np.asarray(labels, dtype=np.int64)
     if logits.ndim != 2 or labels.shape != (len(logits),) or len(logits) == 0:
         raise ValueError(f"expected logits (N, L) and labels (N,), got {logits.shape} and {labels.shape}")
+    # with no image wrong the NLL only falls as T shrinks: no search, T is at the bound
+    wrong = int((logits.argmax(axis=1) != labels).sum())
+    temperature = _nll_minimum(logits, labels, low, high) if wrong else low
+    if temperature < low * 1.01:
+        log.warning(
+            "temperature: the %d validation images (%d wrong) do not determine one (their NLL only falls "
+            "as it shrinks); keeping 1.0. Validation images from other occasions (train --val) calibrate "
+            "better",
+            len(logits),
+            wrong,
+        )
+        return 1.0
+    return temperature
+
+
+def _nll_minimum(logits: np.ndarray, labels: np.ndarray, low: float, high: float) -> float:
+    """Golden-section search on log T in [low, high] for the T of least NLL."""
     a, b = math.log(low), math.log(high)
     ratio = (math.sqrt(5) - 1) / 2
     c, d = b - ratio * (b - a), a + ratio * (b - a)
@@ -62,18 +79,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, low: float = 0.05, h
             a, c, fc = c, d, fd
             d = a + ratio * (b - a)
             fd = _nll(logits, labels, math.exp(d))
-    temperature = float(math.exp((a + b) / 2))
-    wrong = int((logits.argmax(axis=1) != labels).sum())
-    if wrong == 0 or temperature < low * 1.01:
-        log.warning(
-            "temperature: the %d validation images (%d wrong) do not determine one (their NLL only falls "
-            "as it shrinks); keeping 1.0. Validation images from other occasions (train --val) calibrate "
-            "better",
-            len(logits),
-            wrong,
-        )
-        return 1.0
-    return temperature
+    return float(math.exp((a + b) / 2))
 
 
 def choose_thresholds(
