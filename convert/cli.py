@@ -105,7 +105,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Grocery: docs/trust.md)",
     )
     convert.add_argument(
-        "--force", action="store_true", help="write the bundle even when the accuracy gate fails"
+        "--force",
+        action="store_true",
+        help="write the bundle even when the accuracy gate fails, or when no depth-1 threshold reaches "
+        "the target precision (the device would then call every product unknown)",
     )
     convert.add_argument(
         "--edgetpu",

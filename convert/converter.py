@@ -34,6 +34,7 @@ from taxonedge.edge.kernel.bundle import (
 from taxonedge.edge.kernel.decode import leaf_probabilities
 from taxonedge.edge.kernel.preprocess import InputSpec
 from taxonedge.edge.kernel.runtime import dequantize
+from taxonedge.edge.kernel.thresholds import threshold_key
 from taxonedge.train.backbones import find_backbone
 from taxonedge.train.calibrate import choose_and_check_thresholds, occasion_shift
 from taxonedge.train.metrics import agreement, backoff, compute_metrics
@@ -47,7 +48,8 @@ GOLDEN_COUNT = 8
 
 
 class GateError(RuntimeError):
-    """int8 lost more accuracy than allowed; the message has the numbers per level."""
+    """The bundle would not serve: int8 lost more accuracy than allowed (the message has the numbers per
+    level), or no threshold lets a label through at depth 1."""
 
 
 @dataclass
@@ -167,6 +169,16 @@ def convert(opts: Options) -> Result:
         cal_scores = _scores(run_tflite(tflite, shifted, "calibrating on shifted views"), info)
         cal_probs, cal_y = leaf_probabilities(cal_scores, info["output_kind"]), np.repeat(val_y, copies)
     thresholds, check = choose_and_check_thresholds(run.taxonomy, cal_probs, cal_y, target)
+    if thresholds[threshold_key(1)] >= 1.0:
+        useless = (
+            f"no depth-1 back-off threshold reaches precision {target:.3f} on the {len(cal_y)} calibration "
+            "views: the device would publish `unknown` for every product"
+        )
+        if not opts.force:
+            raise GateError(
+                useless + " (lower --target-precision, validate the run on more images, or pass --force)"
+            )
+        log.warning("writing the bundle anyway (--force): %s", useless)
     gate["metrics"]["thresholds"] = {
         "float_calibration": run.thresholds,
         "deployed": thresholds,

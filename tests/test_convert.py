@@ -179,17 +179,14 @@ def test_ptq_int8_bundle_is_complete_and_runs_like_the_float_model(converted, ti
 
 def test_probability_output_makes_a_v2_bundle_for_older_daemons(tiny_convert_run, tmp_path):
     out = tmp_path / "v2.tebundle"
-    run_cli(
-        "convert",
-        "--run",
-        str(tiny_convert_run),
-        "--out",
-        str(out),
-        "--calibration-images",
-        "32",
-        "--outputs",
-        "probabilities",
-    )
+    args = ("convert", "--run", str(tiny_convert_run), "--out", str(out), "--calibration-images", "32")
+    # This tiny model's uint8 probabilities reach no 0.98-precise depth-1 threshold: a bundle that would call
+    # every product `unknown` is refused, and --force writes it all the same.
+    refused = run_cli(*args, "--outputs", "probabilities", check=False)
+    assert refused.returncode == 1 and not out.exists()
+    assert "no depth-1 back-off threshold reaches precision 0.980" in refused.stderr
+    assert "publish `unknown` for every product" in refused.stderr and "--force" in refused.stderr
+    run_cli(*args, "--outputs", "probabilities", "--force")
     bundle = read_bundle(out)
     m = bundle.manifest
     assert m.format_version == 2 and m.embedding is None and m.open_set is None
