@@ -120,6 +120,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--color-jitter", type=float, default=0.2, help="brightness/contrast/saturation (0: off)"
     )
     train.add_argument(
+        "--white-balance",
+        type=float,
+        default=0.0,
+        help="shift-oriented augmentation: change each colour channel's gain by up to this share, as "
+        "another light would (0.15 is a mild one; 0: off)",
+    )
+    train.add_argument(
+        "--blur",
+        type=float,
+        default=0.0,
+        help="shift-oriented augmentation: blur each image by a Gaussian of up to this sigma in input "
+        "pixels, as a camera out of focus or a moving belt would (0: off)",
+    )
+    train.add_argument(
         "--mixup",
         type=float,
         default=0.0,
@@ -252,6 +266,8 @@ def _train(args: argparse.Namespace) -> int:
             rotation=args.rotation,
             crop_scale=args.crop_scale,
             color_jitter=args.color_jitter,
+            white_balance=args.white_balance,
+            blur=args.blur,
             mixup=args.mixup,
             target_precision=args.target_precision,
             seed=args.seed,

@@ -66,6 +66,9 @@ class TrainConfig(BaseModel):
     rotation: float = Field(15.0, ge=0.0, le=180.0, description="max rotation, degrees")
     crop_scale: float = Field(0.35, gt=0.0, le=1.0, description="smallest random crop, share of the area")
     color_jitter: float = Field(0.2, ge=0.0, le=1.0)
+    # Shift-oriented augmentation: the light and focus of another occasion (0: off).
+    white_balance: float = Field(0.0, ge=0.0, le=0.5, description="max change of each colour channel's gain")
+    blur: float = Field(0.0, ge=0.0, le=5.0, description="max Gaussian blur sigma, pixels of the input")
     mixup: float = Field(0.0, ge=0.0, le=10.0, description="Beta(a, a) of mixup in fine-tuning; 0: off")
     target_precision: float = Field(DEFAULT_TARGET_PRECISION, gt=0.0, le=1.0)
     seed: int = 0
@@ -341,7 +344,8 @@ def _index_batches(y: np.ndarray, config: TrainConfig) -> Iterator[np.ndarray]:
 
 
 def augment_batch(images, config: TrainConfig, size: int, seed_gen):
-    """Random resized crop, flip, rotation and colour jitter on a float batch (B, S, S, 3) in 0..255.
+    """Random resized crop, flip, colour jitter, white balance and blur on a float batch (B, S, S, 3) in
+    0..255 (rotation follows as a Keras layer).
 
     The batch is the margin image (`edge.preprocess.margin_spec`); the crops are resampled bilinearly in
     the graph (tf.image.crop_and_resize), where the device's `preprocess` resizes by area from the full
@@ -371,7 +375,28 @@ def augment_batch(images, config: TrainConfig, size: int, seed_gen):
         x = (x - mean) * contrast + mean + brightness
         gray = tf.reduce_mean(x, axis=3, keepdims=True)
         x = gray + (x - gray) * saturation
+    if config.white_balance:  # another light: each channel its own gain
+        w = config.white_balance
+        x = x * seed_gen.uniform([n, 1, 1, 3], 1 - w, 1 + w)
+    if config.blur:
+        x = blur_batch(x, config.blur, seed_gen.uniform([n, 1, 1, 1]))
     return tf.clip_by_value(x, 0.0, 255.0)
+
+
+def blur_batch(x, sigma: float, amount):
+    """Each image blended with its Gaussian blur at `sigma` by `amount` (B x 1 x 1 x 1, 0..1): a blur of
+    up to `sigma` per image, for the price of one convolution of the batch (edges reflected)."""
+    import tensorflow as tf
+
+    radius = max(1, math.ceil(3 * sigma))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps = (taps / taps.sum()).astype(np.float32)
+    padded = tf.pad(x, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="REFLECT")
+    rows = tf.constant(np.tile(taps[:, None, None, None], (1, 1, 3, 1)))  # separable: rows, then columns
+    cols = tf.constant(np.tile(taps[None, :, None, None], (1, 1, 3, 1)))
+    blurred = tf.nn.depthwise_conv2d(padded, rows, [1, 1, 1, 1], "VALID")
+    blurred = tf.nn.depthwise_conv2d(blurred, cols, [1, 1, 1, 1], "VALID")
+    return x + amount * (blurred - x)
 
 
 def mix_batch(tensors, alpha: float, seed_gen):
