@@ -1,7 +1,7 @@
 """The host pipeline from images to a signed int8 bundle, timed per phase, with float and int8 accuracy.
 
     .venv/bin/python bench/bench_pipeline.py [--data LIST_OR_DIR --val LIST_OR_DIR] [--out DIR] [--quick]
-                                             [-- extra `taxonedge train` arguments]
+                                             [--convert-args="..."] [-- extra `taxonedge train` arguments]
 
 Every phase runs as the user would run it, through the CLI in a subprocess:
 1. `taxonedge keygen`, 2. `taxonedge train` (its own timings: image loading, cached features, head,
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -74,6 +75,12 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="generated data and a tiny model (about a minute)"
     )
+    parser.add_argument(
+        "--convert-args",
+        default="",
+        help='extra arguments for `taxonedge convert`, one string after "=" (the shipped bundle\'s: '
+        '--convert-args="--max-drop 2.5 --calibration-shift 1.5 --name grocery-lite0 --version V")',
+    )
     parser.add_argument("train_args", nargs="*", help="extra arguments for `taxonedge train` (after --)")
     args = parser.parse_args()
 
@@ -107,6 +114,7 @@ def main() -> None:
         "--edgetpu",
         "skip",
         "--force",
+        *shlex.split(args.convert_args),
     )
     eval_data = str(
         run / "splits.json"
