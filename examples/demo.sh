@@ -146,7 +146,7 @@ if [ "$MODE" = enroll ]; then
 fi
 
 if [ "$MODE" = deploy ]; then
-  echo "== broker on 127.0.0.1:$PORT; the device starts on grocery-mine.tebundle (2.1.0, your key)"
+  echo "== broker on 127.0.0.1:$PORT; the device starts on grocery-mine.tebundle (2.2.0, your key)"
   "$TE" run --config "$WORK/device.toml" > "$WORK/daemon.log" 2>&1 &
   DAEMON_PID=$!
   "$TE" listen --broker "127.0.0.1:$PORT" --site demo-dc --line belt-1 --device demo-cam --count 3 --timeout 120
