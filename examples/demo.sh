@@ -80,12 +80,12 @@ fi
 if [ "$MODE" = deploy ]; then
   # The bundled Grocery bundle is signed with the project's demo key, whose private half is not shipped.
   # An operator signs with a key of their own: make one, re-sign the bundle the device starts with (after
-  # checking the demo signature), and sign the same model as release 2.1.1 to deploy.
-  echo "== your key pair, the demo bundle re-signed with it, and release 2.1.1 of the same model"
+  # checking the demo signature), and sign the same model as release "op-1" (a version of your own) to deploy.
+  echo "== your key pair, the demo bundle re-signed with it, and release op-1 of the same model"
   "$TE" keygen --out "$WORK/keys/demo-op"
   "$TE" sign "$BUNDLE" --pubkey "$PUBKEY" --key "$WORK/keys/demo-op.key" --out "$WORK/grocery-mine.tebundle"
-  "$TE" sign "$WORK/grocery-mine.tebundle" --key "$WORK/keys/demo-op.key" --version 2.1.1 \
-      --out "$WORK/grocery-2.1.1.tebundle"
+  "$TE" sign "$WORK/grocery-mine.tebundle" --key "$WORK/keys/demo-op.key" --version op-1 \
+      --out "$WORK/grocery-op-1.tebundle"
   BUNDLE=$WORK/grocery-mine.tebundle
   PUBKEY=$WORK/keys/demo-op.pub
   LOOP=true   # the line keeps running through the deployment (the health window needs inferences)
@@ -146,13 +146,13 @@ if [ "$MODE" = enroll ]; then
 fi
 
 if [ "$MODE" = deploy ]; then
-  echo "== broker on 127.0.0.1:$PORT; the device starts on grocery-mine.tebundle (2.2.0, your key)"
+  echo "== broker on 127.0.0.1:$PORT; the device starts on grocery-mine.tebundle (the shipped release, your key)"
   "$TE" run --config "$WORK/device.toml" > "$WORK/daemon.log" 2>&1 &
   DAEMON_PID=$!
   "$TE" listen --broker "127.0.0.1:$PORT" --site demo-dc --line belt-1 --device demo-cam --count 3 --timeout 120
-  echo "== deploying release 2.1.1 (taxonedge deploy, exit status 0 = committed and serving)"
+  echo "== deploying release op-1 (taxonedge deploy, exit status 0 = committed and serving)"
   STATUS=0
-  "$TE" deploy "$WORK/grocery-2.1.1.tebundle" --broker "127.0.0.1:$PORT" --target demo-dc/belt-1/demo-cam \
+  "$TE" deploy "$WORK/grocery-op-1.tebundle" --broker "127.0.0.1:$PORT" --target demo-dc/belt-1/demo-cam \
       --pubkey "$PUBKEY" --timeout 180 || STATUS=$?
   echo "== the model in the device's next labels:"
   "$TE" listen --broker "127.0.0.1:$PORT" --site demo-dc --line belt-1 --device demo-cam --count 2 --timeout 60 \

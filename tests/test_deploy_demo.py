@@ -79,4 +79,4 @@ def test_demo_deploy_walkthrough_end_to_end():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "demo-dc/belt-1/demo-cam          committed" in proc.stdout, out[-4000:]
-    assert "grocery-lite0 2.1.1" in proc.stdout  # the labels after the deployment name the new release
+    assert "grocery-lite0 op-1" in proc.stdout  # the labels after the deployment name the new release
