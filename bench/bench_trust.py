@@ -12,14 +12,19 @@ probabilities`): at equal precision, how much coverage the float softmax of the 
 model's thresholds chosen on the scored images themselves (an oracle for both, so only the ranking
 differs).
 
+`--frontier` asks what any thresholds could give this model: all depths' thresholds together over a grid,
+chosen on the scored images themselves (an oracle), and the coverage pairs (reach depth 2, a leaf) that
+no other grid point beats at each target precision of the published labels.
+
     .venv/bin/python bench/bench_trust.py --bundle B.tebundle --calibration RUN/splits.json \
         --data ../shared/data/grocery/dataset/val.txt [--compare B_v2.tebundle] [--target 0.98 ...] \
-        [--shift 0 --shift 1.5 ...]
+        [--shift 0 --shift 1.5 ...] [--frontier]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -71,6 +76,22 @@ def ranking(taxonomy, probs, y, target: float) -> str:
     )
 
 
+FRONTIER_GRID = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0)
+
+
+def frontier(taxonomy, probs, y, target: float) -> list[tuple[float, float, float, tuple[float, ...]]]:
+    """(reach depth 2, a leaf, published precision, thresholds) of the grid points whose published labels
+    are right at least `target` of the time and that no other such point beats on both coverages."""
+    points = []
+    for thresholds in itertools.product(FRONTIER_GRID, repeat=taxonomy.depth):
+        row = backoff(taxonomy, probs, y, {f"depth_{d + 1}": t for d, t in enumerate(thresholds)})
+        precision = row["published_precision"]
+        if precision is not None and precision >= target:
+            points.append((row["depth_2"]["coverage"], row["decisions"]["accepted"], precision, thresholds))
+    best = [p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q[:2] != p[:2] for q in points)]
+    return sorted({p[:2]: p for p in best}.values(), reverse=True)
+
+
 def decision_cost(bundle, scores: np.ndarray, runs: int) -> tuple[float, float]:
     """(median decode ms of one frame with the open-set check, median invoke ms), side by side."""
     classifier = Classifier(bundle, num_threads=1)
@@ -107,6 +128,11 @@ def main() -> None:
         "--pass-rate", type=float, default=None, help="open-set pass rate (default: the bundle's)"
     )
     parser.add_argument("--runs", type=int, default=200, help="frames timed for the per-frame cost")
+    parser.add_argument(
+        "--frontier",
+        action="store_true",
+        help="the best coverage any thresholds give at each target, chosen on --data itself (oracle)",
+    )
     args = parser.parse_args()
 
     bundle = read_bundle(args.bundle)
@@ -160,6 +186,18 @@ def main() -> None:
         for target in (0.98, 0.99):
             print(f"target {target}: logits (v3)       {ranking(taxonomy, probs, y, target)}")
             print(f"target {target}: uint8 probs (v2)  {ranking(other.taxonomy, o_probs, o_y, target)}")
+
+    if args.frontier and taxonomy.depth >= 2:
+        print(
+            f"\n## Frontier: thresholds of all {taxonomy.depth} depths over a grid of {len(FRONTIER_GRID)} "
+            "values each, chosen on the scored images (oracle), without the open-set check"
+        )
+        for target in args.target or [0.98]:
+            for d2, leaf, precision, thresholds in frontier(taxonomy, probs, y, target):
+                print(
+                    f"target {target}: reach depth 2 {100 * d2:5.1f} % | leaf {100 * leaf:5.1f} % | "
+                    f"right {100 * precision:5.1f} % | thresholds {thresholds}"
+                )
 
     decode_ms, invoke_ms = decision_cost(bundle, scores, args.runs)
     print(
