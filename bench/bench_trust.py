@@ -2,10 +2,11 @@
 the model was never trained on, and what the decision costs per frame, for a format v3 bundle.
 
 Thresholds are chosen on `--calibration` images only (say the run's own holdout slice of train,
-`RUN/splits.json`) and scored on `--data` (say Grocery's val list, other occasions): the question is
-whether thresholds hold where the model has not been. `--target` may be given several times; a stricter
-target on the calibration images is the margin that new occasions need. Images in `--data` whose label
-the model lacks are novel products (right: unknown, or a correct parent that exists).
+`RUN/splits.json`), by each rule of `train/calibrate.py` side by side, and scored on `--data` (say
+Grocery's val list, other occasions): the question is whether thresholds hold where the model has not
+been. `--target` may be given several times; a stricter target on the calibration images is the margin
+that new occasions need. Images in `--data` whose label the model lacks are novel products (right:
+unknown, or a correct parent that exists).
 
 `--compare` adds a bundle of the same model with a uint8 probability output (`convert --outputs
 probabilities`): at equal precision, how much coverage the float softmax of the logits buys, with each
@@ -36,7 +37,7 @@ from taxonedge.edge.kernel.bundle import read_bundle
 from taxonedge.edge.kernel.decode import Decoder
 from taxonedge.edge.kernel.runtime import Classifier
 from taxonedge.train import data as data_mod
-from taxonedge.train.calibrate import choose_thresholds, occasion_shift
+from taxonedge.train.calibrate import THRESHOLD_RULES, choose_thresholds, occasion_shift
 from taxonedge.train.evaluate import predict_bundle, score_novel
 from taxonedge.train.metrics import backoff
 
@@ -161,11 +162,13 @@ def main() -> None:
             f"shift {shift:g}: open set max logit >= {open_set.threshold:.3f} "
             f"({100 * unfamiliar.mean():.1f} % of the scored known images rejected)"
         )
-        for target in args.target or [0.98]:
-            thresholds = choose_thresholds(taxonomy, cal_probs, cal_y, target, warn=False)
+        for target, rule in itertools.product(args.target or [0.98], THRESHOLD_RULES):
+            thresholds = THRESHOLD_RULES[rule](taxonomy, cal_probs, cal_y, target, warn=False)
             print(
-                f"  target {target}: thresholds " + ", ".join(f"{k} {v:.5f}" for k, v in thresholds.items())
+                f"  target {target}, rule {rule}: thresholds "
+                + ", ".join(f"{k} {v:.5f}" for k, v in thresholds.items())
             )
+            print(f"    on the calibration views: {published(taxonomy, cal_probs, cal_y, thresholds)}")
             print(f"    without open set: {published(taxonomy, probs, y, thresholds)}")
             print(f"    with open set:    {published(taxonomy, probs, y, thresholds, unfamiliar)}")
             if novel:

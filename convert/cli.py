@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from taxonedge.cli import precision_arg
+from taxonedge.cli import add_threshold_rule_arg, precision_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -76,6 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="precision per level the back-off thresholds are chosen to reach on the int8 "
         "model's validation outputs (default: the run's, from `train --target-precision`)",
     )
+    add_threshold_rule_arg(convert)
     convert.add_argument(
         "--outputs",
         choices=("logits", "probabilities"),
@@ -201,6 +202,7 @@ def _convert(args: argparse.Namespace) -> int:
         max_drop=args.max_drop,
         force=args.force,
         target_precision=args.target_precision,
+        threshold_rule=args.threshold_rule,
         edgetpu=args.edgetpu,
         name=args.name,
         version=args.version,

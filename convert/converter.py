@@ -36,7 +36,7 @@ from taxonedge.edge.kernel.preprocess import InputSpec
 from taxonedge.edge.kernel.runtime import dequantize
 from taxonedge.edge.kernel.thresholds import threshold_key
 from taxonedge.train.backbones import find_backbone
-from taxonedge.train.calibrate import choose_and_check_thresholds, occasion_shift
+from taxonedge.train.calibrate import DEFAULT_THRESHOLD_RULE, choose_and_check_thresholds, occasion_shift
 from taxonedge.train.metrics import agreement, backoff, compute_metrics
 from taxonedge.train.model import export_model
 from taxonedge.train.rundir import Run, RunDirError, load_run
@@ -64,6 +64,7 @@ class Options:
     centroid_images: int = 2000
     max_drop: float = 1.0  # percentage points, per level
     target_precision: float | None = None  # for the deployed thresholds; None: the run's
+    threshold_rule: str = DEFAULT_THRESHOLD_RULE  # what the target applies to (train/calibrate.py)
     force: bool = False
     edgetpu: str = "auto"  # auto | require | skip
     name: str | None = None
@@ -168,7 +169,9 @@ def convert(opts: Options) -> Result:
         shifted = occasion_shift(val_x, opts.calibration_shift, copies, opts.seed)
         cal_scores = _scores(run_tflite(tflite, shifted, "calibrating on shifted views"), info)
         cal_probs, cal_y = leaf_probabilities(cal_scores, info["output_kind"]), np.repeat(val_y, copies)
-    thresholds, check = choose_and_check_thresholds(run.taxonomy, cal_probs, cal_y, target)
+    thresholds, check = choose_and_check_thresholds(
+        run.taxonomy, cal_probs, cal_y, target, opts.threshold_rule
+    )
     if thresholds[threshold_key(1)] >= 1.0:
         useless = (
             f"no depth-1 back-off threshold reaches precision {target:.3f} on the {len(cal_y)} calibration "
@@ -183,6 +186,7 @@ def convert(opts: Options) -> Result:
         "float_calibration": run.thresholds,
         "deployed": thresholds,
         "target_precision": target,
+        "rule": opts.threshold_rule,
         "occasion_shift": opts.calibration_shift,
         "calibration_images": int(len(cal_y)),
         "two_fold_check": check,

@@ -30,6 +30,22 @@ def precision_arg(text: str) -> float:
     return value
 
 
+THRESHOLD_RULE_CHOICES = ("published", "per_depth")  # train/calibrate.py THRESHOLD_RULES
+
+
+def add_threshold_rule_arg(parser: argparse.ArgumentParser) -> None:
+    """`--threshold-rule` (convert, evaluate --fit-thresholds): what the target precision applies to."""
+    parser.add_argument(
+        "--threshold-rule",
+        choices=THRESHOLD_RULE_CHOICES,
+        default="published",
+        help="published (default): the labels as the device publishes them, each at the depth where it "
+        "stops, reach the target precision together, with as much depth as that allows. per_depth: each "
+        "depth's labels reach it separately, so the labels that stop above a leaf (the unsure ones) can "
+        "fall short of it (docs/trust.md)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from taxonedge.convert import cli as convert_cli
     from taxonedge.edge.tools import cli as edge_cli

@@ -125,7 +125,7 @@ def test_evaluate_fits_thresholds_for_the_device_config(
     import numpy as np
     from taxonedge.edge.kernel.taxonomy import Taxonomy
     from taxonedge.edge.service.config import ModelConfig, tomllib
-    from taxonedge.train.calibrate import choose_thresholds
+    from taxonedge.train.calibrate import choose_published_thresholds
 
     out = tmp_path / "eval"
     proc = run_cli(
@@ -148,12 +148,13 @@ def test_evaluate_fits_thresholds_for_the_device_config(
     # the same rule as training and convert, on the probabilities evaluate saw
     saved = np.load(out / "predictions.npz")
     taxonomy = Taxonomy.from_dict(json.loads((tiny_run / "taxonomy.json").read_text()))
-    assert fitted["thresholds"] == choose_thresholds(
+    assert fitted["rule"] == "published" and fitted["thresholds"] == choose_published_thresholds(
         taxonomy, saved["probs"].astype(np.float64), saved["true_leaf"], 0.9
     )
-    for key, threshold in fitted["thresholds"].items():
-        here = fitted["on_these_images"][key]
-        assert threshold == 1.0 or here["precision"] >= 0.9, key  # reached here, or never published
+    here = fitted["on_these_images"]
+    # the labels as published reach the target here, or nothing is published
+    assert here["published_precision"] >= 0.9 or fitted["thresholds"]["depth_1"] == 1.0
+    for key in [*fitted["thresholds"], "published"]:
         check = fitted["two_fold"][key]
         assert 0.0 <= check["coverage"] <= 1.0 and (
             check["precision"] is None or 0.0 <= check["precision"] <= 1.0
@@ -162,7 +163,9 @@ def test_evaluate_fits_thresholds_for_the_device_config(
     fragment = proc.stdout[proc.stdout.index("[model]") :]
     model = ModelConfig(**tomllib.loads(fragment)["model"], require_signature=False)
     assert model.thresholds == fitted["thresholds"]
-    assert "Thresholds fitted on these images" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "Thresholds fitted on these images (target precision 0.9, rule `published`)" in report
+    assert "| published (any depth) |" in report
 
     proc = run_cli(
         "evaluate",

@@ -29,11 +29,14 @@ def test_readable_output_shows_everything_a_person_checks(converted):
     assert "open set   max_logit below " in out and "98.0 % of known validation images through" in out
     thresholds = read_bundle(bundle).manifest.thresholds  # chosen by convert on the int8 outputs
     assert "thresholds " + ", ".join(f"{k} {v:.3f}" for k, v in thresholds.items()) in out
-    check = read_bundle(bundle).manifest.metrics["thresholds"]["two_fold_check"]
+    check = dict(read_bundle(bundle).manifest.metrics["thresholds"]["two_fold_check"])
+    published = check.pop("published")["precision"]
     assert (
-        "(for 0.98 precision; two-fold check "
+        "(for 0.98 precision, published; two-fold check "
         + " / ".join("-" if r["precision"] is None else f"{100 * r['precision']:.1f}" for r in check.values())
-        + " %)"
+        + " %"
+        + ("" if published is None else f", published {100 * published:.1f} %")
+        + ")"
         in out
     )
     assert (

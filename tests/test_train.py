@@ -56,9 +56,8 @@ def test_run_directory_contract(tiny_run: Path, tiny_tree: Path, tiny_val_tree: 
     calibration = json.loads((tiny_run / "calibration.json").read_text())
     assert set(calibration["thresholds"]) == {"depth_1", "depth_2", "depth_3"}
     assert calibration["temperature"] > 0 and calibration["target_precision"] == 0.98
-    assert set(calibration["two_fold_check"]) == set(
-        calibration["thresholds"]
-    )  # what they give on new images
+    assert calibration["rule"] == "published"  # what they give on new images:
+    assert set(calibration["two_fold_check"]) == {*calibration["thresholds"], "published"}
     splits = json.loads((tiny_run / "splits.json").read_text())
     assert splits["val_source"] == "separate"
     assert len(splits["train"]) == 64 and len(splits["val"]) == 24

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from taxonedge.edge.kernel.emptybelt import MARGIN, MIN_SIMILARITY  # light: numpy only
 
-from taxonedge.cli import precision_arg
+from taxonedge.cli import add_threshold_rule_arg, precision_arg
 
 from .backbones import BACKBONES, DEFAULT, cli_help  # light: the backbone registry, no TensorFlow at import
 
@@ -199,11 +199,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--fit-thresholds",
         type=precision_arg,
         metavar="PRECISION",
-        help="also choose per-depth back-off thresholds on these images to reach PRECISION "
-        "(e.g. 0.98), check them two-fold, and print the device config lines that put "
-        "them in force. For photos from the line a device will serve: thresholds "
+        help="also choose back-off thresholds on these images to reach PRECISION (e.g. 0.98; "
+        "--threshold-rule says for what), check them two-fold, and print the device config lines that "
+        "put them in force. For photos from the line a device will serve: thresholds "
         "chosen on other occasions can promise more precision than they give there",
     )
+    add_threshold_rule_arg(evaluate)
     evaluate.add_argument(
         "--novel-products",
         action="store_true",
@@ -330,6 +331,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             bundle_path=Path(args.bundle) if args.bundle else None,
             num_threads=args.threads,
             fit_precision=args.fit_thresholds,
+            fit_rule=args.threshold_rule,
             novel_products=args.novel_products,
         )
     except (DataError, BundleError, RunDirError) as exc:

@@ -19,7 +19,7 @@ from taxonedge.edge.kernel.taxonomy import Taxonomy
 
 from . import data as data_mod
 from . import rundir
-from .calibrate import check_thresholds, choose_thresholds
+from .calibrate import DEFAULT_THRESHOLD_RULE, THRESHOLD_RULES, check_thresholds
 from .metrics import backoff, compute_metrics, confusion_matrix, depth_keys
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,11 @@ def evaluate(
     bundle_path: Path | None = None,
     num_threads: int | None = None,
     fit_precision: float | None = None,
+    fit_rule: str = DEFAULT_THRESHOLD_RULE,
     novel_products: bool = False,
 ) -> dict:
     """Evaluate exactly one of `run_dir` or `bundle_path` on `data`; write the reports; return metrics.
-    `fit_precision`: also choose back-off thresholds on these images (see `fit_thresholds`).
+    `fit_precision`: also choose back-off thresholds on these images by `fit_rule` (see `fit_thresholds`).
     `novel_products`: images whose label the model does not have are products it was not trained on,
     scored as such (`score_novel`) instead of refused."""
     if (run_dir is None) == (bundle_path is None):
@@ -107,7 +108,7 @@ def evaluate(
             raise data_mod.DataError("--novel-products needs a --bundle (the device's decision)")
         metrics["novel_products"] = score_novel(taxonomy, decoder, classifier, novel, spec)
     if fit_precision is not None:
-        metrics["fitted_thresholds"] = fit_thresholds(taxonomy, y_true, probs, fit_precision)
+        metrics["fitted_thresholds"] = fit_thresholds(taxonomy, y_true, probs, fit_precision, rule=fit_rule)
     metrics["source"] = {**source, "data": str(Path(data).resolve()), "skipped_images": errors}
     write_reports(out, taxonomy, metrics, y_true, probs, scores)
     return metrics
@@ -159,7 +160,12 @@ def score_novel(taxonomy: Taxonomy, decoder: Decoder, classifier, samples: list,
 
 
 def fit_thresholds(
-    taxonomy: Taxonomy, y_true: np.ndarray, probs: np.ndarray, target_precision: float, repeats: int = 5
+    taxonomy: Taxonomy,
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    target_precision: float,
+    repeats: int = 5,
+    rule: str = DEFAULT_THRESHOLD_RULE,
 ) -> dict:
     """Back-off thresholds chosen on these images (say, photos from the line a device will serve), with a
     two-fold check of what they are worth on new images of the same kind (`check_thresholds`).
@@ -167,13 +173,14 @@ def fit_thresholds(
     Thresholds reach their precision on the images they were chosen on, and not necessarily elsewhere:
     chosen on a slice of Grocery's training occasions they promise 99 % at the leaf and give 87 % on val's
     occasions. So a line recalibrates on its own photos, and the check tells whether there are enough."""
-    thresholds = choose_thresholds(taxonomy, probs, y_true, target_precision)
+    thresholds = THRESHOLD_RULES[rule](taxonomy, probs, y_true, target_precision)
     return {
         "target_precision": target_precision,
+        "rule": rule,
         "thresholds": thresholds,
         "two_fold_repeats": repeats,
         "on_these_images": backoff(taxonomy, probs, y_true, thresholds),
-        "two_fold": check_thresholds(taxonomy, probs, y_true, target_precision, repeats),
+        "two_fold": check_thresholds(taxonomy, probs, y_true, target_precision, repeats, rule),
     }
 
 
@@ -269,7 +276,8 @@ def _fitted_section(taxonomy: Taxonomy, fitted: dict | None) -> list[str]:
         return []
     lines = [
         "",
-        f"## Thresholds fitted on these images (target precision {fitted['target_precision']})",
+        f"## Thresholds fitted on these images (target precision {fitted['target_precision']}, rule "
+        f"`{fitted.get('rule', 'per_depth')}`)",
         "",
         "| depth | threshold | coverage | precision here | precision, two-fold check |",
         "|---|---|---|---|---|",
@@ -280,6 +288,11 @@ def _fitted_section(taxonomy: Taxonomy, fitted: dict | None) -> list[str]:
         lines.append(
             f"| {d} | {fitted['thresholds'][key]:.3f} | {percent(here[key]['coverage'])} | "
             f"{percent(here[key]['precision'])} | {percent(check[key]['precision'])} |"
+        )
+    if "published" in check:
+        lines.append(
+            f"| published (any depth) | | {percent(1.0 - here['decisions']['unknown'])} | "
+            f"{percent(here['published_precision'])} | {percent(check['published']['precision'])} |"
         )
     lines += ["", "For the device config:", "", "```toml", thresholds_toml(fitted["thresholds"]), "```"]
     return lines

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from taxonedge.edge.kernel.files import atomic_write
@@ -54,6 +54,8 @@ class Calibration(BaseModel):
     thresholds: Thresholds = {}
     # What the thresholds were chosen to reach; convert re-chooses them on the int8 model's outputs.
     target_precision: float = Field(DEFAULT_TARGET_PRECISION, gt=0.0, le=1.0)
+    # what the target applies to (train/calibrate.py THRESHOLD_RULES); runs before it was recorded: per depth
+    rule: Literal["published", "per_depth"] = "per_depth"
     two_fold_check: dict[str, Any] = {}
 
 

@@ -27,7 +27,13 @@ from . import data as data_mod
 from . import rundir
 from .backbones import DEFAULT as DEFAULT_BACKBONE
 from .backbones import find_backbone
-from .calibrate import DEFAULT_TARGET_PRECISION, choose_and_check_thresholds, fit_temperature, softmax
+from .calibrate import (
+    DEFAULT_TARGET_PRECISION,
+    DEFAULT_THRESHOLD_RULE,
+    choose_and_check_thresholds,
+    fit_temperature,
+    softmax,
+)
 from .metrics import compute_metrics
 
 log = logging.getLogger(__name__)
@@ -213,6 +219,7 @@ def train(config: TrainConfig, out: Path) -> dict:
             temperature=temperature,
             thresholds=thresholds,
             target_precision=config.target_precision,
+            rule=DEFAULT_THRESHOLD_RULE,
             two_fold_check=check,
         ),
     )

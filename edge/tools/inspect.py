@@ -139,8 +139,10 @@ def _threshold_note(chosen: dict[str, Any]) -> str:
     """What the converter chose the thresholds for, and what its two-fold check says they give."""
     if "target_precision" not in chosen:
         return ""
-    note = f"  (for {chosen['target_precision']:g} precision"
-    check = chosen.get("two_fold_check")
+    rule = chosen.get("rule", "per_depth")
+    note = f"  (for {chosen['target_precision']:g} precision, {rule.replace('_', ' ')}"
+    check = dict(chosen.get("two_fold_check") or {})
+    published = check.pop("published", None)
     if check:
         note += (
             "; two-fold check "
@@ -149,6 +151,8 @@ def _threshold_note(chosen: dict[str, Any]) -> str:
             )
             + " %"
         )
+    if published and published["precision"] is not None:
+        note += f", published {100 * published['precision']:.1f} %"
     return note + ")"
 
 
