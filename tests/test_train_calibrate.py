@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import numpy as np
@@ -235,26 +236,33 @@ def test_published_rule_holds_what_the_line_reads_to_the_target(seed: int) -> No
 
 def test_published_search_does_as_well_as_an_exhaustive_grid() -> None:
     """The coordinate search costs depths x grid^2 evaluations per round; a full grid costs grid^depth.
-    On a grid of 8 quantiles per depth, the full search publishes no more depth at the target."""
+    A local search can miss the best point: it publishes within 2 % of the depth a full grid of 20
+    quantiles per depth finds at the target (here 592 against 599), and more than a grid of 8 (489)."""
     tax = Taxonomy.from_paths(LABELS, name="t")
     probs, truth = _noisy_probs(tax, 600, seed=5)
     ours = _published(tax, choose_published_thresholds(tax, probs, truth, 0.95), probs, truth)
+    # the device decoder's walk with nothing held back: each image's score and rightness per depth
     decoder = Decoder(tax, {"depth_1": 0.0, "depth_2": 0.0, "depth_3": 0.0})
-    scores = {d: [] for d in (1, 2, 3)}
-    for p in probs:
-        for level in decoder.decode(p).levels:
-            scores[level.depth].append(level.score)
-    grids = [np.quantile(scores[d], np.linspace(0, 1, 8)) for d in (1, 2, 3)]
-    best = 0
-    for t1 in grids[0]:
-        for t2 in grids[1]:
-            for t3 in grids[2]:
-                precision, depth_sum = _published(
-                    tax, {"depth_1": t1, "depth_2": t2, "depth_3": t3}, probs, truth
-                )
-                if precision >= 0.95:
-                    best = max(best, depth_sum)
-    assert ours[0] >= 0.95 and ours[1] >= best > 0
+    scores, right = np.full((len(probs), 3), -1.0), np.zeros((len(probs), 3), dtype=bool)
+    for i, (p, t) in enumerate(zip(probs, truth, strict=True)):
+        decision = decoder.decode(p)
+        for level in decision.levels:
+            scores[i, level.depth - 1] = level.score
+            right[i, level.depth - 1] = decision.path[: level.depth] == tax.leaves[t].path[: level.depth]
+
+    def best_on_grid(size: int) -> int:
+        grids = [np.quantile(scores[scores[:, d] >= 0, d], np.linspace(0, 1, size)) for d in range(3)]
+        best = 0
+        for ths in itertools.product(*grids):
+            stop = np.cumprod(scores >= np.array(ths), axis=1).sum(axis=1)
+            published = stop > 0
+            precision = right[published, stop[published] - 1].mean() if published.any() else 0.0
+            if precision >= 0.95:
+                best = max(best, int(stop.sum()))
+        return best
+
+    assert ours[0] >= 0.95
+    assert ours[1] >= 0.98 * best_on_grid(20) and ours[1] >= best_on_grid(8) > 0
 
 
 def test_published_rule_publishes_nothing_when_no_label_can_be_trusted(caplog) -> None:

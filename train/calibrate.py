@@ -161,8 +161,9 @@ def choose_published_thresholds(
     coordinate ascent over each depth's score quantiles, one depth or two adjacent depths at a time, from
     two starts (depth 1 alone at the target, and `choose_thresholds`' answer when it meets the target as
     published), so it costs rounds x depths x grid^2 evaluations, not grid^depth: 0.3 to 0.7 s on 700
-    Grocery views, and on them as good as a full grid of 25 values a depth (docs/trust.md). Fewer than
-    `min_count` published labels do not count as meeting the target; when even depth 1 alone cannot,
+    Grocery views. Being local it can miss the best point: on those views it did at least as well as a
+    full grid of 25 values a depth (docs/trust.md), on synthetic scores within 2 % of a grid of 20. Fewer
+    than `min_count` published labels do not count as meeting the target; when even depth 1 alone cannot,
     depth 1 gets 1.0 (nothing published) and a warning."""
     probs = np.asarray(probs, dtype=np.float64)
     true_leaf = np.asarray(true_leaf, dtype=np.int64)
