@@ -265,6 +265,14 @@ def test_published_search_does_as_well_as_an_exhaustive_grid() -> None:
     assert ours[1] >= 0.98 * best_on_grid(20) and ours[1] >= best_on_grid(8) > 0
 
 
+def test_the_cli_offers_exactly_the_rules_calibrate_has() -> None:
+    from taxonedge.train.calibrate import DEFAULT_THRESHOLD_RULE, THRESHOLD_RULES
+
+    from taxonedge.cli import THRESHOLD_RULE_CHOICES  # kept light: the CLI must not import numpy to parse
+
+    assert set(THRESHOLD_RULE_CHOICES) == set(THRESHOLD_RULES) and DEFAULT_THRESHOLD_RULE == "published"
+
+
 def test_published_rule_publishes_nothing_when_no_label_can_be_trusted(caplog) -> None:
     tax = Taxonomy.from_paths(LABELS, name="t")
     rng = np.random.default_rng(0)
