@@ -155,7 +155,11 @@ def main() -> None:
         bundle.manifest.open_set.known_pass_rate if bundle.manifest.open_set else 0.98
     )
     for shift in args.shift or [0.0]:
-        cal_probs, cal_scores, cal_y = load(bundle, args.calibration, shift=shift)
+        # images of products the model lacks cannot calibrate it (a leave-out model's val has them)
+        unusable: list = []
+        cal_probs, cal_scores, cal_y = load(bundle, args.calibration, unusable, shift)
+        if unusable:
+            print(f"shift {shift:g}: {len(unusable)} calibration images of products the model lacks left out")
         open_set = fit_open_set(cal_scores, pass_rate)
         unfamiliar = scores.max(axis=1) < open_set.threshold
         print(
