@@ -125,11 +125,14 @@ def _next_lower_score(tax, probs, thresholds, depth):
     return scores[-1] - 1e-6 if scores else None  # decoder scores are rounded to 6 decimals
 
 
+def _pure_noise() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return softmax(rng.normal(0, 0.1, (200, 6))), rng.integers(0, 6, 200)
+
+
 def test_unreachable_target_blocks_the_level(caplog: pytest.LogCaptureFixture) -> None:
     tax = Taxonomy.from_paths(LABELS, name="t")
-    rng = np.random.default_rng(0)
-    probs = softmax(rng.normal(0, 0.1, (200, 6)))  # pure noise
-    truth = rng.integers(0, 6, 200)
+    probs, truth = _pure_noise()
     with caplog.at_level(logging.WARNING):
         thresholds = choose_thresholds(tax, probs, truth, target_precision=0.99)
     assert thresholds["depth_1"] == 1.0
@@ -275,9 +278,7 @@ def test_the_cli_offers_exactly_the_rules_calibrate_has() -> None:
 
 def test_published_rule_publishes_nothing_when_no_label_can_be_trusted(caplog) -> None:
     tax = Taxonomy.from_paths(LABELS, name="t")
-    rng = np.random.default_rng(0)
-    probs = softmax(rng.normal(0, 0.1, (200, 6)))  # pure noise
-    truth = rng.integers(0, 6, 200)
+    probs, truth = _pure_noise()
     with caplog.at_level(logging.WARNING):
         thresholds = choose_published_thresholds(tax, probs, truth, target_precision=0.99)
     assert thresholds["depth_1"] == 1.0 and "every label unknown" in caplog.text

@@ -188,10 +188,9 @@ def choose_published_thresholds(
             return None
         return int(stop.sum())
 
-    starts = []
-    depth_1 = choose_thresholds(taxonomy, probs, true_leaf, target_precision, min_count, warn=False)
-    starts.append(np.r_[depth_1[threshold_key(1)], np.ones(depth - 1)])
-    starts.append(np.array([depth_1[threshold_key(d)] for d in range(1, depth + 1)]))
+    per_depth = choose_thresholds(taxonomy, probs, true_leaf, target_precision, min_count, warn=False)
+    per_depth = np.array([per_depth[threshold_key(d)] for d in range(1, depth + 1)])
+    starts = [np.r_[per_depth[0], np.ones(depth - 1)], per_depth]
     best, best_value = np.r_[1.0, np.ones(depth - 1)], None
     for ths in starts:
         value = published_depth(ths)

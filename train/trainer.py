@@ -212,7 +212,9 @@ def train(config: TrainConfig, out: Path) -> dict:
     val_logits = logits_model.predict(x_val.astype("float32"), batch_size=64, verbose=0)
     temperature = fit_temperature(val_logits, y_val)
     val_probs = softmax(val_logits, temperature)
-    thresholds, check = choose_and_check_thresholds(taxonomy, val_probs, y_val, config.target_precision)
+    thresholds, check = choose_and_check_thresholds(
+        taxonomy, val_probs, y_val, config.target_precision, DEFAULT_THRESHOLD_RULE
+    )
     rundir.write_calibration(
         out,
         rundir.Calibration(
