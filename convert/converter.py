@@ -23,20 +23,28 @@ from taxonedge.edge.kernel.bundle import (
     CENTROIDS,
     GOLDEN,
     MODEL,
+    CentroidTerm,
     EmbeddingSpec,
     ModelInfo,
     OpenSet,
     Quantization,
     build_manifest,
     utc_now,
+    whitened_space,
     write_bundle,
 )
 from taxonedge.edge.kernel.decode import leaf_probabilities
 from taxonedge.edge.kernel.preprocess import InputSpec
+from taxonedge.edge.kernel.prototypes import EmbeddingSpace, centroid_scores
 from taxonedge.edge.kernel.runtime import dequantize
 from taxonedge.edge.kernel.thresholds import threshold_key
 from taxonedge.train.backbones import find_backbone
-from taxonedge.train.calibrate import DEFAULT_THRESHOLD_RULE, choose_and_check_thresholds, occasion_shift
+from taxonedge.train.calibrate import (
+    DEFAULT_THRESHOLD_RULE,
+    choose_and_check_thresholds,
+    fit_temperature,
+    occasion_shift,
+)
 from taxonedge.train.metrics import agreement, backoff, compute_metrics
 from taxonedge.train.model import export_model
 from taxonedge.train.rundir import Run, RunDirError, load_run
@@ -77,6 +85,8 @@ class Options:
     outputs: str = "logits"  # logits: leaf logits + embedding (format v3) | probabilities (v2, older daemons)
     open_set_pass_rate: float | None = 0.98  # known images the open-set threshold lets through; None: off
     calibration_shift: float = 2.0  # thresholds chosen on views of val as other occasions show them; 0: off
+    # leaf scores = logits + this x the cosine to each leaf's whitened centroid (docs/trust.md); 0: off
+    centroid_weight: float = 0.0
 
 
 @dataclass
@@ -101,6 +111,10 @@ def convert(opts: Options) -> Result:
         raise tpu.EdgeTpuError(f"--mode {opts.mode} cannot run on the Edge TPU (it needs full int8)")
     if opts.mode != "int8" and opts.qat == "yes":
         raise ValueError("--qat yes makes a full-int8 model: it cannot be combined with --mode " + opts.mode)
+    if opts.centroid_weight < 0 or not np.isfinite(opts.centroid_weight):
+        raise ValueError(f"--centroid-weight {opts.centroid_weight}: must be 0 (off) or positive")
+    if opts.centroid_weight and opts.outputs != "logits":
+        raise ValueError("--centroid-weight adds to the leaf logits: it needs --outputs logits")
     sign_key = load_private_key(opts.sign_key) if opts.sign_key else None  # fail fast, before hours of work
     run = load_run(opts.run)
     calib_items = stratified(run.train, opts.calibration_images, opts.seed)
@@ -124,7 +138,8 @@ def convert(opts: Options) -> Result:
     _check_integer(tflite, opts.mode)
     t = time.perf_counter()
     info = io_details(tflite)
-    quant_scores = _scores(run_tflite(tflite, val_x, f"evaluating {opts.mode}"), info)
+    quant_outputs = run_tflite(tflite, val_x, f"evaluating {opts.mode}")
+    quant_scores = _scores(quant_outputs, info)
     quant_probs = leaf_probabilities(quant_scores, info["output_kind"])
     gate = accuracy_gate(run, val_y, float_probs, quant_probs, opts.max_drop, opts.mode)
     timings["quant_eval_s"] = time.perf_counter() - t
@@ -141,7 +156,8 @@ def convert(opts: Options) -> Result:
             tflite, qat_used = qat_tflite, True
             _check_integer(tflite, opts.mode)
             info = io_details(tflite)
-            quant_scores = _scores(run_tflite(tflite, val_x, "evaluating QAT int8"), info)
+            quant_outputs = run_tflite(tflite, val_x, "evaluating QAT int8")
+            quant_scores = _scores(quant_outputs, info)
             quant_probs = leaf_probabilities(quant_scores, info["output_kind"])
             ptq_gate = gate
             gate = accuracy_gate(run, val_y, float_probs, quant_probs, opts.max_drop, opts.mode)
@@ -163,12 +179,20 @@ def convert(opts: Options) -> Result:
     # ... and on views of the validation images as other occasions would show them (`occasion_shift`): the
     # validation images share the training images' occasions more than a line's camera does.
     target = opts.target_precision or run.target_precision
-    cal_scores, cal_probs, cal_y = quant_scores, quant_probs, val_y
+    cal_outputs, cal_y = quant_outputs, val_y
     if opts.calibration_shift > 0:
         copies = 2
         shifted = occasion_shift(val_x, opts.calibration_shift, copies, opts.seed)
-        cal_scores = _scores(run_tflite(tflite, shifted, "calibrating on shifted views"), info)
-        cal_probs, cal_y = leaf_probabilities(cal_scores, info["output_kind"]), np.repeat(val_y, copies)
+        cal_outputs = run_tflite(tflite, shifted, "calibrating on shifted views")
+        cal_y = np.repeat(val_y, copies)
+    # The centroids come from the quantized model too; with --centroid-weight the scores add their term,
+    # its temperature fitted on the same views as the thresholds.
+    centroids = _embedding_space(tflite, info, run, opts) if info["embedding"] is not None else None
+    term, space = _centroid_term(centroids, opts.centroid_weight, cal_outputs, cal_y, info)
+    quant_scores = _scores(quant_outputs, info, term, space)
+    quant_probs = leaf_probabilities(quant_scores, info["output_kind"])
+    cal_scores = _scores(cal_outputs, info, term, space)
+    cal_probs = leaf_probabilities(cal_scores, info["output_kind"])
     thresholds, check = choose_and_check_thresholds(
         run.taxonomy, cal_probs, cal_y, target, opts.threshold_rule
     )
@@ -188,6 +212,8 @@ def convert(opts: Options) -> Result:
         "target_precision": target,
         "rule": opts.threshold_rule,
         "occasion_shift": opts.calibration_shift,
+        "centroid": term.model_dump() if term is not None else None,
+        "deployed_leaf_accuracy": float(np.mean(quant_probs.argmax(axis=1) == val_y)),
         "calibration_images": int(len(cal_y)),
         "two_fold_check": check,
     }
@@ -221,8 +247,8 @@ def convert(opts: Options) -> Result:
     if info["embedding"] is not None:
         golden_arrays["embeddings"] = golden_outputs[info["embedding"]["name"]]
     files = {MODEL: tflite, GOLDEN: _npz(**golden_arrays)}
-    if info["embedding"] is not None:
-        files[CENTROIDS] = _npz(**_embedding_space(tflite, info, run, opts))
+    if centroids is not None:
+        files[CENTROIDS] = _npz(**centroids)
     files.update(compiled)
     spec = run.input_spec.model_copy(
         update={
@@ -237,6 +263,7 @@ def convert(opts: Options) -> Result:
         "dtype": info["output_dtype"],
         "scale": info["output_scale"],
         "zero_point": info["output_zero_point"],
+        "centroid": term,
     }
     integer = info["output_dtype"] in ("uint8", "int8")
     manifest = build_manifest(
@@ -412,9 +439,41 @@ def _check_integer(tflite: bytes, mode: str) -> None:
         )
 
 
-def _scores(outputs: dict[str, np.ndarray], info: dict[str, Any]) -> np.ndarray:
-    """The leaf output of `run_tflite`'s outputs, dequantized: logits or probabilities."""
-    return dequantize(outputs[info["output_name"]], info["output_scale"], info["output_zero_point"])
+def _scores(
+    outputs: dict[str, np.ndarray],
+    info: dict[str, Any],
+    term: CentroidTerm | None = None,
+    space: EmbeddingSpace | None = None,
+) -> np.ndarray:
+    """The leaf output of `run_tflite`'s outputs, dequantized: logits or probabilities; with a centroid
+    term, the scores the device decides on (`centroid_scores`)."""
+    scores = dequantize(outputs[info["output_name"]], info["output_scale"], info["output_zero_point"])
+    if term is None:
+        return scores
+    emb = info["embedding"]
+    embeddings = dequantize(outputs[emb["name"]], emb["scale"], emb["zero_point"])
+    return centroid_scores(scores, embeddings, term.weight, space, term.temperature)
+
+
+def _centroid_term(
+    centroids: dict[str, np.ndarray] | None,
+    weight: float,
+    cal_outputs: dict[str, np.ndarray],
+    cal_y: np.ndarray,
+    info: dict[str, Any],
+) -> tuple[CentroidTerm | None, EmbeddingSpace | None]:
+    """The centroid term of `weight` (None when 0) with its temperature fitted on the calibration images,
+    and the whitened space it is computed in, as the device will read it."""
+    if not weight:
+        return None, None
+    if centroids is None or "whitened_centroids" not in centroids:
+        raise ValueError(
+            "--centroid-weight needs the model's embedding output and a whitening of it (training images "
+            "with at least two per class; see --centroid-images): use --centroid-weight 0"
+        )
+    space = whitened_space(centroids)
+    summed = _scores(cal_outputs, info, CentroidTerm(weight=weight), space)
+    return CentroidTerm(weight=weight, temperature=round(fit_temperature(summed, cal_y), 6)), space
 
 
 def _embedding_space(tflite: bytes, info: dict[str, Any], run: Run, opts: Options) -> dict[str, np.ndarray]:

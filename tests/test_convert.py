@@ -559,6 +559,95 @@ def test_target_precision_overrides_the_runs_for_the_deployed_thresholds(
     )
 
 
+def test_centroid_weight_adds_the_whitened_centroid_vote_to_the_scores_the_device_decides_on(
+    converted, tiny_convert_run, tmp_path
+):
+    """--centroid-weight W: the device decides on (logits + W x the cosine of the frame's embedding to each
+    leaf's whitened centroid) / T, T fitted on the calibration views; convert chooses the thresholds and the
+    open set on exactly those scores, and a bundle without the term leaves the field out (older daemons
+    refuse unknown manifest keys)."""
+    import io
+    import pickle
+
+    from taxonedge.edge.kernel.bundle import (
+        CENTROIDS,
+        BundleError,
+        FileEntry,
+        sha256_hex,
+        write_bundle,
+    )
+    from taxonedge.edge.kernel.decode import leaf_probabilities
+    from taxonedge.edge.kernel.preprocess import load_image
+    from taxonedge.edge.kernel.runtime import InterpreterModel
+    from taxonedge.train.metrics import backoff
+
+    out = tmp_path / "centroid.tebundle"
+    args = ("convert", "--run", str(tiny_convert_run), "--calibration-images", "32", "--edgetpu", "skip")
+    run_cli(*args, "--out", str(out), "--centroid-weight", "3", "--force")
+    bundle = read_bundle(out)
+    m = bundle.manifest
+    term = m.output.centroid
+    assert term is not None and term.weight == 3.0 and 0.05 <= term.temperature <= 20.0
+    assert m.metrics["thresholds"]["centroid"] == term.model_dump()
+    assert json.loads(bundle.manifest_bytes)["output"]["centroid"] == term.model_dump()
+    assert "centroid" not in json.loads(read_bundle(converted[0]).manifest_bytes)["output"]
+    shown = run_cli("inspect", str(out)).stdout
+    assert f"centroid   scores = (logits + 3 x whitened centroid cosine) / {term.temperature:g}" in shown
+
+    # The scores, by hand from one invoke's two raw outputs, in the worker's copy of the model as well.
+    space = bundle.embedding_space()
+    classifier = Classifier(bundle)
+    worker = Classifier(pickle.loads(pickle.dumps(InterpreterModel.of(bundle))))
+    out_spec, emb_spec = m.output, m.embedding
+    inputs, _ = bundle.golden()
+    moved = 0.0
+    for image in inputs:
+        logits = out_spec.scale * (classifier.raw(image).astype(np.float32) - out_spec.zero_point)
+        embedding = emb_spec.scale * (classifier.raw_embedding().astype(np.float32) - emb_spec.zero_point)
+        whitened = space.whitening.apply(embedding)
+        cosines = np.array([whitened @ c / np.linalg.norm(c) for c in space.centroids])
+        expected = (logits + 3.0 * cosines) / term.temperature
+        np.testing.assert_allclose(classifier.scores(image), expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(worker.scores(image), expected, rtol=1e-4, atol=1e-4)
+        moved = max(moved, float(np.abs(expected - logits).max()))
+    assert moved > 0.1  # the term changes the scores
+
+    # What convert reports for the deployed thresholds is what the device's scores give on the val images.
+    splits = json.loads((tiny_convert_run / "splits.json").read_text())
+    scores = np.stack([classifier.scores(load_image(p, m.input)) for p, _ in splits["val"]])
+    y = np.array([bundle.taxonomy.leaf_index(label) for _, label in splits["val"]])
+    unfamiliar = scores.max(axis=1) < m.open_set.threshold
+    row = backoff(bundle.taxonomy, leaf_probabilities(scores, "leaf_logits"), y, m.thresholds, unfamiliar)
+    reported = m.metrics["backoff_deployed"]
+    for depth in ("depth_1", "depth_2"):
+        assert row[depth]["coverage"] == pytest.approx(reported[depth]["coverage"]), depth
+    assert m.metrics["thresholds"]["deployed_leaf_accuracy"] == pytest.approx(
+        np.mean(scores.argmax(axis=1) == y)
+    )
+
+    # A bundle that sets the term without the whitened centroids is refused by name.
+    with np.load(io.BytesIO(bundle.files[CENTROIDS])) as data:
+        raw_only = io.BytesIO()
+        np.savez(raw_only, centroids=data["centroids"])
+    files = {**bundle.files, CENTROIDS: raw_only.getvalue()}
+    entries = {
+        **m.files,
+        CENTROIDS: FileEntry(sha256=sha256_hex(files[CENTROIDS]), size=len(files[CENTROIDS])),
+    }
+    write_bundle(tmp_path / "broken.tebundle", m.model_copy(update={"files": entries}), files)
+    with pytest.raises(BundleError, match="output.centroid is set but centroids.npz has no whitened"):
+        read_bundle(tmp_path / "broken.tebundle")
+
+    # Bad values fail before any work, with nothing written.
+    for extra, message in (
+        (("--centroid-weight", "-1"), "not 0 or a positive number"),
+        (("--centroid-weight", "3", "--outputs", "probabilities"), "needs --outputs logits"),
+    ):
+        proc = run_cli(*args, "--out", str(tmp_path / "x.tebundle"), *extra, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert not (tmp_path / "x.tebundle").exists()
+
+
 def test_help_lists_the_options():
     out = run_cli("convert", "--help").stdout
     for option in (
@@ -573,5 +662,6 @@ def test_help_lists_the_options():
         "--edgetpu",
         "--name",
         "--version",
+        "--centroid-weight",
     ):
         assert option in out

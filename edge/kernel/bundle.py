@@ -25,6 +25,7 @@ import io
 import json
 import re
 import tarfile
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -89,6 +90,25 @@ class OutputSpec(BaseModel):
     zero_point: int = 0
     num_classes: int = Field(ge=1)
     leaf_order: list[str]
+    # v3, optional (None: the logits alone). Written only when set, so other bundles still reach daemons
+    # that predate it (which refuse a bundle that sets it, by name: they would decide on the logits alone).
+    centroid: CentroidTerm | None = None
+
+
+class CentroidTerm(BaseModel):
+    """v3, optional: the leaf scores the device decides on are (logits + `weight` x the cosine of the
+    frame's embedding to each trained leaf's centroid in the bundle's whitened space, centroids.npz) /
+    `temperature`. A nearest-centroid vote in that space holds better on occasions the model was not
+    trained on than the fine-tuned head alone (docs/trust.md); the temperature, fitted where the thresholds
+    are chosen, keeps the probabilities calibrated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weight: float = Field(gt=0.0, allow_inf_nan=False)
+    temperature: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
+
+
+OutputSpec.model_rebuild()
 
 
 class EmbeddingSpec(BaseModel):
@@ -195,6 +215,8 @@ class Manifest(BaseModel):
                     raise ValueError(f"{name}: not a format_version {self.format_version} field (v3)")
         if self.open_set is not None and self.output.kind != "leaf_logits":
             raise ValueError("open_set: the max-logit score needs output.kind leaf_logits")
+        if self.output.centroid is not None and (self.output.kind != "leaf_logits" or self.embedding is None):
+            raise ValueError("output.centroid: needs output.kind leaf_logits and an embedding output")
         return self
 
     @model_validator(mode="after")
@@ -321,10 +343,7 @@ class Bundle:
         for key, shape in expected.items():
             if arrays[key].shape != shape:
                 raise BundleError(f"{CENTROIDS}: {key} has shape {arrays[key].shape}, expected {shape}")
-        whitening = Whitening(
-            arrays["whiten_mean"], basis, arrays["whiten_scales"], float(arrays["whiten_residual"])
-        )
-        return EmbeddingSpace(whitening, arrays["whitened_centroids"])
+        return whitened_space(arrays)
 
     def describe(self) -> dict[str, Any]:
         """A short identity for status messages and label payloads."""
@@ -445,7 +464,21 @@ def read_bundle(
         raise BundleError(
             f"{where}: output leaf_order does not match the taxonomy's {taxonomy.num_leaves} leaves"
         )
-    return Bundle(manifest, manifest_bytes, members, signature, sha256_hex(raw), path, status)
+    bundle = Bundle(manifest, manifest_bytes, members, signature, sha256_hex(raw), path, status)
+    if manifest.output.centroid is not None:
+        space = bundle.embedding_space()  # raises BundleError on arrays of the wrong shape
+        if space is None or space.whitening is None or space.centroids is None:
+            raise BundleError(f"{where}: output.centroid is set but {CENTROIDS} has no whitened centroids")
+    return bundle
+
+
+def whitened_space(arrays: Mapping[str, np.ndarray]) -> EmbeddingSpace:
+    """The whitened space and centroids of centroids.npz's arrays, in float32 as the device reads them."""
+    a = {key: np.asarray(arrays[key]).astype(np.float32) for key in WHITENING_KEYS}
+    whitening = Whitening(
+        a["whiten_mean"], a["whiten_basis"], a["whiten_scales"], float(a["whiten_residual"])
+    )
+    return EmbeddingSpace(whitening, a["whitened_centroids"])
 
 
 def build_manifest(
@@ -508,9 +541,11 @@ def write_bundle(
             )
     if sign_key is not None:
         manifest = manifest.model_copy(update={"signing_key_id": key_id(sign_key.public_key())})
-    manifest_bytes = json.dumps(manifest.model_dump(mode="json"), indent=2, ensure_ascii=False).encode(
-        "utf-8"
-    )
+    # an unset centroid term is left out, so that daemons that predate the field still read the bundle
+    unset = {"output": {"centroid"}} if manifest.output.centroid is None else None
+    manifest_bytes = json.dumps(
+        manifest.model_dump(mode="json", exclude=unset), indent=2, ensure_ascii=False
+    ).encode("utf-8")
     members = {MANIFEST: manifest_bytes, **files}
     if sign_key is not None:
         members[SIGNATURE] = sign(sign_key, manifest_bytes)

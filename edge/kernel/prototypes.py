@@ -91,6 +91,27 @@ class EmbeddingSpace:
         """One unit vector of this space for a product (or a trained leaf) from its embeddings (K x D)."""
         return normalise(self.project(exemplars).mean(axis=0))
 
+    def similarities(self, vectors: np.ndarray) -> np.ndarray:
+        """Cosine of embeddings (N x D or D) to each trained leaf's centroid in this space (N x L or L)."""
+        if self.centroids is None:
+            raise ValueError("this embedding space has no centroids")
+        return self.project(vectors) @ self.centroids.T
+
+
+def centroid_scores(
+    logits: np.ndarray,
+    embeddings: np.ndarray,
+    weight: float,
+    space: EmbeddingSpace | None,
+    temperature: float = 1.0,
+) -> np.ndarray:
+    """The leaf scores a bundle with a centroid term decides on (N x L or L): (its logits + `weight` x each
+    leaf's centroid similarity in `space`) / `temperature`. The same sum on the device (runtime), at
+    convert (thresholds, open set) and in evaluation, so the figures cannot drift apart."""
+    if space is None:
+        raise ValueError("a centroid term needs the bundle's embedding space")
+    return ((logits + weight * space.similarities(embeddings)) / temperature).astype(np.float32)
+
 
 def fit_whitening(
     vectors: np.ndarray,

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .prototypes import EmbeddingSpace, centroid_scores
+
 if TYPE_CHECKING:  # not at run time: the inference worker imports this module and must stay small
     from .bundle import Bundle
 
@@ -148,6 +150,9 @@ class InterpreterModel:
     output_kind: str = "leaf_probabilities"  # or "leaf_logits" (v3)
     # v3: (signature name, size, scale, zero point) of the embedding output, None when the model has none
     embedding: tuple[str, int, float, int] | None = None
+    # v3, optional: the centroid term's (weight, temperature) and the space it is computed in
+    centroid: tuple[float, float] | None = None
+    centroid_space: EmbeddingSpace | None = None
 
     @classmethod
     def of(cls, bundle: Bundle) -> InterpreterModel:
@@ -165,6 +170,8 @@ class InterpreterModel:
             golden[0] if golden is not None else None,
             out.kind,
             (emb.name, emb.size, emb.scale, emb.zero_point) if emb is not None else None,
+            (out.centroid.weight, out.centroid.temperature) if out.centroid is not None else None,
+            bundle.embedding_space() if out.centroid is not None else None,
         )
 
     def has_artifact(self, backend: str) -> bool:
@@ -214,8 +221,19 @@ class Classifier:
         return self.interpreter.get_tensor(self._output["index"])[0].copy()
 
     def scores(self, image: np.ndarray) -> np.ndarray:
-        """The leaf output dequantized to float32: logits or probabilities, as the manifest's output.kind."""
-        return dequantize(self.raw(image), self._out_scale, self._out_zero)
+        """The leaf scores the bundle decides on, float32: the leaf output dequantized (logits or
+        probabilities, as the manifest's output.kind), plus the centroid term when the bundle has one."""
+        scores = dequantize(self.raw(image), self._out_scale, self._out_zero)
+        if self.model.centroid is None:
+            return scores
+        weight, temperature = self.model.centroid
+        return centroid_scores(
+            scores, self._embedding_values(), weight, self.model.centroid_space, temperature
+        )
+
+    def _embedding_values(self) -> np.ndarray:
+        _, _, scale, zero = self.model.embedding  # type: ignore[misc]
+        return dequantize(self.interpreter.get_tensor(self._embedding["index"])[0], scale, zero)
 
     def probabilities(self, image: np.ndarray) -> np.ndarray:
         """Leaf probabilities in the taxonomy's leaf order, as float32."""
@@ -229,9 +247,7 @@ class Classifier:
         scores = self.scores(image)
         if self._embedding is None:
             return scores, None
-        _, _, scale, zero = self.model.embedding  # type: ignore[misc]
-        raw = self.interpreter.get_tensor(self._embedding["index"])[0]
-        return scores, dequantize(raw, scale, zero)
+        return scores, self._embedding_values()
 
     def raw_embedding(self) -> np.ndarray | None:
         """The embedding tensor of the last invoke as the model gives it (the self-test's), or None."""

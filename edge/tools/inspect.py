@@ -202,6 +202,12 @@ def _v3_lines(m: dict) -> list[str]:
             f"embedding  '{e['name']}' x{e['size']} {e['dtype']} (scale {e['scale']:g}, zero point "
             f"{e['zero_point']})"
         )
+    if (m.get("output") or {}).get("centroid"):
+        c = m["output"]["centroid"]
+        lines.append(
+            f"centroid   scores = (logits + {c['weight']:g} x whitened centroid cosine) / "
+            f"{c['temperature']:g}"
+        )
     if m.get("open_set"):
         o = m["open_set"]
         report = (m.get("metrics") or {}).get("open_set") or {}
