@@ -637,6 +637,11 @@ def test_centroid_weight_adds_the_whitened_centroid_vote_to_the_scores_the_devic
     write_bundle(tmp_path / "broken.tebundle", m.model_copy(update={"files": entries}), files)
     with pytest.raises(BundleError, match="output.centroid is set but centroids.npz has no whitened"):
         read_bundle(tmp_path / "broken.tebundle")
+    files[CENTROIDS] = b"PK\x03\x04 not an npz"
+    entries[CENTROIDS] = FileEntry(sha256=sha256_hex(files[CENTROIDS]), size=len(files[CENTROIDS]))
+    write_bundle(tmp_path / "garbage.tebundle", m.model_copy(update={"files": entries}), files)
+    with pytest.raises(BundleError, match="centroids.npz cannot be read"):
+        read_bundle(tmp_path / "garbage.tebundle")
 
     # Bad values fail before any work, with nothing written.
     for extra, message in (

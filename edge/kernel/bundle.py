@@ -25,6 +25,7 @@ import io
 import json
 import re
 import tarfile
+import zipfile
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -466,7 +467,18 @@ def read_bundle(
         )
     bundle = Bundle(manifest, manifest_bytes, members, signature, sha256_hex(raw), path, status)
     if manifest.output.centroid is not None:
-        space = bundle.embedding_space()  # raises BundleError on arrays of the wrong shape
+        try:  # untrusted bytes: whatever numpy trips on is a refusal, named
+            space = bundle.embedding_space()  # raises BundleError on arrays of the wrong shape
+        except (
+            ValueError,
+            OSError,
+            KeyError,
+            EOFError,
+            AttributeError,
+            TypeError,
+            zipfile.BadZipFile,
+        ) as exc:
+            raise BundleError(f"{where}: {CENTROIDS} cannot be read: {_one_line(exc)}") from None
         if space is None or space.whitening is None or space.centroids is None:
             raise BundleError(f"{where}: output.centroid is set but {CENTROIDS} has no whitened centroids")
     return bundle

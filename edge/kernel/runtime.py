@@ -180,7 +180,8 @@ class InterpreterModel:
 
 class Classifier:
     """One interpreter for one bundle: `raw(image)` gives the leaf output tensor, `scores(image)` it
-    dequantized (logits or probabilities, as the manifest says), `probabilities(image)` leaf probabilities,
+    dequantized (logits or probabilities, as the manifest says; with the bundle's centroid term added),
+    `probabilities(image)` leaf probabilities,
     `outputs(image)` the scores and the embedding of one invoke.
 
     The input and output tensors are found through the signature runner names recorded in the manifest,
