@@ -593,6 +593,21 @@ def test_centroid_weight_adds_the_whitened_centroid_vote_to_the_scores_the_devic
     assert "centroid" not in json.loads(read_bundle(converted[0]).manifest_bytes)["output"]
     shown = run_cli("inspect", str(out)).stdout
     assert f"centroid   scores = (logits + 3 x whitened centroid cosine) / {term.temperature:g}" in shown
+    report = tmp_path / "eval"
+    run_cli(
+        "evaluate",
+        "--bundle",
+        str(out),
+        "--data",
+        str(tiny_convert_run / "splits.json"),
+        "--out",
+        str(report),
+    )
+    assert (
+        f"scores = (logits + 3 x whitened centroid cosine) / {term.temperature:g}"
+        in (report / "report.md").read_text()
+    )
+    assert json.loads((report / "metrics.json").read_text())["source"]["centroid"] == term.model_dump()
 
     # The scores, by hand from one invoke's two raw outputs, in the worker's copy of the model as well.
     space = bundle.embedding_space()

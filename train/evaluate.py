@@ -80,6 +80,8 @@ def evaluate(
             **bundle.describe(),
             "quantization": bundle.manifest.quantization.mode,
         }
+        if bundle.manifest.output.centroid is not None:
+            source["centroid"] = bundle.manifest.output.centroid.model_dump()
     # labels as the model's leaves (by class name where the data's hierarchy differs); unknown labels fail
     # before any image is decoded
     novel: list[data_mod.Sample] | None = [] if novel_products else None
@@ -310,6 +312,12 @@ def markdown_report(taxonomy: Taxonomy, metrics: dict) -> str:
         f"Data: `{source.get('data', '')}`, {metrics['n']} images, {metrics['classes_present']} of "
         f"{metrics['num_classes']} classes present. Model: {source.get('kind', '')}"
         + (f" ({source['quantization']})" if source.get("quantization") else "")
+        + (
+            f"; scores = (logits + {source['centroid']['weight']:g} x whitened centroid cosine) / "
+            f"{source['centroid']['temperature']:g}"
+            if source.get("centroid")
+            else ""
+        )
         + ".",
         "",
         "## Accuracy per level",
