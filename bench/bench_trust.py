@@ -115,7 +115,7 @@ def decision_cost(bundle, scores: np.ndarray, runs: int) -> tuple[float, float]:
         invoke.append(time.perf_counter() - t)
         t = time.perf_counter()
         frame = scores[i % len(scores)]
-        if term is not None:
+        if term is not None:  # the scores are already the bundle's; this times the sum the device adds
             frame = centroid_scores(frame, embedding, term.weight, space, term.temperature)
         decoder.decode(frame)
         decode.append(time.perf_counter() - t)

@@ -28,6 +28,7 @@ import tarfile
 import zipfile
 from collections.abc import Mapping
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -310,8 +311,7 @@ class Bundle:
         None: what an enrolled product must beat to override the model's own class (v3)."""
         if CENTROIDS not in self.files or self.manifest.embedding is None:
             return None
-        with np.load(io.BytesIO(self.files[CENTROIDS]), allow_pickle=False) as data:
-            centroids = data["centroids"].astype(np.float32)
+        centroids = self._centroid_arrays()["centroids"]
         if centroids.shape != (self.taxonomy.num_leaves, self.manifest.embedding.size):
             raise BundleError(
                 f"{CENTROIDS}: shape {centroids.shape}, expected "
@@ -320,17 +320,20 @@ class Bundle:
         return centroids
 
     def embedding_space(self) -> EmbeddingSpace | None:
-        """Where enrolled products are matched (v3; None without an embedding): the whitening and the
-        centroids in it when centroids.npz has them, else raw cosine with the raw centroids (older
-        bundles), or no centroids at all."""
+        """Where enrolled products are matched and the centroid term is computed (v3; None without an
+        embedding): the whitening and the centroids in it when centroids.npz has them, else raw cosine with
+        the raw centroids (older bundles), or no centroids at all. Read once per bundle."""
+        return self._embedding_space
+
+    @cached_property
+    def _embedding_space(self) -> EmbeddingSpace | None:
         if self.manifest.embedding is None:
             return None
         if CENTROIDS not in self.files:
             return EmbeddingSpace()
-        with np.load(io.BytesIO(self.files[CENTROIDS]), allow_pickle=False) as data:
-            if "whitened_centroids" not in data.files:
-                return EmbeddingSpace(None, self.centroids())
-            arrays = {key: data[key].astype(np.float32) for key in WHITENING_KEYS}
+        arrays = self._centroid_arrays()
+        if "whitened_centroids" not in arrays:
+            return EmbeddingSpace(None, self.centroids())
         dim, leaves = self.manifest.embedding.size, self.taxonomy.num_leaves
         basis = arrays["whiten_basis"]
         rank = basis.shape[1] if basis.ndim == 2 else -1
@@ -342,9 +345,26 @@ class Bundle:
             "whiten_residual": (),
         }
         for key, shape in expected.items():
-            if arrays[key].shape != shape:
-                raise BundleError(f"{CENTROIDS}: {key} has shape {arrays[key].shape}, expected {shape}")
+            if key not in arrays or arrays[key].shape != shape:
+                found = arrays[key].shape if key in arrays else "none"
+                raise BundleError(f"{CENTROIDS}: {key} has shape {found}, expected {shape}")
         return whitened_space(arrays)
+
+    def _centroid_arrays(self) -> dict[str, np.ndarray]:
+        """centroids.npz's arrays in float32. Untrusted bytes: whatever numpy trips on is a BundleError."""
+        try:
+            with np.load(io.BytesIO(self.files[CENTROIDS]), allow_pickle=False) as data:
+                return {key: data[key].astype(np.float32) for key in data.files}
+        except (
+            ValueError,
+            OSError,
+            KeyError,
+            EOFError,
+            AttributeError,
+            TypeError,
+            zipfile.BadZipFile,
+        ) as exc:
+            raise BundleError(f"{CENTROIDS} cannot be read: {_one_line(exc)}") from None
 
     def describe(self) -> dict[str, Any]:
         """A short identity for status messages and label payloads."""
@@ -467,18 +487,10 @@ def read_bundle(
         )
     bundle = Bundle(manifest, manifest_bytes, members, signature, sha256_hex(raw), path, status)
     if manifest.output.centroid is not None:
-        try:  # untrusted bytes: whatever numpy trips on is a refusal, named
-            space = bundle.embedding_space()  # raises BundleError on arrays of the wrong shape
-        except (
-            ValueError,
-            OSError,
-            KeyError,
-            EOFError,
-            AttributeError,
-            TypeError,
-            zipfile.BadZipFile,
-        ) as exc:
-            raise BundleError(f"{where}: {CENTROIDS} cannot be read: {_one_line(exc)}") from None
+        try:
+            space = bundle.embedding_space()
+        except BundleError as exc:
+            raise BundleError(f"{where}: {exc}") from None
         if space is None or space.whitening is None or space.centroids is None:
             raise BundleError(f"{where}: output.centroid is set but {CENTROIDS} has no whitened centroids")
     return bundle
@@ -486,7 +498,7 @@ def read_bundle(
 
 def whitened_space(arrays: Mapping[str, np.ndarray]) -> EmbeddingSpace:
     """The whitened space and centroids of centroids.npz's arrays, in float32 as the device reads them."""
-    a = {key: np.asarray(arrays[key]).astype(np.float32) for key in WHITENING_KEYS}
+    a = {key: np.asarray(arrays[key]).astype(np.float32, copy=False) for key in WHITENING_KEYS}
     whitening = Whitening(
         a["whiten_mean"], a["whiten_basis"], a["whiten_scales"], float(a["whiten_residual"])
     )
