@@ -71,6 +71,14 @@ def test_run_directory_contract(tiny_run: Path, tiny_tree: Path, tiny_val_tree: 
     )
 
 
+def test_the_epoch_kept_is_the_one_with_the_lowest_validation_loss(tiny_run: Path) -> None:
+    # accuracy on a slice of the training occasions saturates and ties; the loss still ranks the epochs
+    source = json.loads((tiny_run / "metrics.json").read_text())["source"]
+    val_loss = source["history"]["val_loss"]
+    assert len(val_loss) == 2  # --epochs 2, patience 5: both ran
+    assert source["best_epoch"] == 1 + int(np.argmin(val_loss))
+
+
 def test_saved_model_is_single_output_with_temperature_folded(tiny_run: Path, tiny_val_tree: Path) -> None:
     import keras
 

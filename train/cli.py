@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Fine-tune an ImageNet-pretrained backbone on images organised by a label taxonomy. Phase 1 "
             "trains the head on cached frozen-backbone features (seconds); phase 2 unfreezes the top "
             "--unfreeze layers (BatchNorm stays frozen) at a low cosine-decayed learning rate, keeping the "
-            "best epoch on the validation set. Then a temperature and per-level back-off thresholds are "
+            "epoch with the lowest validation loss. Then a temperature and per-level back-off thresholds are "
             "fitted on validation data. Writes a run directory for `taxonedge convert`."
         ),
         formatter_class=_DefaultsFormatter,
@@ -100,7 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--label-smoothing", type=float, default=0.1)
     train.add_argument(
-        "--patience", type=int, default=5, help="early stopping patience (epochs) on val accuracy"
+        "--patience", type=int, default=5, help="early stopping patience (epochs) on the validation loss"
     )
     train.add_argument(
         "--balance",
