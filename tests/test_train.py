@@ -79,6 +79,42 @@ def test_the_epoch_kept_is_the_one_with_the_lowest_validation_loss(tiny_run: Pat
     assert source["best_epoch"] == 1 + int(np.argmin(val_loss))
 
 
+def test_saturated_accuracy_does_not_cut_fine_tuning_short() -> None:
+    """The validation history of Grocery's recipe trained on train alone (its slice of the training
+    occasions validates): accuracy tops out at epoch 5 and ties; kept on accuracy, early stopping (patience
+    5) ended the run at epoch 10 with epoch 5's weights. On the loss the run goes on and keeps its best."""
+    import keras
+    from taxonedge.train.trainer import epoch_stopper
+
+    accuracy = [
+        0.9593,
+        0.9669,
+        0.9746,
+        0.9822,
+        0.9924,
+        0.9924,
+        0.9924,
+        0.9924,
+        0.9898,
+        0.9873,
+        0.9924,
+        0.9898,
+    ]
+    loss = [1.2875, 1.2276, 1.2123, 1.1865, 1.1539, 1.1515, 1.1348, 1.1177, 1.1165, 1.1155, 1.1160, 1.1171]
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    stopper = epoch_stopper(keras, patience=5)
+    stopper.set_model(model)
+    model.stop_training = False  # what fit() sets before the first epoch
+    stopper.on_train_begin()
+    for epoch, (acc, val_loss) in enumerate(zip(accuracy, loss, strict=True)):
+        model.layers[0].kernel.assign(np.full((2, 1), float(epoch)))  # weights that name their epoch
+        stopper.on_epoch_end(epoch, {"val_leaf_probs_accuracy": acc, "val_loss": val_loss})
+        assert not model.stop_training, f"stopped after epoch {epoch + 1}"
+    stopper.on_train_end()
+    assert stopper.best_epoch + 1 == 10  # the lowest loss, not the first epoch at the top accuracy (5)
+    assert float(model.layers[0].kernel.numpy()[0, 0]) == 9.0  # and its weights are the ones kept
+
+
 def test_saved_model_is_single_output_with_temperature_folded(tiny_run: Path, tiny_val_tree: Path) -> None:
     import keras
 

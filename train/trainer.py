@@ -314,6 +314,13 @@ def _compile(keras, model, config: TrainConfig, learning_rate, num_parents: int)
 MONITOR, MONITOR_MODE = "val_loss", "min"
 
 
+def epoch_stopper(keras, patience: int):
+    """Early stopping on the validation loss that restores the best epoch's weights at the end."""
+    return keras.callbacks.EarlyStopping(
+        MONITOR, mode=MONITOR_MODE, patience=patience, restore_best_weights=True
+    )
+
+
 def _train_head(keras, model, config, taxonomy, f_train, y_train, f_val, y_val, weights, num_parents) -> None:
     """Train Dropout + Dense head(s) on cached features, then copy the weights into the full model."""
     inp = keras.Input(f_train.shape[1:])
@@ -334,11 +341,7 @@ def _train_head(keras, model, config, taxonomy, f_train, y_train, f_val, y_val, 
         epochs=config.head_epochs,
         batch_size=config.batch_size,
         verbose=0,
-        callbacks=[
-            keras.callbacks.EarlyStopping(
-                MONITOR, patience=max(5, config.patience), mode=MONITOR_MODE, restore_best_weights=True
-            )
-        ],
+        callbacks=[epoch_stopper(keras, max(5, config.patience))],
     )
     for name in ("leaf_logits", "parent_logits") if num_parents else ("leaf_logits",):
         model.get_layer(name).set_weights(head.get_layer(name).get_weights())
@@ -487,9 +490,7 @@ def _fine_tune(
     )
     _compile(keras, model, config, schedule, num_parents)
     (out / rundir.CHECKPOINTS_DIR).mkdir(exist_ok=True)
-    stopper = keras.callbacks.EarlyStopping(
-        MONITOR, mode=MONITOR_MODE, patience=config.patience, restore_best_weights=True
-    )
+    stopper = epoch_stopper(keras, config.patience)
     callbacks = [
         stopper,
         keras.callbacks.ModelCheckpoint(
