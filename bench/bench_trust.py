@@ -19,7 +19,7 @@ no other grid point beats at each target precision of the published labels.
 
     .venv/bin/python bench/bench_trust.py --bundle B.tebundle --calibration RUN/splits.json \
         --data ../shared/data/grocery/dataset/val.txt [--compare B_v2.tebundle] [--target 0.98 ...] \
-        [--shift 0 --shift 1.5 ...] [--frontier]
+        [--shift 0 --shift 1.5 ...] [--views 8] [--frontier]
 """
 
 from __future__ import annotations
@@ -38,21 +38,22 @@ from taxonedge.edge.kernel.decode import Decoder
 from taxonedge.edge.kernel.prototypes import centroid_scores
 from taxonedge.edge.kernel.runtime import Classifier
 from taxonedge.train import data as data_mod
-from taxonedge.train.calibrate import THRESHOLD_RULES, choose_thresholds, occasion_shift
+from taxonedge.train.calibrate import DEFAULT_VIEWS, THRESHOLD_RULES, choose_thresholds, occasion_views
 from taxonedge.train.evaluate import predict_bundle, score_novel
 from taxonedge.train.metrics import backoff
 
 
 def load(
-    bundle, source: str, novel: list | None = None, shift: float = 0.0
+    bundle, source: str, novel: list | None = None, shift: float = 0.0, views: int = DEFAULT_VIEWS
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(probabilities, leaf scores, true leaf) of `source`'s images of known products; with `shift`, of
-    two views of each as other occasions would show them (what `convert --calibration-shift` uses)."""
+    `views` views of each as other occasions would show them (what `convert --calibration-shift` and
+    `--calibration-views` use)."""
     samples = data_mod.model_leaves(bundle.taxonomy, data_mod.read_samples(source), source, novel)
     images, kept, _ = data_mod.load_images(samples, bundle.manifest.input, Path(source).name)
     y = data_mod.leaf_indices(bundle.taxonomy, kept, source)
     if shift > 0:
-        images, y = occasion_shift(images, shift, 2), np.repeat(y, 2)
+        images, y = occasion_views(images, shift, views), np.repeat(y, views)
     probs, scores = predict_bundle(Classifier(bundle), images)
     return probs, scores, y
 
@@ -133,6 +134,9 @@ def main() -> None:
     parser.add_argument("--target", type=float, action="append", help="precision targets (default 0.98)")
     parser.add_argument("--shift", type=float, action="append", help="occasion-shift strengths (default 0)")
     parser.add_argument(
+        "--views", type=int, default=DEFAULT_VIEWS, help="views of each calibration image at each strength"
+    )
+    parser.add_argument(
         "--pass-rate", type=float, default=None, help="open-set pass rate (default: the bundle's)"
     )
     parser.add_argument("--runs", type=int, default=200, help="frames timed for the per-frame cost")
@@ -164,7 +168,7 @@ def main() -> None:
     for shift in args.shift or [0.0]:
         # images of products the model lacks cannot calibrate it (a leave-out model's val has them)
         unusable: list = []
-        cal_probs, cal_scores, cal_y = load(bundle, args.calibration, unusable, shift)
+        cal_probs, cal_scores, cal_y = load(bundle, args.calibration, unusable, shift, args.views)
         if unusable:
             print(f"shift {shift:g}: {len(unusable)} calibration images of products the model lacks left out")
         open_set = fit_open_set(cal_scores, pass_rate)

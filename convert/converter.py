@@ -41,9 +41,10 @@ from taxonedge.edge.kernel.thresholds import threshold_key
 from taxonedge.train.backbones import find_backbone
 from taxonedge.train.calibrate import (
     DEFAULT_THRESHOLD_RULE,
+    DEFAULT_VIEWS,
     choose_and_check_thresholds,
     fit_temperature,
-    occasion_shift,
+    occasion_views,
 )
 from taxonedge.train.metrics import agreement, backoff, compute_metrics
 from taxonedge.train.model import export_model
@@ -85,6 +86,7 @@ class Options:
     outputs: str = "logits"  # logits: leaf logits + embedding (format v3) | probabilities (v2, older daemons)
     open_set_pass_rate: float | None = 0.98  # known images the open-set threshold lets through; None: off
     calibration_shift: float = 2.0  # thresholds chosen on views of val as other occasions show them; 0: off
+    calibration_views: int = DEFAULT_VIEWS  # views of each validation image, with calibration_shift
     # leaf scores = logits + this x the cosine to each leaf's whitened centroid (docs/trust.md); 0: off
     centroid_weight: float = 0.0
 
@@ -111,6 +113,8 @@ def convert(opts: Options) -> Result:
         raise tpu.EdgeTpuError(f"--mode {opts.mode} cannot run on the Edge TPU (it needs full int8)")
     if opts.mode != "int8" and opts.qat == "yes":
         raise ValueError("--qat yes makes a full-int8 model: it cannot be combined with --mode " + opts.mode)
+    if opts.calibration_views < 1:
+        raise ValueError(f"--calibration-views {opts.calibration_views}: must be 1 or more")
     if opts.centroid_weight < 0 or not np.isfinite(opts.centroid_weight):
         raise ValueError(f"--centroid-weight {opts.centroid_weight}: must be 0 (off) or positive")
     if opts.centroid_weight and opts.outputs != "logits":
@@ -181,10 +185,9 @@ def convert(opts: Options) -> Result:
     target = opts.target_precision or run.target_precision
     cal_outputs, cal_y = quant_outputs, val_y
     if opts.calibration_shift > 0:
-        copies = 2
-        shifted = occasion_shift(val_x, opts.calibration_shift, copies, opts.seed)
-        cal_outputs = run_tflite(tflite, shifted, "calibrating on shifted views")
-        cal_y = np.repeat(val_y, copies)
+        views = occasion_views(val_x, opts.calibration_shift, opts.calibration_views, opts.seed)
+        cal_outputs = run_tflite(tflite, views, "calibrating on shifted views")
+        cal_y = np.repeat(val_y, opts.calibration_views)
     # The centroids come from the quantized model too; with --centroid-weight the scores add their term,
     # its temperature fitted on the same views as the thresholds.
     centroids = _embedding_space(tflite, info, run, opts) if info["embedding"] is not None else None
@@ -212,6 +215,7 @@ def convert(opts: Options) -> Result:
         "target_precision": target,
         "rule": opts.threshold_rule,
         "occasion_shift": opts.calibration_shift,
+        "occasion_views": opts.calibration_views if opts.calibration_shift > 0 else 0,
         "centroid": term.model_dump() if term is not None else None,
         "deployed_leaf_accuracy": float(np.mean(quant_probs.argmax(axis=1) == val_y)),
         "calibration_images": int(len(cal_y)),

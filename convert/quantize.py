@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -154,7 +154,7 @@ def _outputs_by_name(interpreter: Any) -> dict[str, dict]:
     return {name: by_index[d["index"]] for name, d in runner.items()}
 
 
-def run_tflite(model: bytes, images: np.ndarray, desc: str = "") -> dict[str, np.ndarray]:
+def run_tflite(model: bytes, images: Iterable[np.ndarray], desc: str = "") -> dict[str, np.ndarray]:
     """Each output's raw tensor for each image (name -> N x C, in the model's output dtype), one invoke per
     image as on the device, through the device's interpreter."""
     from taxonedge.edge.kernel.runtime import make_interpreter

@@ -179,8 +179,10 @@ def test_ptq_int8_bundle_is_complete_and_runs_like_the_float_model(converted, ti
 def test_probability_output_makes_a_v2_bundle_for_older_daemons(tiny_convert_run, tmp_path):
     out = tmp_path / "v2.tebundle"
     args = ("convert", "--run", str(tiny_convert_run), "--out", str(out), "--calibration-images", "32")
-    # This tiny model's uint8 probabilities reach no 0.98-precise depth-1 threshold: a bundle that would call
-    # every product `unknown` is refused, and --force writes it all the same.
+    # This tiny model's uint8 probabilities reach no 0.98-precise depth-1 threshold on 2 views of each
+    # validation image: a bundle that would call every product `unknown` is refused, and --force writes it
+    # all the same.
+    args += ("--calibration-views", "2")
     refused = run_cli(*args, "--outputs", "probabilities", check=False)
     assert refused.returncode == 1 and not out.exists()
     assert "no depth-1 back-off threshold reaches precision 0.980" in refused.stderr
@@ -559,6 +561,45 @@ def test_target_precision_overrides_the_runs_for_the_deployed_thresholds(
     )
 
 
+def test_calibration_views_set_how_many_views_of_each_validation_image_choose_the_thresholds(
+    converted, tiny_convert_run, tmp_path
+):
+    from taxonedge.train.calibrate import DEFAULT_VIEWS, occasion_shift, occasion_views
+
+    from taxonedge.cli import build_parser
+
+    n_val = len(json.loads((tiny_convert_run / "splits.json").read_text())["val"])
+    default = read_bundle(converted[0]).manifest.metrics["thresholds"]
+    assert (
+        default["occasion_views"] == DEFAULT_VIEWS and default["calibration_images"] == DEFAULT_VIEWS * n_val
+    )
+    args = build_parser().parse_args(["convert", "--run", "r", "--out", "o"])
+    assert args.calibration_views == DEFAULT_VIEWS  # the CLI's default is the library's
+    out = tmp_path / "three.tebundle"
+    run_cli(
+        "convert", "--run", str(tiny_convert_run), "--out", str(out), "--edgetpu", "skip",
+        "--calibration-shift", "1", "--calibration-views", "3",
+    )  # fmt: skip
+    three = read_bundle(out).manifest.metrics["thresholds"]
+    assert (three["occasion_shift"], three["occasion_views"], three["calibration_images"]) == (
+        1.0,
+        3,
+        3 * n_val,
+    )
+    proc = run_cli("convert", "--run", str(tiny_convert_run), "--out", str(tmp_path / "x.tebundle"),
+                   "--calibration-views", "0", check=False)  # fmt: skip
+    assert proc.returncode == 2 and "--calibration-views" in proc.stderr
+    assert not (tmp_path / "x.tebundle").exists()
+    # the views are made a chunk of images at a time, image by image, with the draw of occasion_shift
+    images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    views = np.stack(list(occasion_views(images, 1.5, 3, seed=4, chunk=2)))
+    assert views.shape == (15, 16, 16, 3)
+    assert np.array_equal(views[:6], occasion_shift(images[:2], 1.5, 3, seed=4))
+    assert np.array_equal(views[12:], occasion_shift(images[4:], 1.5, 3, seed=8))
+    whole = np.stack(list(occasion_views(images, 1.5, 3, seed=4, chunk=5)))
+    assert np.array_equal(whole, occasion_shift(images, 1.5, 3, seed=4))
+
+
 def test_centroid_weight_adds_the_whitened_centroid_vote_to_the_scores_the_device_decides_on(
     converted, tiny_convert_run, tmp_path
 ):
@@ -683,5 +724,6 @@ def test_help_lists_the_options():
         "--name",
         "--version",
         "--centroid-weight",
+        "--calibration-views",
     ):
         assert option in out
