@@ -185,8 +185,8 @@ def convert(opts: Options) -> Result:
     target = opts.target_precision or run.target_precision
     cal_outputs, cal_y = quant_outputs, val_y
     if opts.calibration_shift > 0:
-        views = occasion_views(val_x, opts.calibration_shift, opts.calibration_views, opts.seed)
-        cal_outputs = run_tflite(tflite, views, "calibrating on shifted views")
+        shifted = occasion_views(val_x, opts.calibration_shift, opts.calibration_views, opts.seed)
+        cal_outputs = run_tflite(tflite, shifted, "calibrating on shifted views")
         cal_y = np.repeat(val_y, opts.calibration_views)
     # The centroids come from the quantized model too; with --centroid-weight the scores add their term,
     # its temperature fitted on the same views as the thresholds.
@@ -196,8 +196,9 @@ def convert(opts: Options) -> Result:
     quant_probs = leaf_probabilities(quant_scores, info["output_kind"])
     cal_scores = _scores(cal_outputs, info, term, space)
     cal_probs = leaf_probabilities(cal_scores, info["output_kind"])
+    views = opts.calibration_views if opts.calibration_shift > 0 else 1
     thresholds, check = choose_and_check_thresholds(
-        run.taxonomy, cal_probs, cal_y, target, opts.threshold_rule
+        run.taxonomy, cal_probs, cal_y, target, opts.threshold_rule, views
     )
     if thresholds[threshold_key(1)] >= 1.0:
         useless = (
@@ -215,7 +216,7 @@ def convert(opts: Options) -> Result:
         "target_precision": target,
         "rule": opts.threshold_rule,
         "occasion_shift": opts.calibration_shift,
-        "occasion_views": opts.calibration_views if opts.calibration_shift > 0 else 0,
+        "occasion_views": views if opts.calibration_shift > 0 else 0,
         "centroid": term.model_dump() if term is not None else None,
         "deployed_leaf_accuracy": float(np.mean(quant_probs.argmax(axis=1) == val_y)),
         "calibration_images": int(len(cal_y)),

@@ -283,3 +283,16 @@ def test_published_rule_publishes_nothing_when_no_label_can_be_trusted(caplog) -
         thresholds = choose_published_thresholds(tax, probs, truth, target_precision=0.99)
     assert thresholds["depth_1"] == 1.0 and "every label unknown" in caplog.text
     assert Decoder(tax, thresholds).decode(probs[0]).decision == "unknown"
+
+
+def test_two_fold_check_keeps_the_views_of_one_image_in_one_half() -> None:
+    """Views of one image are near twins: split across the halves, thresholds chosen on one view are checked
+    on its sibling and the check flatters them. With `views`, the halves hold whole images: identical views
+    then check as the images alone do (up to the threshold search's grid), where split ones check better."""
+    tax = Taxonomy.from_paths(LABELS, name="t")
+    probs, truth = _noisy_probs(tax, 300, seed=5)
+    alone = check_thresholds(tax, probs, truth, 0.95, repeats=3)["published"]["precision"]
+    twins, twin_truth = np.repeat(probs, 4, axis=0), np.repeat(truth, 4)
+    grouped = check_thresholds(tax, twins, twin_truth, 0.95, repeats=3, views=4)["published"]["precision"]
+    split = check_thresholds(tax, twins, twin_truth, 0.95, repeats=3)["published"]["precision"]
+    assert abs(grouped - alone) < 0.01 and split > grouped + 0.02, (alone, grouped, split)

@@ -234,6 +234,7 @@ def check_thresholds(
     target_precision: float,
     repeats: int = 5,
     rule: str = DEFAULT_THRESHOLD_RULE,
+    views: int = 1,
 ) -> dict[str, dict[str, float | None]]:
     """What thresholds chosen on these images give on new images of the same kind, per depth.
 
@@ -244,6 +245,9 @@ def check_thresholds(
     half the images are noisier than from all of them, so the check errs on the pessimistic side.
 
     One row per depth (the labels reaching it) and `published` (the labels as published, at any depth).
+    With `views` > 1 the rows are `views` consecutive views of each image (`occasion_views`), and the halves
+    keep each image's views together: a view checked against thresholds its own siblings chose would flatter
+    them.
     """
     probs = np.asarray(probs, dtype=np.float64)
     true_leaf = np.asarray(true_leaf, dtype=np.int64)
@@ -252,7 +256,7 @@ def check_thresholds(
     right = dict.fromkeys(keys, 0)
     count = dict.fromkeys(keys, 0)
     for seed in range(repeats):
-        first = stratified_half(true_leaf, seed)
+        first = np.repeat(stratified_half(true_leaf[::views], seed), views)
         for fit, check in ((first, ~first), (~first, first)):
             chosen = choose(taxonomy, probs[fit], true_leaf[fit], target_precision, warn=False)
             held = backoff(taxonomy, probs[check], true_leaf[check], chosen)
@@ -279,12 +283,13 @@ def choose_and_check_thresholds(
     true_leaf: np.ndarray,
     target_precision: float,
     rule: str = DEFAULT_THRESHOLD_RULE,
+    views: int = 1,
 ) -> tuple[dict[str, float], dict[str, dict[str, float | None]]]:
     """The thresholds of `rule` and their `check_thresholds`, with a warning when the check misses the
-    target: what train and convert record for the thresholds they ship."""
+    target: what train and convert record for the thresholds they ship. `views`: as `check_thresholds`."""
     thresholds = THRESHOLD_RULES[rule](taxonomy, probs, true_leaf, target_precision)
-    check = check_thresholds(taxonomy, probs, true_leaf, target_precision, rule=rule)
-    warn_if_short(check, target_precision, len(true_leaf), rule)
+    check = check_thresholds(taxonomy, probs, true_leaf, target_precision, rule=rule, views=views)
+    warn_if_short(check, target_precision, len(true_leaf) // views, rule, views)
     return thresholds, check
 
 
@@ -293,6 +298,7 @@ def warn_if_short(
     target_precision: float,
     images: int,
     rule: str = DEFAULT_THRESHOLD_RULE,
+    views: int = 1,
 ) -> None:
     """Log a warning naming the rows of the two-fold check that `rule` aims at (the published labels, or
     each depth) that fall short of the target, and what to do."""
@@ -305,10 +311,11 @@ def warn_if_short(
     }
     if short:
         log.warning(
-            "back-off thresholds: chosen on %d validation images for %.3f precision, a two-fold check "
+            "back-off thresholds: chosen on %d validation images%s for %.3f precision, a two-fold check "
             "gives %s on new images of the same kind; more validation images or a higher target "
             "precision make them hold",
             images,
+            f" ({views} views of each)" if views > 1 else "",
             target_precision,
             ", ".join(f"{d} {100 * p:.1f} %" for d, p in short.items()),
         )
