@@ -186,7 +186,8 @@ def convert(opts: Options) -> Result:
     cal_outputs, cal_y = quant_outputs, val_y
     if opts.calibration_shift > 0:
         shifted = occasion_views(val_x, opts.calibration_shift, opts.calibration_views, opts.seed)
-        cal_outputs = run_tflite(tflite, shifted, "calibrating on shifted views")
+        total = len(val_x) * opts.calibration_views
+        cal_outputs = run_tflite(tflite, shifted, "calibrating on shifted views", total)
         cal_y = np.repeat(val_y, opts.calibration_views)
     # The centroids come from the quantized model too; with --centroid-weight the scores add their term,
     # its temperature fitted on the same views as the thresholds.

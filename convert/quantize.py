@@ -154,9 +154,11 @@ def _outputs_by_name(interpreter: Any) -> dict[str, dict]:
     return {name: by_index[d["index"]] for name, d in runner.items()}
 
 
-def run_tflite(model: bytes, images: Iterable[np.ndarray], desc: str = "") -> dict[str, np.ndarray]:
+def run_tflite(
+    model: bytes, images: Iterable[np.ndarray], desc: str = "", total: int | None = None
+) -> dict[str, np.ndarray]:
     """Each output's raw tensor for each image (name -> N x C, in the model's output dtype), one invoke per
-    image as on the device, through the device's interpreter."""
+    image as on the device, through the device's interpreter. `total`: for the progress bar of a generator."""
     from taxonedge.edge.kernel.runtime import make_interpreter
     from tqdm import tqdm
 
@@ -164,7 +166,8 @@ def run_tflite(model: bytes, images: Iterable[np.ndarray], desc: str = "") -> di
     inp = interpreter.get_input_details()[0]
     outputs = _outputs_by_name(interpreter)
     results: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
-    for image in tqdm(images, desc=desc or "running TFLite", unit="img", leave=False, disable=not desc):
+    bar = tqdm(images, desc=desc or "running TFLite", unit="img", leave=False, disable=not desc, total=total)
+    for image in bar:
         interpreter.set_tensor(inp["index"], image[np.newaxis].astype(inp["dtype"]))
         interpreter.invoke()
         for name, out in outputs.items():
