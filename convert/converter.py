@@ -183,12 +183,12 @@ def convert(opts: Options) -> Result:
     # ... and on views of the validation images as other occasions would show them (`occasion_shift`): the
     # validation images share the training images' occasions more than a line's camera does.
     target = opts.target_precision or run.target_precision
-    cal_outputs, cal_y = quant_outputs, val_y
+    cal_outputs, cal_y, views = quant_outputs, val_y, 1
     if opts.calibration_shift > 0:
-        shifted = occasion_views(val_x, opts.calibration_shift, opts.calibration_views, opts.seed)
-        total = len(val_x) * opts.calibration_views
-        cal_outputs = run_tflite(tflite, shifted, "calibrating on shifted views", total)
-        cal_y = np.repeat(val_y, opts.calibration_views)
+        views = opts.calibration_views
+        shifted = occasion_views(val_x, opts.calibration_shift, views, opts.seed)
+        cal_outputs = run_tflite(tflite, shifted, "calibrating on shifted views", len(val_x) * views)
+        cal_y = np.repeat(val_y, views)
     # The centroids come from the quantized model too; with --centroid-weight the scores add their term,
     # its temperature fitted on the same views as the thresholds.
     centroids = _embedding_space(tflite, info, run, opts) if info["embedding"] is not None else None
@@ -197,7 +197,6 @@ def convert(opts: Options) -> Result:
     quant_probs = leaf_probabilities(quant_scores, info["output_kind"])
     cal_scores = _scores(cal_outputs, info, term, space)
     cal_probs = leaf_probabilities(cal_scores, info["output_kind"])
-    views = opts.calibration_views if opts.calibration_shift > 0 else 1
     thresholds, check = choose_and_check_thresholds(
         run.taxonomy, cal_probs, cal_y, target, opts.threshold_rule, views
     )

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from taxonedge.edge.kernel.bundle import CentroidTerm
 from taxonedge.edge.kernel.decode import Decoder, leaf_probabilities
 from taxonedge.edge.kernel.files import atomic_write
 from taxonedge.edge.kernel.taxonomy import Taxonomy
@@ -312,12 +313,7 @@ def markdown_report(taxonomy: Taxonomy, metrics: dict) -> str:
         f"Data: `{source.get('data', '')}`, {metrics['n']} images, {metrics['classes_present']} of "
         f"{metrics['num_classes']} classes present. Model: {source.get('kind', '')}"
         + (f" ({source['quantization']})" if source.get("quantization") else "")
-        + (
-            f"; scores = (logits + {source['centroid']['weight']:g} x whitened centroid cosine) / "
-            f"{source['centroid']['temperature']:g}"
-            if source.get("centroid")
-            else ""
-        )
+        + ("; " + CentroidTerm.model_validate(source["centroid"]).formula() if source.get("centroid") else "")
         + ".",
         "",
         "## Accuracy per level",

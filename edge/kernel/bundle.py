@@ -109,6 +109,10 @@ class CentroidTerm(BaseModel):
     weight: float = Field(gt=0.0, allow_inf_nan=False)
     temperature: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
 
+    def formula(self) -> str:
+        """The sum in one line, as `inspect` and evaluation reports show it."""
+        return f"scores = (logits + {self.weight:g} x whitened centroid cosine) / {self.temperature:g}"
+
 
 OutputSpec.model_rebuild()
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from ..kernel.bundle import Bundle, BundleError, read_bundle
+from ..kernel.bundle import Bundle, BundleError, CentroidTerm, read_bundle
 from ..kernel.signing import SigningKeyError, load_public_key
 
 
@@ -203,11 +203,7 @@ def _v3_lines(m: dict) -> list[str]:
             f"{e['zero_point']})"
         )
     if (m.get("output") or {}).get("centroid"):
-        c = m["output"]["centroid"]
-        lines.append(
-            f"centroid   scores = (logits + {c['weight']:g} x whitened centroid cosine) / "
-            f"{c['temperature']:g}"
-        )
+        lines.append("centroid   " + CentroidTerm.model_validate(m["output"]["centroid"]).formula())
     if m.get("open_set"):
         o = m["open_set"]
         report = (m.get("metrics") or {}).get("open_set") or {}
