@@ -40,7 +40,8 @@ def add_threshold_rule_arg(parser: argparse.ArgumentParser) -> None:
         choices=THRESHOLD_RULE_CHOICES,
         default="published",
         help="published (default): the labels as the device publishes them, each at the depth where it "
-        "stops, reach the target precision together, with as much depth as that allows. per_depth: each "
+        "stops, reach the target precision together, telling as much about the items as that allows (a "
+        "label counts log(leaves / its leaves): a leaf the most, a broad top level little). per_depth: each "
         "depth's labels reach it separately, so the labels that stop above a leaf (the unsure ones) can "
         "fall short of it (docs/trust.md)",
     )
