@@ -163,6 +163,10 @@ class Daemon:
             self.control.enqueue,
         )
         self.publisher.link = self.health.link = self.link
+        # The plugin attaches before the link connects: its topics are then subscribed in on_connected's
+        # one pass, ahead of `online` and the first label, so a device seen online takes deployments
+        # (attached after the connection, a slow plugin start-up could lose a request sent meanwhile).
+        self._attach_plugin()
         self.capture.start()
         self.link.start()
         for name, target in (
@@ -172,10 +176,9 @@ class Daemon:
         ):
             self.threads.append(start_thread(target, name))
         self.health.start_metrics()
-        # Plugins attach once MQTT is up (subscriptions are redone on every reconnect anyway), but a
-        # broker that is down must not hold up labels: they wait in the outbox.
+        # READY's status line names the connection when the broker answers at once; a broker that is down
+        # holds up nothing (labels wait in the outbox).
         self.link.connected.wait(2.0)
-        self._attach_plugin()
         sd_notify("READY=1", f"STATUS={self.health.status_line()}")
 
     def _build(self, bundle: Bundle, problems: list[str]) -> None:

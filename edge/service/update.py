@@ -289,6 +289,7 @@ class Updater:
         self.daemon.add_result_listener(self._on_result)
         # Before subscribing: a retained request replayed at connect then finds its outcome in the history.
         self._report_interrupted()
+        _maybe_pause("attaching")  # (tests: a slow start-up must not lose a request)
         for topic in self.deploy_topics:
             self.daemon.subscribe(topic, self._on_request)
             self.daemon.subscribe(deploy_chunks(topic), self._on_chunk)
@@ -733,7 +734,8 @@ _UPDATERS: dict[int, Updater] = {}
 
 
 def attach(daemon: UpdaterHost) -> Updater:
-    """Start taking model deployments for `daemon` (called by the daemon once MQTT is up)."""
+    """Start taking model deployments for `daemon` (called by the daemon before it connects: the deploy
+    topics are subscribed with its own, and what start-up reports waits in paho's queue)."""
     updater = Updater(daemon)
     _UPDATERS[id(daemon)] = updater
     updater.start()
