@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -122,6 +123,14 @@ class DaemonProcess:
     @property
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    @contextlib.contextmanager
+    def explains_failures(self, tail: int = 4000):
+        """An assertion failing inside carries the daemon's own account (for failures seen only in CI)."""
+        try:
+            yield
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- the daemon's log ---\n{self.log[-tail:]}") from None
 
     def terminate(self, timeout: float = 20) -> int:
         if self.proc.poll() is None:

@@ -156,26 +156,26 @@ def test_sigkill_at_every_step_recovers_to_a_valid_model(setup, broker, step):
     expect = new_sha if step == "committed" else old_sha
     daemon = _start(config_path, observer, expect)  # restarts on a valid model
     try:
-        labels = len(observer.labels)
-        observer.wait_for(lambda: len(observer.labels) > labels + 3)
-        assert observer.labels[-1][1]["model"]["sha256"] == expect
-        slots = Slots(config.device.state_dir)
-        assert not list(slots.dir.glob(".*.tmp-*")) and not list((slots.dir / "incoming").iterdir())
-        for slot in SLOTS:  # whatever is in a slot is a whole, verifiable bundle
-            if slots.path(slot).exists():
-                read_verified(slots.path(slot), config.model)
-        if step == "switched":  # the unfinished trial was rolled back and reported
-            result = observer.outcome(dep)
-            assert (
-                result["state"] == "rolled_back" and "before the new model was committed" in result["reason"]
-            )
-        if step != "committed":  # and the device takes a deployment again
-            observer.send(made["new"], f"{dep}-again", chunk_size=8192)
-            again = observer.outcome(f"{dep}-again", 60)
-            assert again["state"] == "committed", again["reason"]
-            assert observer.model["sha256"] == new_sha
-    except AssertionError as exc:  # the restarted daemon's own account, for a failure seen only in CI
-        raise AssertionError(f"{exc}\n--- the restarted daemon's log ---\n{daemon.log[-4000:]}") from None
+        with daemon.explains_failures():
+            labels = len(observer.labels)
+            observer.wait_for(lambda: len(observer.labels) > labels + 3)
+            assert observer.labels[-1][1]["model"]["sha256"] == expect
+            slots = Slots(config.device.state_dir)
+            assert not list(slots.dir.glob(".*.tmp-*")) and not list((slots.dir / "incoming").iterdir())
+            for slot in SLOTS:  # whatever is in a slot is a whole, verifiable bundle
+                if slots.path(slot).exists():
+                    read_verified(slots.path(slot), config.model)
+            if step == "switched":  # the unfinished trial was rolled back and reported
+                result = observer.outcome(dep)
+                assert (
+                    result["state"] == "rolled_back"
+                    and "before the new model was committed" in result["reason"]
+                )
+            if step != "committed":  # and the device takes a deployment again
+                observer.send(made["new"], f"{dep}-again", chunk_size=8192)
+                again = observer.outcome(f"{dep}-again", 60)
+                assert again["state"] == "committed", again["reason"]
+                assert observer.model["sha256"] == new_sha
     finally:
         assert daemon.terminate() == 0, daemon.log[-3000:]
 
@@ -188,13 +188,12 @@ def test_a_device_seen_online_takes_a_deployment_at_once(setup, broker):
     observer.model = None
     daemon = DaemonProcess(config, env={PAUSE_ENV: "attaching:3"})
     try:
-        observer.wait_for(lambda: observer.model is not None, 60)
-        observer.send(made["new"], "at-once", chunk_size=8192)
-        result = observer.outcome("at-once", 60)
-        assert result["state"] == "committed", result.get("reason")
-        assert observer.model["sha256"] == read_bundle(made["new"]).sha256
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n--- daemon log ---\n{daemon.log[-3000:]}") from None
+        with daemon.explains_failures():
+            observer.wait_for(lambda: observer.model is not None, 60)
+            observer.send(made["new"], "at-once", chunk_size=8192)
+            result = observer.outcome("at-once", 60)
+            assert result["state"] == "committed", result.get("reason")
+            assert observer.model["sha256"] == read_bundle(made["new"]).sha256
     finally:
         assert daemon.terminate() == 0, daemon.log[-3000:]
 
