@@ -244,6 +244,24 @@ def test_fuzzed_config_files_are_valid_or_refused_with_one_line_each(tmp_path, d
     assert "Traceback" not in err.getvalue()
 
 
+@pytest.mark.parametrize("escape, shown", [("\\f", "\\x0c"), ("\\n", "\\n"), ("\\u2028", "\\u2028")])
+def test_a_missing_path_with_a_line_break_in_it_is_one_problem_on_one_line(tmp_path, escape, shown):
+    """validate()'s problems name paths from the file, which TOML escapes can fill with line breaks (a
+    form feed is one to str.splitlines): each problem stays one line, the character shown escaped. Found by
+    the fuzz above."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    path = tmp_path / "c.toml"
+    path.write_bytes(
+        _seed(folder).replace(f'path = "{folder}"'.encode(), f'path = "{folder}{escape}x"'.encode())
+    )
+    proc = run_cli("run", "--validate-config", str(path), check=False, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"taxonedge run: error: source.path: {folder}{shown}x does not exist (the daemon would keep retrying)"
+    ]
+
+
 def test_the_seed_of_the_fuzz_is_valid(tmp_path):
     """The fuzz mutates a config that validates, so that near-valid inputs (one key wrong) are reached."""
     folder = tmp_path / "frames"

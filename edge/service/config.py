@@ -420,7 +420,7 @@ def parse_config(text: str, where: str = "config") -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{where}: not valid TOML: {_one_line(str(exc))}") from None
+        raise ConfigError(f"{where}: not valid TOML: {one_line(str(exc))}") from None
     except RecursionError:  # tomllib parses nested arrays and inline tables recursively
         raise ConfigError(f"{where}: not valid TOML: arrays or inline tables nested too deeply") from None
     try:
@@ -429,7 +429,7 @@ def parse_config(text: str, where: str = "config") -> Config:
         lines = []
         for err in exc.errors():
             loc = [str(p) for p in err["loc"] if not _is_union_tag(p, data)]
-            key = _one_line(".".join(loc)) or "(top level)"
+            key = one_line(".".join(loc)) or "(top level)"
             line = _find_line(text, loc)
             prefix = f"{where}:{line}" if line else where
             msg = err["msg"]
@@ -439,12 +439,13 @@ def parse_config(text: str, where: str = "config") -> Config:
                 msg = "unknown key (check the spelling; see examples/config.toml for every key)"
             elif err["type"] == "missing":
                 msg = "required key is missing"
-            lines.append(f"{prefix}: {key}: {_one_line(msg)}")
+            lines.append(f"{prefix}: {key}: {one_line(msg)}")
         raise ConfigError("\n".join(lines)) from None
 
 
-def _one_line(text: str) -> str:
-    # Quoted TOML keys and values may hold newlines and control characters: one problem stays one line.
+def one_line(text: str) -> str:
+    """`text` with its control characters escaped (`\\n`, `\\x0c`): quoted TOML keys and values, and the
+    paths they name, may hold them, and one problem must stay one line."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 

@@ -30,7 +30,7 @@ from ..kernel.bundle import Bundle, BundleError
 from ..kernel.protocol import DeviceTopics, Status, json_bytes
 from ..kernel.signing import SigningKeyError, load_public_key
 from . import update
-from .config import Config, ConfigError
+from .config import Config, ConfigError, one_line
 from .control import Control, Handler
 from .drift import DriftTracker
 from .enrollment import Enrollment
@@ -374,7 +374,8 @@ def public_key_problem(config: Config) -> str | None:
 
 
 def validate(config: Config) -> list[str]:
-    """Problems with the files and secrets a config names (the schema itself is checked by load_config)."""
+    """Problems with the files and secrets a config names (the schema itself is checked by load_config), one
+    line each: a path may hold control characters."""
     problems = []
     key_problem = public_key_problem(config)
     if key_problem:
@@ -396,4 +397,4 @@ def validate(config: Config) -> list[str]:
     source_path = getattr(config.source, "path", None)
     if source_path is not None and not source_path.exists():
         problems.append(f"source.path: {source_path} does not exist (the daemon would keep retrying)")
-    return problems
+    return [one_line(problem) for problem in problems]
