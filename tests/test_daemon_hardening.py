@@ -213,6 +213,24 @@ def test_retained_status_ends_online_after_a_crash_and_a_quick_restart(tmp_path,
     assert second.terminate() == 0, second.log
 
 
+def test_a_forged_status_is_answered_and_logged_on_one_line(tmp_path, broker, bundle, frames):
+    """A retained status of another boot whose fields hold line breaks (anyone who may publish there can put
+    them there) is answered with ours and logged escaped, on one line: it cannot forge log lines."""
+    forged = {"state": "offline", "boot_id": "x\n2026-01-01 00:00:00,000 ERROR forged line"}
+    rec = Recorder(broker.port)
+    try:
+        rec.client.publish(f"{BASE}/status", json.dumps(forged), qos=1, retain=True).wait_for_publish(5)
+        daemon = DaemonProcess(item_config(tmp_path, broker, bundle, frames))
+        with daemon.explains_failures():
+            assert rec.wait(lambda r: r.on("status")[-1].get("state") in ("online", "degraded"), 60)
+            assert retained_status(broker.port)["boot_id"] != forged["boot_id"]
+            assert daemon.terminate() == 0
+            assert "another boot ('x\\n2026-01-01 00:00:00,000 ERROR forged line', 'offline')" in daemon.log
+            assert not any(line.startswith("2026-01-01") for line in daemon.log.splitlines())
+    finally:
+        rec.close()
+
+
 def test_item_mode_labels_say_source_ended_when_a_video_file_ends(tmp_path, broker, bundle, frames, recorder):
     import cv2
 

@@ -128,7 +128,7 @@ class Control:
             status = {}
         if status.get("boot_id") != self.boot_id and not self.pipeline.stopping.is_set():
             log.info(
-                "the broker holds a status of another boot (%s, %s): publishing ours again",
+                "the broker holds a status of another boot (%r, %r): publishing ours again",
                 status.get("boot_id"),
                 status.get("state"),
             )
