@@ -64,6 +64,19 @@ def test_wrong_type_names_key_and_line():
         parse_config(GOOD.replace('id = "cam-1"', 'id = "cam/1"'))
 
 
+@pytest.mark.parametrize("host", ["broker\\nx", "my broker", ""])
+def test_a_host_with_a_space_or_a_control_character_is_refused_on_its_line(host):
+    """It could only fail at connect time, after --validate-config said valid."""
+    text = GOOD.replace('host = "127.0.0.1"', f'host = "{host}"')
+    with pytest.raises(ConfigError) as err:
+        parse_config(text)
+    (line,) = str(err.value).splitlines()
+    assert line.startswith(f"config:{line_of(text, 'host =')}: mqtt.host: must be a host name"), line
+    text = GOOD + f'\n[health]\nprometheus_host = "{host}"\n'
+    with pytest.raises(ConfigError, match=r"health.prometheus_host: must be a host name"):
+        parse_config(text)
+
+
 def test_unknown_section_and_missing_section():
     text = GOOD + '\n[mqqt]\nhost = "x"\n'
     with pytest.raises(ConfigError, match=rf"config:{line_of(text, '[mqqt]')}: mqqt: unknown key"):

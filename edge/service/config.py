@@ -49,6 +49,14 @@ def _topic_level(value: str) -> str:
     return value
 
 
+def _host(value: str) -> str:
+    # A host name or address never holds spaces or control characters; one that does would only fail at
+    # connect time, after `--validate-config` said valid.
+    if not value or any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError("must be a host name or IP address (no spaces or control characters)")
+    return value
+
+
 class DeviceConfig(_Strict):
     id: str = Field(default_factory=lambda: os.uname().nodename.split(".")[0] or "device")
     site: str = "site"
@@ -270,6 +278,7 @@ class MqttConfig(_Strict):
     groups: list[str] = []
 
     _check_prefix = field_validator("prefix")(_topic_level)
+    _check_host = field_validator("host")(_host)
 
     @field_validator("groups")
     @classmethod
@@ -308,6 +317,8 @@ class OutboxConfig(_Strict):
 class HealthConfig(_Strict):
     prometheus_port: int | None = Field(None, ge=1, le=65535)
     prometheus_host: str = "127.0.0.1"
+
+    _check_host = field_validator("prometheus_host")(_host)
     # WATCHDOG=1 is only sent while a frame and an inference happened within this window.
     progress_timeout_s: float = Field(30.0, gt=0)
 
