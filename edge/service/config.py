@@ -317,10 +317,10 @@ class OutboxConfig(_Strict):
 class HealthConfig(_Strict):
     prometheus_port: int | None = Field(None, ge=1, le=65535)
     prometheus_host: str = "127.0.0.1"
-
-    _check_host = field_validator("prometheus_host")(_host)
     # WATCHDOG=1 is only sent while a frame and an inference happened within this window.
     progress_timeout_s: float = Field(30.0, gt=0)
+
+    _check_host = field_validator("prometheus_host")(_host)
 
 
 class DriftConfig(_Strict):
