@@ -218,9 +218,9 @@ def test_a_forged_status_is_answered_and_logged_on_one_line(tmp_path, broker, bu
     them there) is answered with ours and logged escaped, on one line: it cannot forge log lines."""
     forged = {"state": "offline", "boot_id": "x\n2026-01-01 00:00:00,000 ERROR forged line"}
     rec = Recorder(broker.port)
+    rec.client.publish(f"{BASE}/status", json.dumps(forged), qos=1, retain=True).wait_for_publish(5)
+    daemon = DaemonProcess(item_config(tmp_path, broker, bundle, frames))
     try:
-        rec.client.publish(f"{BASE}/status", json.dumps(forged), qos=1, retain=True).wait_for_publish(5)
-        daemon = DaemonProcess(item_config(tmp_path, broker, bundle, frames))
         with daemon.explains_failures():
             assert rec.wait(
                 lambda r: any(s.get("state") in ("online", "degraded") for s in r.on("status")), 60
@@ -229,7 +229,8 @@ def test_a_forged_status_is_answered_and_logged_on_one_line(tmp_path, broker, bu
             assert daemon.terminate() == 0
             assert "another boot ('x\\n2026-01-01 00:00:00,000 ERROR forged line', 'offline')" in daemon.log
             assert not any(line.startswith("2026-01-01") for line in daemon.log.splitlines())
-    finally:
+    finally:  # a failed assertion must not leave the daemon running
+        daemon.terminate()
         rec.close()
 
 
